@@ -1,0 +1,406 @@
+//! Types shared by the xdp-proxy XDP program (`proxy-ebpf`) and its daemon (`proxy-userspace`).
+//!
+//! Everything that crosses the kernel/user boundary is defined here, once: map names, map sizes,
+//! map key and value layouts, counter indices, and the pure helpers both sides must agree on
+//! (flow hash, checksum arithmetic). Layout rules:
+//! - `#[repr(C)]`, explicit `_pad` fields (always zeroed: padding takes part in hash lookups);
+//! - no bool/enum/Option inside map values: plain integers with named constants;
+//! - addresses and ports in network byte order as byte arrays;
+//! - a size assert beside each struct, so a layout change is a compile error on both sides.
+#![no_std]
+
+pub mod checksum;
+pub mod hash;
+
+/// Version of the map layout. Part of the pin directory (`<pin_dir>/v<ABI_VERSION>`), so a daemon
+/// with a different layout never reuses (and misreads) maps pinned by another version.
+pub const ABI_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Program and map names (BPF object names: at most 15 characters).
+// ---------------------------------------------------------------------------------------------
+
+/// The XDP entry point.
+pub const PROGRAM_NAME: &str = "proxy_xdp";
+/// Service match: `ServiceKey` -> `ServiceValue`.
+pub const MAP_SERVICES: &str = "XP_SERVICES";
+/// Upstream slots: index (upstream id, slot 0 reserved = "none") -> `UpstreamValue`.
+pub const MAP_UPSTREAMS: &str = "XP_UPSTREAMS";
+/// Maglev lookup tables, one per service: index `service_id * MAGLEV_SIZE + slot` -> upstream id.
+pub const MAP_MAGLEV: &str = "XP_MAGLEV";
+/// Forward flows, keyed by the client's packet as it arrives: `FlowKey` -> `FlowValue`.
+pub const MAP_FLOWS_FWD: &str = "XP_FLOWS_FWD";
+/// Reverse flows, keyed by the upstream's reply as it arrives: `FlowKey` -> `FlowValue`.
+/// Inserting here with BPF_NOEXIST is the SNAT port reservation.
+pub const MAP_FLOWS_REV: &str = "XP_FLOWS_REV";
+/// Datapath settings (one entry, index 0): `NatConfig`.
+pub const MAP_CONFIG: &str = "XP_CONFIG";
+/// Egress interfaces for XDP_REDIRECT: ifindex -> ifindex (DEVMAP_HASH).
+pub const MAP_DEVMAP: &str = "XP_DEVMAP";
+/// Per-CPU packet counters indexed by `Reason`.
+pub const MAP_REASONS: &str = "XP_REASONS";
+/// Per-CPU traffic counters per service id: `TrafficCounters`.
+pub const MAP_SERVICE_STATS: &str = "XP_SVC_STATS";
+/// Per-CPU traffic counters per upstream id: `TrafficCounters`.
+pub const MAP_UPSTREAM_STATS: &str = "XP_UPS_STATS";
+
+// ---------------------------------------------------------------------------------------------
+// Sizes.
+// ---------------------------------------------------------------------------------------------
+
+/// Service ids are `1..MAX_SERVICES` (0 is never a valid service id).
+pub const MAX_SERVICES: u32 = 64;
+/// Upstream ids are `1..MAX_UPSTREAMS` (slot 0 reserved: "no upstream").
+pub const MAX_UPSTREAMS: u32 = 1024;
+/// Slots in each service's Maglev table. Prime, and much larger than the upstream count of any
+/// one service so weights are honoured closely (Maglev paper: M >> N).
+pub const MAGLEV_SIZE: u32 = 16_381;
+/// Default capacity of each flow table (forward and reverse); the daemon may override it at load.
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// Maximum number of interfaces in the redirect devmap.
+pub const MAX_INTERFACES: u32 = 64;
+/// How many SNAT ports a new flow probes before it counts as exhaustion (bounded loop).
+pub const SNAT_PORT_PROBES: u32 = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Protocol numbers and address families, as stored in keys.
+// ---------------------------------------------------------------------------------------------
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// An address as stored in keys and values: IPv4 uses the first 4 bytes, the other 12 are zero.
+pub type Addr = [u8; 16];
+
+/// Build an `Addr` from IPv4 octets.
+#[inline(always)]
+#[must_use]
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    [
+        octets[0], octets[1], octets[2], octets[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]
+}
+
+/// The IPv4 octets of an `Addr` (its first 4 bytes).
+#[inline(always)]
+#[must_use]
+pub const fn addr_v4_octets(addr: &Addr) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service map.
+// ---------------------------------------------------------------------------------------------
+
+/// Key of `XP_SERVICES`: a service's listen address, port and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
+
+/// Value of `XP_SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceValue {
+    /// Index of the service's Maglev table and counters, `1..MAX_SERVICES`.
+    pub id: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+
+/// The service has at least one upstream in its Maglev table. Without it, new flows are passed
+/// to the kernel (which resets a TCP connection at once) and counted as `Reason::PassNoUpstream`.
+pub const SERVICE_F_HAS_UPSTREAMS: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Upstream slots.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `XP_UPSTREAMS` (an array indexed by upstream id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct UpstreamValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub family: u8,
+    pub _pad0: u8,
+    /// `UPSTREAM_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<UpstreamValue>() == 24);
+
+/// The slot holds a configured upstream (slot contents are meaningless without it).
+pub const UPSTREAM_F_ACTIVE: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Datapath settings.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `XP_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatConfig {
+    /// The SNAT source address for IPv4 flows (`addr_v4` layout).
+    pub snat_v4: Addr,
+    /// SNAT source port range, inclusive, host byte order.
+    pub port_min: u16,
+    pub port_max: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 24);
+
+/// The config entry has been written by the daemon; until then every packet is passed.
+pub const CONFIG_F_READY: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Flow tables.
+// ---------------------------------------------------------------------------------------------
+
+/// Key of both flow tables: a packet's 5-tuple exactly as it arrives at the proxy.
+/// Forward entries are keyed by (client -> service), reverse entries by (upstream -> SNAT).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    /// Network byte order.
+    pub src_port: [u8; 2],
+    /// Network byte order.
+    pub dst_port: [u8; 2],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// Value of both flow tables: how to rewrite a packet that matched the key, plus bookkeeping.
+/// The same rewrite code serves both directions: forward entries rewrite (client -> service) to
+/// (SNAT -> upstream), reverse entries rewrite (upstream -> SNAT) to (service -> client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub new_src_addr: Addr,
+    pub new_dst_addr: Addr,
+    /// Network byte order.
+    pub new_src_port: [u8; 2],
+    /// Network byte order.
+    pub new_dst_port: [u8; 2],
+    /// `FLOW_DIR_*`.
+    pub direction: u8,
+    pub _pad0: [u8; 3],
+    /// `FLOW_F_*` bits: TCP state as seen by the datapath. Set in both entries of a flow.
+    pub flags: u32,
+    pub service_id: u32,
+    pub upstream_id: u32,
+    pub _pad1: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    pub created_ns: u64,
+    /// `bpf_ktime_get_ns()` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Packets and bytes (IP length) in this entry's direction.
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 88);
+
+pub const FLOW_DIR_FORWARD: u8 = 0;
+pub const FLOW_DIR_REPLY: u8 = 1;
+
+/// A packet was seen from the upstream (the reverse entry has matched at least once).
+pub const FLOW_F_REPLIED: u32 = 1;
+/// The client sent FIN.
+pub const FLOW_F_FIN_CLIENT: u32 = 1 << 1;
+/// The upstream sent FIN.
+pub const FLOW_F_FIN_UPSTREAM: u32 = 1 << 2;
+/// Either side sent RST.
+pub const FLOW_F_RST: u32 = 1 << 3;
+
+// ---------------------------------------------------------------------------------------------
+// Counters.
+// ---------------------------------------------------------------------------------------------
+
+/// Per service / per upstream traffic counters (per CPU; readers sum).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TrafficCounters {
+    /// Client -> upstream packets and bytes (IP length).
+    pub fwd_packets: u64,
+    pub fwd_bytes: u64,
+    /// Upstream -> client packets and bytes.
+    pub rev_packets: u64,
+    pub rev_bytes: u64,
+    /// Flows created.
+    pub new_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<TrafficCounters>() == 40);
+
+/// Why the program returned what it returned. Each packet bumps exactly one reason counter,
+/// once, at exit. Indices are stable: they are the `XP_REASONS` array index and a metric label.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Forwarded client -> upstream with XDP_TX.
+    FwdTx = 0,
+    /// Forwarded client -> upstream with XDP_REDIRECT.
+    FwdRedirect = 1,
+    /// Forwarded upstream -> client with XDP_TX.
+    RevTx = 2,
+    /// Forwarded upstream -> client with XDP_REDIRECT.
+    RevRedirect = 3,
+    /// Not IPv4 (ARP, IPv6, VLAN, ...): passed.
+    PassNotIp = 4,
+    /// IPv4 but neither TCP nor UDP: passed.
+    PassNotTcpUdp = 5,
+    /// TCP/UDP but not a configured service and no flow: passed untouched.
+    PassNotService = 6,
+    /// IPv4 header with options (IHL > 5): never rewritten, passed.
+    PassIpOptions = 7,
+    /// IPv4 fragment: never rewritten, passed.
+    PassFragment = 8,
+    /// TCP segment without SYN to a service and no flow: passed (the kernel answers RST).
+    PassMidflowNoFlow = 9,
+    /// New flow to a service with no upstream: passed (the kernel answers RST).
+    PassNoUpstream = 10,
+    /// Rewritten, but the next hop has no neighbour entry yet: passed to the kernel, which
+    /// resolves it and forwards (needs accept_local on the interface; see DESIGN.md).
+    PassNoNeigh = 11,
+    /// Rewritten, but the FIB lookup failed otherwise (no route, blackhole, MTU): passed.
+    PassFibFailed = 12,
+    /// The datapath has not been configured yet: passed.
+    PassNotReady = 13,
+    /// Frame too short for the headers it claims: dropped.
+    DropTruncated = 14,
+    /// TTL would reach zero: dropped.
+    DropTtlExceeded = 15,
+    /// No free SNAT port within the probe budget: dropped (never a reused port).
+    DropSnatExhausted = 16,
+    /// The forward flow entry could not be written: reservation rolled back, dropped.
+    DropFlowInsertFailed = 17,
+    /// A Maglev slot pointed at an empty upstream slot: dropped.
+    DropBadUpstream = 18,
+    /// Redirect target interface missing from the devmap: dropped.
+    DropRedirectFailed = 19,
+    /// Internal invariant broken (map lookup of an array index failed): aborted.
+    Aborted = 20,
+}
+
+/// Number of `Reason` values (size of `XP_REASONS`).
+pub const REASON_COUNT: u32 = 21;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::FwdTx,
+        Reason::FwdRedirect,
+        Reason::RevTx,
+        Reason::RevRedirect,
+        Reason::PassNotIp,
+        Reason::PassNotTcpUdp,
+        Reason::PassNotService,
+        Reason::PassIpOptions,
+        Reason::PassFragment,
+        Reason::PassMidflowNoFlow,
+        Reason::PassNoUpstream,
+        Reason::PassNoNeigh,
+        Reason::PassFibFailed,
+        Reason::PassNotReady,
+        Reason::DropTruncated,
+        Reason::DropTtlExceeded,
+        Reason::DropSnatExhausted,
+        Reason::DropFlowInsertFailed,
+        Reason::DropBadUpstream,
+        Reason::DropRedirectFailed,
+        Reason::Aborted,
+    ];
+
+    /// Stable snake_case name, used as a metric label and in `inspect stats`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::FwdTx => "fwd_tx",
+            Reason::FwdRedirect => "fwd_redirect",
+            Reason::RevTx => "rev_tx",
+            Reason::RevRedirect => "rev_redirect",
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotTcpUdp => "pass_not_tcp_udp",
+            Reason::PassNotService => "pass_not_service",
+            Reason::PassIpOptions => "pass_ip_options",
+            Reason::PassFragment => "pass_fragment",
+            Reason::PassMidflowNoFlow => "pass_midflow_no_flow",
+            Reason::PassNoUpstream => "pass_no_upstream",
+            Reason::PassNoNeigh => "pass_no_neigh",
+            Reason::PassFibFailed => "pass_fib_failed",
+            Reason::PassNotReady => "pass_not_ready",
+            Reason::DropTruncated => "drop_truncated",
+            Reason::DropTtlExceeded => "drop_ttl_exceeded",
+            Reason::DropSnatExhausted => "drop_snat_exhausted",
+            Reason::DropFlowInsertFailed => "drop_flow_insert_failed",
+            Reason::DropBadUpstream => "drop_bad_upstream",
+            Reason::DropRedirectFailed => "drop_redirect_failed",
+            Reason::Aborted => "aborted",
+        }
+    }
+
+    /// The XDP action this reason implies.
+    #[must_use]
+    pub const fn action(self) -> u32 {
+        match self {
+            Reason::FwdTx | Reason::RevTx => XDP_TX,
+            Reason::FwdRedirect | Reason::RevRedirect => XDP_REDIRECT,
+            Reason::PassNotIp
+            | Reason::PassNotTcpUdp
+            | Reason::PassNotService
+            | Reason::PassIpOptions
+            | Reason::PassFragment
+            | Reason::PassMidflowNoFlow
+            | Reason::PassNoUpstream
+            | Reason::PassNoNeigh
+            | Reason::PassFibFailed
+            | Reason::PassNotReady => XDP_PASS,
+            Reason::DropTruncated
+            | Reason::DropTtlExceeded
+            | Reason::DropSnatExhausted
+            | Reason::DropFlowInsertFailed
+            | Reason::DropBadUpstream
+            | Reason::DropRedirectFailed => XDP_DROP,
+            Reason::Aborted => XDP_ABORTED,
+        }
+    }
+}
+
+const _: () = assert!(Reason::ALL.len() == REASON_COUNT as usize);
+
+/// XDP actions (uapi `enum xdp_action`).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+// ---------------------------------------------------------------------------------------------
+// aya::Pod for the daemon.
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): repr(C), integers and byte arrays only, explicit padding fields,
+    // sizes asserted above; any bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::UpstreamValue {}
+    unsafe impl aya::Pod for super::NatConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::TrafficCounters {}
+}
