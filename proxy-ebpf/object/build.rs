@@ -1,5 +1,5 @@
 //! Builds the XDP program (`proxy-ebpf`) with the nightly toolchain through aya-build and leaves
-//! the object in OUT_DIR, where `src/datapath` embeds it.
+//! the object in OUT_DIR, where `src/lib.rs` embeds it.
 //!
 //! With `AYA_BUILD_SKIP=1` (for `cargo check`/clippy on stable alone) aya-build writes nothing,
 //! so an empty stub is written instead; loading a stub fails at run time with a clear error.
@@ -15,10 +15,11 @@ fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(
         env::var_os("CARGO_MANIFEST_DIR").ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR not set"))?,
     );
+    // This crate lives in proxy-ebpf/object; the eBPF crate is its parent directory.
     let ebpf_dir = manifest_dir
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent", manifest_dir.display()))?
-        .join(EBPF_PACKAGE);
+        .to_path_buf();
     let ebpf_dir_str = ebpf_dir
         .to_str()
         .ok_or_else(|| anyhow!("{} is not UTF-8", ebpf_dir.display()))?;
