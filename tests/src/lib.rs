@@ -1,1 +1,5 @@
-//! integration test helpers
+//! Test support for xdp-proxy: packet building for BPF_PROG_TEST_RUN tests (`packet`) and
+//! network-namespace topologies with real traffic (`netns`).
+
+pub mod netns;
+pub mod packet;

@@ -1,0 +1,1 @@
+//! Network namespace topologies (client / proxy / home) and traffic helpers.
