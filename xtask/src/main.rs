@@ -1,1 +1,199 @@
-fn main() {}
+//! `cargo xtask setup|build|run|test|bench`: the project's own entry points.
+//!
+//! Everything a fresh machine needs is installed by `setup` (run automatically by `build` when
+//! something is missing), so the README's two commands work on a new machine.
+
+mod setup;
+
+use std::{
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, run and test xdp-proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build and the tests need (idempotent): rust-src for nightly,
+    /// bpf-linker 0.13.0 against nightly's LLVM, Debian packages.
+    Setup,
+    /// Build the daemon, the XDP program and the test binaries.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run xdp-proxy (needs root; uses sudo only when not root). Without --config: a
+    /// self-contained demo in network namespaces.
+    Run {
+        /// Run the daemon with this config instead of the demo.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: formatting, clippy, unit, packet (BPF_PROG_TEST_RUN) and namespace tests.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
+    /// Side-by-side benchmarks (not implemented yet: see the benchmark issue).
+    Bench,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.command {
+        Cmd::Setup => setup::run(true),
+        Cmd::Build { release } => {
+            setup::run(false)?;
+            build(&root, release)
+        }
+        Cmd::Run { config, release } => {
+            setup::run(false)?;
+            build(&root, release)?;
+            run(&root, config.as_deref(), release)
+        }
+        Cmd::Test { no_lint, args } => {
+            setup::run(false)?;
+            test(&root, !no_lint, &args)
+        }
+        Cmd::Bench => bail!(
+            "`cargo xtask bench` is not implemented yet (tracked by the benchmark issue); \
+             nothing was measured"
+        ),
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask's manifest directory has no parent")
+}
+
+pub(crate) fn is_root() -> bool {
+    // The effective uid is the third field of "Uid:" in /proc/self/status.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Run a command, echoing it, and fail with its status.
+pub(crate) fn run_cmd(cmd: &mut Command) -> Result<()> {
+    println!("xtask: $ {}", render(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("failed to start {}", render(cmd)))?;
+    if !status.success() {
+        bail!("{} failed: {status}", render(cmd));
+    }
+    Ok(())
+}
+
+pub(crate) fn render(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn profile_dir(release: bool) -> &'static str {
+    if release { "release" } else { "debug" }
+}
+
+fn build(root: &Path, release: bool) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.current_dir(root)
+        .args(["build", "-p", "proxy-userspace", "-p", "integration-tests", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run_cmd(&mut cmd)
+}
+
+/// Prefix for commands that need root: nothing as root, `sudo -E` otherwise (aya's convention).
+fn privileged(program: &Path) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(program);
+        c
+    }
+}
+
+fn run(root: &Path, config: Option<&Path>, release: bool) -> Result<()> {
+    let bin_dir = root.join("target").join(profile_dir(release));
+    let daemon = bin_dir.join("xdp-proxy");
+    match config {
+        Some(config) => {
+            let config = config
+                .canonicalize()
+                .with_context(|| format!("config file {}", config.display()))?;
+            let mut cmd = privileged(&daemon);
+            cmd.arg("run").arg("--config").arg(config);
+            run_cmd(&mut cmd)
+        }
+        None => {
+            let demo = bin_dir.join("xdp-proxy-demo");
+            let mut cmd = privileged(&demo);
+            cmd.env("XDP_PROXY_BIN", &daemon);
+            run_cmd(&mut cmd)
+        }
+    }
+}
+
+fn test(root: &Path, lint: bool, extra: &[OsString]) -> Result<()> {
+    if lint {
+        run_cmd(cargo().current_dir(root).args(["fmt", "--all", "--", "--check"]))?;
+        run_cmd(cargo().current_dir(root).args([
+            "clippy",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    // The namespace tests run the daemon binary: build it (and the demo) first.
+    build(root, false)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root).env(
+        "XDP_PROXY_BIN",
+        root.join("target").join(profile_dir(false)).join("xdp-proxy"),
+    );
+    cmd.arg("test");
+    if !is_root() {
+        // Test binaries need root (BPF, namespaces): run them through sudo, build as the user.
+        cmd.args(["--config", "target.'cfg(all())'.runner='sudo -E'"]);
+    }
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    run_cmd(&mut cmd)
+}
