@@ -1,1 +1,4 @@
 //! xdp-proxy: the daemon and CLI around the XDP fast path.
+#![forbid(unsafe_code)]
+
+pub mod config;

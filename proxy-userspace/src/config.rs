@@ -1,0 +1,828 @@
+//! The daemon's TOML configuration: parsing (serde, `deny_unknown_fields`) and complete
+//! validation before anything touches the system.
+//!
+//! Two stages:
+//! - [`Config::load`] / [`Config::parse`]: pure. Syntax, types, every rule that needs nothing but
+//!   the file. `xdp-proxy check` stops here.
+//! - [`Config::validate_runtime`]: rules that need facts read from the running system (the
+//!   kernel's ephemeral port range, the SNAT address when it defaults to the route toward home).
+//!   `xdp-proxy run` reads those facts and calls it before loading anything.
+//!
+//! Every problem names the file, the key (for example `service[1].upstreams[0]`) and what is
+//! wrong; all problems of a file are reported at once.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::Deserialize;
+
+/// Default bpffs directory for pinned maps (the ABI version is appended: `<pin_dir>/v1`).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdp-proxy";
+/// Default SNAT source port range (inclusive). Below Linux's default ephemeral range
+/// (32768..=60999), so the daemon's own connections never collide with SNAT ports.
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (10240, 32767);
+/// Default admin listener.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9100";
+/// Smallest accepted `datapath.max_flows`.
+pub const MIN_MAX_FLOWS: u32 = 16;
+/// Largest accepted `datapath.max_flows` (each table entry costs roughly 200 bytes of kernel
+/// memory, times two tables).
+pub const MAX_MAX_FLOWS: u32 = 1 << 24;
+/// Linux interface names are at most IFNAMSIZ - 1 bytes.
+const MAX_IFNAME_LEN: usize = 15;
+const MAX_SERVICE_NAME_LEN: usize = 64;
+
+// ---------------------------------------------------------------------------------------------
+// Validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+/// Where and how the XDP program attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathMode {
+    /// Native (driver) XDP, else generic (skb) XDP.
+    #[default]
+    Auto,
+    /// Native (driver) XDP only.
+    Native,
+    /// Generic (skb) XDP only.
+    Generic,
+    /// No XDP: the daemon would proxy L4 services in userspace (not implemented yet).
+    Userspace,
+}
+
+impl fmt::Display for DatapathMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Userspace => "userspace",
+        })
+    }
+}
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// IP protocol number, as stored in map keys.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proxy_common::IPPROTO_TCP,
+            Self::Udp => proxy_common::IPPROTO_UDP,
+        }
+    }
+
+    /// From an IP protocol number.
+    #[must_use]
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            proxy_common::IPPROTO_TCP => Some(Self::Tcp),
+            proxy_common::IPPROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a service is served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// L4 full NAT in XDP.
+    #[default]
+    L4,
+    /// HTTP reverse proxy in the daemon (accepted, not served yet).
+    Http,
+}
+
+impl fmt::Display for ServiceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::L4 => "l4",
+            Self::Http => "http",
+        })
+    }
+}
+
+/// An IPv4 prefix such as `10.20.0.0/16` (host bits zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ipv4Cidr {
+    pub network: Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+impl Ipv4Cidr {
+    /// The netmask as an integer.
+    #[must_use]
+    pub const fn mask(self) -> u32 {
+        if self.prefix_len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - self.prefix_len as u32)
+        }
+    }
+
+    /// Whether `addr` lies inside this prefix.
+    #[must_use]
+    pub fn contains(self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & self.mask() == u32::from(self.network)
+    }
+
+    /// An address inside the prefix to route toward (the first host address where there is
+    /// one): used to find the source address of the route home.
+    #[must_use]
+    pub fn probe_address(self) -> Ipv4Addr {
+        let net = u32::from(self.network);
+        if self.prefix_len >= 31 {
+            self.network
+        } else {
+            Ipv4Addr::from(net + 1)
+        }
+    }
+}
+
+impl fmt::Display for Ipv4Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix_len)
+    }
+}
+
+impl FromStr for Ipv4Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not an IPv4 prefix like 10.20.0.0/16"))?;
+        let addr: Ipv4Addr = addr
+            .parse()
+            .map_err(|_| format!("`{s}`: `{addr}` is not an IPv4 address"))?;
+        let prefix_len: u8 = len
+            .parse()
+            .ok()
+            .filter(|l| *l <= 32)
+            .ok_or_else(|| format!("`{s}`: prefix length `{len}` is not in 0..=32"))?;
+        let cidr = Self {
+            network: addr,
+            prefix_len,
+        };
+        let network = Ipv4Addr::from(u32::from(addr) & cidr.mask());
+        if network != addr {
+            return Err(format!(
+                "`{s}` has host bits set (did you mean {network}/{prefix_len}?)"
+            ));
+        }
+        Ok(cidr)
+    }
+}
+
+/// `[datapath]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathConfig {
+    pub interfaces: Vec<String>,
+    pub mode: DatapathMode,
+    pub pin_dir: PathBuf,
+    pub max_flows: u32,
+}
+
+/// `[nat]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSettings {
+    /// `None`: the source address of the route toward the first home CIDR, found at run time.
+    pub snat_ipv4: Option<Ipv4Addr>,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub home_cidrs: Vec<Ipv4Cidr>,
+}
+
+impl NatSettings {
+    /// Whether `port` lies in the SNAT port range.
+    #[must_use]
+    pub fn in_port_range(&self, port: u16) -> bool {
+        (self.port_min..=self.port_max).contains(&port)
+    }
+
+    /// The home CIDR containing `addr`, if any.
+    #[must_use]
+    pub fn home_cidr_of(&self, addr: Ipv4Addr) -> Option<Ipv4Cidr> {
+        self.home_cidrs.iter().copied().find(|c| c.contains(addr))
+    }
+}
+
+/// `[admin]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+/// One `[[service]]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub listen: SocketAddrV4,
+    pub protocol: Protocol,
+    pub mode: ServiceMode,
+    pub upstreams: Vec<SocketAddrV4>,
+}
+
+/// A complete, validated configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The file it came from (for messages).
+    pub source: PathBuf,
+    pub datapath: DatapathConfig,
+    pub nat: NatSettings,
+    pub admin: AdminConfig,
+    pub services: Vec<ServiceConfig>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors.
+// ---------------------------------------------------------------------------------------------
+
+/// One thing wrong with a config file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, for example `service[1].upstreams[0]`, or `(top level)`.
+    pub key: String,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax or type error (from the TOML deserializer).
+    #[error("{}: {key}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// The file parsed but breaks one or more rules.
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The problems found (one for a syntax error).
+    #[must_use]
+    pub fn problems(&self) -> Vec<Problem> {
+        match self {
+            Self::Read { source, .. } => vec![Problem::new("(file)", source.to_string())],
+            Self::Syntax { key, message, .. } => vec![Problem::new(key.clone(), message.clone())],
+            Self::Invalid { problems, .. } => problems.clone(),
+        }
+    }
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = String::new();
+    for (i, p) in problems.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!("{}: {}: {}", path.display(), p.key, p.message));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw (as written) configuration.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    datapath: RawDatapath,
+    nat: RawNat,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default, rename = "service")]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatapath {
+    interfaces: Vec<String>,
+    #[serde(default)]
+    mode: DatapathMode,
+    pin_dir: Option<String>,
+    max_flows: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    snat_ipv4: Option<String>,
+    port_range: Option<Vec<i64>>,
+    home_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    listen: String,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default)]
+    mode: ServiceMode,
+    upstreams: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and validation.
+// ---------------------------------------------------------------------------------------------
+
+/// Facts read from the running system that some rules need (see [`Config::validate_runtime`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuntimeFacts {
+    /// `net.ipv4.ip_local_port_range` (inclusive).
+    pub ephemeral_ports: (u16, u16),
+    /// The SNAT address in effect (configured or found from the route home).
+    pub snat_ipv4: Ipv4Addr,
+}
+
+impl Config {
+    /// Read and validate a config file (pure: touches nothing but the file).
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and what is wrong.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` is used in messages only.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, the key and what is wrong.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let syntax = |key: String, message: String| ConfigError::Syntax {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| syntax("(top level)".into(), e.to_string().trim_end().to_owned()))?;
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." {
+                "(top level)".to_owned()
+            } else {
+                key
+            };
+            syntax(key, e.inner().to_string().trim_end().to_owned())
+        })?;
+        let mut problems = Vec::new();
+        let config = convert(raw, path, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// The services the XDP program serves (`mode = "l4"`), in config order with their index.
+    pub fn l4_services(&self) -> impl Iterator<Item = (usize, &ServiceConfig)> {
+        self.services
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.mode == ServiceMode::L4)
+    }
+
+    /// Rules that need facts from the running system. Pure given `facts`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing every broken rule.
+    pub fn validate_runtime(&self, facts: RuntimeFacts) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let (eph_lo, eph_hi) = facts.ephemeral_ports;
+        let (lo, hi) = (self.nat.port_min, self.nat.port_max);
+        if lo <= eph_hi && eph_lo <= hi {
+            let suggestion = if eph_lo > DEFAULT_PORT_RANGE.0 + 1 {
+                format!(
+                    "set nat.port_range below it (for example [{}, {}])",
+                    DEFAULT_PORT_RANGE.0.min(eph_lo - 1),
+                    eph_lo - 1
+                )
+            } else {
+                "set nat.port_range outside it".to_owned()
+            };
+            problems.push(Problem::new(
+                "nat.port_range",
+                format!(
+                    "[{lo}, {hi}] overlaps the kernel's ephemeral port range [{eph_lo}, {eph_hi}] \
+                     (net.ipv4.ip_local_port_range), which the daemon's own connections use from \
+                     the same address: {suggestion}, or move the kernel's range with \
+                     `sysctl -w net.ipv4.ip_local_port_range=\"{} 60999\"`",
+                    u32::from(hi) + 1
+                ),
+            ));
+        }
+        if self.nat.snat_ipv4.is_none() {
+            check_snat_address(facts.snat_ipv4, "nat.snat_ipv4 (from the route home)", &mut problems);
+        }
+        check_listen_vs_snat(self, facts.snat_ipv4, &mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                path: self.source.clone(),
+                problems,
+            })
+        }
+    }
+}
+
+fn check_snat_address(addr: Ipv4Addr, key: &str, problems: &mut Vec<Problem>) {
+    if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback() {
+        problems.push(Problem::new(
+            key,
+            format!("{addr} cannot be a SNAT source address (unspecified, loopback, multicast or broadcast)"),
+        ));
+    }
+}
+
+/// Services listening on the SNAT address must not use a port of the SNAT range: the datapath
+/// would take a reply to that port for a new flow or the other way round.
+fn check_listen_vs_snat(config: &Config, snat: Ipv4Addr, problems: &mut Vec<Problem>) {
+    for (i, s) in config.services.iter().enumerate() {
+        if *s.listen.ip() == snat && config.nat.in_port_range(s.listen.port()) {
+            problems.push(Problem::new(
+                format!("service[{i}].listen"),
+                format!(
+                    "{} is on the SNAT address and its port is inside nat.port_range [{}, {}]: \
+                     move the service port or the port range",
+                    s.listen, config.nat.port_min, config.nat.port_max
+                ),
+            ));
+        }
+    }
+}
+
+fn parse_port(v: i64, key: &str, problems: &mut Vec<Problem>) -> Option<u16> {
+    match u16::try_from(v) {
+        Ok(p) if p >= 1 => Some(p),
+        _ => {
+            problems.push(Problem::new(key, format!("port {v} is not in 1..=65535")));
+            None
+        }
+    }
+}
+
+/// Parse "a.b.c.d:port" (IPv4 only), with a specific message for DNS names and IPv6.
+fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
+    if let Ok(sa) = s.parse::<SocketAddrV4>() {
+        if sa.port() == 0 {
+            return Err(format!("`{s}`: port 0 is not a valid {what} port"));
+        }
+        return Ok(sa);
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Err(format!("`{s}`: IPv6 is not supported yet; use an IPv4 address:port"));
+    }
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            if host.parse::<Ipv4Addr>().is_err()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                Err(format!(
+                    "`{s}`: `{host}` is a DNS name; DNS {what}s are not supported yet (a later \
+                     version resolves and re-resolves them): write an IPv4 address:port"
+                ))
+            } else {
+                Err(format!("`{s}` is not an IPv4 address:port (port 1..=65535)"))
+            }
+        }
+        _ => Err(format!("`{s}` is not an IPv4 address:port like 10.20.1.2:80")),
+    }
+}
+
+fn valid_ifname(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("interface name is empty".into());
+    }
+    if name.len() > MAX_IFNAME_LEN {
+        return Err(format!(
+            "interface name `{name}` is longer than {MAX_IFNAME_LEN} bytes"
+        ));
+    }
+    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{name}` is not a valid interface name"));
+    }
+    Ok(())
+}
+
+#[expect(clippy::too_many_lines, reason = "one linear pass over the file's rules")]
+fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
+    // [datapath]
+    let dp = raw.datapath;
+    let mut seen_if = HashSet::new();
+    for (i, name) in dp.interfaces.iter().enumerate() {
+        let key = format!("datapath.interfaces[{i}]");
+        if let Err(m) = valid_ifname(name) {
+            problems.push(Problem::new(key, m));
+        } else if !seen_if.insert(name.as_str()) {
+            problems.push(Problem::new(key, format!("interface `{name}` is listed twice")));
+        }
+    }
+    if dp.interfaces.is_empty() && dp.mode != DatapathMode::Userspace {
+        problems.push(Problem::new(
+            "datapath.interfaces",
+            format!("no interface to attach XDP to (mode = \"{}\")", dp.mode),
+        ));
+    }
+    if dp.interfaces.len() > proxy_common::MAX_INTERFACES as usize {
+        problems.push(Problem::new(
+            "datapath.interfaces",
+            format!("at most {} interfaces", proxy_common::MAX_INTERFACES),
+        ));
+    }
+    let pin_dir = PathBuf::from(dp.pin_dir.unwrap_or_else(|| DEFAULT_PIN_DIR.to_owned()));
+    if !pin_dir.is_absolute() {
+        problems.push(Problem::new(
+            "datapath.pin_dir",
+            format!("`{}` is not an absolute path", pin_dir.display()),
+        ));
+    }
+    let max_flows = match dp.max_flows {
+        None => proxy_common::DEFAULT_MAX_FLOWS,
+        Some(n) => match u32::try_from(n) {
+            Ok(n) if (MIN_MAX_FLOWS..=MAX_MAX_FLOWS).contains(&n) => n,
+            _ => {
+                problems.push(Problem::new(
+                    "datapath.max_flows",
+                    format!("{n} is not in {MIN_MAX_FLOWS}..={MAX_MAX_FLOWS}"),
+                ));
+                proxy_common::DEFAULT_MAX_FLOWS
+            }
+        },
+    };
+
+    // [nat]
+    let nat = raw.nat;
+    let snat_ipv4 = nat.snat_ipv4.as_deref().and_then(|s| match s.parse::<Ipv4Addr>() {
+        Ok(a) => {
+            check_snat_address(a, "nat.snat_ipv4", problems);
+            Some(a)
+        }
+        Err(_) => {
+            problems.push(Problem::new(
+                "nat.snat_ipv4",
+                format!("`{s}` is not an IPv4 address"),
+            ));
+            None
+        }
+    });
+    let (mut port_min, mut port_max) = DEFAULT_PORT_RANGE;
+    if let Some(range) = nat.port_range {
+        if range.len() == 2 {
+            let lo = parse_port(range[0], "nat.port_range[0]", problems);
+            let hi = parse_port(range[1], "nat.port_range[1]", problems);
+            if let (Some(lo), Some(hi)) = (lo, hi) {
+                if lo > hi {
+                    problems.push(Problem::new(
+                        "nat.port_range",
+                        format!("[{lo}, {hi}]: the first port must not be above the second"),
+                    ));
+                } else {
+                    (port_min, port_max) = (lo, hi);
+                }
+            }
+        } else {
+            problems.push(Problem::new(
+                "nat.port_range",
+                format!("needs exactly two ports [min, max], got {}", range.len()),
+            ));
+        }
+    }
+    let mut home_cidrs = Vec::new();
+    for (i, s) in nat.home_cidrs.iter().enumerate() {
+        match s.parse::<Ipv4Cidr>() {
+            Ok(c) => home_cidrs.push(c),
+            Err(m) => problems.push(Problem::new(format!("nat.home_cidrs[{i}]"), m)),
+        }
+    }
+    if nat.home_cidrs.is_empty() {
+        problems.push(Problem::new(
+            "nat.home_cidrs",
+            "is empty: every upstream must lie inside a home CIDR (the proxy is never an open relay)",
+        ));
+    }
+    let nat = NatSettings {
+        snat_ipv4,
+        port_min,
+        port_max,
+        home_cidrs,
+    };
+
+    // [admin]
+    let admin_listen = raw
+        .admin
+        .listen
+        .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_owned());
+    let admin = AdminConfig {
+        listen: admin_listen.parse().unwrap_or_else(|_| {
+            problems.push(Problem::new(
+                "admin.listen",
+                format!("`{admin_listen}` is not an address:port like 127.0.0.1:9100"),
+            ));
+            SocketAddr::from(([127, 0, 0, 1], 9100))
+        }),
+    };
+
+    // [[service]]
+    let mut services = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut listens: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+    let mut l4_count = 0usize;
+    let mut upstream_set = HashSet::new();
+    for (i, s) in raw.services.into_iter().enumerate() {
+        let key = |k: &str| format!("service[{i}].{k}");
+        if s.name.is_empty()
+            || s.name.len() > MAX_SERVICE_NAME_LEN
+            || !s
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            problems.push(Problem::new(
+                key("name"),
+                format!(
+                    "`{}`: a name is 1..={MAX_SERVICE_NAME_LEN} characters of A-Z a-z 0-9 - _ .",
+                    s.name
+                ),
+            ));
+        } else if let Some(first) = names.get(&s.name) {
+            problems.push(Problem::new(
+                key("name"),
+                format!("`{}` is already the name of service[{first}]", s.name),
+            ));
+        } else {
+            names.insert(s.name.clone(), i);
+        }
+        let listen = match parse_v4_endpoint(&s.listen, "listen") {
+            Ok(sa) => {
+                let ip = *sa.ip();
+                if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                    problems.push(Problem::new(
+                        key("listen"),
+                        format!("`{}`: a service listens on one unicast address", s.listen),
+                    ));
+                } else if let Some(first) = listens.get(&(sa, s.protocol)) {
+                    problems.push(Problem::new(
+                        key("listen"),
+                        format!(
+                            "{sa}/{} is already the listen address of service[{first}]",
+                            s.protocol
+                        ),
+                    ));
+                } else {
+                    listens.insert((sa, s.protocol), i);
+                }
+                sa
+            }
+            Err(m) => {
+                problems.push(Problem::new(key("listen"), m));
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+            }
+        };
+        let mut upstreams = Vec::new();
+        for (j, u) in s.upstreams.iter().enumerate() {
+            let ukey = format!("service[{i}].upstreams[{j}]");
+            match parse_v4_endpoint(u, "upstream") {
+                Ok(sa) => {
+                    if nat.home_cidr_of(*sa.ip()).is_none() && !nat.home_cidrs.is_empty() {
+                        let cidrs: Vec<String> =
+                            nat.home_cidrs.iter().map(ToString::to_string).collect();
+                        problems.push(Problem::new(
+                            ukey,
+                            format!(
+                                "{sa} is outside every home CIDR ({}): the proxy only forwards \
+                                 to home addresses, never as an open relay",
+                                cidrs.join(", ")
+                            ),
+                        ));
+                    } else if upstreams.contains(&sa) {
+                        problems.push(Problem::new(
+                            ukey,
+                            format!("{sa} is listed twice in this service"),
+                        ));
+                    } else {
+                        upstreams.push(sa);
+                    }
+                }
+                Err(m) => problems.push(Problem::new(ukey, m)),
+            }
+        }
+        if s.mode == ServiceMode::L4 {
+            l4_count += 1;
+            upstream_set.extend(upstreams.iter().copied());
+        }
+        services.push(ServiceConfig {
+            name: s.name,
+            listen,
+            protocol: s.protocol,
+            mode: s.mode,
+            upstreams,
+        });
+    }
+    let max_services = proxy_common::MAX_SERVICES as usize - 1;
+    if l4_count > max_services {
+        problems.push(Problem::new(
+            "service",
+            format!("{l4_count} l4 services; the datapath holds at most {max_services}"),
+        ));
+    }
+    let max_upstreams = proxy_common::MAX_UPSTREAMS as usize - 1;
+    if upstream_set.len() > max_upstreams {
+        problems.push(Problem::new(
+            "service",
+            format!(
+                "{} distinct upstreams; the datapath holds at most {max_upstreams}",
+                upstream_set.len()
+            ),
+        ));
+    }
+
+    let config = Config {
+        source: path.to_owned(),
+        datapath: DatapathConfig {
+            interfaces: dp.interfaces,
+            mode: dp.mode,
+            pin_dir,
+            max_flows,
+        },
+        nat,
+        admin,
+        services,
+    };
+    if let Some(snat) = config.nat.snat_ipv4 {
+        check_listen_vs_snat(&config, snat, problems);
+    }
+    config
+}
+
+#[cfg(test)]
+mod tests;

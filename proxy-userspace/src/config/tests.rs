@@ -1,0 +1,265 @@
+use std::path::Path;
+
+use super::*;
+
+const VALID_FULL: &str = include_str!("../../tests/fixtures/valid_full.toml");
+const VALID_MINIMAL: &str = include_str!("../../tests/fixtures/valid_minimal.toml");
+const INVALID_MANY: &str = include_str!("../../tests/fixtures/invalid_many.toml");
+const INVALID_UNKNOWN_KEY: &str = include_str!("../../tests/fixtures/invalid_unknown_key.toml");
+const INVALID_BAD_MODE: &str = include_str!("../../tests/fixtures/invalid_bad_mode.toml");
+const INVALID_LISTEN_IN_SNAT_RANGE: &str =
+    include_str!("../../tests/fixtures/invalid_listen_in_snat_range.toml");
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("fixture.toml"))
+}
+
+fn problems(text: &str) -> Vec<Problem> {
+    match parse(text) {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e.problems(),
+    }
+}
+
+fn has(problems: &[Problem], key: &str, needle: &str) -> bool {
+    problems
+        .iter()
+        .any(|p| p.key == key && p.message.contains(needle))
+}
+
+fn sa(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+#[test]
+fn full_config_parses_with_every_key() {
+    let c = parse(VALID_FULL).unwrap();
+    assert_eq!(c.datapath.interfaces, ["eth0", "eth1"]);
+    assert_eq!(c.datapath.mode, DatapathMode::Native);
+    assert_eq!(c.datapath.pin_dir, Path::new("/run/xdp-proxy-bpffs/xdp-proxy"));
+    assert_eq!(c.datapath.max_flows, 65536);
+    assert_eq!(c.nat.snat_ipv4, Some(Ipv4Addr::new(10, 20, 1, 1)));
+    assert_eq!((c.nat.port_min, c.nat.port_max), (20000, 29999));
+    assert_eq!(c.nat.home_cidrs.len(), 2);
+    assert_eq!(c.nat.home_cidrs[1].to_string(), "172.31.0.0/20");
+    assert_eq!(c.admin.listen, "127.0.0.1:9200".parse().unwrap());
+    assert_eq!(c.services.len(), 3);
+    assert_eq!(c.services[1].protocol, Protocol::Udp);
+    assert_eq!(c.services[1].upstreams, [sa("172.31.0.2:53")]);
+    assert_eq!(c.services[2].mode, ServiceMode::Http);
+    let l4: Vec<usize> = c.l4_services().map(|(i, _)| i).collect();
+    assert_eq!(l4, [0, 1]);
+}
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = parse(VALID_MINIMAL).unwrap();
+    assert_eq!(c.datapath.mode, DatapathMode::Auto);
+    assert_eq!(c.datapath.pin_dir, Path::new(DEFAULT_PIN_DIR));
+    assert_eq!(c.datapath.max_flows, proxy_common::DEFAULT_MAX_FLOWS);
+    assert_eq!(c.nat.snat_ipv4, None);
+    assert_eq!((c.nat.port_min, c.nat.port_max), (10240, 32767));
+    assert_eq!(c.admin.listen, "127.0.0.1:9100".parse().unwrap());
+    assert_eq!(c.services[0].protocol, Protocol::Tcp);
+    assert_eq!(c.services[0].mode, ServiceMode::L4);
+}
+
+#[test]
+fn every_problem_of_a_file_is_reported_with_its_key() {
+    let p = problems(INVALID_MANY);
+    let expect = [
+        ("datapath.interfaces[1]", "listed twice"),
+        ("datapath.pin_dir", "not an absolute path"),
+        ("datapath.max_flows", "not in"),
+        ("nat.port_range", "must not be above"),
+        ("nat.home_cidrs[1]", "did you mean 10.21.0.0/16"),
+        ("admin.listen", "`localhost`"),
+        ("service[0].upstreams[1]", "192.0.2.10:80 is outside every home CIDR"),
+        ("service[1].name", "already the name of service[0]"),
+        ("service[1].listen", "already the listen address of service[0]"),
+        ("service[1].upstreams[0]", "DNS upstreams are not supported yet"),
+        ("service[1].upstreams[1]", "port 0"),
+    ];
+    for (key, needle) in expect {
+        assert!(has(&p, key, needle), "no `{key}` problem with `{needle}` in {p:#?}");
+    }
+    assert_eq!(p.len(), expect.len(), "{p:#?}");
+}
+
+#[test]
+fn error_text_names_file_key_and_problem() {
+    let err = parse(INVALID_MANY).unwrap_err().to_string();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("fixture.toml: service[0].upstreams[1]: 192.0.2.10:80")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 11, "{err}");
+}
+
+#[test]
+fn unknown_key_is_refused_with_its_path() {
+    let err = parse(INVALID_UNKNOWN_KEY).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+    assert!(text.starts_with("fixture.toml: service[1].upstream: "), "{text}");
+    assert!(text.contains("unknown field `upstream`"), "{text}");
+}
+
+#[test]
+fn unknown_mode_is_refused_with_the_choices() {
+    let text = parse(INVALID_BAD_MODE).unwrap_err().to_string();
+    assert!(text.starts_with("fixture.toml: datapath.mode: "), "{text}");
+    assert!(text.contains("turbo") && text.contains("userspace"), "{text}");
+}
+
+#[test]
+fn missing_required_keys_are_named() {
+    let text = parse("[datapath]\ninterfaces = [\"eth0\"]\n").unwrap_err().to_string();
+    assert!(text.contains("missing field `nat`"), "{text}");
+    let text = parse(
+        "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n\
+         [[service]]\nname = \"a\"\nlisten = \"10.1.1.1:80\"\nupstreams = []\n\
+         [[service]]\nlisten = \"10.1.1.1:81\"\nupstreams = []\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(text.contains("service[1]") && text.contains("missing field `name`"), "{text}");
+}
+
+#[test]
+fn type_errors_are_named() {
+    let text = parse(
+        "[datapath]\ninterfaces = \"eth0\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(text.starts_with("fixture.toml: datapath.interfaces: "), "{text}");
+    let text = parse("[datapath\n").unwrap_err().to_string();
+    assert!(text.starts_with("fixture.toml: (top level): "), "{text}");
+}
+
+#[test]
+fn listen_port_inside_snat_range_on_the_snat_address_is_refused() {
+    let p = problems(INVALID_LISTEN_IN_SNAT_RANGE);
+    assert_eq!(p.len(), 1, "{p:#?}");
+    assert!(has(&p, "service[0].listen", "inside nat.port_range [10000, 20000]"));
+    // The same port on another address is fine.
+    let ok = INVALID_LISTEN_IN_SNAT_RANGE.replace("10.10.1.1:15000", "10.10.1.2:15000");
+    parse(&ok).unwrap();
+}
+
+#[test]
+fn port_range_bounds() {
+    let base = |range: &str| {
+        format!(
+            "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nport_range = {range}\n\
+             home_cidrs = [\"10.0.0.0/8\"]\n"
+        )
+    };
+    assert!(has(&problems(&base("[0, 100]")), "nat.port_range[0]", "not in 1..=65535"));
+    assert!(has(&problems(&base("[100, 65536]")), "nat.port_range[1]", "not in 1..=65535"));
+    assert!(has(&problems(&base("[100]")), "nat.port_range", "exactly two"));
+    let c = parse(&base("[5000, 5000]")).unwrap();
+    assert_eq!((c.nat.port_min, c.nat.port_max), (5000, 5000));
+    let c = parse(&base("[1, 65535]")).unwrap();
+    assert_eq!((c.nat.port_min, c.nat.port_max), (1, 65535));
+}
+
+#[test]
+fn same_listen_on_other_protocol_is_fine_and_udp_tcp_both_allowed() {
+    let text = "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n\
+        [[service]]\nname = \"a\"\nlisten = \"10.1.1.1:53\"\nprotocol = \"udp\"\nupstreams = [\"10.2.2.2:53\"]\n\
+        [[service]]\nname = \"b\"\nlisten = \"10.1.1.1:53\"\nprotocol = \"tcp\"\nupstreams = [\"10.2.2.2:53\"]\n";
+    let c = parse(text).unwrap();
+    assert_eq!(c.services.len(), 2);
+}
+
+#[test]
+fn userspace_mode_needs_no_interface_but_others_do() {
+    let text = "[datapath]\ninterfaces = []\nmode = \"userspace\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
+    parse(text).unwrap();
+    let text = "[datapath]\ninterfaces = []\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
+    assert!(has(&problems(text), "datapath.interfaces", "no interface"));
+}
+
+#[test]
+fn bad_interface_names_and_ipv6_listen() {
+    let text = "[datapath]\ninterfaces = [\"a/b\", \"0123456789abcdef\"]\n[nat]\n\
+        home_cidrs = [\"10.0.0.0/8\"]\n[[service]]\nname = \"a\"\nlisten = \"[::1]:80\"\nupstreams = []\n";
+    let p = problems(text);
+    assert!(has(&p, "datapath.interfaces[0]", "not a valid interface name"), "{p:#?}");
+    assert!(has(&p, "datapath.interfaces[1]", "longer than 15"), "{p:#?}");
+    assert!(has(&p, "service[0].listen", "IPv6 is not supported yet"), "{p:#?}");
+}
+
+#[test]
+fn cidr_parsing_and_containment() {
+    let c: Ipv4Cidr = "10.20.0.0/16".parse().unwrap();
+    assert!(c.contains(Ipv4Addr::new(10, 20, 255, 1)));
+    assert!(!c.contains(Ipv4Addr::new(10, 21, 0, 1)));
+    assert_eq!(c.probe_address(), Ipv4Addr::new(10, 20, 0, 1));
+    let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
+    assert!(all.contains(Ipv4Addr::new(192, 0, 2, 1)));
+    let host: Ipv4Cidr = "10.1.2.3/32".parse().unwrap();
+    assert_eq!(host.probe_address(), Ipv4Addr::new(10, 1, 2, 3));
+    assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
+    assert!("10.0.0.0".parse::<Ipv4Cidr>().is_err());
+    assert!("10.0.0.1/8".parse::<Ipv4Cidr>().unwrap_err().contains("10.0.0.0/8"));
+}
+
+#[test]
+fn runtime_rules_ephemeral_overlap_and_default_snat() {
+    let c = parse(VALID_MINIMAL).unwrap();
+    let snat = Ipv4Addr::new(10, 10, 1, 1);
+    // Linux default ephemeral range: no overlap with the default SNAT range.
+    c.validate_runtime(RuntimeFacts {
+        ephemeral_ports: (32768, 60999),
+        snat_ipv4: snat,
+    })
+    .unwrap();
+    let err = c
+        .validate_runtime(RuntimeFacts {
+            ephemeral_ports: (20000, 60999),
+            snat_ipv4: snat,
+        })
+        .unwrap_err();
+    let p = err.problems();
+    assert!(has(&p, "nat.port_range", "overlaps the kernel's ephemeral port range [20000, 60999]"));
+    assert!(has(&p, "nat.port_range", "ip_local_port_range=\"32768 60999\""), "{p:#?}");
+    assert!(has(&p, "nat.port_range", "for example [10240, 19999]"), "{p:#?}");
+    // A default SNAT address equal to a service address with a port in range.
+    let text = VALID_MINIMAL.replace("10.10.1.1:443", "10.10.1.1:20000");
+    let c = parse(&text).unwrap();
+    let p = c
+        .validate_runtime(RuntimeFacts {
+            ephemeral_ports: (32768, 60999),
+            snat_ipv4: snat,
+        })
+        .unwrap_err()
+        .problems();
+    assert!(has(&p, "service[0].listen", "inside nat.port_range"), "{p:#?}");
+    let p = c
+        .validate_runtime(RuntimeFacts {
+            ephemeral_ports: (32768, 60999),
+            snat_ipv4: Ipv4Addr::LOCALHOST,
+        })
+        .unwrap_err()
+        .problems();
+    assert!(has(&p, "nat.snat_ipv4 (from the route home)", "cannot be a SNAT"), "{p:#?}");
+}
+
+#[test]
+fn too_many_services_is_refused() {
+    use std::fmt::Write as _;
+    let mut text = String::from("[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n");
+    for i in 0..64 {
+        write!(
+            text,
+            "[[service]]\nname = \"s{i}\"\nlisten = \"10.1.1.1:{}\"\nupstreams = []\n",
+            1000 + i
+        )
+        .unwrap();
+    }
+    assert!(has(&problems(&text), "service", "at most 63"));
+}
