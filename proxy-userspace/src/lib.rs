@@ -3,3 +3,7 @@
 
 pub mod config;
 pub mod maglev;
+pub mod flows;
+pub mod health;
+pub mod plan;
+pub mod sysctl;

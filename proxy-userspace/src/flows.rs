@@ -1,0 +1,218 @@
+//! Flow lifetimes (docs/datapath.md, "Lifetimes"): the pure decision of when the daemon deletes
+//! a flow's two entries, and the peer-key formula shared by both directions.
+
+use std::time::Duration;
+
+use proxy_common::{
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FlowKey, FlowValue,
+    IPPROTO_TCP,
+};
+
+/// How long a flow may stay idle, by protocol and state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// TCP that has not seen a reply (SYN sent, nothing back).
+    pub tcp_unreplied: Duration,
+    /// TCP established (replied, no FIN/RST).
+    pub tcp_established: Duration,
+    /// TCP after a FIN from one side.
+    pub tcp_half_closed: Duration,
+    /// TCP after FIN both ways or RST: the TIME_WAIT hold of the SNAT port.
+    pub tcp_closed: Duration,
+    /// UDP (and anything else).
+    pub udp: Duration,
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self {
+            tcp_unreplied: Duration::from_secs(30),
+            tcp_established: Duration::from_secs(3600),
+            tcp_half_closed: Duration::from_secs(120),
+            tcp_closed: Duration::from_secs(60),
+            udp: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Lifetimes {
+    /// The idle lifetime of a flow with `flags` (the union of both entries' flags).
+    #[must_use]
+    pub fn for_flow(&self, proto: u8, flags: u32) -> Duration {
+        if proto != IPPROTO_TCP {
+            return self.udp;
+        }
+        let both_fin = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
+        if flags & FLOW_F_RST != 0 || flags & both_fin == both_fin {
+            self.tcp_closed
+        } else if flags & both_fin != 0 {
+            self.tcp_half_closed
+        } else if flags & FLOW_F_REPLIED != 0 {
+            self.tcp_established
+        } else {
+            self.tcp_unreplied
+        }
+    }
+}
+
+/// The key of a flow entry's peer: `(new_dst -> new_src, new_dport -> new_sport)` of its value.
+/// The same formula gives the reverse key from a forward value and the forward key from a
+/// reverse value.
+#[must_use]
+pub fn peer_key(key: &FlowKey, value: &FlowValue) -> FlowKey {
+    FlowKey {
+        src_addr: value.new_dst_addr,
+        dst_addr: value.new_src_addr,
+        src_port: value.new_dst_port,
+        dst_port: value.new_src_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// What the expiry scan does with one flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Keep,
+    /// Delete both entries.
+    Expire,
+}
+
+/// Decide for a flow from its entry and, when present, its peer entry. The flow's idle time
+/// counts from the later of the two `last_seen_ns`; its state is the union of both entries'
+/// flags. `now_ns` is CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+#[must_use]
+pub fn decide(
+    key: &FlowKey,
+    entry: &FlowValue,
+    peer: Option<&FlowValue>,
+    now_ns: u64,
+    lifetimes: &Lifetimes,
+) -> Decision {
+    let (last_seen, flags) = match peer {
+        Some(p) => (entry.last_seen_ns.max(p.last_seen_ns), entry.flags | p.flags),
+        None => (entry.last_seen_ns, entry.flags),
+    };
+    // A last_seen after `now` (read race with the datapath) counts as idle for 0 ns.
+    let idle = now_ns.saturating_sub(last_seen);
+    let limit = u64::try_from(lifetimes.for_flow(key.proto, flags).as_nanos()).unwrap_or(u64::MAX);
+    if idle > limit {
+        Decision::Expire
+    } else {
+        Decision::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{FAMILY_IPV4, FLOW_DIR_FORWARD, IPPROTO_UDP, addr_v4};
+
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    fn key(proto: u8) -> FlowKey {
+        FlowKey {
+            src_addr: addr_v4([10, 0, 0, 1]),
+            dst_addr: addr_v4([10, 10, 1, 1]),
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+
+    fn value(flags: u32, last_seen_ns: u64) -> FlowValue {
+        FlowValue {
+            new_src_addr: addr_v4([10, 20, 1, 1]),
+            new_dst_addr: addr_v4([10, 20, 1, 2]),
+            new_src_port: 12000u16.to_be_bytes(),
+            new_dst_port: 8080u16.to_be_bytes(),
+            direction: FLOW_DIR_FORWARD,
+            flags,
+            service_id: 1,
+            upstream_id: 1,
+            created_ns: 0,
+            last_seen_ns,
+            ..FlowValue::default()
+        }
+    }
+
+    fn expires_after(proto: u8, flags: u32) -> u64 {
+        let l = Lifetimes::default();
+        let k = key(proto);
+        let now = 10_000 * S;
+        // Find the idle second at which it flips from Keep to Expire.
+        let mut secs = 0;
+        while secs < 5000 {
+            if decide(&k, &value(flags, now - secs * S - 1), None, now, &l) == Decision::Expire {
+                return secs;
+            }
+            secs += 1;
+        }
+        panic!("never expires");
+    }
+
+    #[test]
+    fn lifetimes_by_protocol_and_state() {
+        assert_eq!(expires_after(IPPROTO_TCP, 0), 30);
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED), 3600);
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT), 120);
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM), 120);
+        assert_eq!(
+            expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM),
+            60
+        );
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_RST), 60);
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_RST | FLOW_F_FIN_CLIENT), 60);
+        assert_eq!(expires_after(IPPROTO_UDP, 0), 60);
+        assert_eq!(expires_after(IPPROTO_UDP, FLOW_F_REPLIED), 60);
+    }
+
+    #[test]
+    fn peer_activity_and_flags_count() {
+        let l = Lifetimes::default();
+        let k = key(IPPROTO_TCP);
+        let now = 10_000 * S;
+        // Forward idle for 100 s, reply seen 1 s ago: established, kept.
+        let fwd = value(FLOW_F_REPLIED, now - 100 * S);
+        let rev = value(FLOW_F_REPLIED, now - S);
+        assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Keep);
+        // Forward says established, reverse saw the upstream's FIN and the client's FIN is in
+        // the forward flags: closed, 60 s.
+        let fwd = value(FLOW_F_REPLIED | FLOW_F_FIN_CLIENT, now - 61 * S);
+        let rev = value(FLOW_F_FIN_UPSTREAM, now - 61 * S);
+        assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Expire);
+        assert_eq!(decide(&k, &fwd, None, now, &l), Decision::Keep);
+    }
+
+    #[test]
+    fn clock_race_never_expires() {
+        let l = Lifetimes::default();
+        let k = key(IPPROTO_TCP);
+        let v = value(0, 50 * S);
+        assert_eq!(decide(&k, &v, None, 10 * S, &l), Decision::Keep);
+    }
+
+    #[test]
+    fn peer_key_round_trips() {
+        let fwd_key = key(IPPROTO_TCP);
+        let fwd = value(0, 0);
+        let rev_key = peer_key(&fwd_key, &fwd);
+        assert_eq!(rev_key.src_addr, addr_v4([10, 20, 1, 2]));
+        assert_eq!(rev_key.dst_addr, addr_v4([10, 20, 1, 1]));
+        assert_eq!(rev_key.src_port, 8080u16.to_be_bytes());
+        assert_eq!(rev_key.dst_port, 12000u16.to_be_bytes());
+        // The reverse value rewrites back to (service -> client); its peer is the forward key.
+        let rev = FlowValue {
+            new_src_addr: fwd_key.dst_addr,
+            new_dst_addr: fwd_key.src_addr,
+            new_src_port: fwd_key.dst_port,
+            new_dst_port: fwd_key.src_port,
+            ..fwd
+        };
+        assert_eq!(peer_key(&rev_key, &rev), fwd_key);
+    }
+}
