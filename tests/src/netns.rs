@@ -548,6 +548,9 @@ impl Lab {
             .try_clone()
             .context("cannot duplicate the log descriptor")?;
         let child = cmd
+            // Its own process group: a Ctrl-C at the terminal reaches the test or demo, whose
+            // cleanup then stops the process in order, instead of killing it mid-way.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -920,7 +923,8 @@ impl Daemon {
     }
 
     /// Wait (up to `limit`) until the daemon runs, an XDP program is attached to every one of
-    /// `interfaces` in `ns`, and `inspect stats` lists at least `services` services.
+    /// `interfaces` in `ns`, and `inspect stats` lists at least `services` services. Gives up
+    /// early when `abort()` returns true.
     pub fn wait_ready(
         &self,
         lab: &mut Lab,
@@ -928,10 +932,12 @@ impl Daemon {
         interfaces: &[&str],
         services: usize,
         limit: Duration,
+        abort: impl Fn() -> bool,
     ) -> Result<()> {
         let deadline = Instant::now() + limit;
         let mut last = anyhow!("not checked yet");
         while Instant::now() < deadline {
+            ensure!(!abort(), "interrupted while waiting for the daemon");
             lab.check_running(self.pid)?;
             let ready = (|| -> Result<()> {
                 for dev in interfaces {

@@ -474,7 +474,7 @@ fn daemon_scenario(
         upstream,
     );
     let daemon = Daemon::start(lab, proxy, &config)?;
-    daemon.wait_ready(lab, proxy, interfaces, 2, Duration::from_secs(30))?;
+    daemon.wait_ready(lab, proxy, interfaces, 2, Duration::from_secs(30), || false)?;
     for (key, want) in [
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
