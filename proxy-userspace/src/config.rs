@@ -479,7 +479,11 @@ impl Config {
             ));
         }
         if self.nat.snat_ipv4.is_none() {
-            check_snat_address(facts.snat_ipv4, "nat.snat_ipv4 (from the route home)", &mut problems);
+            check_snat_address(
+                facts.snat_ipv4,
+                "nat.snat_ipv4 (from the route home)",
+                &mut problems,
+            );
         }
         check_listen_vs_snat(self, facts.snat_ipv4, &mut problems);
         if problems.is_empty() {
@@ -538,7 +542,9 @@ fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
         return Ok(sa);
     }
     if s.parse::<SocketAddr>().is_ok() {
-        return Err(format!("`{s}`: IPv6 is not supported yet; use an IPv4 address:port"));
+        return Err(format!(
+            "`{s}`: IPv6 is not supported yet; use an IPv4 address:port"
+        ));
     }
     match s.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
@@ -552,10 +558,14 @@ fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
                      version resolves and re-resolves them): write an IPv4 address:port"
                 ))
             } else {
-                Err(format!("`{s}` is not an IPv4 address:port (port 1..=65535)"))
+                Err(format!(
+                    "`{s}` is not an IPv4 address:port (port 1..=65535)"
+                ))
             }
         }
-        _ => Err(format!("`{s}` is not an IPv4 address:port like 10.20.1.2:80")),
+        _ => Err(format!(
+            "`{s}` is not an IPv4 address:port like 10.20.1.2:80"
+        )),
     }
 }
 
@@ -568,13 +578,21 @@ fn valid_ifname(name: &str) -> Result<(), String> {
             "interface name `{name}` is longer than {MAX_IFNAME_LEN} bytes"
         ));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!("`{name}` is not a valid interface name"));
     }
     Ok(())
 }
 
-#[expect(clippy::too_many_lines, reason = "one linear pass over the file's rules")]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear pass over the file's rules"
+)]
 fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     // [datapath]
     let dp = raw.datapath;
@@ -584,7 +602,10 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         if let Err(m) = valid_ifname(name) {
             problems.push(Problem::new(key, m));
         } else if !seen_if.insert(name.as_str()) {
-            problems.push(Problem::new(key, format!("interface `{name}` is listed twice")));
+            problems.push(Problem::new(
+                key,
+                format!("interface `{name}` is listed twice"),
+            ));
         }
     }
     if dp.interfaces.is_empty() && dp.mode != DatapathMode::Userspace {
@@ -622,19 +643,22 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
 
     // [nat]
     let nat = raw.nat;
-    let snat_ipv4 = nat.snat_ipv4.as_deref().and_then(|s| match s.parse::<Ipv4Addr>() {
-        Ok(a) => {
-            check_snat_address(a, "nat.snat_ipv4", problems);
-            Some(a)
-        }
-        Err(_) => {
-            problems.push(Problem::new(
-                "nat.snat_ipv4",
-                format!("`{s}` is not an IPv4 address"),
-            ));
-            None
-        }
-    });
+    let snat_ipv4 = nat
+        .snat_ipv4
+        .as_deref()
+        .and_then(|s| match s.parse::<Ipv4Addr>() {
+            Ok(a) => {
+                check_snat_address(a, "nat.snat_ipv4", problems);
+                Some(a)
+            }
+            Err(_) => {
+                problems.push(Problem::new(
+                    "nat.snat_ipv4",
+                    format!("`{s}` is not an IPv4 address"),
+                ));
+                None
+            }
+        });
     let (mut port_min, mut port_max) = DEFAULT_PORT_RANGE;
     if let Some(range) = nat.port_range {
         if range.len() == 2 {

@@ -91,7 +91,10 @@ pub fn decide(
     lifetimes: &Lifetimes,
 ) -> Decision {
     let (last_seen, flags) = match peer {
-        Some(p) => (entry.last_seen_ns.max(p.last_seen_ns), entry.flags | p.flags),
+        Some(p) => (
+            entry.last_seen_ns.max(p.last_seen_ns),
+            entry.flags | p.flags,
+        ),
         None => (entry.last_seen_ns, entry.flags),
     };
     // A last_seen after `now` (read race with the datapath) counts as idle for 0 ns.
@@ -159,14 +162,26 @@ mod tests {
     fn lifetimes_by_protocol_and_state() {
         assert_eq!(expires_after(IPPROTO_TCP, 0), 30);
         assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED), 3600);
-        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT), 120);
-        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM), 120);
         assert_eq!(
-            expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM),
+            expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT),
+            120
+        );
+        assert_eq!(
+            expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM),
+            120
+        );
+        assert_eq!(
+            expires_after(
+                IPPROTO_TCP,
+                FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM
+            ),
             60
         );
         assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_RST), 60);
-        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_RST | FLOW_F_FIN_CLIENT), 60);
+        assert_eq!(
+            expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_RST | FLOW_F_FIN_CLIENT),
+            60
+        );
         assert_eq!(expires_after(IPPROTO_UDP, 0), 60);
         assert_eq!(expires_after(IPPROTO_UDP, FLOW_F_REPLIED), 60);
     }

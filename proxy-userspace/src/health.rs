@@ -3,11 +3,7 @@
 //! packet (docs/datapath.md step 9). A later issue turns it into the health checker (rise/fall,
 //! Maglev removal); the pure core below already tracks per-upstream results.
 
-use std::{
-    collections::HashMap,
-    net::SocketAddrV4,
-    time::Duration,
-};
+use std::{collections::HashMap, net::SocketAddrV4, time::Duration};
 
 use tokio::net::TcpStream;
 
@@ -77,7 +73,10 @@ impl Tracker {
     /// Current state and how many consecutive probes agreed.
     #[must_use]
     pub fn state(&self, upstream: SocketAddrV4) -> (State, u32) {
-        self.states.get(&upstream).copied().unwrap_or((State::Unknown, 0))
+        self.states
+            .get(&upstream)
+            .copied()
+            .unwrap_or((State::Unknown, 0))
     }
 }
 
@@ -110,10 +109,14 @@ pub async fn probe_all(targets: &[SocketAddrV4], timeout: Duration, tracker: &mu
         set.spawn(async move { (t, probe(t, timeout).await) });
     }
     while let Some(done) = set.join_next().await {
-        let Ok((upstream, result)) = done else { continue };
+        let Ok((upstream, result)) = done else {
+            continue;
+        };
         match &result {
             ProbeResult::Connected => tracing::debug!(%upstream, "warm-up connect: connected"),
-            ProbeResult::Failed(e) => tracing::debug!(%upstream, error = %e, "warm-up connect failed"),
+            ProbeResult::Failed(e) => {
+                tracing::debug!(%upstream, error = %e, "warm-up connect failed")
+            }
         }
         if let Some(t) = tracker.record(upstream, &result) {
             tracing::debug!(upstream = %t.upstream, from = ?t.from, to = ?t.to, "upstream state changed");
@@ -152,7 +155,10 @@ mod tests {
         let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
             panic!("v4 expected")
         };
-        assert_eq!(probe(addr, Duration::from_secs(1)).await, ProbeResult::Connected);
+        assert_eq!(
+            probe(addr, Duration::from_secs(1)).await,
+            ProbeResult::Connected
+        );
         drop(listener);
         let r = probe(addr, Duration::from_secs(1)).await;
         assert!(matches!(r, ProbeResult::Failed(_)), "{r:?}");

@@ -1,9 +1,18 @@
 //! xdp-proxy: the daemon and CLI around the XDP fast path.
+//!
+//! Module map: `config` (file contract and validation), `plan` (desired map contents, stable
+//! ids), `maglev` (weighted consistent hashing), `flows` (lifetimes), `health` (upstream
+//! probes), `sysctl` (kernel settings), `datapath` (the only module using aya maps and
+//! programs), `daemon` (the run loop), `inspect` (reports), `cli` (commands).
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
-pub mod maglev;
+pub mod daemon;
+pub mod datapath;
 pub mod flows;
 pub mod health;
+pub mod inspect;
+pub mod maglev;
 pub mod plan;
 pub mod sysctl;

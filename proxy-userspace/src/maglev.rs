@@ -126,7 +126,13 @@ fn hash_identity(s: &str, basis: u64) -> u64 {
 /// The Maglev slot the datapath picks for a new IPv4 flow (client -> service), exactly as
 /// docs/datapath.md step 7 computes it.
 #[must_use]
-pub fn flow_slot(client: Ipv4Addr, client_port: u16, service: Ipv4Addr, service_port: u16, proto: u8) -> u32 {
+pub fn flow_slot(
+    client: Ipv4Addr,
+    client_port: u16,
+    service: Ipv4Addr,
+    service_port: u16,
+    proto: u8,
+) -> u32 {
     hash::flow_hash(
         hash::SEED_MAGLEV,
         &addr_v4(client.octets()),
@@ -181,7 +187,10 @@ mod tests {
         for n in [1, 2, 3, 7, 64, 500] {
             let t = build_table(&backends(n));
             assert_eq!(t.len(), MAGLEV_SIZE as usize);
-            assert!(t.iter().all(|id| (1..=n).contains(id)), "n={n}: empty or foreign slot");
+            assert!(
+                t.iter().all(|id| (1..=n).contains(id)),
+                "n={n}: empty or foreign slot"
+            );
         }
     }
 
@@ -205,7 +214,10 @@ mod tests {
             let mean = f64::from(MAGLEV_SIZE) / f64::from(n);
             for id in 1..=n {
                 let got = c.get(&id).copied().unwrap_or(0) as f64;
-                assert!((got - mean).abs() <= mean * 0.05, "n={n} id={id}: {got} vs {mean}");
+                assert!(
+                    (got - mean).abs() <= mean * 0.05,
+                    "n={n} id={id}: {got} vs {mean}"
+                );
             }
         }
     }
@@ -220,7 +232,11 @@ mod tests {
         let unit = f64::from(MAGLEV_SIZE) / 6.0;
         for (id, w) in [(1u32, 1.0), (2, 2.0), (3, 3.0)] {
             let got = c[&id] as f64;
-            assert!((got - unit * w).abs() <= 1.0, "id {id}: {got} vs {}", unit * w);
+            assert!(
+                (got - unit * w).abs() <= 1.0,
+                "id {id}: {got} vs {}",
+                unit * w
+            );
         }
         // Weight 0 = draining: out of the table.
         b[1].weight = 0;

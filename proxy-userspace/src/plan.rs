@@ -138,10 +138,14 @@ pub fn build(
         }
     }
     let up_ids = assign_ids(existing_upstreams, &ups, MAX_UPSTREAMS, "upstream")?;
-    let up_id: HashMap<SocketAddrV4, u32> = ups.iter().copied().zip(up_ids.iter().copied()).collect();
+    let up_id: HashMap<SocketAddrV4, u32> =
+        ups.iter().copied().zip(up_ids.iter().copied()).collect();
 
     let l4: Vec<_> = config.l4_services().map(|(_, s)| s).collect();
-    let keys: Vec<ServiceKey> = l4.iter().map(|s| service_key(s.listen, s.protocol)).collect();
+    let keys: Vec<ServiceKey> = l4
+        .iter()
+        .map(|s| service_key(s.listen, s.protocol))
+        .collect();
     let svc_ids = assign_ids(existing_services, &keys, MAX_SERVICES, "service")?;
 
     let services = l4
@@ -211,7 +215,10 @@ mod tests {
             Err(PlanError::IdsExhausted { what: "x", max: 4 })
         );
         // Out-of-range existing ids are ignored.
-        assert_eq!(assign_ids(&[("a", 0), ("b", 99)], &["a", "b"], 10, "x").unwrap(), [1, 2]);
+        assert_eq!(
+            assign_ids(&[("a", 0), ("b", 99)], &["a", "b"], 10, "x").unwrap(),
+            [1, 2]
+        );
     }
 
     #[test]
@@ -232,7 +239,13 @@ mod tests {
             ]
         );
         let web = &p.services[0];
-        assert_eq!(web.value, ServiceValue { id: 1, flags: SERVICE_F_HAS_UPSTREAMS });
+        assert_eq!(
+            web.value,
+            ServiceValue {
+                id: 1,
+                flags: SERVICE_F_HAS_UPSTREAMS
+            }
+        );
         assert_eq!(web.key.port, [0, 80]);
         assert_eq!(web.key.proto, 6);
         assert_eq!(web.table.len(), MAGLEV_SIZE as usize);

@@ -66,7 +66,10 @@ pub fn apply(root: &Path, settings: &[Setting]) -> Result<Vec<(Setting, String)>
             value: s.value,
             source,
         };
-        let old = std::fs::read_to_string(&path).map_err(err)?.trim().to_owned();
+        let old = std::fs::read_to_string(&path)
+            .map_err(err)?
+            .trim()
+            .to_owned();
         if old != s.value {
             std::fs::write(&path, s.value).map_err(err)?;
         }
@@ -104,7 +107,10 @@ mod tests {
     #[test]
     fn required_settings_cover_all_and_each_interface() {
         let s = required(&["veth0".into(), "eth0.100".into()]);
-        let names: Vec<String> = s.iter().map(|x| format!("{}={}", x.path, x.value)).collect();
+        let names: Vec<String> = s
+            .iter()
+            .map(|x| format!("{}={}", x.path, x.value))
+            .collect();
         assert_eq!(
             names,
             [
@@ -130,8 +136,14 @@ mod tests {
         let done = apply(&root, &required(&[])).unwrap();
         let old: Vec<&str> = done.iter().map(|(_, o)| o.as_str()).collect();
         assert_eq!(old, ["0", "1", "2"]);
-        assert_eq!(std::fs::read_to_string(root.join("net/ipv4/ip_forward")).unwrap(), "1");
-        assert_eq!(std::fs::read_to_string(root.join("net/ipv4/conf/all/rp_filter")).unwrap(), "0");
+        assert_eq!(
+            std::fs::read_to_string(root.join("net/ipv4/ip_forward")).unwrap(),
+            "1"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("net/ipv4/conf/all/rp_filter")).unwrap(),
+            "0"
+        );
         // A missing interface directory is an error naming the path.
         let err = apply(&root, &required(&["nope0".into()])).unwrap_err();
         assert!(err.to_string().contains("conf/nope0/accept_local"), "{err}");

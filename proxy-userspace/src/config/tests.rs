@@ -36,7 +36,10 @@ fn full_config_parses_with_every_key() {
     let c = parse(VALID_FULL).unwrap();
     assert_eq!(c.datapath.interfaces, ["eth0", "eth1"]);
     assert_eq!(c.datapath.mode, DatapathMode::Native);
-    assert_eq!(c.datapath.pin_dir, Path::new("/run/xdp-proxy-bpffs/xdp-proxy"));
+    assert_eq!(
+        c.datapath.pin_dir,
+        Path::new("/run/xdp-proxy-bpffs/xdp-proxy")
+    );
     assert_eq!(c.datapath.max_flows, 65536);
     assert_eq!(c.nat.snat_ipv4, Some(Ipv4Addr::new(10, 20, 1, 1)));
     assert_eq!((c.nat.port_min, c.nat.port_max), (20000, 29999));
@@ -74,14 +77,26 @@ fn every_problem_of_a_file_is_reported_with_its_key() {
         ("nat.port_range", "must not be above"),
         ("nat.home_cidrs[1]", "did you mean 10.21.0.0/16"),
         ("admin.listen", "`localhost`"),
-        ("service[0].upstreams[1]", "192.0.2.10:80 is outside every home CIDR"),
+        (
+            "service[0].upstreams[1]",
+            "192.0.2.10:80 is outside every home CIDR",
+        ),
         ("service[1].name", "already the name of service[0]"),
-        ("service[1].listen", "already the listen address of service[0]"),
-        ("service[1].upstreams[0]", "DNS upstreams are not supported yet"),
+        (
+            "service[1].listen",
+            "already the listen address of service[0]",
+        ),
+        (
+            "service[1].upstreams[0]",
+            "DNS upstreams are not supported yet",
+        ),
         ("service[1].upstreams[1]", "port 0"),
     ];
     for (key, needle) in expect {
-        assert!(has(&p, key, needle), "no `{key}` problem with `{needle}` in {p:#?}");
+        assert!(
+            has(&p, key, needle),
+            "no `{key}` problem with `{needle}` in {p:#?}"
+        );
     }
     assert_eq!(p.len(), expect.len(), "{p:#?}");
 }
@@ -102,7 +117,10 @@ fn unknown_key_is_refused_with_its_path() {
     let err = parse(INVALID_UNKNOWN_KEY).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
-    assert!(text.starts_with("fixture.toml: service[1].upstream: "), "{text}");
+    assert!(
+        text.starts_with("fixture.toml: service[1].upstream: "),
+        "{text}"
+    );
     assert!(text.contains("unknown field `upstream`"), "{text}");
 }
 
@@ -110,12 +128,17 @@ fn unknown_key_is_refused_with_its_path() {
 fn unknown_mode_is_refused_with_the_choices() {
     let text = parse(INVALID_BAD_MODE).unwrap_err().to_string();
     assert!(text.starts_with("fixture.toml: datapath.mode: "), "{text}");
-    assert!(text.contains("turbo") && text.contains("userspace"), "{text}");
+    assert!(
+        text.contains("turbo") && text.contains("userspace"),
+        "{text}"
+    );
 }
 
 #[test]
 fn missing_required_keys_are_named() {
-    let text = parse("[datapath]\ninterfaces = [\"eth0\"]\n").unwrap_err().to_string();
+    let text = parse("[datapath]\ninterfaces = [\"eth0\"]\n")
+        .unwrap_err()
+        .to_string();
     assert!(text.contains("missing field `nat`"), "{text}");
     let text = parse(
         "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n\
@@ -124,17 +147,21 @@ fn missing_required_keys_are_named() {
     )
     .unwrap_err()
     .to_string();
-    assert!(text.contains("service[1]") && text.contains("missing field `name`"), "{text}");
+    assert!(
+        text.contains("service[1]") && text.contains("missing field `name`"),
+        "{text}"
+    );
 }
 
 #[test]
 fn type_errors_are_named() {
-    let text = parse(
-        "[datapath]\ninterfaces = \"eth0\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n",
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(text.starts_with("fixture.toml: datapath.interfaces: "), "{text}");
+    let text = parse("[datapath]\ninterfaces = \"eth0\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        text.starts_with("fixture.toml: datapath.interfaces: "),
+        "{text}"
+    );
     let text = parse("[datapath\n").unwrap_err().to_string();
     assert!(text.starts_with("fixture.toml: (top level): "), "{text}");
 }
@@ -143,7 +170,11 @@ fn type_errors_are_named() {
 fn listen_port_inside_snat_range_on_the_snat_address_is_refused() {
     let p = problems(INVALID_LISTEN_IN_SNAT_RANGE);
     assert_eq!(p.len(), 1, "{p:#?}");
-    assert!(has(&p, "service[0].listen", "inside nat.port_range [10000, 20000]"));
+    assert!(has(
+        &p,
+        "service[0].listen",
+        "inside nat.port_range [10000, 20000]"
+    ));
     // The same port on another address is fine.
     let ok = INVALID_LISTEN_IN_SNAT_RANGE.replace("10.10.1.1:15000", "10.10.1.2:15000");
     parse(&ok).unwrap();
@@ -157,9 +188,21 @@ fn port_range_bounds() {
              home_cidrs = [\"10.0.0.0/8\"]\n"
         )
     };
-    assert!(has(&problems(&base("[0, 100]")), "nat.port_range[0]", "not in 1..=65535"));
-    assert!(has(&problems(&base("[100, 65536]")), "nat.port_range[1]", "not in 1..=65535"));
-    assert!(has(&problems(&base("[100]")), "nat.port_range", "exactly two"));
+    assert!(has(
+        &problems(&base("[0, 100]")),
+        "nat.port_range[0]",
+        "not in 1..=65535"
+    ));
+    assert!(has(
+        &problems(&base("[100, 65536]")),
+        "nat.port_range[1]",
+        "not in 1..=65535"
+    ));
+    assert!(has(
+        &problems(&base("[100]")),
+        "nat.port_range",
+        "exactly two"
+    ));
     let c = parse(&base("[5000, 5000]")).unwrap();
     assert_eq!((c.nat.port_min, c.nat.port_max), (5000, 5000));
     let c = parse(&base("[1, 65535]")).unwrap();
@@ -177,7 +220,8 @@ fn same_listen_on_other_protocol_is_fine_and_udp_tcp_both_allowed() {
 
 #[test]
 fn userspace_mode_needs_no_interface_but_others_do() {
-    let text = "[datapath]\ninterfaces = []\nmode = \"userspace\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
+    let text =
+        "[datapath]\ninterfaces = []\nmode = \"userspace\"\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
     parse(text).unwrap();
     let text = "[datapath]\ninterfaces = []\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
     assert!(has(&problems(text), "datapath.interfaces", "no interface"));
@@ -188,9 +232,18 @@ fn bad_interface_names_and_ipv6_listen() {
     let text = "[datapath]\ninterfaces = [\"a/b\", \"0123456789abcdef\"]\n[nat]\n\
         home_cidrs = [\"10.0.0.0/8\"]\n[[service]]\nname = \"a\"\nlisten = \"[::1]:80\"\nupstreams = []\n";
     let p = problems(text);
-    assert!(has(&p, "datapath.interfaces[0]", "not a valid interface name"), "{p:#?}");
-    assert!(has(&p, "datapath.interfaces[1]", "longer than 15"), "{p:#?}");
-    assert!(has(&p, "service[0].listen", "IPv6 is not supported yet"), "{p:#?}");
+    assert!(
+        has(&p, "datapath.interfaces[0]", "not a valid interface name"),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "datapath.interfaces[1]", "longer than 15"),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "service[0].listen", "IPv6 is not supported yet"),
+        "{p:#?}"
+    );
 }
 
 #[test]
@@ -205,7 +258,12 @@ fn cidr_parsing_and_containment() {
     assert_eq!(host.probe_address(), Ipv4Addr::new(10, 1, 2, 3));
     assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
     assert!("10.0.0.0".parse::<Ipv4Cidr>().is_err());
-    assert!("10.0.0.1/8".parse::<Ipv4Cidr>().unwrap_err().contains("10.0.0.0/8"));
+    assert!(
+        "10.0.0.1/8"
+            .parse::<Ipv4Cidr>()
+            .unwrap_err()
+            .contains("10.0.0.0/8")
+    );
 }
 
 #[test]
@@ -225,9 +283,19 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
         })
         .unwrap_err();
     let p = err.problems();
-    assert!(has(&p, "nat.port_range", "overlaps the kernel's ephemeral port range [20000, 60999]"));
-    assert!(has(&p, "nat.port_range", "ip_local_port_range=\"32768 60999\""), "{p:#?}");
-    assert!(has(&p, "nat.port_range", "for example [10240, 19999]"), "{p:#?}");
+    assert!(has(
+        &p,
+        "nat.port_range",
+        "overlaps the kernel's ephemeral port range [20000, 60999]"
+    ));
+    assert!(
+        has(&p, "nat.port_range", "ip_local_port_range=\"32768 60999\""),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "nat.port_range", "for example [10240, 19999]"),
+        "{p:#?}"
+    );
     // A default SNAT address equal to a service address with a port in range.
     let text = VALID_MINIMAL.replace("10.10.1.1:443", "10.10.1.1:20000");
     let c = parse(&text).unwrap();
@@ -238,7 +306,10 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
         })
         .unwrap_err()
         .problems();
-    assert!(has(&p, "service[0].listen", "inside nat.port_range"), "{p:#?}");
+    assert!(
+        has(&p, "service[0].listen", "inside nat.port_range"),
+        "{p:#?}"
+    );
     let p = c
         .validate_runtime(RuntimeFacts {
             ephemeral_ports: (32768, 60999),
@@ -246,13 +317,21 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
         })
         .unwrap_err()
         .problems();
-    assert!(has(&p, "nat.snat_ipv4 (from the route home)", "cannot be a SNAT"), "{p:#?}");
+    assert!(
+        has(
+            &p,
+            "nat.snat_ipv4 (from the route home)",
+            "cannot be a SNAT"
+        ),
+        "{p:#?}"
+    );
 }
 
 #[test]
 fn too_many_services_is_refused() {
     use std::fmt::Write as _;
-    let mut text = String::from("[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n");
+    let mut text =
+        String::from("[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n");
     for i in 0..64 {
         write!(
             text,

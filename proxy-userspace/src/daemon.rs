@@ -1,0 +1,419 @@
+//! `xdp-proxy run`: validate, load, fill, attach, then keep the datapath true until SIGINT or
+//! SIGTERM (flow expiry, neighbour warm-up, eBPF logs), and detach cleanly, keeping the pinned
+//! maps so the next start keeps every flow.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{Config, ConfigError, DatapathMode, Ipv4Cidr, RuntimeFacts, ServiceMode},
+    datapath::{self, Bpffs, Datapath, DatapathError},
+    flows::Lifetimes,
+    health::{self, ProbeSettings, Tracker},
+    plan::{self, PlanError},
+    sysctl::{self, SysctlError},
+};
+
+/// Knobs that are not in the config file (tests and later issues may change them).
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Root of the sysctl tree (`/proc/sys`).
+    pub proc_sys: PathBuf,
+    /// How often idle flows are expired.
+    pub expiry_interval: Duration,
+    pub lifetimes: Lifetimes,
+    pub probes: ProbeSettings,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            proc_sys: PathBuf::from("/proc/sys"),
+            expiry_interval: Duration::from_secs(1),
+            lifetimes: Lifetimes::default(),
+            probes: ProbeSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("reading net.ipv4.ip_local_port_range under {}: {source}", path.display())]
+    EphemeralRange {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{}: nat.snat_ipv4 is not set and no route toward the first home CIDR {cidr} was found \
+         ({source}): add a route home or set nat.snat_ipv4",
+        file.display()
+    )]
+    SnatRoute {
+        file: PathBuf,
+        cidr: Ipv4Cidr,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{}: datapath.mode = \"userspace\" but the userspace L4 proxy is not implemented yet, and \
+         these services are l4: {services}; use mode auto, native or generic",
+        file.display()
+    )]
+    UserspaceL4 { file: PathBuf, services: String },
+    #[error("{}: datapath.interfaces[{index}]: {source}", file.display())]
+    Interface {
+        file: PathBuf,
+        index: usize,
+        #[source]
+        source: Box<DatapathError>,
+    },
+    #[error(transparent)]
+    Datapath(Box<DatapathError>),
+    #[error("planning the map contents: {0}")]
+    Plan(#[from] PlanError),
+    #[error("setting the datapath's sysctls: {0}")]
+    Sysctl(#[from] SysctlError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the datapath lock was poisoned by a panicked task")]
+    Poisoned,
+}
+
+impl From<DatapathError> for DaemonError {
+    fn from(e: DatapathError) -> Self {
+        Self::Datapath(Box::new(e))
+    }
+}
+
+/// The source address the kernel picks toward `dst` (UDP connect: no packet is sent).
+///
+/// # Errors
+/// No route, or a socket error.
+pub fn route_source(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
+    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    sock.connect((dst, 9))?;
+    match sock.local_addr()? {
+        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
+        std::net::SocketAddr::V6(a) => Err(io::Error::other(format!("IPv6 source {a}"))),
+    }
+}
+
+/// Whether `addr` is assigned to this host (a bind to it succeeds).
+fn is_local(addr: Ipv4Addr) -> bool {
+    UdpSocket::bind((addr, 0)).is_ok()
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+///
+/// # Errors
+/// clock_gettime failure.
+pub fn monotonic_ns() -> io::Result<u64> {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
+    let secs = u64::try_from(ts.tv_sec()).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec()).unwrap_or(0);
+    Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+}
+
+/// Whether this process runs in another mount namespace than PID 1 (as under `ip netns exec`).
+fn private_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(a), Ok(b)) => a != b,
+        _ => false,
+    }
+}
+
+/// Everything `run` decides from the config and the system before it changes anything.
+struct Prepared {
+    config: Config,
+    snat: Ipv4Addr,
+    ifindexes: Vec<u32>,
+}
+
+fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonError> {
+    let config = Config::load(config_path)?;
+    let ephemeral = sysctl::ephemeral_port_range(&opts.proc_sys).map_err(|source| {
+        DaemonError::EphemeralRange {
+            path: opts.proc_sys.clone(),
+            source,
+        }
+    })?;
+    let snat = match config.nat.snat_ipv4 {
+        Some(a) => a,
+        None => {
+            // Validation guarantees at least one home CIDR.
+            let cidr = config.nat.home_cidrs[0];
+            let a =
+                route_source(cidr.probe_address()).map_err(|source| DaemonError::SnatRoute {
+                    file: config.source.clone(),
+                    cidr,
+                    source,
+                })?;
+            tracing::info!(snat = %a, home = %cidr, "nat.snat_ipv4 not set: using the source address of the route home");
+            a
+        }
+    };
+    config.validate_runtime(RuntimeFacts {
+        ephemeral_ports: ephemeral,
+        snat_ipv4: snat,
+    })?;
+    if !is_local(snat) {
+        tracing::warn!(%snat, "the SNAT address is not assigned to this host: replies to it will not reach the proxy unless routed here");
+    }
+    let l4: Vec<&str> = config.l4_services().map(|(_, s)| s.name.as_str()).collect();
+    if config.datapath.mode == DatapathMode::Userspace && !l4.is_empty() {
+        return Err(DaemonError::UserspaceL4 {
+            file: config.source.clone(),
+            services: l4.join(", "),
+        });
+    }
+    let mut ifindexes = Vec::new();
+    if config.datapath.mode != DatapathMode::Userspace {
+        for (index, name) in config.datapath.interfaces.iter().enumerate() {
+            ifindexes.push(
+                datapath::ifindex(name).map_err(|source| DaemonError::Interface {
+                    file: config.source.clone(),
+                    index,
+                    source: Box::new(source),
+                })?,
+            );
+        }
+    }
+    Ok(Prepared {
+        config,
+        snat,
+        ifindexes,
+    })
+}
+
+/// Load, pin, fill and attach. On error everything attached so far is detached (dropped).
+fn start_datapath(p: &Prepared, object: &[u8]) -> Result<Datapath, DaemonError> {
+    let c = &p.config;
+    let pin_dir = &c.datapath.pin_dir;
+    match datapath::ensure_bpffs(pin_dir)? {
+        Bpffs::Present => {}
+        Bpffs::Mounted(at) => {
+            tracing::info!(at = %at.display(), "mounted a bpffs");
+            if private_mount_namespace() {
+                tracing::warn!(
+                    at = %at.display(),
+                    "this process has a private mount namespace (ip netns exec?): the bpffs and \
+                     every pin die with it; mount a bpffs outside it and point pin_dir there to \
+                     keep flows across restarts"
+                );
+            }
+        }
+    }
+    let mut dp = Datapath::load(object, pin_dir, c.datapath.max_flows)?;
+    tracing::info!(
+        pin_dir = %datapath::versioned_pin_dir(pin_dir).display(),
+        max_flows = c.datapath.max_flows,
+        "XDP object loaded, maps pinned"
+    );
+    let existing_services: Vec<_> = dp
+        .maps
+        .services()?
+        .into_iter()
+        .map(|(k, v)| (k, v.id))
+        .collect();
+    let existing_upstreams: Vec<(SocketAddrV4, u32)> = dp
+        .maps
+        .upstream_slots()?
+        .into_iter()
+        .map(|(id, v)| (plan::upstream_addr(&v), id))
+        .collect();
+    let plan = plan::build(c, p.snat, &existing_services, &existing_upstreams)?;
+    dp.maps.apply(&plan, &p.ifindexes)?;
+    for s in &plan.services {
+        tracing::info!(
+            service = %s.name,
+            id = s.value.id,
+            listen = %s.listen,
+            proto = %s.protocol,
+            has_upstreams = s.value.flags & proxy_common::SERVICE_F_HAS_UPSTREAMS != 0,
+            "service in the datapath"
+        );
+    }
+    for (id, addr) in &plan.upstreams {
+        tracing::info!(id, upstream = %addr, "upstream slot");
+    }
+    tracing::info!(
+        snat = %p.snat,
+        port_min = plan.nat.port_min,
+        port_max = plan.nat.port_max,
+        "datapath config written (ready)"
+    );
+    for name in &c.datapath.interfaces {
+        let mode = dp.attach(name, c.datapath.mode)?;
+        tracing::info!(interface = %name, mode = %mode, requested = %c.datapath.mode, "XDP attached");
+    }
+    Ok(dp)
+}
+
+/// Run the daemon until SIGINT/SIGTERM. Builds its own tokio runtime.
+///
+/// # Errors
+/// Any failure before the daemon is up; failures of the periodic tasks are logged.
+pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
+    let prepared = prepare(config_path, &opts)?;
+    for (i, s) in prepared.config.services.iter().enumerate() {
+        if s.mode == ServiceMode::Http {
+            tracing::warn!(
+                service = %s.name,
+                key = %format!("service[{i}]"),
+                "mode = \"http\" is accepted but not served yet (the L7 proxy comes in a later version); it gets no XDP entry"
+            );
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| DaemonError::Io {
+            what: "starting the tokio runtime",
+            source,
+        })?;
+    runtime.block_on(serve(prepared, object, opts))
+}
+
+async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let sig = |kind, what| signal(kind).map_err(|source| DaemonError::Io { what, source });
+    let mut sigterm = sig(SignalKind::terminate(), "installing the SIGTERM handler")?;
+    let mut sigint = sig(SignalKind::interrupt(), "installing the SIGINT handler")?;
+    let mut sighup = sig(SignalKind::hangup(), "installing the SIGHUP handler")?;
+
+    let userspace = p.config.datapath.mode == DatapathMode::Userspace;
+    let datapath = if userspace {
+        tracing::warn!(
+            "datapath.mode = \"userspace\": XDP is not attached, and the userspace L4 path is not implemented yet; no service is served"
+        );
+        None
+    } else {
+        let mut dp = start_datapath(&p, object)?;
+        let settings = sysctl::required(&p.config.datapath.interfaces);
+        for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
+            tracing::info!(sysctl = %s.name(), value = s.value, was = %old, "sysctl set");
+        }
+        if let Some(logger) = dp.take_logger() {
+            spawn_log_reader(logger);
+        }
+        Some(Arc::new(Mutex::new(dp)))
+    };
+
+    let targets = health::targets(p.config.l4_services().flat_map(|(_, s)| s.upstreams.iter()));
+    let mut tracker = Tracker::default();
+    let mut probe_tick = tokio::time::interval(opts.probes.interval);
+    let mut expiry_tick = tokio::time::interval(opts.expiry_interval);
+    expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let max_scan = p.config.datapath.max_flows as usize * 2;
+    tracing::info!(config = %p.config.source.display(), "xdp-proxy running");
+
+    loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sighup.recv() => {
+                tracing::warn!("SIGHUP: config reload is not implemented yet; the running config stays");
+            }
+            _ = probe_tick.tick(), if !targets.is_empty() && !userspace => {
+                health::probe_all(&targets, opts.probes.timeout, &mut tracker).await;
+            }
+            _ = expiry_tick.tick(), if datapath.is_some() => {
+                if let Some(dp) = &datapath {
+                    expire_once(Arc::clone(dp), opts.lifetimes, max_scan).await;
+                }
+            }
+        }
+    }
+
+    if let Some(dp) = datapath {
+        let mut dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
+        for (iface, e) in dp.detach_all() {
+            tracing::error!(interface = %iface, error = %e, "XDP detach failed");
+        }
+        tracing::info!(
+            pin_dir = %datapath::versioned_pin_dir(&p.config.datapath.pin_dir).display(),
+            "maps stay pinned: the next start keeps the flows"
+        );
+    }
+    tracing::info!("xdp-proxy stopped");
+    Ok(())
+}
+
+async fn expire_once(dp: Arc<Mutex<Datapath>>, lifetimes: Lifetimes, max_scan: usize) {
+    let result = tokio::task::spawn_blocking(move || {
+        let now = monotonic_ns().map_err(|source| DaemonError::Io {
+            what: "reading CLOCK_MONOTONIC",
+            source,
+        })?;
+        let mut dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
+        Ok::<_, DaemonError>(dp.maps.expire_flows(now, &lifetimes, max_scan)?)
+    })
+    .await;
+    match result {
+        Ok(Ok(stats)) => {
+            if stats.expired > 0 || stats.orphans_expired > 0 {
+                tracing::debug!(
+                    scanned = stats.scanned,
+                    expired = stats.expired,
+                    orphans = stats.orphans_expired,
+                    "flows expired"
+                );
+            }
+        }
+        Ok(Err(e)) => tracing::error!(error = %e, "flow expiry failed"),
+        Err(e) => tracing::error!(error = %e, "flow expiry task failed"),
+    }
+}
+
+/// Drain the eBPF log ring buffer into tracing. Polled (the ring buffer read is non-blocking)
+/// rather than registered with the reactor, which would need `unsafe` for the fd's lifetime.
+fn spawn_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            logger.flush();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_source_of_loopback() {
+        assert_eq!(
+            route_source(Ipv4Addr::LOCALHOST).unwrap(),
+            Ipv4Addr::LOCALHOST
+        );
+        assert!(is_local(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn monotonic_clock_advances() {
+        let a = monotonic_ns().unwrap();
+        let b = monotonic_ns().unwrap();
+        assert!(a > 0 && b >= a);
+    }
+}
