@@ -1,11 +1,63 @@
+//! The xdp-proxy XDP program: L4 full NAT of configured IPv4 TCP/UDP services.
+//!
+//! The per-packet rules are docs/datapath.md; step numbers in comments refer to it. Layout:
+//! `parse` (steps 1-3), `flow` (steps 4-8), `forward` + `nat` (step 9), `stats` (step 10 and
+//! the per-packet reason counter), `maps` (every map).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+mod flow;
+mod forward;
+mod keys;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
+use proxy_common::Reason;
+
+use crate::nat::Rewrite;
 
 #[xdp]
-pub fn proxy_xdp(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+pub fn proxy_xdp(ctx: XdpContext) -> u32 {
+    let reason = match try_proxy_xdp(&ctx) {
+        Ok(reason) | Err(reason) => reason,
+    };
+    stats::reason(reason);
+    reason.action()
+}
+
+/// One packet, start to verdict. `Ok` and `Err` both carry the packet's one final reason; `Err`
+/// marks an early exit.
+#[inline(always)]
+fn try_proxy_xdp(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let pkt = parse::parse(ctx)?;
+    let cfg = flow::config()?;
+
+    let key = pkt.flow_key();
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let entry = match flow::lookup(&key) {
+        Some(entry) => entry,
+        None => flow::create(ctx, &pkt, &key, &cfg, now)?,
+    };
+    // SAFETY: entry was just returned by a flow table lookup.
+    unsafe { flow::track(entry, &pkt, now) };
+
+    // SAFETY: entry is a flow table value pointer (see flow::track); copied out once.
+    let e = unsafe { &*entry };
+    let rw = Rewrite {
+        src: e.new_src[0],
+        dst: e.new_dst[0],
+        sport: e.new_sport,
+        dport: e.new_dport,
+    };
+    let (direction, service_id, upstream_id) = (e.direction, e.service_id, e.upstream_id);
+
+    let reason = forward::forward(ctx, &pkt, &rw, direction)?;
+    stats::traffic(service_id, upstream_id, direction, u64::from(pkt.tot_len));
+    Ok(reason)
 }
 
 #[cfg(target_arch = "bpf")]

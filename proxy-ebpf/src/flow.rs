@@ -1,0 +1,256 @@
+//! Flow tables: lookup (step 5), service match and new flow creation with Maglev upstream choice
+//! and SNAT port reservation (steps 6-7), and per-flow TCP state and accounting (step 8).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use proxy_common::{
+    CONFIG_F_READY, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
+    FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason,
+    SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
+    hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash},
+};
+
+use crate::{
+    keys::{self, FlowKeyW, FlowValueW, ServiceKeyW},
+    maps::{XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_UPSTREAMS},
+    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
+};
+
+/// Step 4: the datapath settings, once the daemon has marked them ready.
+#[inline(always)]
+pub fn config() -> Result<NatConfig, Reason> {
+    let cfg = *XP_CONFIG.get(0).ok_or(Reason::Aborted)?;
+    if cfg.flags & CONFIG_F_READY == 0 {
+        return Err(Reason::PassNotReady);
+    }
+    Ok(cfg)
+}
+
+/// Step 5: the flow entry this packet belongs to, forward table first, then reverse.
+#[inline(always)]
+pub fn lookup(key: &FlowKeyW) -> Option<*mut FlowValueW> {
+    XP_FLOWS_FWD
+        .get_ptr_mut(key.as_key())
+        .or_else(|| XP_FLOWS_REV.get_ptr_mut(key.as_key()))
+        .map(FlowValueW::from_map)
+}
+
+/// Steps 6-7: match a service and create the flow (reverse entry first: it reserves the SNAT
+/// port). Returns the new forward entry, which the caller then treats like a lookup hit.
+#[inline(always)]
+pub fn create(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    fwd_key: &FlowKeyW,
+    cfg: &NatConfig,
+    now: u64,
+) -> Result<*mut FlowValueW, Reason> {
+    // Step 6: service match.
+    let svc_key = ServiceKeyW::v4(pkt.dst, pkt.dport, pkt.proto);
+    // SAFETY: the value is copied out at once; XP_SERVICES is a preallocated HASH, so the
+    // pointer stays valid memory even if the daemon deletes the entry concurrently.
+    let svc = *unsafe { XP_SERVICES.get(svc_key.as_key()) }.ok_or(Reason::PassNotService)?;
+
+    // Step 7: a new flow starts with a TCP SYN (not SYN+ACK) or any UDP packet.
+    if pkt.is_tcp() && (pkt.tcp_flags & TCP_SYN == 0 || pkt.tcp_flags & TCP_ACK != 0) {
+        return Err(Reason::PassMidflowNoFlow);
+    }
+    if svc.flags & SERVICE_F_HAS_UPSTREAMS == 0 {
+        return Err(Reason::PassNoUpstream);
+    }
+
+    // Maglev: the upstream for this 5-tuple.
+    let slot = tuple_hash(SEED_MAGLEV, pkt) % MAGLEV_SIZE;
+    if svc.id >= MAX_SERVICES {
+        // The Maglev index would lie outside the array (or wrap into another service's table).
+        return Err(Reason::Aborted);
+    }
+    let upstream_id = *XP_MAGLEV
+        .get(svc.id * MAGLEV_SIZE + slot)
+        .ok_or(Reason::Aborted)?;
+    if upstream_id == 0 || upstream_id >= MAX_UPSTREAMS {
+        return Err(Reason::DropBadUpstream);
+    }
+    let ups = XP_UPSTREAMS.get(upstream_id).ok_or(Reason::Aborted)?;
+    if ups.flags & UPSTREAM_F_ACTIVE == 0 {
+        return Err(Reason::DropBadUpstream);
+    }
+    let ups_addr = keys::v4(&ups.addr);
+    let ups_port = u16::from_ne_bytes(ups.port);
+    let snat_addr = keys::v4(&cfg.snat_v4);
+
+    // SNAT port: probe from a hashed start; the first BPF_NOEXIST insert of the reverse entry
+    // that succeeds is the reservation.
+    let port_min = u32::from(cfg.port_min);
+    let port_max = u32::from(cfg.port_max);
+    if port_max < port_min {
+        // An empty range: no port can be reserved.
+        return Err(snat_exhausted(ctx, pkt));
+    }
+    let span = port_max - port_min + 1;
+    if span == 0 {
+        return Err(Reason::Aborted); // unreachable (span is 1..=65536); lets LLVM drop a panic
+    }
+    let start = tuple_hash(SEED_SNAT_PORT, pkt) % span;
+    let probes = if span < SNAT_PORT_PROBES {
+        span
+    } else {
+        SNAT_PORT_PROBES
+    };
+
+    let mut rev_key = FlowKeyW::v4(ups_addr, snat_addr, ups_port, 0, pkt.proto);
+    // One value buffer: first the reverse entry, then rewritten into the forward entry.
+    let mut value = FlowValueW {
+        new_src: [pkt.dst, 0, 0, 0],
+        new_dst: [pkt.src, 0, 0, 0],
+        new_sport: pkt.dport,
+        new_dport: pkt.sport,
+        direction: FLOW_DIR_REPLY,
+        pad0: [0; 3],
+        flags: 0,
+        service_id: svc.id,
+        upstream_id,
+        pad1: 0,
+        created_ns: now,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+    };
+    let mut reserved = false;
+    for i in 0..SNAT_PORT_PROBES {
+        // A volatile read keeps LLVM from rewriting the loop into a countdown from `probes`,
+        // whose bound the verifier cannot see: the constant SNAT_PORT_PROBES stays the bound.
+        // SAFETY: reads a local variable.
+        if i >= unsafe { core::ptr::read_volatile(&raw const probes) } {
+            break;
+        }
+        // start < span and i < 32: no overflow; the port is at most port_max.
+        let port = (port_min + (start + i) % span) as u16;
+        rev_key.dport = u16::from_ne_bytes(port.to_be_bytes());
+        if XP_FLOWS_REV
+            .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            reserved = true;
+            break;
+        }
+    }
+    if !reserved {
+        return Err(snat_exhausted(ctx, pkt));
+    }
+
+    value.new_src = [snat_addr, 0, 0, 0];
+    value.new_dst = [ups_addr, 0, 0, 0];
+    value.new_sport = rev_key.dport;
+    value.new_dport = ups_port;
+    value.direction = FLOW_DIR_FORWARD;
+    if XP_FLOWS_FWD
+        .insert(fwd_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Roll the reservation back so the port is free again.
+        let _ = XP_FLOWS_REV.remove(rev_key.as_key());
+        return Err(Reason::DropFlowInsertFailed);
+    }
+    stats::new_flow(svc.id, upstream_id);
+    match XP_FLOWS_FWD.get_ptr_mut(fwd_key.as_key()) {
+        Some(entry) => Ok(FlowValueW::from_map(entry)),
+        None => {
+            // Gone between insert and lookup (the daemon deleted it): the flow does not exist.
+            let _ = XP_FLOWS_REV.remove(rev_key.as_key());
+            Err(Reason::DropFlowInsertFailed)
+        }
+    }
+}
+
+/// `flow_hash` of the packet's 5-tuple, exactly as the daemon's simulator computes it.
+#[inline(always)]
+fn tuple_hash(seed: u32, pkt: &Packet) -> u32 {
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&pkt.src.to_ne_bytes());
+    dst[..4].copy_from_slice(&pkt.dst.to_ne_bytes());
+    flow_hash(
+        seed,
+        &src,
+        &dst,
+        pkt.sport.to_ne_bytes(),
+        pkt.dport.to_ne_bytes(),
+        pkt.proto,
+    )
+}
+
+/// A rare event worth a log line: the configured SNAT range is full for this upstream.
+#[inline(always)]
+fn snat_exhausted(ctx: &XdpContext, pkt: &Packet) -> Reason {
+    aya_log_ebpf::warn!(
+        ctx,
+        "SNAT ports exhausted: new flow from {:i}:{} dropped",
+        u32::from_be(pkt.src),
+        u16::from_be(pkt.sport)
+    );
+    Reason::DropSnatExhausted
+}
+
+/// Step 8: TCP state flags (kept equal in both entries of a flow) and per-entry accounting.
+///
+/// # Safety
+/// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
+#[inline(always)]
+pub unsafe fn track(entry: *mut FlowValueW, pkt: &Packet, now: u64) {
+    // SAFETY: entry is a live map value pointer (caller contract); LRU hash values are
+    // preallocated, so the memory stays valid even if the entry is evicted meanwhile.
+    let e = unsafe { &mut *entry };
+    if pkt.is_tcp() {
+        let old = e.flags;
+        let new = next_flags(old, e.direction, pkt.tcp_flags);
+        if new != old {
+            e.flags = new;
+            let peer_key = FlowKeyW::v4(
+                e.new_dst[0],
+                e.new_src[0],
+                e.new_dport,
+                e.new_sport,
+                pkt.proto,
+            );
+            let peer = if e.direction == FLOW_DIR_FORWARD {
+                XP_FLOWS_REV.get_ptr_mut(peer_key.as_key())
+            } else {
+                XP_FLOWS_FWD.get_ptr_mut(peer_key.as_key())
+            };
+            if let Some(peer) = peer {
+                // SAFETY: non-null value pointer just returned by the map lookup.
+                unsafe { (*peer).flags = new };
+            }
+        }
+    }
+    e.last_seen_ns = now;
+    e.packets += 1;
+    e.bytes += u64::from(pkt.tot_len);
+}
+
+/// The flags of a flow after one more TCP segment matched the entry of direction `dir`.
+#[inline(always)]
+fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
+    let mut new = old;
+    let closing = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM | FLOW_F_RST;
+    if dir == FLOW_DIR_FORWARD && tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 && old & closing != 0 {
+        // A new connection reusing the client port of a closed one: same upstream and SNAT
+        // port, fresh state.
+        new = 0;
+    }
+    if tcp & TCP_RST != 0 {
+        new |= FLOW_F_RST;
+    }
+    if tcp & TCP_FIN != 0 {
+        new |= if dir == FLOW_DIR_FORWARD {
+            FLOW_F_FIN_CLIENT
+        } else {
+            FLOW_F_FIN_UPSTREAM
+        };
+    }
+    if dir != FLOW_DIR_FORWARD {
+        new |= FLOW_F_REPLIED;
+    }
+    new
+}

@@ -1,0 +1,85 @@
+//! Step 9: TTL check, FIB lookup, rewrite, then XDP_TX, XDP_REDIRECT through `XP_DEVMAP`, or a
+//! pass to the kernel (already rewritten) when the next hop is not ready.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    programs::XdpContext,
+};
+use proxy_common::{FLOW_DIR_FORWARD, Reason};
+
+use crate::{
+    maps::XP_DEVMAP,
+    nat::{Rewrite, rewrite},
+    parse::{Packet, ptr_at},
+};
+
+/// `AF_INET` for `bpf_fib_lookup`.
+const AF_INET: u8 = 2;
+
+/// Forward (or pass) a packet whose flow entry matched. `direction` is the entry's
+/// `FLOW_DIR_*`; it picks the `Fwd*`/`Rev*` reasons.
+#[inline(always)]
+pub fn forward(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rw: &Rewrite,
+    direction: u8,
+) -> Result<Reason, Reason> {
+    if pkt.ttl <= 1 {
+        return Err(Reason::DropTtlExceeded);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+
+    // SAFETY: bpf_fib_lookup is a plain C struct of integers; all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.l4_protocol = pkt.proto;
+    params.sport = rw.sport;
+    params.dport = rw.dport;
+    params.__bindgen_anon_1.tot_len = pkt.tot_len;
+    params.ifindex = ingress;
+    params.__bindgen_anon_3.ipv4_src = rw.src;
+    params.__bindgen_anon_4.ipv4_dst = rw.dst;
+    // SAFETY: ctx is the program's context; params is a stack struct of the size passed.
+    let rc = unsafe {
+        fib_lookup_helper(
+            ctx.as_ptr(),
+            &raw mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        // Not forwardable from here: hand the rewritten packet to the kernel (TTL untouched:
+        // the kernel decrements it when it forwards).
+        rewrite(ctx, pkt, rw, false)?;
+        return Ok(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+            Reason::PassNoNeigh
+        } else {
+            Reason::PassFibFailed
+        });
+    }
+
+    rewrite(ctx, pkt, rw, true)?;
+    let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 12 <= data_end; byte array, no alignment needed.
+    let eth = unsafe { &mut *eth };
+    eth[..6].copy_from_slice(&params.dmac);
+    eth[6..].copy_from_slice(&params.smac);
+
+    let fwd = direction == FLOW_DIR_FORWARD;
+    if params.ifindex == ingress {
+        return Ok(if fwd { Reason::FwdTx } else { Reason::RevTx });
+    }
+    match XP_DEVMAP.redirect(params.ifindex, 0) {
+        Ok(_) => Ok(if fwd {
+            Reason::FwdRedirect
+        } else {
+            Reason::RevRedirect
+        }),
+        Err(_) => Err(Reason::DropRedirectFailed),
+    }
+}

@@ -1,0 +1,165 @@
+//! Word views of the `proxy-common` key and value types.
+//!
+//! `FlowKey`, `ServiceKey` and `FlowValue` hold addresses and ports as byte arrays. Built or
+//! copied field by field, LLVM keeps every byte of every address in its own register or spill
+//! slot and writes them one by one, which overflows the 512-byte BPF stack. The views below have
+//! exactly the same layout (asserted field by field) with addresses as `u32` words, so the
+//! program moves each IPv4 address as one word. Addresses and ports are in wire byte order,
+//! held as the integers `from_ne_bytes` reads from the packet.
+
+use core::mem::{align_of, offset_of, size_of};
+
+use proxy_common::{Addr, FAMILY_IPV4, FlowKey, FlowValue, ServiceKey, addr_v4_octets};
+
+/// `FlowKey`, as words.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub struct FlowKeyW {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+
+/// `ServiceKey`, as words.
+#[repr(C, align(4))]
+#[derive(Clone, Copy)]
+pub struct ServiceKeyW {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// `FlowValue`, as words.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowValueW {
+    pub new_src: [u32; 4],
+    pub new_dst: [u32; 4],
+    pub new_sport: u16,
+    pub new_dport: u16,
+    pub direction: u8,
+    pub pad0: [u8; 3],
+    pub flags: u32,
+    pub service_id: u32,
+    pub upstream_id: u32,
+    pub pad1: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! same_layout {
+    ($view:ty, $orig:ty, $($v:ident = $o:ident),+ $(,)?) => {
+        const _: () = {
+            assert!(size_of::<$view>() == size_of::<$orig>());
+            assert!(align_of::<$view>() >= align_of::<$orig>());
+            $(assert!(offset_of!($view, $v) == offset_of!($orig, $o));)+
+        };
+    };
+}
+same_layout!(
+    FlowKeyW,
+    FlowKey,
+    src = src_addr,
+    dst = dst_addr,
+    sport = src_port,
+    dport = dst_port,
+    proto = proto,
+    family = family,
+    pad = _pad
+);
+same_layout!(
+    ServiceKeyW,
+    ServiceKey,
+    addr = addr,
+    port = port,
+    proto = proto,
+    family = family
+);
+same_layout!(
+    FlowValueW,
+    FlowValue,
+    new_src = new_src_addr,
+    new_dst = new_dst_addr,
+    new_sport = new_src_port,
+    new_dport = new_dst_port,
+    direction = direction,
+    pad0 = _pad0,
+    flags = flags,
+    service_id = service_id,
+    upstream_id = upstream_id,
+    pad1 = _pad1,
+    created_ns = created_ns,
+    last_seen_ns = last_seen_ns,
+    packets = packets,
+    bytes = bytes
+);
+
+impl FlowKeyW {
+    /// An IPv4 flow key.
+    #[inline(always)]
+    pub fn v4(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self {
+            src: [src, 0, 0, 0],
+            dst: [dst, 0, 0, 0],
+            sport,
+            dport,
+            proto,
+            family: FAMILY_IPV4,
+            pad: 0,
+        }
+    }
+
+    /// The same bytes as the `proxy-common` type the maps are declared with.
+    #[inline(always)]
+    pub fn as_key(&self) -> &FlowKey {
+        // SAFETY: same size and field offsets (asserted above), alignment at least FlowKey's,
+        // and FlowKey is plain bytes: every bit pattern is valid.
+        unsafe { &*(self as *const Self).cast::<FlowKey>() }
+    }
+}
+
+impl ServiceKeyW {
+    /// An IPv4 service key.
+    #[inline(always)]
+    pub fn v4(addr: u32, port: u16, proto: u8) -> Self {
+        Self {
+            addr: [addr, 0, 0, 0],
+            port,
+            proto,
+            family: FAMILY_IPV4,
+        }
+    }
+
+    #[inline(always)]
+    pub fn as_key(&self) -> &ServiceKey {
+        // SAFETY: as for FlowKeyW::as_key.
+        unsafe { &*(self as *const Self).cast::<ServiceKey>() }
+    }
+}
+
+impl FlowValueW {
+    #[inline(always)]
+    pub fn as_value(&self) -> &FlowValue {
+        // SAFETY: as for FlowKeyW::as_key; FlowValue is integers and byte arrays only.
+        unsafe { &*(self as *const Self).cast::<FlowValue>() }
+    }
+
+    /// A flow table value pointer, seen as words.
+    #[inline(always)]
+    pub fn from_map(ptr: *mut FlowValue) -> *mut FlowValueW {
+        ptr.cast()
+    }
+}
+
+/// The wire-order IPv4 address of an `Addr` (its first 4 bytes; the rest is ignored).
+#[inline(always)]
+pub fn v4(addr: &Addr) -> u32 {
+    u32::from_ne_bytes(addr_v4_octets(addr))
+}
