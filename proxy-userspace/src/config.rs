@@ -467,14 +467,21 @@ impl Config {
             } else {
                 "set nat.port_range outside it".to_owned()
             };
+            let move_kernel = if hi < eph_hi {
+                format!(
+                    ", or move the kernel's range above it with \
+                     `sysctl -w net.ipv4.ip_local_port_range=\"{} {eph_hi}\"`",
+                    u32::from(hi) + 1
+                )
+            } else {
+                String::new()
+            };
             problems.push(Problem::new(
                 "nat.port_range",
                 format!(
                     "[{lo}, {hi}] overlaps the kernel's ephemeral port range [{eph_lo}, {eph_hi}] \
                      (net.ipv4.ip_local_port_range), which the daemon's own connections use from \
-                     the same address: {suggestion}, or move the kernel's range with \
-                     `sysctl -w net.ipv4.ip_local_port_range=\"{} 60999\"`",
-                    u32::from(hi) + 1
+                     the same address: {suggestion}{move_kernel}"
                 ),
             ));
         }

@@ -204,7 +204,10 @@ fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonErro
 }
 
 /// Load, pin, fill and attach. On error everything attached so far is detached (dropped).
-fn start_datapath(p: &Prepared, object: &[u8]) -> Result<Datapath, DaemonError> {
+fn start_datapath(
+    p: &Prepared,
+    object: &[u8],
+) -> Result<(Datapath, datapath::PinDirLock), DaemonError> {
     let c = &p.config;
     let pin_dir = &c.datapath.pin_dir;
     match datapath::ensure_bpffs(pin_dir)? {
@@ -221,6 +224,7 @@ fn start_datapath(p: &Prepared, object: &[u8]) -> Result<Datapath, DaemonError> 
             }
         }
     }
+    let lock = datapath::lock_pin_dir(pin_dir)?;
     let mut dp = Datapath::load(object, pin_dir, c.datapath.max_flows)?;
     tracing::info!(
         pin_dir = %datapath::versioned_pin_dir(pin_dir).display(),
@@ -264,7 +268,7 @@ fn start_datapath(p: &Prepared, object: &[u8]) -> Result<Datapath, DaemonError> 
         let mode = dp.attach(name, c.datapath.mode)?;
         tracing::info!(interface = %name, mode = %mode, requested = %c.datapath.mode, "XDP attached");
     }
-    Ok(dp)
+    Ok((dp, lock))
 }
 
 /// Run the daemon until SIGINT/SIGTERM. Builds its own tokio runtime.
@@ -301,16 +305,18 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let mut sighup = sig(SignalKind::hangup(), "installing the SIGHUP handler")?;
 
     let userspace = p.config.datapath.mode == DatapathMode::Userspace;
+    let mut _pin_lock = None;
     let datapath = if userspace {
         tracing::warn!(
             "datapath.mode = \"userspace\": XDP is not attached, and the userspace L4 path is not implemented yet; no service is served"
         );
         None
     } else {
-        let mut dp = start_datapath(&p, object)?;
+        let (mut dp, lock) = start_datapath(&p, object)?;
+        _pin_lock = Some(lock);
         let settings = sysctl::required(&p.config.datapath.interfaces);
         for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
-            tracing::info!(sysctl = %s.name(), value = s.value, was = %old, "sysctl set");
+            tracing::info!(sysctl = %s.name(), value = %s.value, was = %old, "sysctl set");
         }
         if let Some(logger) = dp.take_logger() {
             spawn_log_reader(logger);

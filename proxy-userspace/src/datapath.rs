@@ -17,7 +17,10 @@ use aya::{
     },
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
-use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+use nix::{
+    fcntl::{Flock, FlockArg},
+    sys::statfs::{BPF_FS_MAGIC, statfs},
+};
 use proxy_common::{
     ABI_VERSION, FlowKey, FlowValue, MAGLEV_SIZE, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
     MAP_FLOWS_REV, MAP_MAGLEV, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
@@ -129,6 +132,11 @@ pub enum DatapathError {
         #[source]
         source: Box<ProgramError>,
     },
+    #[error(
+        "another xdp-proxy daemon holds {} (one daemon per pin_dir): stop it first",
+        path.display()
+    )]
+    Locked { path: PathBuf },
     #[error("reading the number of possible CPUs ({path}): {source}")]
     Cpus {
         path: &'static str,
@@ -216,6 +224,35 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<Bpffs> {
         source,
     })?;
     Ok(outcome)
+}
+
+/// An exclusive lock on `<pin_dir>/v<ABI_VERSION>`, held for the daemon's life so a second
+/// daemon never rewrites the maps of a running one.
+#[derive(Debug)]
+pub struct PinDirLock(
+    #[expect(dead_code, reason = "held for its Drop (unlock)")] Flock<std::fs::File>,
+);
+
+/// Take the pin directory lock (non-blocking).
+///
+/// # Errors
+/// [`DatapathError::Locked`] when another process holds it; open failures.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
+    let dir = versioned_pin_dir(pin_dir);
+    let file = std::fs::File::open(&dir).map_err(|source| DatapathError::Fs {
+        op: "opening",
+        path: dir.clone(),
+        source,
+    })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(PinDirLock(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DatapathError::Locked { path: dir }),
+        Err((_, errno)) => Err(DatapathError::Fs {
+            op: "locking",
+            path: dir,
+            source: errno.into(),
+        }),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 //! `xdp-proxy`: parse arguments, set up logging, hand over to the library.
 #![forbid(unsafe_code)]
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
@@ -23,13 +23,13 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let e = anyhow::Error::from(e);
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Every error's text already carries its causes (file, key, map, path, errno).
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

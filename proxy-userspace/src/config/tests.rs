@@ -292,6 +292,21 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
         has(&p, "nat.port_range", "ip_local_port_range=\"32768 60999\""),
         "{p:#?}"
     );
+    // No kernel-range advice when the SNAT range reaches past the kernel's top.
+    let wide =
+        parse(&VALID_MINIMAL.replace("[nat]", "[nat]\nport_range = [10240, 65535]")).unwrap();
+    let wp = wide
+        .validate_runtime(RuntimeFacts {
+            ephemeral_ports: (32768, 60999),
+            snat_ipv4: snat,
+        })
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(&wp, "nat.port_range", "for example [10240, 32767]"),
+        "{wp:#?}"
+    );
+    assert!(!has(&wp, "nat.port_range", "sysctl -w"), "{wp:#?}");
     assert!(
         has(&p, "nat.port_range", "for example [10240, 19999]"),
         "{p:#?}"
