@@ -129,17 +129,6 @@ pub fn monotonic_ns() -> io::Result<u64> {
     Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
-/// Whether this process runs in another mount namespace than PID 1 (as under `ip netns exec`).
-fn private_mount_namespace() -> bool {
-    match (
-        std::fs::read_link("/proc/self/ns/mnt"),
-        std::fs::read_link("/proc/1/ns/mnt"),
-    ) {
-        (Ok(a), Ok(b)) => a != b,
-        _ => false,
-    }
-}
-
 /// Everything `run` decides from the config and the system before it changes anything.
 struct Prepared {
     config: Config,
@@ -213,15 +202,15 @@ fn start_datapath(
     match datapath::ensure_bpffs(pin_dir)? {
         Bpffs::Present => {}
         Bpffs::Mounted(at) => {
-            tracing::info!(at = %at.display(), "mounted a bpffs");
-            if private_mount_namespace() {
-                tracing::warn!(
-                    at = %at.display(),
-                    "this process has a private mount namespace (ip netns exec?): the bpffs and \
-                     every pin die with it; mount a bpffs outside it and point pin_dir there to \
-                     keep flows across restarts"
-                );
-            }
+            // On a normal host /sys/fs/bpf is mounted at boot; a daemon that had to mount one is
+            // often in a private mount namespace (ip netns exec, systemd PrivateMounts), where
+            // the mount and every pin in it die with the process.
+            tracing::warn!(
+                at = %at.display(),
+                "mounted a bpffs: if this process runs in a private mount namespace (ip netns \
+                 exec, PrivateMounts), the pins die with it and flows do not survive a restart; \
+                 mount a bpffs outside it and point datapath.pin_dir there"
+            );
         }
     }
     let lock = datapath::lock_pin_dir(pin_dir)?;
