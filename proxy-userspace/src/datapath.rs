@@ -438,6 +438,33 @@ impl Maps {
             .collect()
     }
 
+    /// The Maglev table of service `id` (`MAGLEV_SIZE` upstream ids).
+    ///
+    /// # Errors
+    /// Map lookup failure.
+    pub fn maglev_table(&self, id: u32) -> Result<Vec<u32>> {
+        let base = id * MAGLEV_SIZE;
+        (0..MAGLEV_SIZE)
+            .map(|slot| {
+                self.maglev
+                    .get(&(base + slot), 0)
+                    .map_err(map_err(MAP_MAGLEV, format!("lookup {}", base + slot)))
+            })
+            .collect()
+    }
+
+    /// The devmap's keys (ifindexes).
+    ///
+    /// # Errors
+    /// Map iteration failure.
+    pub fn devmap_ifindexes(&self) -> Result<Vec<u32>> {
+        self.devmap
+            .keys()
+            .take(proxy_common::MAX_INTERFACES as usize * 2)
+            .collect::<Result<_, _>>()
+            .map_err(map_err(MAP_DEVMAP, "iterate"))
+    }
+
     fn lookup_rev(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         match self.flows_rev.get(key, 0) {
             Ok(v) => Ok(Some(v)),
@@ -604,12 +631,7 @@ impl Maps {
             }
         }
         // 6. Devmap: exactly the attached interfaces.
-        let old_dev: Vec<u32> = self
-            .devmap
-            .keys()
-            .take(proxy_common::MAX_INTERFACES as usize * 2)
-            .collect::<Result<_, _>>()
-            .map_err(map_err(MAP_DEVMAP, "iterate"))?;
+        let old_dev = self.devmap_ifindexes()?;
         for ifindex in ifindexes {
             self.devmap
                 .insert(*ifindex, *ifindex, None, 0)
