@@ -45,12 +45,13 @@ fn fixture_config() -> Config {
     Config::load(&path).unwrap()
 }
 
-fn existing(
-    maps: &Maps,
-) -> (
+/// Ids found in the maps: service key -> id, upstream address -> id.
+type ExistingIds = (
     Vec<(proxy_common::ServiceKey, u32)>,
     Vec<(std::net::SocketAddrV4, u32)>,
-) {
+);
+
+fn existing(maps: &Maps) -> ExistingIds {
     let s = maps
         .services()
         .unwrap()
