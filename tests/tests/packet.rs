@@ -1,0 +1,1650 @@
+//! Packet tests: every fast-path case of docs/datapath.md run through the real XDP object with
+//! `BPF_PROG_TEST_RUN`, maps filled by the test, in a private network namespace whose routes and
+//! permanent neighbour entries make `bpf_fib_lookup` deterministic (see
+//! `integration_tests::packet::topo`).
+//!
+//! Each case asserts the verdict, the exact output bytes (built independently from the
+//! contract), the output's IP and L4 checksums by full recomputation, the `XP_REASONS` counter of
+//! its reason, and where relevant the flow entries of both tables and the service/upstream
+//! counters. Request -> reply cases are chained through stored state: the reply is addressed to
+//! the SNAT port the program stored in its forward entry. A failing case prints the input frame
+//! as hex with its `xdp_md` context, the expected and actual frames and a field-named diff.
+//!
+//! Observed kernel behaviour (6.18) the cases rely on:
+//! - `BPF_PROG_TEST_RUN` without live frames returns the program's verdict as is and transmits
+//!   nothing: XDP_TX and XDP_REDIRECT come back as return values 3 and 4 with the rewritten
+//!   frame in `data_out`. Whether `bpf_redirect_map` succeeds is decided by the `XP_DEVMAP`
+//!   entry (filled with the namespace's ifindexes by the harness).
+//! - `data_in` shorter than 14 bytes is refused (EINVAL) before the program runs; a short
+//!   linear part is still reachable with `xdp_md.data_end` < `data_in` length (the rest becomes
+//!   a fragment), which is how the truncated-Ethernet case is fed.
+//!
+//! Run as root: `cargo test -p integration-tests --test packet`.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use integration_tests::packet::topo::*;
+use integration_tests::packet::{
+    ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Expect, Fixture, Harness, IP_DF, IP_MF,
+    IPPROTO_ICMP, Iface, Mac, Packet, RunResult, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
+    Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, raw_frame, set_u16,
+    upstream, with_harness,
+};
+use proxy_common::{
+    FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
+    FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
+    NatConfig, Reason, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+};
+
+// =============================================================================================
+// Shared helpers.
+// =============================================================================================
+
+const CLIENT_A: SocketAddrV4 = SocketAddrV4::new(CLIENT_1, 40_000);
+const CLIENT_B: SocketAddrV4 = SocketAddrV4::new(CLIENT_2, 51_515);
+
+/// A frame as the client-side router delivers it to `xpc`.
+fn from_client(p: Packet) -> Packet {
+    p.macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC)
+}
+
+/// A frame as the upstream host delivers it to `xph`.
+fn from_upstream(p: Packet) -> Packet {
+    p.macs(UPSTREAM_MAC, HOME_DEV_MAC)
+}
+
+/// What a forwarded packet must look like: endpoints rewritten, TTL decremented, MACs from the
+/// FIB lookup (egress interface's own, next hop's), checksums recomputed in full.
+fn forwarded(
+    p: &Packet,
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    egress: Iface,
+    next_hop: Mac,
+) -> Vec<u8> {
+    p.clone()
+        .endpoints(src, dst)
+        .ttl(p.ttl - 1)
+        .macs(egress.mac, next_hop)
+        .bytes()
+}
+
+/// What a packet passed after its flow matched must look like (NO_NEIGH, FIB failure):
+/// endpoints rewritten and checksums fixed, TTL and MACs untouched.
+fn rewritten_only(p: &Packet, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+    p.clone().endpoints(src, dst).bytes()
+}
+
+/// One NATed flow as the tests know it. `snat` always comes from the program's stored forward
+/// entry, so replies are chained through stored state.
+#[derive(Clone, Copy, Debug)]
+struct Flow {
+    client: SocketAddrV4,
+    service: SocketAddrV4,
+    upstream: SocketAddrV4,
+    snat: SocketAddrV4,
+    proto: u8,
+    service_id: u32,
+    upstream_id: u32,
+}
+
+impl Flow {
+    fn fwd_tuple(&self) -> Tuple {
+        Tuple::new(self.client, self.service, self.proto)
+    }
+
+    fn rev_tuple(&self) -> Tuple {
+        Tuple::new(self.upstream, self.snat, self.proto)
+    }
+
+    /// The forward entry the contract says a new flow gets (before any packet counting).
+    fn fwd_value(&self, flags: u32) -> FlowValue {
+        FlowValue {
+            flags,
+            ..flow_value(
+                self.snat,
+                self.upstream,
+                FLOW_DIR_FORWARD,
+                self.service_id,
+                self.upstream_id,
+            )
+        }
+    }
+
+    fn rev_value(&self, flags: u32) -> FlowValue {
+        FlowValue {
+            flags,
+            ..flow_value(
+                self.service,
+                self.client,
+                FLOW_DIR_REPLY,
+                self.service_id,
+                self.upstream_id,
+            )
+        }
+    }
+
+    /// A TCP segment from the client to the service.
+    fn client_tcp(&self, flags: u8) -> Packet {
+        from_client(Packet::tcp(self.client, self.service, flags))
+    }
+
+    /// A TCP segment from the upstream to the SNAT address and port.
+    fn upstream_tcp(&self, flags: u8) -> Packet {
+        from_upstream(Packet::tcp(self.upstream, self.snat, flags))
+            .seq_ack(0x5000_0001, 0x1000_0002)
+    }
+
+    /// Expected output of a client packet forwarded out of `egress` to the upstream.
+    fn fwd_out(&self, p: &Packet, egress: Iface) -> Vec<u8> {
+        forwarded(p, self.snat, self.upstream, egress, UPSTREAM_MAC)
+    }
+
+    /// Expected output of an upstream packet forwarded out of `egress` to the client router.
+    fn rev_out(&self, p: &Packet, egress: Iface) -> Vec<u8> {
+        forwarded(p, self.service, self.client, egress, CLIENT_ROUTER_MAC)
+    }
+}
+
+/// The first SNAT port a new flow with `tuple` to `ups` may take, given the reverse entries
+/// already in the map (docs/datapath.md step 7: probe order, first free reverse key).
+fn expected_snat_port(h: &Harness, tuple: &Tuple, ups: SocketAddrV4) -> Option<u16> {
+    tuple.snat_probe_ports(&h.config).into_iter().find(|&port| {
+        let key = Tuple::new(ups, SocketAddrV4::new(SNAT_IP, port), tuple.proto).key();
+        h.rev_flow(&key).is_none()
+    })
+}
+
+/// Open a new flow with its first packet `first` (a TCP SYN or any UDP datagram) arriving on
+/// `ingress`, steered to upstream `upstream_id`, and assert everything step 7 promises: the
+/// rewritten output (out of `egress`), reason `reason`, both flow entries, the counters. Returns
+/// the flow with the SNAT port read back from the stored forward entry.
+#[allow(clippy::too_many_arguments)]
+fn open_flow(
+    h: &mut Harness,
+    desc: &str,
+    first: Packet,
+    service_id: u32,
+    upstream_addr: SocketAddrV4,
+    upstream_id: u32,
+    ingress: Iface,
+    egress: Iface,
+    action: u32,
+    reason: Reason,
+) -> (Flow, RunResult) {
+    let t = first.tuple();
+    h.steer(&t, service_id, upstream_id);
+    let port = expected_snat_port(h, &t, upstream_addr)
+        .unwrap_or_else(|| panic!("{desc}: every probed SNAT port is taken"));
+    let expected = Flow {
+        client: t.src,
+        service: t.dst,
+        upstream: upstream_addr,
+        snat: SocketAddrV4::new(SNAT_IP, port),
+        proto: t.proto,
+        service_id,
+        upstream_id,
+    };
+    let svc_before = h.svc_stats(service_id);
+    let ups_before = h.ups_stats(upstream_id);
+    let out = if reason == Reason::PassNoNeigh || reason == Reason::PassFibFailed {
+        rewritten_only(&first, expected.snat, expected.upstream)
+    } else {
+        expected.fwd_out(&first, egress)
+    };
+    let run = h.check(&Fixture::new(
+        desc,
+        first.bytes(),
+        ingress,
+        action,
+        reason,
+        Expect::Bytes(out),
+    ));
+
+    // The stored forward entry: chained state for every later packet of this flow.
+    let fwd = h
+        .fwd_flow(&expected.fwd_tuple().key())
+        .unwrap_or_else(|| panic!("{desc}: no forward entry for {:?}", expected.fwd_tuple()));
+    let stored_port = u16::from_be_bytes(fwd.new_src_port);
+    assert_eq!(
+        stored_port, port,
+        "{desc}: SNAT port: expected {port} (first free probe of flow_hash(SEED_SNAT_PORT)), \
+         stored {stored_port}"
+    );
+    let flow = Flow {
+        snat: SocketAddrV4::new(SNAT_IP, stored_port),
+        ..expected
+    };
+    let len = u64::from(first.ip_len());
+    // Docs step 7 then 8: the new forward entry is the flow's entry for this first packet.
+    let fwd = assert_flow(
+        &format!("{desc}: forward entry"),
+        Some(fwd),
+        &FlowValue {
+            packets: 1,
+            bytes: len,
+            ..flow.fwd_value(0)
+        },
+    );
+    assert_time_within(&format!("{desc}: forward created_ns"), fwd.created_ns, &run);
+    assert_time_within(
+        &format!("{desc}: forward last_seen_ns"),
+        fwd.last_seen_ns,
+        &run,
+    );
+    let rev = assert_flow(
+        &format!("{desc}: reverse entry"),
+        h.rev_flow(&flow.rev_tuple().key()),
+        &flow.rev_value(0),
+    );
+    assert_time_within(&format!("{desc}: reverse created_ns"), rev.created_ns, &run);
+    assert_eq!(
+        rev.created_ns, rev.last_seen_ns,
+        "{desc}: reverse entry: created_ns = last_seen_ns until a reply"
+    );
+    let plus = |c: TrafficCounters| TrafficCounters {
+        fwd_packets: c.fwd_packets + 1,
+        fwd_bytes: c.fwd_bytes + len,
+        new_flows: c.new_flows + 1,
+        ..c
+    };
+    assert_eq!(
+        h.svc_stats(service_id),
+        plus(svc_before),
+        "{desc}: XP_SVC_STATS[{service_id}]"
+    );
+    assert_eq!(
+        h.ups_stats(upstream_id),
+        plus(ups_before),
+        "{desc}: XP_UPS_STATS[{upstream_id}]"
+    );
+    (flow, run)
+}
+
+/// Open the standard TCP flow CLIENT_A -> service 1 -> upstream 1, SYN arriving on the client
+/// side and redirected to the home side.
+fn open_tcp(h: &mut Harness) -> Flow {
+    let (ci, hi) = (h.client_if, h.home_if);
+    let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+    open_flow(
+        h,
+        "TCP SYN, new flow",
+        syn,
+        SVC_TCP_ID,
+        UPS_TCP,
+        UPS_TCP_ID,
+        ci,
+        hi,
+        XDP_REDIRECT,
+        Reason::FwdRedirect,
+    )
+    .0
+}
+
+/// Send the upstream's SYN-ACK for `flow` (arriving on the home side, redirected to the client
+/// side) and assert it.
+fn reply_syn_ack(h: &Harness, flow: &Flow) -> RunResult {
+    let p = flow.upstream_tcp(TCP_SYN | TCP_ACK);
+    h.check(&Fixture::new(
+        "TCP SYN-ACK from the upstream (reply path)",
+        p.bytes(),
+        h.home_if,
+        XDP_REDIRECT,
+        Reason::RevRedirect,
+        Expect::Bytes(flow.rev_out(&p, h.client_if)),
+    ))
+}
+
+/// Assert both entries of `flow` carry `flags` (and their rewrites are intact).
+fn assert_flags(h: &Harness, what: &str, flow: &Flow, flags: u32) {
+    for (table, actual, expected) in [
+        (
+            "forward",
+            h.fwd_flow(&flow.fwd_tuple().key()),
+            flow.fwd_value(flags),
+        ),
+        (
+            "reverse",
+            h.rev_flow(&flow.rev_tuple().key()),
+            flow.rev_value(flags),
+        ),
+    ] {
+        let Some(actual) = actual else {
+            panic!("{what}: {table} entry missing");
+        };
+        let masked = FlowValue {
+            created_ns: 0,
+            last_seen_ns: 0,
+            packets: 0,
+            bytes: 0,
+            ..actual
+        };
+        assert!(
+            masked == expected,
+            "{what}: {table} entry: expected flags {flags:#x} and rewrite {expected:#?}\n\
+             got {actual:#?}"
+        );
+    }
+}
+
+fn assert_no_flows(h: &Harness, what: &str) {
+    let fwd = h.all_flows(MAP_FLOWS_FWD);
+    let rev = h.all_flows(MAP_FLOWS_REV);
+    assert!(
+        fwd.is_empty() && rev.is_empty(),
+        "{what}: expected no flow entries, got forward {fwd:#?} reverse {rev:#?}"
+    );
+}
+
+// =============================================================================================
+// TCP.
+// =============================================================================================
+
+/// TCP SYN to a service, no flow: a new flow (Maglev slot from flow_hash, SNAT port from the
+/// first probe), rewritten to SNAT -> upstream, TTL - 1, MACs from the FIB, redirected out of the
+/// home-side interface through the devmap.
+#[test]
+fn tcp_syn_new_flow() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        assert_eq!(h.all_flows(MAP_FLOWS_FWD).len(), 1, "one forward entry");
+        assert_eq!(h.all_flows(MAP_FLOWS_REV).len(), 1, "one reverse entry");
+        assert_eq!(flow.snat.ip(), &SNAT_IP);
+    });
+}
+
+/// One-interface shape: the SYN arrives on the interface the upstream is reached through:
+/// XDP_TX (egress == ingress), source MAC of that interface.
+#[test]
+fn tcp_syn_same_interface_tx() {
+    with_harness(|h| {
+        let hi = h.home_if;
+        let syn = Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN).macs(UPSTREAM_MAC, HOME_DEV_MAC);
+        open_flow(
+            h,
+            "TCP SYN arriving on the upstream's interface",
+            syn,
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            hi,
+            hi,
+            XDP_TX,
+            Reason::FwdTx,
+        );
+    });
+}
+
+/// The upstream's SYN-ACK to the SNAT port the SYN got: the reverse entry matches, the packet
+/// is rewritten to service -> client and redirected to the client side; FLOW_F_REPLIED is set in
+/// both entries; reverse counters move.
+#[test]
+fn tcp_reply_path() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        let svc_before = h.svc_stats(SVC_TCP_ID);
+        let ups_before = h.ups_stats(UPS_TCP_ID);
+        let p = flow.upstream_tcp(TCP_SYN | TCP_ACK);
+        let run = reply_syn_ack(h, &flow);
+        let len = u64::from(p.ip_len());
+        let rev = assert_flow(
+            "reverse entry after the SYN-ACK",
+            h.rev_flow(&flow.rev_tuple().key()),
+            &FlowValue {
+                packets: 1,
+                bytes: len,
+                ..flow.rev_value(FLOW_F_REPLIED)
+            },
+        );
+        assert_time_within("reverse last_seen_ns", rev.last_seen_ns, &run);
+        assert!(
+            rev.created_ns < run.t_before,
+            "reverse created_ns kept from the SYN"
+        );
+        assert_flow(
+            "forward entry after the SYN-ACK",
+            h.fwd_flow(&flow.fwd_tuple().key()),
+            &FlowValue {
+                packets: 1,
+                bytes: u64::from(flow.client_tcp(TCP_SYN).ip_len()),
+                ..flow.fwd_value(FLOW_F_REPLIED)
+            },
+        );
+        let plus = |c: TrafficCounters| TrafficCounters {
+            rev_packets: c.rev_packets + 1,
+            rev_bytes: c.rev_bytes + len,
+            ..c
+        };
+        assert_eq!(h.svc_stats(SVC_TCP_ID), plus(svc_before), "XP_SVC_STATS");
+        assert_eq!(h.ups_stats(UPS_TCP_ID), plus(ups_before), "XP_UPS_STATS");
+    });
+}
+
+/// A reply arriving on the client-side interface goes back out of it: XDP_TX (`RevTx`).
+#[test]
+fn tcp_reply_same_interface_tx() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        let p = flow
+            .upstream_tcp(TCP_SYN | TCP_ACK)
+            .macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC);
+        h.check(&Fixture::new(
+            "TCP SYN-ACK arriving on the client-side interface",
+            p.bytes(),
+            h.client_if,
+            XDP_TX,
+            Reason::RevTx,
+            Expect::Bytes(flow.rev_out(&p, h.client_if)),
+        ));
+    });
+}
+
+/// Established forward: after SYN and SYN-ACK, the client's ACK with data hits the forward
+/// entry and is forwarded with the same upstream and SNAT port; entry counters accumulate.
+#[test]
+fn tcp_established_forward() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        let svc_before = h.svc_stats(SVC_TCP_ID);
+        let fwd_before = h.fwd_flow(&flow.fwd_tuple().key()).unwrap_or_default();
+        let p = flow
+            .client_tcp(TCP_ACK | TCP_PSH)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .payload(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n");
+        let run = h.check(&Fixture::new(
+            "TCP ACK with data, established flow",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        let len = u64::from(p.ip_len());
+        let fwd = assert_flow(
+            "forward entry after the data packet",
+            h.fwd_flow(&flow.fwd_tuple().key()),
+            &FlowValue {
+                packets: fwd_before.packets + 1,
+                bytes: fwd_before.bytes + len,
+                ..flow.fwd_value(FLOW_F_REPLIED)
+            },
+        );
+        assert_eq!(
+            fwd.created_ns, fwd_before.created_ns,
+            "created_ns unchanged"
+        );
+        assert_time_within("forward last_seen_ns", fwd.last_seen_ns, &run);
+        assert_eq!(
+            h.svc_stats(SVC_TCP_ID),
+            TrafficCounters {
+                fwd_packets: svc_before.fwd_packets + 1,
+                fwd_bytes: svc_before.fwd_bytes + len,
+                ..svc_before
+            },
+            "XP_SVC_STATS"
+        );
+        assert_eq!(h.all_flows(MAP_FLOWS_FWD).len(), 1, "still one flow");
+    });
+}
+
+/// FIN from the client sets FLOW_F_FIN_CLIENT in both entries, FIN from the upstream sets
+/// FLOW_F_FIN_UPSTREAM in both; both are forwarded.
+#[test]
+fn tcp_fin() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        let p = flow
+            .client_tcp(TCP_FIN | TCP_ACK)
+            .seq_ack(0x1000_0002, 0x5000_0002);
+        h.check(&Fixture::new(
+            "TCP FIN from the client",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        assert_flags(
+            h,
+            "after the client's FIN",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_FIN_CLIENT,
+        );
+        let p = flow.upstream_tcp(TCP_FIN | TCP_ACK);
+        h.check(&Fixture::new(
+            "TCP FIN from the upstream",
+            p.bytes(),
+            h.home_if,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow.rev_out(&p, h.client_if)),
+        ));
+        assert_flags(
+            h,
+            "after both FINs",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM,
+        );
+    });
+}
+
+/// RST (from the client, then a separate flow's RST from the upstream) sets FLOW_F_RST in both
+/// entries and is forwarded.
+#[test]
+fn tcp_rst() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        let p = flow
+            .client_tcp(TCP_RST | TCP_ACK)
+            .seq_ack(0x1000_0002, 0x5000_0002);
+        h.check(&Fixture::new(
+            "TCP RST from the client",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        assert_flags(
+            h,
+            "after the client's RST",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_RST,
+        );
+
+        // Second flow: RST from the upstream, right after the SYN (no reply seen before it).
+        let (ci, hi) = (h.client_if, h.home_if);
+        let (flow2, _) = open_flow(
+            h,
+            "TCP SYN of a second flow",
+            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let p = flow2.upstream_tcp(TCP_RST | TCP_ACK);
+        h.check(&Fixture::new(
+            "TCP RST from the upstream",
+            p.bytes(),
+            h.home_if,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow2.rev_out(&p, h.client_if)),
+        ));
+        // The RST is the first reply packet: it also sets FLOW_F_REPLIED.
+        assert_flags(
+            h,
+            "after the upstream's RST",
+            &flow2,
+            FLOW_F_REPLIED | FLOW_F_RST,
+        );
+        // The first flow is untouched.
+        assert_flags(h, "first flow", &flow, FLOW_F_REPLIED | FLOW_F_RST);
+    });
+}
+
+/// A client SYN (no ACK) on a forward entry whose flow saw FIN is a new connection reusing the
+/// client port: flags cleared in both entries, same upstream and SNAT port (even when the
+/// Maglev table now points elsewhere), forwarded.
+#[test]
+fn tcp_resyn_after_fin_reuses_flow() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        for (desc, p, ingress, reason) in [
+            (
+                "TCP FIN from the client",
+                flow.client_tcp(TCP_FIN | TCP_ACK),
+                h.client_if,
+                Reason::FwdRedirect,
+            ),
+            (
+                "TCP FIN from the upstream",
+                flow.upstream_tcp(TCP_FIN | TCP_ACK),
+                h.home_if,
+                Reason::RevRedirect,
+            ),
+        ] {
+            let out = if ingress == h.client_if {
+                flow.fwd_out(&p, h.home_if)
+            } else {
+                flow.rev_out(&p, h.client_if)
+            };
+            h.check(&Fixture::new(
+                desc,
+                p.bytes(),
+                ingress,
+                XDP_REDIRECT,
+                reason,
+                Expect::Bytes(out),
+            ));
+        }
+        assert_flags(
+            h,
+            "after FIN both ways",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM,
+        );
+        // Re-point the flow's Maglev slot: a re-hash would now pick upstream 5.
+        h.steer(&flow.fwd_tuple(), SVC_TCP_ID, UPS_TCP_2_ID);
+        let p = flow.client_tcp(TCP_SYN).seq_ack(0x7000_0001, 0);
+        h.check(&Fixture::new(
+            "TCP SYN reusing the client port after FIN",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        assert_flags(h, "after the re-SYN", &flow, 0);
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_FWD).len(),
+            1,
+            "entries reused, not added"
+        );
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_REV).len(),
+            1,
+            "entries reused, not added"
+        );
+    });
+}
+
+/// A TCP segment without SYN (or with SYN+ACK) to a service, with no flow: passed untouched
+/// (the kernel answers RST), no flow created.
+#[test]
+fn tcp_midflow_without_flow_passes() {
+    with_harness(|h| {
+        // Steer the tuple so a wrongly created flow would have an upstream to go to.
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        for (desc, flags) in [
+            ("TCP ACK, no flow", TCP_ACK),
+            ("TCP ACK+PSH with data, no flow", TCP_ACK | TCP_PSH),
+            ("TCP SYN+ACK to a service, no flow", TCP_SYN | TCP_ACK),
+            ("TCP FIN+ACK, no flow", TCP_FIN | TCP_ACK),
+            ("TCP RST, no flow", TCP_RST),
+        ] {
+            let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, flags))
+                .payload(if flags & TCP_PSH != 0 { b"data" } else { b"" });
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                h.client_if,
+                XDP_PASS,
+                Reason::PassMidflowNoFlow,
+            ));
+        }
+        assert_no_flows(h, "mid-flow packets without a flow");
+        assert_eq!(
+            h.svc_stats(SVC_TCP_ID),
+            TrafficCounters::default(),
+            "XP_SVC_STATS"
+        );
+    });
+}
+
+// =============================================================================================
+// UDP.
+// =============================================================================================
+
+/// The first UDP datagram to a UDP service creates a flow (any UDP packet is "new"). The frame
+/// carries Ethernet padding: it must stay, and byte counters count the IP length only.
+#[test]
+fn udp_new_flow() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let p = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"ping")).trailer(&[0; 14]);
+        assert_eq!(p.bytes().len(), 60, "a minimum-size frame with padding");
+        let (flow, _) = open_flow(
+            h,
+            "UDP, new flow (padded frame)",
+            p,
+            SVC_UDP_ID,
+            UPS_UDP,
+            UPS_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        assert_eq!(flow.proto, IPPROTO_UDP);
+    });
+}
+
+/// UDP established: a reply from the upstream to the SNAT port, then a second client datagram
+/// hitting the forward entry with the same SNAT port.
+#[test]
+fn udp_established() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let (flow, _) = open_flow(
+            h,
+            "UDP, new flow",
+            from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 1")),
+            SVC_UDP_ID,
+            UPS_UDP,
+            UPS_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let reply = from_upstream(Packet::udp(flow.upstream, flow.snat, b"answer 1"));
+        h.check(&Fixture::new(
+            "UDP reply from the upstream",
+            reply.bytes(),
+            hi,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow.rev_out(&reply, ci)),
+        ));
+        let p = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 2, a little longer"));
+        let run = h.check(&Fixture::new(
+            "UDP, established flow",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        let first_len = u64::from(from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 1")).ip_len());
+        let fwd = h.fwd_flow(&flow.fwd_tuple().key());
+        // Flag bits are TCP state (docs step 8 "(TCP)"); whether a UDP reply sets
+        // FLOW_F_REPLIED is not specified, so that one bit is not asserted here.
+        let fwd = fwd.map(|v| FlowValue {
+            flags: v.flags & !FLOW_F_REPLIED,
+            ..v
+        });
+        let fwd = assert_flow(
+            "UDP forward entry",
+            fwd,
+            &FlowValue {
+                packets: 2,
+                bytes: first_len + u64::from(p.ip_len()),
+                ..flow.fwd_value(0)
+            },
+        );
+        assert_time_within("UDP forward last_seen_ns", fwd.last_seen_ns, &run);
+        let rev = h.rev_flow(&flow.rev_tuple().key()).map(|v| FlowValue {
+            flags: v.flags & !FLOW_F_REPLIED,
+            ..v
+        });
+        assert_flow(
+            "UDP reverse entry",
+            rev,
+            &FlowValue {
+                packets: 1,
+                bytes: u64::from(reply.ip_len()),
+                ..flow.rev_value(0)
+            },
+        );
+        let svc = h.svc_stats(SVC_UDP_ID);
+        assert_eq!(
+            svc,
+            TrafficCounters {
+                fwd_packets: 2,
+                fwd_bytes: first_len + u64::from(p.ip_len()),
+                rev_packets: 1,
+                rev_bytes: u64::from(reply.ip_len()),
+                new_flows: 1,
+            },
+            "XP_SVC_STATS[UDP]"
+        );
+        assert_eq!(h.ups_stats(UPS_UDP_ID), svc, "XP_UPS_STATS[UDP]");
+    });
+}
+
+/// A UDP checksum of 0 ("none") stays 0 through the rewrite, both directions.
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let p = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"no checksum")).udp_zero_checksum();
+        assert_eq!(&p.bytes()[ETH_HLEN + 26..ETH_HLEN + 28], &[0, 0]);
+        let (flow, run) = open_flow(
+            h,
+            "UDP with checksum 0, new flow",
+            p,
+            SVC_UDP_ID,
+            UPS_UDP,
+            UPS_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        assert_eq!(
+            &run.output[ETH_HLEN + 26..ETH_HLEN + 28],
+            &[0, 0],
+            "forward: checksum stays 0"
+        );
+        let reply = from_upstream(Packet::udp(flow.upstream, flow.snat, b"none either"))
+            .udp_zero_checksum();
+        let run = h.check(&Fixture::new(
+            "UDP reply with checksum 0",
+            reply.bytes(),
+            hi,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow.rev_out(&reply, ci)),
+        ));
+        assert_eq!(
+            &run.output[ETH_HLEN + 26..ETH_HLEN + 28],
+            &[0, 0],
+            "reply: checksum stays 0"
+        );
+    });
+}
+
+// =============================================================================================
+// Not ours: passed untouched.
+// =============================================================================================
+
+/// Packets to a port, protocol or address that is not a service (and no flow) are passed with
+/// their bytes unchanged, and create nothing.
+#[test]
+fn non_service_passes_unchanged() {
+    with_harness(|h| {
+        let ci = h.client_if;
+        let hi = h.home_if;
+        let cases = [
+            (
+                "TCP SYN to the service address, port 22",
+                from_client(Packet::tcp(
+                    CLIENT_A,
+                    SocketAddrV4::new(SERVICE_IP, 22),
+                    TCP_SYN,
+                )),
+                ci,
+            ),
+            (
+                "UDP to the TCP service's port",
+                from_client(Packet::udp(
+                    CLIENT_A,
+                    SocketAddrV4::new(SERVICE_IP, 80),
+                    b"x",
+                )),
+                ci,
+            ),
+            (
+                "TCP SYN to the UDP service's port",
+                from_client(Packet::tcp(CLIENT_A, SVC_UDP, TCP_SYN)),
+                ci,
+            ),
+            (
+                "TCP SYN to another address, port 80",
+                from_client(Packet::tcp(
+                    CLIENT_A,
+                    SocketAddrV4::new(Ipv4Addr::new(10, 10, 1, 9), 80),
+                    TCP_SYN,
+                )),
+                ci,
+            ),
+            (
+                "reply to a SNAT port without a flow (health-check reply)",
+                from_upstream(Packet::tcp(
+                    UPS_TCP,
+                    SocketAddrV4::new(SNAT_IP, 20_001),
+                    TCP_SYN | TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "UDP from an upstream to the SNAT address, no flow",
+                from_upstream(Packet::udp(
+                    UPS_UDP,
+                    SocketAddrV4::new(SNAT_IP, 25_000),
+                    b"late",
+                )),
+                hi,
+            ),
+        ];
+        for (desc, p, ingress) in cases {
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                ingress,
+                XDP_PASS,
+                Reason::PassNotService,
+            ));
+        }
+        assert_no_flows(h, "non-service packets");
+    });
+}
+
+/// Frames that are not IPv4 (ARP, IPv6, VLAN-tagged) are passed untouched.
+#[test]
+fn non_ipv4_frames_pass() {
+    with_harness(|h| {
+        let ipv4 = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+        let arp = {
+            let mut b = vec![0, 1, 8, 0, 6, 4, 0, 1];
+            b.extend_from_slice(&CLIENT_ROUTER_MAC);
+            b.extend_from_slice(&CLIENT_ROUTER.octets());
+            b.extend_from_slice(&[0; 6]);
+            b.extend_from_slice(&SERVICE_IP.octets());
+            b.extend_from_slice(&[0; 18]);
+            raw_frame([0xff; 6], CLIENT_ROUTER_MAC, ETH_P_ARP, &b)
+        };
+        let ipv6 = {
+            let mut b = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+            b.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            b.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+            b.extend_from_slice(&[0x9c, 0x40, 0, 53, 0, 8, 0, 0]);
+            raw_frame(CLIENT_DEV_MAC, CLIENT_ROUTER_MAC, ETH_P_IPV6, &b)
+        };
+        let vlan = {
+            // 802.1Q tag (VLAN 100) in front of an IPv4 SYN to the service.
+            let mut b = vec![0, 100];
+            b.extend_from_slice(&ETH_P_IP.to_be_bytes());
+            b.extend_from_slice(&ipv4[ETH_HLEN..]);
+            raw_frame(CLIENT_DEV_MAC, CLIENT_ROUTER_MAC, ETH_P_8021Q, &b)
+        };
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        for (desc, frame) in [
+            ("ARP request", arp),
+            ("IPv6 UDP", ipv6),
+            ("VLAN-tagged IPv4 SYN", vlan),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                h.client_if,
+                XDP_PASS,
+                Reason::PassNotIp,
+            ));
+        }
+        assert_no_flows(h, "non-IPv4 frames");
+    });
+}
+
+/// IPv4 but neither TCP nor UDP (ICMP echo to the service address): passed untouched.
+#[test]
+fn non_tcp_udp_passes() {
+    with_harness(|h| {
+        let echo = [8, 0, 0xf7, 0xfe, 0, 1, 0, 0];
+        let p = from_client(Packet::other(CLIENT_1, SERVICE_IP, IPPROTO_ICMP, &echo));
+        h.check(&Fixture::unchanged(
+            "ICMP echo to the service address",
+            p.bytes(),
+            h.client_if,
+            XDP_PASS,
+            Reason::PassNotTcpUdp,
+        ));
+    });
+}
+
+/// The config entry without CONFIG_F_READY: every packet is passed untouched.
+#[test]
+fn not_ready_config_passes() {
+    with_harness(|h| {
+        let cfg = NatConfig {
+            flags: 0,
+            ..h.config
+        };
+        h.set_config(cfg);
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        h.check(&Fixture::unchanged(
+            "TCP SYN to a service, config not ready",
+            p.bytes(),
+            h.client_if,
+            XDP_PASS,
+            Reason::PassNotReady,
+        ));
+        assert_no_flows(h, "not ready");
+    });
+}
+
+// =============================================================================================
+// Malformed, truncated, fragments, options.
+// =============================================================================================
+
+/// An Ethernet header cut short. The kernel refuses `data_in` under 14 bytes (EINVAL), so the
+/// frame is given whole but only its first 10 bytes are the linear part the program sees
+/// (`xdp_md.data_end = 10`; kernel 6.18 puts the rest of `data_in` in a fragment the program
+/// cannot read, and copies it back out unchanged). The inputs are chosen so that a program that
+/// saw the whole frame would answer differently (ARP: PassNotIp; the SYN: a new flow).
+#[test]
+fn truncated_ethernet_drops() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        let arp = raw_frame(CLIENT_DEV_MAC, CLIENT_ROUTER_MAC, ETH_P_ARP, &[0; 28]);
+        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+        for (desc, frame) in [
+            ("ARP frame, Ethernet header truncated to 10 bytes", arp),
+            (
+                "TCP SYN to a service, Ethernet header truncated to 10 bytes",
+                syn,
+            ),
+        ] {
+            let mut fx =
+                Fixture::unchanged(desc, frame, h.client_if, XDP_DROP, Reason::DropTruncated);
+            fx.linear_len = Some(10);
+            h.check(&fx);
+        }
+        assert_no_flows(h, "truncated Ethernet");
+    });
+}
+
+/// IPv4 header cut short (10 of 20 bytes), and a frame that ends right after Ethernet.
+#[test]
+fn truncated_ipv4_drops() {
+    with_harness(|h| {
+        let full = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+        for (desc, len) in [
+            ("IPv4 header truncated to 10 bytes", ETH_HLEN + 10),
+            ("Ethernet header only, EtherType IPv4", ETH_HLEN),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                full[..len].to_vec(),
+                h.client_if,
+                XDP_DROP,
+                Reason::DropTruncated,
+            ));
+        }
+        assert_no_flows(h, "truncated IPv4");
+    });
+}
+
+/// TCP header cut short: the frame ends 10 bytes into the TCP header (once with the IP total
+/// length telling the truth, once claiming the full segment).
+#[test]
+fn truncated_tcp_drops() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        let full = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+        let cut = ETH_HLEN + 20 + 10;
+        let mut honest = full[..cut].to_vec();
+        set_u16(&mut honest, ETH_HLEN + 2, 30);
+        fix_ip_checksum(&mut honest);
+        let claiming = full[..cut].to_vec();
+        for (desc, frame) in [
+            ("TCP header truncated to 10 bytes, IP length 30", honest),
+            ("TCP header truncated to 10 bytes, IP length 40", claiming),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                h.client_if,
+                XDP_DROP,
+                Reason::DropTruncated,
+            ));
+        }
+        assert_no_flows(h, "truncated TCP");
+    });
+}
+
+/// UDP header cut short: 4 of 8 bytes.
+#[test]
+fn truncated_udp_drops() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_UDP, IPPROTO_UDP),
+            SVC_UDP_ID,
+            UPS_UDP_ID,
+        );
+        let full = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"")).bytes();
+        let cut = ETH_HLEN + 20 + 4;
+        let mut honest = full[..cut].to_vec();
+        set_u16(&mut honest, ETH_HLEN + 2, 24);
+        fix_ip_checksum(&mut honest);
+        let claiming = full[..cut].to_vec();
+        for (desc, frame) in [
+            ("UDP header truncated to 4 bytes, IP length 24", honest),
+            ("UDP header truncated to 4 bytes, IP length 28", claiming),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                h.client_if,
+                XDP_DROP,
+                Reason::DropTruncated,
+            ));
+        }
+        assert_no_flows(h, "truncated UDP");
+    });
+}
+
+/// Malformed headers the contract also counts as truncated: IPv4 version != 4, IHL < 5, total
+/// length beyond the frame or shorter than the headers, TCP data offset < 5 or beyond the frame.
+#[test]
+fn malformed_headers_drop() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+        let ip = ETH_HLEN;
+        let tcp = ETH_HLEN + 20;
+        let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = syn.clone();
+            f(&mut b);
+            b
+        };
+        let cases = [
+            (
+                "IPv4 version 6 in an IPv4 frame",
+                edit(&|b| {
+                    b[ip] = 0x65;
+                    fix_ip_checksum(b);
+                }),
+            ),
+            (
+                "IPv4 IHL 4",
+                edit(&|b| {
+                    b[ip] = 0x44;
+                    b[ip + 10] = 0;
+                    b[ip + 11] = 0;
+                    let c = proxy_common::checksum::checksum(&b[ip..ip + 20]);
+                    set_u16(b, ip + 10, c);
+                }),
+            ),
+            (
+                "IPv4 total length beyond the frame",
+                edit(&|b| {
+                    set_u16(b, ip + 2, 41);
+                    fix_ip_checksum(b);
+                }),
+            ),
+            (
+                "IPv4 total length shorter than IP + TCP headers",
+                edit(&|b| {
+                    set_u16(b, ip + 2, 39);
+                    fix_ip_checksum(b);
+                }),
+            ),
+            ("TCP data offset 4", edit(&|b| b[tcp + 12] = 0x40)),
+            (
+                "TCP data offset 15, beyond the frame",
+                edit(&|b| b[tcp + 12] = 0xf0),
+            ),
+        ];
+        for (desc, frame) in cases {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                h.client_if,
+                XDP_DROP,
+                Reason::DropTruncated,
+            ));
+        }
+        assert_no_flows(h, "malformed headers");
+    });
+}
+
+/// IPv4 options (IHL > 5): never rewritten, passed untouched, even to a service.
+#[test]
+fn ipv4_options_pass() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        // Router alert (RFC 2113): 4 bytes, IHL 6.
+        let p =
+            from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).ip_options(&[0x94, 0x04, 0, 0]);
+        let b = p.bytes();
+        assert_eq!(b[ETH_HLEN], 0x46, "IHL 6");
+        h.check(&Fixture::unchanged(
+            "TCP SYN to a service with IPv4 options (IHL 6)",
+            b,
+            h.client_if,
+            XDP_PASS,
+            Reason::PassIpOptions,
+        ));
+        assert_no_flows(h, "IPv4 options");
+    });
+}
+
+/// IPv4 fragments (MF set, or a non-zero offset): never rewritten, passed untouched.
+#[test]
+fn ipv4_fragments_pass() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_UDP, IPPROTO_UDP),
+            SVC_UDP_ID,
+            UPS_UDP_ID,
+        );
+        let first = from_client(Packet::udp(CLIENT_A, SVC_UDP, &[0x55; 64])).frag(IP_MF);
+        // A later fragment: offset 9 (72 bytes), last one; its "UDP header" is payload data.
+        let later = from_client(Packet::udp(CLIENT_A, SVC_UDP, &[0x55; 24])).frag(9);
+        let middle = from_client(Packet::udp(CLIENT_A, SVC_UDP, &[0x55; 24])).frag(IP_MF | 9);
+        for (desc, p) in [
+            (
+                "first fragment (MF, offset 0) of a UDP datagram to a service",
+                first,
+            ),
+            ("last fragment (offset 72)", later),
+            ("middle fragment (MF, offset 72)", middle),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                h.client_if,
+                XDP_PASS,
+                Reason::PassFragment,
+            ));
+        }
+        // DF alone is not a fragment: the same datagram with DF is a new flow.
+        let df = from_client(Packet::udp(CLIENT_A, SVC_UDP, &[0x55; 64])).frag(IP_DF);
+        let r = h.run(&df.bytes(), h.client_if);
+        assert_eq!(r.action, XDP_REDIRECT, "DF-only datagram is forwarded");
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_FWD).len(),
+            1,
+            "only the DF datagram made a flow"
+        );
+    });
+}
+
+/// TTL 1 (and 0) cannot be forwarded: dropped, nothing rewritten. Checked on an established
+/// flow (so it is the forwarding step, not flow creation, that decides).
+#[test]
+fn ttl_1_drops() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        let svc_before = h.svc_stats(SVC_TCP_ID);
+        for ttl in [1, 0] {
+            let p = flow
+                .client_tcp(TCP_ACK)
+                .seq_ack(0x1000_0002, 0x5000_0002)
+                .ttl(ttl);
+            h.check(&Fixture::unchanged(
+                format!("TCP ACK of an established flow with TTL {ttl}"),
+                p.bytes(),
+                h.client_if,
+                XDP_DROP,
+                Reason::DropTtlExceeded,
+            ));
+        }
+        let p = flow.upstream_tcp(TCP_ACK).ttl(1);
+        h.check(&Fixture::unchanged(
+            "TCP ACK from the upstream with TTL 1",
+            p.bytes(),
+            h.home_if,
+            XDP_DROP,
+            Reason::DropTtlExceeded,
+        ));
+        // Step 8 (entry accounting) comes before step 9: the dropped packets are counted in
+        // their entries.
+        let fwd = h.fwd_flow(&flow.fwd_tuple().key()).unwrap_or_default();
+        let rev = h.rev_flow(&flow.rev_tuple().key()).unwrap_or_default();
+        assert_eq!(
+            (fwd.packets, rev.packets),
+            (1 + 2, 1 + 1),
+            "entry packets after TTL drops"
+        );
+        let svc = h.svc_stats(SVC_TCP_ID);
+        assert_eq!(
+            (svc.fwd_packets, svc.rev_packets),
+            (svc_before.fwd_packets, svc_before.rev_packets),
+            "dropped packets are neither forwarded nor passed: no fwd_/rev_ counts"
+        );
+        // TTL 2 still goes through, leaving with TTL 1.
+        let p = flow
+            .client_tcp(TCP_ACK)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .ttl(2);
+        h.check(&Fixture::new(
+            "TCP ACK with TTL 2",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        // The SYN of a new flow with TTL 1 is dropped too. Steps 7 and 8 come before step 9, so
+        // the flow exists afterwards (with this packet counted in its entry), but no traffic
+        // counter moved.
+        let t = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
+        let p = from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)).ttl(1);
+        let svc_before = h.svc_stats(SVC_TCP_ID);
+        h.check(&Fixture::unchanged(
+            "TCP SYN of a new flow with TTL 1",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropTtlExceeded,
+        ));
+        let fwd = h
+            .fwd_flow(&t.key())
+            .unwrap_or_else(|| panic!("TTL-1 SYN: flow created"));
+        assert_eq!(
+            (fwd.packets, fwd.bytes),
+            (1, u64::from(p.ip_len())),
+            "TTL-1 SYN entry"
+        );
+        let svc = h.svc_stats(SVC_TCP_ID);
+        assert_eq!(
+            (svc.fwd_packets, svc.new_flows),
+            (svc_before.fwd_packets, svc_before.new_flows + 1),
+            "TTL-1 SYN: a new flow, no forwarded packet"
+        );
+    });
+}
+
+// =============================================================================================
+// Upstream choice, SNAT ports, next hops.
+// =============================================================================================
+
+/// Ports are exhausted: every probed SNAT port already has a reverse entry for this upstream.
+/// Once with a 4-port range (all taken), once with the default range where exactly the
+/// SNAT_PORT_PROBES probed ports are taken (other ports are free but never probed). Dropped,
+/// nothing written, never a reused port.
+#[test]
+fn snat_ports_exhausted() {
+    with_harness(|h| {
+        let occupy = |h: &mut Harness, t: &Tuple, ups: SocketAddrV4| {
+            for port in t.snat_probe_ports(&h.config) {
+                let other = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), port);
+                let key = Tuple::new(ups, SocketAddrV4::new(SNAT_IP, port), t.proto).key();
+                h.insert_rev_flow(
+                    key,
+                    flow_value(SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_ID),
+                );
+            }
+        };
+        // Default range: the 32 probed ports of this tuple are taken.
+        let t = Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
+        occupy(h, &t, UPS_TCP);
+        let rev_before = h.all_flows(MAP_FLOWS_REV);
+        assert_eq!(rev_before.len(), 32);
+        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        h.check(&Fixture::unchanged(
+            "TCP SYN, all 32 probed SNAT ports taken",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropSnatExhausted,
+        ));
+        // Small range: all 4 ports taken.
+        h.set_config(NatConfig {
+            port_min: 30_000,
+            port_max: 30_003,
+            ..h.config
+        });
+        let t = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
+        occupy(h, &t, UPS_TCP);
+        let p = from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN));
+        h.check(&Fixture::unchanged(
+            "TCP SYN, 4-port range, all taken",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropSnatExhausted,
+        ));
+        assert!(
+            h.all_flows(MAP_FLOWS_FWD).is_empty(),
+            "no forward entry written"
+        );
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_REV).len(),
+            36,
+            "no reverse entry written or removed"
+        );
+        for (k, v) in rev_before {
+            assert_eq!(
+                h.rev_flow(&k),
+                Some(v),
+                "pre-existing reverse entry untouched"
+            );
+        }
+        assert_eq!(
+            h.svc_stats(SVC_TCP_ID),
+            TrafficCounters::default(),
+            "XP_SVC_STATS"
+        );
+        assert_eq!(
+            h.ups_stats(UPS_TCP_ID),
+            TrafficCounters::default(),
+            "XP_UPS_STATS"
+        );
+    });
+}
+
+/// Taken ports are skipped in probe order: with the first 5 probed ports of a tuple taken, the
+/// new flow gets the 6th. A port taken for another upstream does not count.
+#[test]
+fn snat_probe_skips_taken_ports() {
+    with_harness(|h| {
+        let t = Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP);
+        let probes = t.snat_probe_ports(&h.config);
+        for &port in &probes[..5] {
+            let key = Tuple::new(UPS_TCP, SocketAddrV4::new(SNAT_IP, port), IPPROTO_TCP).key();
+            let other = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), port);
+            h.insert_rev_flow(
+                key,
+                flow_value(SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_ID),
+            );
+        }
+        // The 6th probe is taken, but for upstream 5 (other port): free for upstream 1.
+        let key = Tuple::new(
+            UPS_TCP_2,
+            SocketAddrV4::new(SNAT_IP, probes[5]),
+            IPPROTO_TCP,
+        )
+        .key();
+        h.insert_rev_flow(
+            key,
+            flow_value(SVC_TCP, CLIENT_B, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_2_ID),
+        );
+        let flow = open_tcp(h);
+        assert_eq!(
+            flow.snat.port(),
+            probes[5],
+            "6th probe (first free for this upstream)"
+        );
+    });
+}
+
+/// The Maglev slot chosen by flow_hash picks the upstream: two flows steered to two upstreams
+/// each go to theirs.
+#[test]
+fn maglev_slot_selects_upstream() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let (a, _) = open_flow(
+            h,
+            "TCP SYN steered to upstream 1",
+            from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let tb = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
+        assert_ne!(
+            tb.maglev_slot(),
+            a.fwd_tuple().maglev_slot(),
+            "test needs two distinct slots"
+        );
+        let (b, _) = open_flow(
+            h,
+            "TCP SYN steered to upstream 5",
+            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            UPS_TCP_2,
+            UPS_TCP_2_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        assert_eq!((a.upstream, b.upstream), (UPS_TCP, UPS_TCP_2));
+    });
+}
+
+/// Bad Maglev slots drop the new flow: empty slot (id 0), an inactive upstream slot, an id
+/// beyond MAX_UPSTREAMS. Nothing is written.
+#[test]
+fn maglev_bad_upstream_drops() {
+    with_harness(|h| {
+        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let t = p.tuple();
+        h.set_upstream(
+            7,
+            UpstreamValue {
+                flags: 0,
+                ..upstream(UPS_TCP)
+            },
+        );
+        for (desc, id) in [
+            ("Maglev slot empty (upstream 0)", 0),
+            ("Maglev slot -> inactive upstream 7", 7),
+            ("Maglev slot -> upstream id MAX_UPSTREAMS", MAX_UPSTREAMS),
+        ] {
+            h.steer(&t, SVC_TCP_ID, id);
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                h.client_if,
+                XDP_DROP,
+                Reason::DropBadUpstream,
+            ));
+        }
+        assert_no_flows(h, "bad upstream");
+    });
+}
+
+/// A service whose upstream flag is unset: new flows are passed untouched.
+#[test]
+fn service_without_upstreams_passes() {
+    with_harness(|h| {
+        let p = from_client(Packet::tcp(CLIENT_A, SVC_EMPTY, TCP_SYN));
+        h.steer(&p.tuple(), SVC_EMPTY_ID, UPS_TCP_ID);
+        h.check(&Fixture::unchanged(
+            "TCP SYN to a service without upstreams",
+            p.bytes(),
+            h.client_if,
+            XDP_PASS,
+            Reason::PassNoUpstream,
+        ));
+        assert_no_flows(h, "no upstream");
+    });
+}
+
+/// The upstream's next hop has no neighbour entry (FIB: NO_NEIGH): the packet is rewritten
+/// (addresses, ports, checksums) but keeps its TTL and MACs, and is passed to the kernel. The
+/// flow exists, and its next packet takes the same path.
+#[test]
+fn no_neigh_passes_rewritten() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let (flow, _) = open_flow(
+            h,
+            "TCP SYN to an upstream without a neighbour entry",
+            from_client(Packet::tcp(CLIENT_A, SVC_NO_NEIGH, TCP_SYN)),
+            SVC_NO_NEIGH_ID,
+            UPS_NO_NEIGH,
+            UPS_NO_NEIGH_ID,
+            ci,
+            hi,
+            XDP_PASS,
+            Reason::PassNoNeigh,
+        );
+        let p = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
+        h.check(&Fixture::new(
+            "TCP ACK of that flow, still no neighbour",
+            p.bytes(),
+            ci,
+            XDP_PASS,
+            Reason::PassNoNeigh,
+            Expect::Bytes(rewritten_only(&p, flow.snat, flow.upstream)),
+        ));
+        let svc = h.svc_stats(SVC_NO_NEIGH_ID);
+        assert_eq!(
+            svc.fwd_packets, 2,
+            "passed flow packets count as fwd_packets"
+        );
+    });
+}
+
+/// No route to the upstream (FIB lookup fails otherwise): rewritten, TTL and MACs untouched,
+/// passed, counted `PassFibFailed`.
+#[test]
+fn fib_failure_passes_rewritten() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        open_flow(
+            h,
+            "TCP SYN to an upstream without a route",
+            from_client(Packet::tcp(CLIENT_A, SVC_NO_ROUTE, TCP_SYN)),
+            SVC_NO_ROUTE_ID,
+            UPS_NO_ROUTE,
+            UPS_NO_ROUTE_ID,
+            ci,
+            hi,
+            XDP_PASS,
+            Reason::PassFibFailed,
+        );
+    });
+}
+
+/// The egress interface is missing from the devmap: XDP_REDIRECT is impossible, the packet is
+/// dropped (`DropRedirectFailed`). The rewrite already happened (docs step 9: rewrite, then
+/// redirect), so the dropped frame carries it.
+#[test]
+fn redirect_without_devmap_entry_drops() {
+    with_harness(|h| {
+        let hi = h.home_if;
+        h.devmap_remove(hi.ifindex);
+        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let t = p.tuple();
+        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
+        let port = expected_snat_port(h, &t, UPS_TCP).unwrap_or_else(|| panic!("no free port"));
+        let out = forwarded(
+            &p,
+            SocketAddrV4::new(SNAT_IP, port),
+            UPS_TCP,
+            hi,
+            UPSTREAM_MAC,
+        );
+        h.check(&Fixture::new(
+            "TCP SYN, egress interface not in the devmap",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropRedirectFailed,
+            Expect::Bytes(out),
+        ));
+    });
+}
