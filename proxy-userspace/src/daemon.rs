@@ -319,7 +319,17 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let mut expiry_tick = tokio::time::interval(opts.expiry_interval);
     expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let max_scan = p.config.datapath.max_flows as usize * 2;
+    // Bound each expiry scan by twice the table size (iteration may restart while the datapath
+    // inserts and evicts).
+    let capacity = match &datapath {
+        Some(dp) => dp
+            .lock()
+            .map_err(|_| DaemonError::Poisoned)?
+            .maps
+            .flow_capacity()?,
+        None => p.config.datapath.max_flows,
+    };
+    let max_scan = capacity as usize * 2;
     tracing::info!(config = %p.config.source.display(), "xdp-proxy running");
 
     loop {

@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         xdp::XdpMapError,
     },
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
@@ -436,6 +436,18 @@ impl Maps {
                 Ok((id, sum_counters(&v)))
             })
             .collect()
+    }
+
+    /// Capacity (max entries) of the forward flow table as the kernel has it: a pinned table
+    /// keeps its size across restarts even when `max_flows` changed.
+    ///
+    /// # Errors
+    /// Map info failure.
+    pub fn flow_capacity(&self) -> Result<u32> {
+        let info = IterableMap::map(&self.flows_fwd)
+            .info()
+            .map_err(map_err(MAP_FLOWS_FWD, "info"))?;
+        Ok(info.max_entries())
     }
 
     /// The Maglev table of service `id` (`MAGLEV_SIZE` upstream ids).

@@ -111,6 +111,7 @@ fn load_fill_read_reopen_reload() {
         assert!(maps.flows(100).unwrap().is_empty());
     };
     check(&dp.maps);
+    assert_eq!(dp.maps.flow_capacity().unwrap(), 1024);
     drop(dp);
 
     // The pins alone (as `inspect` reads them).
@@ -122,7 +123,9 @@ fn load_fill_read_reopen_reload() {
     // fresh assignment would differ.
     let mut reordered = config.clone();
     reordered.services.reverse();
-    let mut dp = Datapath::load(proxy_ebpf_object::EBPF_OBJECT, &pin_dir, 1024).unwrap();
+    // A different max_flows: the pinned table (and its flows) is kept at its size.
+    let mut dp = Datapath::load(proxy_ebpf_object::EBPF_OBJECT, &pin_dir, 2048).unwrap();
+    assert_eq!(dp.maps.flow_capacity().unwrap(), 1024);
     let (s, u) = existing(&dp.maps);
     assert_eq!(s.len(), 2);
     let plan2 = plan::build(&reordered, snat, &s, &u).unwrap();
