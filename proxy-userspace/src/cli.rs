@@ -65,6 +65,10 @@ pub enum InspectCommand {
     Stats(InspectArgs),
     /// Forward flows with their reverse entries.
     Flows(InspectArgs),
+    /// Services in the datapath with their Maglev slot shares.
+    Services(InspectArgs),
+    /// Active upstream slots.
+    Upstreams(InspectArgs),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +173,29 @@ fn inspect_cmd(what: &InspectCommand) -> Result<String, CliError> {
                 serde_json::to_string_pretty(&rows)? + "\n"
             } else {
                 inspect::render_flows(&rows)
+            })
+        }
+        InspectCommand::Services(args) => {
+            let maps = Maps::open_pinned(&args.pin_dir)?;
+            let services = maps.services()?;
+            let tables = services
+                .iter()
+                .map(|(_, v)| Ok((v.id, maps.maglev_table(v.id)?)))
+                .collect::<Result<Vec<_>, DatapathError>>()?;
+            let rows = inspect::build_services(&services, &maps.upstream_slots()?, &tables);
+            Ok(if args.json {
+                serde_json::to_string_pretty(&rows)? + "\n"
+            } else {
+                inspect::render_services(&rows)
+            })
+        }
+        InspectCommand::Upstreams(args) => {
+            let maps = Maps::open_pinned(&args.pin_dir)?;
+            let rows = inspect::build_upstreams(&maps.upstream_slots()?);
+            Ok(if args.json {
+                serde_json::to_string_pretty(&rows)? + "\n"
+            } else {
+                inspect::render_upstreams(&rows)
             })
         }
     }

@@ -192,6 +192,139 @@ pub fn render_stats(r: &StatsReport) -> String {
     out
 }
 
+/// One upstream's share of a service's Maglev table.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TableShare {
+    pub upstream_id: u32,
+    /// null when the slot's upstream id has no active slot (a broken table).
+    pub addr: Option<String>,
+    pub slots: u32,
+}
+
+/// One service, as `inspect services` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceRow {
+    pub id: u32,
+    pub listen: String,
+    pub proto: Option<&'static str>,
+    pub has_upstreams: bool,
+    /// Maglev slots per upstream, by upstream id (slots of id 0 are `empty_slots`).
+    pub table: Vec<TableShare>,
+    pub empty_slots: u32,
+}
+
+/// Rows for `inspect services`, by id; `tables` holds each service id's Maglev table.
+#[must_use]
+pub fn build_services(
+    services: &[(ServiceKey, ServiceValue)],
+    upstreams: &[(u32, UpstreamValue)],
+    tables: &[(u32, Vec<u32>)],
+) -> Vec<ServiceRow> {
+    let mut rows: Vec<ServiceRow> = services
+        .iter()
+        .map(|(k, v)| {
+            let mut counts: std::collections::BTreeMap<u32, u32> =
+                std::collections::BTreeMap::new();
+            if let Some((_, t)) = tables.iter().find(|(id, _)| *id == v.id) {
+                for up in t {
+                    *counts.entry(*up).or_insert(0) += 1;
+                }
+            }
+            let empty_slots = counts.remove(&0).unwrap_or(0);
+            ServiceRow {
+                id: v.id,
+                listen: service_listen(k),
+                proto: Protocol::from_number(k.proto).map(Protocol::name),
+                has_upstreams: v.flags & proxy_common::SERVICE_F_HAS_UPSTREAMS != 0,
+                table: counts
+                    .into_iter()
+                    .map(|(upstream_id, slots)| TableShare {
+                        upstream_id,
+                        addr: upstreams
+                            .iter()
+                            .find(|(i, _)| *i == upstream_id)
+                            .map(|(_, u)| upstream_addr(u).to_string()),
+                        slots,
+                    })
+                    .collect(),
+                empty_slots,
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    rows
+}
+
+/// Human table of services.
+#[must_use]
+pub fn render_services(rows: &[ServiceRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<21}  {:<5}  {:<9}  MAGLEV SLOTS (upstream id addr: slots)",
+        "SVC", "LISTEN", "PROTO", "UPSTREAMS"
+    );
+    for r in rows {
+        let mut shares: Vec<String> = r
+            .table
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {}: {}",
+                    t.upstream_id,
+                    t.addr.as_deref().unwrap_or("(no slot!)"),
+                    t.slots
+                )
+            })
+            .collect();
+        if r.empty_slots > 0 {
+            shares.push(format!("empty: {}", r.empty_slots));
+        }
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<21}  {:<5}  {:<9}  {}",
+            r.id,
+            r.listen,
+            r.proto.unwrap_or("-"),
+            if r.has_upstreams { "yes" } else { "none" },
+            shares.join(", ")
+        );
+    }
+    out
+}
+
+/// One active upstream slot, as `inspect upstreams` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpstreamRow {
+    pub id: u32,
+    pub addr: String,
+}
+
+/// Rows for `inspect upstreams`, by id.
+#[must_use]
+pub fn build_upstreams(upstreams: &[(u32, UpstreamValue)]) -> Vec<UpstreamRow> {
+    let mut rows: Vec<UpstreamRow> = upstreams
+        .iter()
+        .map(|(id, v)| UpstreamRow {
+            id: *id,
+            addr: upstream_addr(v).to_string(),
+        })
+        .collect();
+    rows.sort_by_key(|r| r.id);
+    rows
+}
+
+/// Human table of upstreams.
+#[must_use]
+pub fn render_upstreams(rows: &[UpstreamRow]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{:>4}  ADDR", "UPS");
+    for r in rows {
+        let _ = writeln!(out, "{:>4}  {}", r.id, r.addr);
+    }
+    out
+}
+
 /// One forward flow, as `inspect flows` shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FlowRow {
@@ -402,6 +535,53 @@ mod tests {
         }
         assert!(t.contains("10.10.1.1:80"));
         assert!(t.contains("10.20.1.2:8080"));
+    }
+
+    #[test]
+    fn service_rows_count_maglev_shares() {
+        let key = service_key("10.10.1.1:80".parse().unwrap(), Protocol::Tcp);
+        let services = [(key, ServiceValue { id: 3, flags: 1 })];
+        let ups = [
+            (1, upstream_value("10.20.1.2:80".parse().unwrap())),
+            (2, upstream_value("10.20.1.3:80".parse().unwrap())),
+        ];
+        let tables = [(3, vec![1, 2, 2, 0, 7])];
+        let rows = build_services(&services, &ups, &tables);
+        assert_eq!(rows.len(), 1);
+        let r = &rows[0];
+        assert_eq!(
+            (r.id, r.listen.as_str(), r.proto),
+            (3, "10.10.1.1:80", Some("tcp"))
+        );
+        assert!(r.has_upstreams);
+        assert_eq!(r.empty_slots, 1);
+        let shares: Vec<(u32, Option<&str>, u32)> = r
+            .table
+            .iter()
+            .map(|t| (t.upstream_id, t.addr.as_deref(), t.slots))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                (1, Some("10.20.1.2:80"), 1),
+                (2, Some("10.20.1.3:80"), 2),
+                (7, None, 1)
+            ]
+        );
+        let t = render_services(&rows);
+        assert!(
+            t.contains("2 10.20.1.3:80: 2") && t.contains("7 (no slot!): 1"),
+            "{t}"
+        );
+        let u = build_upstreams(&ups);
+        assert_eq!(
+            u[1],
+            UpstreamRow {
+                id: 2,
+                addr: "10.20.1.3:80".into()
+            }
+        );
+        assert!(render_upstreams(&u).contains("   1  10.20.1.2:80"));
     }
 
     #[test]
