@@ -400,7 +400,7 @@ pub struct Lab {
     run_dir: PathBuf,
     bpffs: Option<PathBuf>,
     /// Things to drop before the namespaces go (for example XDP programs loaded by the test).
-    holders: Vec<Box<dyn std::any::Any>>,
+    holders: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Lab {
@@ -488,7 +488,7 @@ impl Lab {
     }
 
     /// Keep `thing` alive until the lab is torn down (dropped before the namespaces go).
-    pub fn hold(&mut self, thing: Box<dyn std::any::Any>) {
+    pub fn hold(&mut self, thing: Box<dyn std::any::Any + Send>) {
         self.holders.push(thing);
     }
 
@@ -684,6 +684,36 @@ pub fn gro_on(ns: &Netns, dev: &str) -> Result<()> {
     ns.exec("ethtool", &["-K", dev, "gro", "on"]).map(drop)
 }
 
+/// Attach the project's own XDP program, with fresh unconfigured maps of its own, to `dev` in
+/// `ns`. Unconfigured, it passes every packet (`PassNotReady`); its only purpose is to be there:
+/// a veth flushes the frames its peer sends with XDP_TX only when it has an XDP program itself
+/// (GRO is not enough: the frames wait in its ring until other traffic wakes it). The returned
+/// object keeps the attachment; hand it to [`Lab::hold`].
+pub fn attach_pass_program(ns: &Netns, dev: &str) -> Result<Box<dyn std::any::Any + Send>> {
+    let dev = dev.to_owned();
+    ns.run_blocking(move || {
+        use aya::programs::{Xdp, XdpMode};
+        // Small flow tables: this copy never holds a flow.
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(proxy_common::MAP_FLOWS_FWD, 16)
+            .map_max_entries(proxy_common::MAP_FLOWS_REV, 16)
+            .load(proxy_ebpf_object::EBPF_OBJECT)
+            .context("loading the XDP object (as a pass-everything program)")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(proxy_common::PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("no program {} in the object", proxy_common::PROGRAM_NAME))?
+            .try_into()
+            .context("not an XDP program")?;
+        program.load().context("loading the XDP program")?;
+        // Attached through bpf_link in this thread's namespace; the link lives as long as
+        // `ebpf` (the program owns its links).
+        program
+            .attach(&dev, XdpMode::Driver)
+            .with_context(|| format!("attaching XDP to {dev}"))?;
+        Ok(Box::new(ebpf) as Box<dyn std::any::Any + Send>)
+    })
+}
+
 /// Whether an XDP program is attached to `dev` in `ns` (per `ip -d link show`).
 pub fn has_xdp(ns: &Netns, dev: &str) -> Result<bool> {
     let out = ns.ip(&["-d", "link", "show", "dev", dev])?;
@@ -806,7 +836,8 @@ impl TwoInterface {
 ///   home: `h0` 10.50.0.3/24.
 ///
 /// Transmit checksum offload is off on `c0` and `h0`. XDP_TX on `p0` delivers to its peer `bp`
-/// only when `bp` has GRO on (set here) or an XDP program.
+/// only when `bp` has an XDP program: the project's program, unconfigured (passes everything),
+/// is attached there (see [`attach_pass_program`]).
 pub struct OneInterface {
     pub lab: Lab,
     pub bridge: Netns,
@@ -839,9 +870,10 @@ impl OneInterface {
         for (ns, dev) in [(&client, CLIENT_DEV), (&home, HOME_DEV)] {
             tx_checksum_off(ns, dev)?;
         }
-        // Frames the proxy sends back out of p0 with XDP_TX arrive at bp through the veth's
-        // XDP transmit path, which delivers only when bp has NAPI on: GRO (or an XDP program).
-        gro_on(&bridge, BRIDGE_PROXY_PORT)?;
+        // Frames the proxy sends back out of p0 with XDP_TX are flushed into bp only when bp
+        // has an XDP program of its own.
+        let pass = attach_pass_program(&bridge, BRIDGE_PROXY_PORT)?;
+        lab.hold(pass);
         Ok(Self {
             lab,
             bridge,
