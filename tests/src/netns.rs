@@ -917,15 +917,15 @@ pub fn daemon_binary() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Run `xdp-proxy inspect stats --json --pin-dir DIR` (from the host: pins are namespace-free)
-/// and parse its output.
-pub fn inspect_stats_json(daemon: &Path, pin_dir: &Path) -> Result<serde_json::Value> {
+/// Run `xdp-proxy inspect WHAT --json --pin-dir DIR` (from the host: pins are
+/// namespace-free) and parse its output.
+pub fn inspect_json(daemon: &Path, pin_dir: &Path, what: &str) -> Result<serde_json::Value> {
     let out = run_cmd(
         Command::new(daemon)
-            .args(["inspect", "stats", "--json", "--pin-dir"])
+            .args(["inspect", what, "--json", "--pin-dir"])
             .arg(pin_dir),
     )?;
-    serde_json::from_str(&out).with_context(|| format!("inspect stats: not JSON: {out}"))
+    serde_json::from_str(&out).with_context(|| format!("inspect {what}: not JSON: {out}"))
 }
 
 /// A running `xdp-proxy run` inside a lab's proxy namespace.
@@ -997,7 +997,12 @@ impl Daemon {
 
     /// `xdp-proxy inspect stats --json` on this daemon's pins.
     pub fn stats(&self) -> Result<serde_json::Value> {
-        inspect_stats_json(&self.bin, &self.pin_dir)
+        self.inspect_json("stats")
+    }
+
+    /// `xdp-proxy inspect WHAT --json` (stats, flows, services, upstreams) on this daemon's pins.
+    pub fn inspect_json(&self, what: &str) -> Result<serde_json::Value> {
+        inspect_json(&self.bin, &self.pin_dir, what)
     }
 
     /// `xdp-proxy inspect stats` (human table).

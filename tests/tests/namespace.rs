@@ -374,6 +374,116 @@ fn check_counters(
     Ok(())
 }
 
+/// Per-upstream counters add up to the per-service ones (every flow packet bumps both).
+fn check_upstream_sums(stats: &Stats) -> Result<()> {
+    let sum = |list: &str, key: &str| -> u64 {
+        stats
+            .0
+            .get(list)
+            .and_then(Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .filter_map(|e| e.get(key).and_then(Value::as_u64))
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    for key in [
+        "new_flows",
+        "fwd_packets",
+        "fwd_bytes",
+        "rev_packets",
+        "rev_bytes",
+    ] {
+        let (svc, ups) = (sum("services", key), sum("upstreams", key));
+        ensure!(
+            svc == ups,
+            "{key}: services add up to {svc}, upstreams to {ups}"
+        );
+    }
+    Ok(())
+}
+
+/// Counters once the traffic's tail (FIN exchanges of closed connections) has passed: two
+/// reads in a row that agree (bounded).
+fn settled_stats(daemon: &Daemon) -> Result<Stats> {
+    let mut last = daemon.stats()?;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = daemon.stats()?;
+        if now == last {
+            return Ok(Stats(now));
+        }
+        last = now;
+    }
+    Err(anyhow!("counters still moving after 10 s: {last}"))
+}
+
+/// The flow table (`inspect flows --json`) holds every proxied TCP connection: from the client,
+/// to the upstream, through the SNAT address with a port in range, answered, and no SNAT port
+/// twice; and the ports the home server saw are those of these flows.
+fn check_flows(
+    daemon: &Daemon,
+    home: &HomeStats,
+    client: Ipv4Addr,
+    snat: Ipv4Addr,
+    tcp_service: SocketAddr,
+    upstream: SocketAddr,
+) -> Result<()> {
+    let json = daemon.inspect_json("flows")?;
+    let rows = json
+        .as_array()
+        .or_else(|| json.get("flows").and_then(Value::as_array))
+        .ok_or_else(|| anyhow!("inspect flows: not a list: {json}"))?;
+    let text = |row: &Value, key: &str| row.get(key).and_then(Value::as_str).map(str::to_owned);
+    let tcp_service = tcp_service.to_string();
+    let mut ports = BTreeSet::new();
+    for row in rows.iter().filter(|r| {
+        text(r, "proto").as_deref() == Some("tcp")
+            && text(r, "service").as_deref() == Some(tcp_service.as_str())
+    }) {
+        let client_addr: SocketAddr = text(row, "client")
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("flow without client: {row}"))?;
+        let port = row
+            .get("snat_port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or_else(|| anyhow!("flow without snat_port: {row}"))?;
+        let replied = row
+            .get("flags")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|x| x.as_str() == Some("replied")));
+        ensure!(
+            client_addr.ip() == IpAddr::V4(client)
+                && text(row, "upstream") == Some(upstream.to_string())
+                && text(row, "snat") == Some(snat.to_string())
+                && (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&port)
+                && row.get("has_reverse").and_then(Value::as_bool) == Some(true)
+                && replied,
+            "unexpected flow: {row}"
+        );
+        ensure!(ports.insert(port), "SNAT port {port} used by two flows");
+    }
+    ensure!(
+        ports.len() > CONNECTIONS,
+        "{} TCP flows in the table, want > {CONNECTIONS}",
+        ports.len()
+    );
+    let seen: BTreeSet<u16> = home
+        .tcp_peers()
+        .iter()
+        .map(SocketAddr::port)
+        .filter(|p| (SNAT_PORTS.0..=SNAT_PORTS.1).contains(p))
+        .collect();
+    ensure!(
+        seen.is_subset(&ports),
+        "home saw SNAT ports that no flow holds: {:?}",
+        seen.difference(&ports).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
 fn print_counters(stats: &Stats) {
     let reasons = stats.0.get("reasons").cloned().unwrap_or(Value::Null);
     let nonzero: Vec<String> = reasons
@@ -441,50 +551,60 @@ upstreams = ["{upstream}"]
     )
 }
 
+/// One shape's namespaces and addresses, as the daemon scenario needs them.
+struct Scenario<'a> {
+    client: &'a Netns,
+    proxy: &'a Netns,
+    home: &'a Netns,
+    /// The proxy interfaces XDP attaches to.
+    interfaces: &'a [&'a str],
+    client_addr: Ipv4Addr,
+    /// The service address (both services listen there).
+    service_addr: Ipv4Addr,
+    snat: Ipv4Addr,
+    home_addr: Ipv4Addr,
+    home_cidr: &'a str,
+    /// How this shape forwards (`redirect` or `tx`), and how it never does.
+    verdict: &'a str,
+    other_verdict: &'a str,
+}
+
 /// Start the daemon, wait until it is ready, run the traffic, check everything, stop it (it
 /// must exit cleanly and detach from every interface).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one place spells out a whole scenario"
-)]
-fn daemon_scenario(
-    lab: &mut Lab,
-    client: &Netns,
-    proxy: &Netns,
-    home_ns: &Netns,
-    interfaces: &[&str],
-    snat: Ipv4Addr,
-    home_cidr: &str,
-    tcp_service: SocketAddr,
-    udp_service: SocketAddr,
-    home_addr: Ipv4Addr,
-    verdict: &str,
-    other_verdict: &str,
-) -> Result<()> {
-    let upstream = two::sock(home_addr, HOME_PORT);
-    let home = HomeServer::start(home_ns, upstream, Some(upstream), CLIENT_LIMIT * 2)?;
+fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
+    let tcp_service = two::sock(sc.service_addr, TCP_SERVICE_PORT);
+    let udp_service = two::sock(sc.service_addr, UDP_SERVICE_PORT);
+    let upstream = two::sock(sc.home_addr, HOME_PORT);
+    let home = HomeServer::start(sc.home, upstream, Some(upstream), CLIENT_LIMIT * 2)?;
     let pin_dir = lab.mount_bpffs()?;
     let config = daemon_config(
-        interfaces,
+        sc.interfaces,
         &pin_dir,
-        snat,
-        home_cidr,
+        sc.snat,
+        sc.home_cidr,
         tcp_service,
         udp_service,
         upstream,
     );
-    let daemon = Daemon::start(lab, proxy, &config)?;
-    daemon.wait_ready(lab, proxy, interfaces, 2, Duration::from_secs(30), || false)?;
+    let daemon = Daemon::start(lab, sc.proxy, &config)?;
+    daemon.wait_ready(
+        lab,
+        sc.proxy,
+        sc.interfaces,
+        2,
+        Duration::from_secs(30),
+        || false,
+    )?;
     for (key, want) in [
         ("net.ipv4.ip_forward", "1"),
         ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.all.accept_local", "1"),
     ] {
-        let got = proxy.read_sysctl(key)?;
+        let got = sc.proxy.read_sysctl(key)?;
         ensure!(got == want, "daemon left {key} = {got}, want {want}");
     }
 
-    let run = run_traffic(client, proxy, home.stats(), tcp_service, udp_service);
-    let run = match run {
+    let run = match run_traffic(sc.client, sc.proxy, home.stats(), tcp_service, udp_service) {
         Ok(run) => run,
         Err(e) => {
             if let Ok(stats) = daemon.stats() {
@@ -496,18 +616,27 @@ fn daemon_scenario(
             )));
         }
     };
-    let stats = Stats(daemon.stats()?);
-    print_run(verdict, &run, home.stats());
+    let stats = settled_stats(&daemon)?;
+    print_run(sc.verdict, &run, home.stats());
     print_counters(&stats);
 
-    check_home(home.stats(), &run, snat, ephemeral_range(proxy)?)?;
+    check_home(home.stats(), &run, sc.snat, ephemeral_range(sc.proxy)?)?;
     check_counters(
         &stats,
         &run,
         tcp_service,
         udp_service,
-        verdict,
-        other_verdict,
+        sc.verdict,
+        sc.other_verdict,
+    )?;
+    check_upstream_sums(&stats)?;
+    check_flows(
+        &daemon,
+        home.stats(),
+        sc.client_addr,
+        sc.snat,
+        tcp_service,
+        upstream,
     )?;
     ensure!(
         run.forw_delta() <= FORW_DATAGRAMS_SLACK,
@@ -522,9 +651,9 @@ fn daemon_scenario(
         "daemon exited with {status} after SIGTERM\n{}",
         lab.log_tail(daemon.pid, 20)
     );
-    for dev in interfaces {
+    for dev in sc.interfaces {
         ensure!(
-            !netns::has_xdp(proxy, dev)?,
+            !netns::has_xdp(sc.proxy, dev)?,
             "XDP program still attached to {dev} after the daemon stopped"
         );
     }
@@ -614,20 +743,20 @@ fn two_interface_xdp() -> Result<()> {
     let _serial = serial();
     let mut topo = TwoInterface::new("two")?;
     let id = topo.lab.id().to_owned();
-    daemon_scenario(
-        &mut topo.lab,
-        &topo.client,
-        &topo.proxy,
-        &topo.home,
-        &[two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV],
-        two::PROXY_HOME_SIDE,
-        two::HOME_CIDR,
-        two::sock(two::PROXY_CLIENT_SIDE, TCP_SERVICE_PORT),
-        two::sock(two::PROXY_CLIENT_SIDE, UDP_SERVICE_PORT),
-        two::HOME,
-        "redirect",
-        "tx",
-    )?;
+    let sc = Scenario {
+        client: &topo.client,
+        proxy: &topo.proxy,
+        home: &topo.home,
+        interfaces: &[two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV],
+        client_addr: two::CLIENT,
+        service_addr: two::PROXY_CLIENT_SIDE,
+        snat: two::PROXY_HOME_SIDE,
+        home_addr: two::HOME,
+        home_cidr: two::HOME_CIDR,
+        verdict: "redirect",
+        other_verdict: "tx",
+    };
+    daemon_scenario(&mut topo.lab, &sc)?;
     drop(topo);
     check_cleaned(&id)
 }
@@ -637,20 +766,20 @@ fn one_interface_xdp() -> Result<()> {
     let _serial = serial();
     let mut topo = OneInterface::new("one")?;
     let id = topo.lab.id().to_owned();
-    daemon_scenario(
-        &mut topo.lab,
-        &topo.client,
-        &topo.proxy,
-        &topo.home,
-        &[one::PROXY_DEV],
-        one::PROXY,
-        one::CIDR,
-        two::sock(one::PROXY, TCP_SERVICE_PORT),
-        two::sock(one::PROXY, UDP_SERVICE_PORT),
-        one::HOME,
-        "tx",
-        "redirect",
-    )?;
+    let sc = Scenario {
+        client: &topo.client,
+        proxy: &topo.proxy,
+        home: &topo.home,
+        interfaces: &[one::PROXY_DEV],
+        client_addr: one::CLIENT,
+        service_addr: one::PROXY,
+        snat: one::PROXY,
+        home_addr: one::HOME,
+        home_cidr: one::CIDR,
+        verdict: "tx",
+        other_verdict: "redirect",
+    };
+    daemon_scenario(&mut topo.lab, &sc)?;
     drop(topo);
     check_cleaned(&id)
 }
