@@ -724,9 +724,15 @@ pub fn has_xdp(ns: &Netns, dev: &str) -> Result<bool> {
 // Topologies.
 // ---------------------------------------------------------------------------------------------
 
+/// `ip:port` as a socket address.
+#[must_use]
+pub const fn sock(ip: std::net::Ipv4Addr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::V4(std::net::SocketAddrV4::new(ip, port))
+}
+
 /// Addresses of the two-interface shape.
 pub mod two {
-    use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+    use std::net::Ipv4Addr;
 
     pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
     /// The proxy's client-side address: the service address.
@@ -741,11 +747,6 @@ pub mod two {
     pub const PROXY_CLIENT_DEV: &str = "pc";
     pub const PROXY_HOME_DEV: &str = "ph";
     pub const HOME_DEV: &str = "h0";
-
-    #[must_use]
-    pub const fn sock(ip: Ipv4Addr, port: u16) -> SocketAddr {
-        SocketAddr::V4(SocketAddrV4::new(ip, port))
-    }
 }
 
 /// Addresses of the one-interface shape (one subnet behind a bridge).

@@ -572,9 +572,9 @@ struct Scenario<'a> {
 /// Start the daemon, wait until it is ready, run the traffic, check everything, stop it (it
 /// must exit cleanly and detach from every interface).
 fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
-    let tcp_service = two::sock(sc.service_addr, TCP_SERVICE_PORT);
-    let udp_service = two::sock(sc.service_addr, UDP_SERVICE_PORT);
-    let upstream = two::sock(sc.home_addr, HOME_PORT);
+    let tcp_service = netns::sock(sc.service_addr, TCP_SERVICE_PORT);
+    let udp_service = netns::sock(sc.service_addr, UDP_SERVICE_PORT);
+    let upstream = netns::sock(sc.home_addr, HOME_PORT);
     let home = HomeServer::start(sc.home, upstream, Some(upstream), CLIENT_LIMIT * 2)?;
     let pin_dir = lab.mount_bpffs()?;
     let config = daemon_config(
@@ -669,9 +669,9 @@ fn two_interface_kernel_nat_baseline() -> Result<()> {
     let _serial = serial();
     let topo = TwoInterface::new("base")?;
     let id = topo.lab.id().to_owned();
-    let tcp_service = two::sock(two::PROXY_CLIENT_SIDE, TCP_SERVICE_PORT);
-    let udp_service = two::sock(two::PROXY_CLIENT_SIDE, UDP_SERVICE_PORT);
-    let upstream = two::sock(two::HOME, HOME_PORT);
+    let tcp_service = netns::sock(two::PROXY_CLIENT_SIDE, TCP_SERVICE_PORT);
+    let udp_service = netns::sock(two::PROXY_CLIENT_SIDE, UDP_SERVICE_PORT);
+    let upstream = netns::sock(two::HOME, HOME_PORT);
 
     topo.proxy.sysctl("net.ipv4.ip_forward", "1")?;
     let rules = format!(

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use integration_tests::netns::{Daemon, TwoInterface, daemon_binary, two};
+use integration_tests::netns::{self, Daemon, TwoInterface, daemon_binary, two};
 use integration_tests::traffic::{Conn, HomeServer};
 
 const STEPS: usize = 6;
@@ -32,8 +32,8 @@ fn check(cancel: &AtomicBool) -> Result<()> {
 }
 
 fn demo(cancel: &AtomicBool) -> Result<()> {
-    let service = two::sock(two::PROXY_CLIENT_SIDE, SERVICE_PORT);
-    let upstream = two::sock(two::HOME, HOME_PORT);
+    let service = netns::sock(two::PROXY_CLIENT_SIDE, SERVICE_PORT);
+    let upstream = netns::sock(two::HOME, HOME_PORT);
 
     let bin = daemon_binary()?;
     println!("xdp-proxy demo, daemon binary {}", bin.display());
