@@ -15,4 +15,5 @@ pub mod health;
 pub mod inspect;
 pub mod maglev;
 pub mod plan;
+pub mod state;
 pub mod sysctl;
