@@ -292,6 +292,8 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let mut sigterm = sig(SignalKind::terminate(), "installing the SIGTERM handler")?;
     let mut sigint = sig(SignalKind::interrupt(), "installing the SIGINT handler")?;
     let mut sighup = sig(SignalKind::hangup(), "installing the SIGHUP handler")?;
+    // SIGQUIT: exit for a restart or upgrade, leaving the pinned XDP links attached.
+    let mut sigquit = sig(SignalKind::quit(), "installing the SIGQUIT handler")?;
 
     let userspace = p.config.datapath.mode == DatapathMode::Userspace;
     let mut _pin_lock = None;
@@ -313,6 +315,31 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         Some(Arc::new(Mutex::new(dp)))
     };
 
+    // Admin listener (/healthz, /metrics, /status).
+    let status = crate::state::shared();
+    if let Some(dp) = &datapath {
+        let seed = {
+            let dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
+            crate::admin::seed_status(&p.config, &dp)
+        };
+        match seed {
+            Ok(seed) => *status.write().map_err(|_| DaemonError::Poisoned)? = seed,
+            Err(e) => tracing::warn!(error = %e, "reading the maps for the first status"),
+        }
+    }
+    let admin = crate::admin::Source {
+        datapath: datapath.clone(),
+        status: status.clone(),
+        interfaces: p.config.datapath.interfaces.clone(),
+        userspace,
+    };
+    crate::admin::spawn(p.config.admin.listen, admin)
+        .await
+        .map_err(|source| DaemonError::Io {
+            what: "binding the admin listener ([admin] listen)",
+            source,
+        })?;
+
     let targets = health::targets(p.config.l4_services().flat_map(|(_, s)| s.upstreams.iter()));
     let mut tracker = Tracker::default();
     let mut probe_tick = tokio::time::interval(opts.probes.interval);
@@ -332,10 +359,16 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let max_scan = capacity as usize * 2;
     tracing::info!(config = %p.config.source.display(), "xdp-proxy running");
 
+    let mut leave_attached = false;
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = sigquit.recv() => {
+                tracing::info!("SIGQUIT: exiting, datapath left attached for the next start");
+                leave_attached = true;
+                break;
+            }
             _ = sighup.recv() => {
                 tracing::warn!("SIGHUP: config reload is not implemented yet; the running config stays");
             }
@@ -352,8 +385,14 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
 
     if let Some(dp) = datapath {
         let mut dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
-        for (iface, e) in dp.detach_all() {
-            tracing::error!(interface = %iface, error = %e, "XDP detach failed");
+        if leave_attached {
+            for pin in dp.leave_attached() {
+                tracing::info!(pin = %pin.display(), "XDP link left attached (pinned): the fast path keeps forwarding");
+            }
+        } else {
+            for (iface, e) in dp.detach_all() {
+                tracing::error!(interface = %iface, error = %e, "XDP detach failed");
+            }
         }
         tracing::info!(
             pin_dir = %datapath::versioned_pin_dir(&p.config.datapath.pin_dir).display(),

@@ -15,7 +15,11 @@ use aya::{
         Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         xdp::XdpMapError,
     },
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, LinkError, LinkType, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use nix::{
     fcntl::{Flock, FlockArg},
@@ -137,6 +141,37 @@ pub enum DatapathError {
         path.display()
     )]
     Locked { path: PathBuf },
+    #[error(
+        "pinned map {} has {what} {pinned}, but this build of xdp-proxy expects {expected}: it \
+         was left by an incompatible build (same layout version v{ABI_VERSION}, different \
+         layout) and is not reused, so it is never misread. Stop any daemon using it, then \
+         remove {} (its flows and counters are lost), or point datapath.pin_dir at a fresh \
+         directory",
+        path.display(),
+        dir.display()
+    )]
+    IncompatiblePin {
+        path: PathBuf,
+        dir: PathBuf,
+        what: &'static str,
+        pinned: u32,
+        expected: u32,
+    },
+    #[error("parsing the embedded XDP object: {0}")]
+    Object(#[source] Box<aya_obj::ParseError>),
+    #[error("pinned XDP link {}: {op}: {source}", path.display())]
+    Link {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
     #[error("reading the number of possible CPUs ({path}): {source}")]
     Cpus {
         path: &'static str,
@@ -256,6 +291,67 @@ pub fn lock_pin_dir(pin_dir: &Path) -> Result<PinDirLock> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layout of pinned maps.
+// ---------------------------------------------------------------------------------------------
+
+/// Refuse maps pinned under `<pin_dir>/v<ABI_VERSION>/` whose type, key size, value size or
+/// capacity differ from the maps of `object` (aya reuses a pinned map as it is, without
+/// comparing layouts). The flow tables may differ in capacity only (`max_flows` changed: the
+/// pinned size is kept). Maps not pinned yet are fine (they are created).
+///
+/// # Errors
+/// [`DatapathError::IncompatiblePin`] naming the map, the field and both values; errors opening
+/// a pinned object that is not a map; an unparsable object.
+pub fn check_pinned_layout(object: &[u8], pin_dir: &Path) -> Result<()> {
+    let obj = aya_obj::Object::parse(object).map_err(|e| DatapathError::Object(Box::new(e)))?;
+    let dir = versioned_pin_dir(pin_dir);
+    for name in PINNED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(want) = obj.maps.get(name) else {
+            return Err(DatapathError::MissingMap(name));
+        };
+        let info =
+            aya::maps::MapInfo::from_pin(&path).map_err(|source| DatapathError::OpenPinned {
+                path: path.clone(),
+                source,
+            })?;
+        let pinned_type = info
+            .map_type()
+            .map_err(|source| DatapathError::OpenPinned {
+                path: path.clone(),
+                source,
+            })? as u32;
+        let flow_table = name == MAP_FLOWS_FWD || name == MAP_FLOWS_REV;
+        let checks = [
+            ("map type", pinned_type, want.map_type(), true),
+            ("key size", info.key_size(), want.key_size(), true),
+            ("value size", info.value_size(), want.value_size(), true),
+            (
+                "max entries",
+                info.max_entries(),
+                want.max_entries(),
+                !flow_table,
+            ),
+        ];
+        for (what, pinned, expected, enforced) in checks {
+            if enforced && pinned != expected {
+                return Err(DatapathError::IncompatiblePin {
+                    path,
+                    dir,
+                    what,
+                    pinned,
+                    expected,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Typed maps.
 // ---------------------------------------------------------------------------------------------
 
@@ -276,6 +372,17 @@ pub struct ExpiryStats {
     pub orphans_expired: usize,
 }
 
+/// Flows left in the forward table after the last expiry scan, in total and per service and
+/// upstream id (a by-product of the scan: read by the metrics, never computed per scrape).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCensus {
+    /// Whether a scan has run since the daemon started.
+    pub scanned: bool,
+    pub total: u64,
+    pub per_service: std::collections::BTreeMap<u32, u64>,
+    pub per_upstream: std::collections::BTreeMap<u32, u64>,
+}
+
 /// The program's maps, typed.
 pub struct Maps {
     config: Array<MapData, NatConfig>,
@@ -288,6 +395,7 @@ pub struct Maps {
     reasons: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, TrafficCounters>,
     ups_stats: PerCpuArray<MapData, TrafficCounters>,
+    census: FlowCensus,
 }
 
 fn typed<T>(name: &'static str, map: Map) -> Result<T>
@@ -326,7 +434,14 @@ impl Maps {
             reasons: typed(MAP_REASONS, take(MAP_REASONS)?)?,
             svc_stats: typed(MAP_SERVICE_STATS, take(MAP_SERVICE_STATS)?)?,
             ups_stats: typed(MAP_UPSTREAM_STATS, take(MAP_UPSTREAM_STATS)?)?,
+            census: FlowCensus::default(),
         })
+    }
+
+    /// The flows counted by the last [`Maps::expire_flows`] scan.
+    #[must_use]
+    pub fn census(&self) -> &FlowCensus {
+        &self.census
     }
 
     /// Open the maps pinned under `<pin_dir>/v<ABI_VERSION>/` (no program needed).
@@ -533,6 +648,20 @@ impl Maps {
             remove_flow(&mut self.flows_rev, MAP_FLOWS_REV, rev)?;
         }
         stats.expired = doomed.len();
+        let mut census = FlowCensus {
+            scanned: true,
+            ..FlowCensus::default()
+        };
+        let doomed_keys: HashSet<FlowKey> = doomed.iter().map(|(k, _)| *k).collect();
+        for e in &entries {
+            if doomed_keys.contains(&e.key) {
+                continue;
+            }
+            census.total += 1;
+            *census.per_service.entry(e.fwd.service_id).or_default() += 1;
+            *census.per_upstream.entry(e.fwd.upstream_id).or_default() += 1;
+        }
+        self.census = census;
         // Reverse entries whose forward entry is gone.
         let revs: Vec<(FlowKey, FlowValue)> = self
             .flows_rev
@@ -712,13 +841,37 @@ impl AttachMode {
     }
 }
 
+/// How an attachment is held.
+#[derive(Debug)]
+enum Held {
+    /// A bpf_link pinned at `path`: it stays attached while the pin exists, also after this
+    /// process dies (`kill -9`, crash, SIGQUIT exit).
+    Pinned { link: FdLink, path: PathBuf },
+    /// A netlink attachment (kernels without bpf_link for XDP): cannot be pinned; owned by the
+    /// program.
+    Netlink(XdpLinkId),
+}
+
 /// One attachment.
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
     pub ifindex: u32,
     pub mode: AttachMode,
-    link: XdpLinkId,
+    /// Found pinned at start (left by an earlier daemon) and switched to this daemon's program.
+    pub adopted: bool,
+    held: Held,
+}
+
+impl Attachment {
+    /// Where the attachment's link is pinned (`None` for a netlink attachment).
+    #[must_use]
+    pub fn pin_path(&self) -> Option<&Path> {
+        match &self.held {
+            Held::Pinned { path, .. } => Some(path),
+            Held::Netlink(_) => None,
+        }
+    }
 }
 
 /// The loaded XDP object, its maps and its attachments.
@@ -726,6 +879,10 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: Maps,
     attachments: Vec<Attachment>,
+    /// `<pin_dir>/v<ABI_VERSION>`.
+    dir: PathBuf,
+    /// Set by [`Datapath::detach_all`] and [`Datapath::leave_attached`]: nothing left for Drop.
+    released: bool,
 }
 
 /// The kernel's index of interface `name`.
@@ -745,17 +902,64 @@ fn pinned_max_entries(path: &Path) -> Option<u32> {
     data.info().ok().map(|i| i.max_entries())
 }
 
+/// Name of the program's pin: `<pin_dir>/v<ABI_VERSION>/prog_proxy_xdp`.
+pub const PROGRAM_PIN: &str = "prog_proxy_xdp";
+
+/// `<pin_dir>/v<ABI_VERSION>/link_<mode>_<interface>`: where the XDP link of `interface` is
+/// pinned. bpffs refuses `.` in names, so bytes other than `A-Za-z0-9_-` are written `%XX`.
+#[must_use]
+pub fn link_pin_path(pin_dir: &Path, mode: AttachMode, interface: &str) -> PathBuf {
+    versioned_pin_dir(pin_dir).join(link_pin_name(mode, interface))
+}
+
+fn link_pin_name(mode: AttachMode, interface: &str) -> String {
+    use std::fmt::Write as _;
+    let mut name = format!("link_{mode}_");
+    for b in interface.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            name.push(char::from(b));
+        } else {
+            let _ = write!(name, "%{b:02X}");
+        }
+    }
+    name
+}
+
+/// Ids of the XDP bpf_links of program `prog_id` currently in the kernel.
+fn xdp_link_ids(prog_id: u32) -> HashSet<u32> {
+    aya::programs::loaded_links()
+        .filter_map(std::result::Result::ok)
+        .filter(|l| l.program_id() == prog_id && l.link_type().ok() == Some(LinkType::Xdp))
+        .map(|l| l.id())
+        .collect()
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Fs {
+            op: "unpinning",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Datapath {
     /// Load the embedded object with its maps pinned under `<pin_dir>/v<ABI_VERSION>/` (the
     /// directory must exist on a bpffs: [`ensure_bpffs`]); maps already pinned there are reused
-    /// as they are. `max_flows` sizes new flow tables.
+    /// as they are, after [`check_pinned_layout`] has refused incompatible ones. `max_flows`
+    /// sizes new flow tables. The program is pinned too (`prog_proxy_xdp`, replacing an older
+    /// pin), so tools find the running program.
     ///
     /// # Errors
-    /// Object, map or program load failures.
+    /// Object, layout, map or program load failures.
     pub fn load(object: &[u8], pin_dir: &Path, max_flows: u32) -> Result<Self> {
         if object.is_empty() {
             return Err(DatapathError::EmptyObject);
         }
+        check_pinned_layout(object, pin_dir)?;
         let dir = versioned_pin_dir(pin_dir);
         for name in [MAP_FLOWS_FWD, MAP_FLOWS_REV] {
             if let Some(pinned) = pinned_max_entries(&dir.join(name))
@@ -797,12 +1001,22 @@ impl Datapath {
             op: "load (verifier)",
             source: Box::new(source),
         })?;
+        let prog_pin = dir.join(PROGRAM_PIN);
+        remove_pin(&prog_pin)?;
+        program
+            .pin(&prog_pin)
+            .map_err(|source| DatapathError::Pin {
+                path: prog_pin,
+                source: Box::new(source),
+            })?;
         let maps =
             Maps::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))?;
         Ok(Self {
             ebpf,
             maps,
             attachments: Vec::new(),
+            dir,
+            released: false,
         })
     }
 
@@ -828,27 +1042,52 @@ impl Datapath {
             })
     }
 
+    fn program_id(&mut self) -> Result<u32> {
+        let info = self
+            .program()?
+            .info()
+            .map_err(|source| DatapathError::Program {
+                op: "reading program info",
+                source: Box::new(source),
+            })?;
+        Ok(info.id())
+    }
+
     /// Attach to `interface` per `mode` (auto: native, else generic). `userspace` is the caller's
     /// business (nothing to attach): it attaches natively here.
+    ///
+    /// An XDP link already pinned for `interface` (left by an earlier daemon: `kill -9`, a
+    /// crash, or a SIGQUIT exit for an upgrade) is adopted: its program is replaced by this
+    /// daemon's atomically (`bpf_link_update`: no packet sees an interface without a program,
+    /// and the pinned maps carry every flow across). A pinned link whose interface is gone is
+    /// removed and a new attachment made. Otherwise a new bpf_link is created and pinned at
+    /// [`link_pin_path`].
     ///
     /// # Errors
     /// Unknown interface, or the attach failed (in both modes for auto).
     pub fn attach(&mut self, interface: &str, mode: DatapathMode) -> Result<AttachMode> {
         let index = ifindex(interface)?;
+        if let Some(m) = self.adopt(interface, index, mode)? {
+            return Ok(m);
+        }
         let tries: &[AttachMode] = match mode {
             DatapathMode::Generic => &[AttachMode::Generic],
             DatapathMode::Auto => &[AttachMode::Native, AttachMode::Generic],
             DatapathMode::Native | DatapathMode::Userspace => &[AttachMode::Native],
         };
+        let prog_id = self.program_id()?;
         let mut last = None;
         for m in tries {
+            let before = xdp_link_ids(prog_id);
             match self.program()?.attach_to_if_index(index, m.xdp_mode()) {
                 Ok(link) => {
+                    let held = self.hold(interface, *m, link, prog_id, &before)?;
                     self.attachments.push(Attachment {
                         interface: interface.to_owned(),
                         ifindex: index,
                         mode: *m,
-                        link,
+                        adopted: false,
+                        held,
                     });
                     return Ok(*m);
                 }
@@ -867,29 +1106,210 @@ impl Datapath {
         Err(last.unwrap_or(DatapathError::NoProgram))
     }
 
+    /// Pin a new attachment when it is a bpf_link (aya falls back to netlink silently when the
+    /// kernel refuses bpf_link: then it stays owned by the program, unpinned).
+    fn hold(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        id: XdpLinkId,
+        prog_id: u32,
+        before: &HashSet<u32>,
+    ) -> Result<Held> {
+        let is_bpf_link = xdp_link_ids(prog_id).difference(before).next().is_some();
+        if !is_bpf_link {
+            tracing::warn!(
+                interface,
+                "XDP attached through netlink (this kernel refused a bpf_link): the attachment \
+                 cannot be pinned, so it does not survive the daemon (restart = short outage)"
+            );
+            return Ok(Held::Netlink(id));
+        }
+        let path = self.dir.join(link_pin_name(mode, interface));
+        let link = self
+            .program()?
+            .take_link(id)
+            .map_err(|source| DatapathError::Program {
+                op: "taking the XDP link",
+                source: Box::new(source),
+            })?;
+        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
+            path: path.clone(),
+            op: "converting to a bpf_link",
+            source: Box::new(source),
+        })?;
+        remove_pin(&path)?;
+        let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
+            path: path.clone(),
+            source: Box::new(source),
+        })?;
+        Ok(Held::Pinned {
+            link: FdLink::from(pinned),
+            path,
+        })
+    }
+
+    /// Adopt a pinned link of `interface` (see [`Datapath::attach`]).
+    fn adopt(
+        &mut self,
+        interface: &str,
+        index: u32,
+        wanted: DatapathMode,
+    ) -> Result<Option<AttachMode>> {
+        for m in [AttachMode::Native, AttachMode::Generic] {
+            let path = self.dir.join(link_pin_name(m, interface));
+            if !path.exists() {
+                continue;
+            }
+            let link_err = |op: &'static str, path: &Path| {
+                let path = path.to_owned();
+                move |source| DatapathError::Link {
+                    path,
+                    op,
+                    source: Box::new(source),
+                }
+            };
+            let pinned = PinnedLink::from_pin(&path).map_err(link_err("opening", &path))?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .map_err(link_err("not an XDP link", &path))?;
+            match self.program()?.attach_to_link(link) {
+                Ok(id) => {
+                    let link =
+                        self.program()?
+                            .take_link(id)
+                            .map_err(|source| DatapathError::Program {
+                                op: "taking the adopted XDP link",
+                                source: Box::new(source),
+                            })?;
+                    let link =
+                        FdLink::try_from(link).map_err(link_err("keeping the link", &path))?;
+                    let explicit = match wanted {
+                        DatapathMode::Native => Some(AttachMode::Native),
+                        DatapathMode::Generic => Some(AttachMode::Generic),
+                        DatapathMode::Auto | DatapathMode::Userspace => None,
+                    };
+                    if explicit.is_some_and(|e| e != m) {
+                        tracing::warn!(
+                            interface,
+                            pinned = %m,
+                            requested = %wanted,
+                            "kept the pinned XDP link in its mode so no flow is lost; to change \
+                             the mode, stop the daemon with SIGTERM (detaches) and start it again"
+                        );
+                    }
+                    tracing::info!(
+                        interface,
+                        mode = %m,
+                        pin = %path.display(),
+                        "adopted the pinned XDP link: program replaced atomically, flows kept"
+                    );
+                    self.attachments.push(Attachment {
+                        interface: interface.to_owned(),
+                        ifindex: index,
+                        mode: m,
+                        adopted: true,
+                        held: Held::Pinned { link, path },
+                    });
+                    return Ok(Some(m));
+                }
+                Err(ProgramError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                {
+                    tracing::warn!(
+                        interface,
+                        pin = %path.display(),
+                        "the pinned XDP link is defunct (its interface was removed): unpinned, \
+                         attaching anew"
+                    );
+                    remove_pin(&path)?;
+                }
+                Err(source) => {
+                    return Err(DatapathError::Program {
+                        op: "replacing the program of a pinned XDP link",
+                        source: Box::new(source),
+                    });
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// The current attachments.
     #[must_use]
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
     }
 
-    /// Detach from every interface; the pinned maps stay. Returns the failures (the remaining
-    /// attachments are still detached).
+    /// Stop: detach from every interface (unpin and release each link) and unpin the program;
+    /// the pinned maps stay (the next start keeps the flows that are still alive). Returns the
+    /// failures (the remaining attachments are still detached).
     pub fn detach_all(&mut self) -> Vec<(String, DatapathError)> {
+        self.released = true;
         let mut failures = Vec::new();
         let attachments = std::mem::take(&mut self.attachments);
         for a in attachments {
-            let result = self.program().and_then(|p| {
-                p.detach(a.link).map_err(|source| DatapathError::Program {
-                    op: "detach",
-                    source: Box::new(source),
-                })
-            });
+            let result = match a.held {
+                Held::Pinned { link, path } => {
+                    let r = remove_pin(&path);
+                    // Closing the last descriptor of an unpinned link detaches it.
+                    drop(link);
+                    r
+                }
+                Held::Netlink(id) => self.program().and_then(|p| {
+                    p.detach(id).map_err(|source| DatapathError::Program {
+                        op: "detach",
+                        source: Box::new(source),
+                    })
+                }),
+            };
             match result {
                 Ok(()) => tracing::info!(interface = %a.interface, mode = %a.mode, "XDP detached"),
                 Err(e) => failures.push((a.interface, e)),
             }
         }
+        if let Err(e) = remove_pin(&self.dir.join(PROGRAM_PIN)) {
+            failures.push((PROGRAM_PIN.to_owned(), e));
+        }
         failures
+    }
+
+    /// Exit for a restart or upgrade: leave every pinned link attached (with the pinned program
+    /// and maps the fast path keeps forwarding every flow without a daemon) for the next start
+    /// to adopt. Returns the pin paths left behind. Netlink attachments cannot outlive the
+    /// process unowned and are detached (warned).
+    pub fn leave_attached(&mut self) -> Vec<PathBuf> {
+        self.released = true;
+        let mut left = Vec::new();
+        for a in std::mem::take(&mut self.attachments) {
+            match a.held {
+                Held::Pinned { path, .. } => left.push(path),
+                Held::Netlink(id) => {
+                    tracing::warn!(
+                        interface = %a.interface,
+                        "netlink XDP attachment cannot be left behind: detaching"
+                    );
+                    if let Ok(p) = self.program() {
+                        let _ = p.detach(id);
+                    }
+                }
+            }
+        }
+        left
+    }
+}
+
+impl Drop for Datapath {
+    /// Unwinding from an error or panic: links this daemon pinned itself are unpinned (it
+    /// failed, so it should not leave new attachments behind); adopted links stay attached, as
+    /// they were before this daemon started.
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        for a in &self.attachments {
+            if let (false, Held::Pinned { path, .. }) = (a.adopted, &a.held) {
+                let _ = remove_pin(path);
+            }
+        }
     }
 }

@@ -3,9 +3,11 @@
 //! Module map: `config` (file contract and validation), `plan` (desired map contents, stable
 //! ids), `maglev` (weighted consistent hashing), `flows` (lifetimes), `health` (upstream
 //! probes), `sysctl` (kernel settings), `datapath` (the only module using aya maps and
-//! programs), `daemon` (the run loop), `inspect` (reports), `cli` (commands).
+//! programs), `daemon` (the run loop), `inspect` (reports), `cli` (commands), `admin` (the /healthz /metrics /status
+//! listener), `metrics` (its renderings), `logging` (tracing and the eBPF log bridge).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -13,7 +15,9 @@ pub mod datapath;
 pub mod flows;
 pub mod health;
 pub mod inspect;
+pub mod logging;
 pub mod maglev;
+pub mod metrics;
 pub mod plan;
 pub mod state;
 pub mod sysctl;

@@ -1,36 +1,23 @@
 //! `xdp-proxy`: parse arguments, set up logging, hand over to the library.
 #![forbid(unsafe_code)]
 
-use std::{io::IsTerminal as _, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
 use xdp_proxy::cli::{Cli, dispatch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = match &cli.log_level {
-        Some(level) => EnvFilter::try_new(level),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
-    };
-    let filter = match filter {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("error: bad log filter: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    if let Err(e) = xdp_proxy::logging::init(cli.log_level.as_deref()) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Every error's text already carries its causes (file, key, map, path, errno).
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
