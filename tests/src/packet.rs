@@ -217,6 +217,15 @@ impl Packet {
         self
     }
 
+    /// Set the TCP options (a multiple of 4 bytes, at most 40; no effect on other protocols).
+    #[must_use]
+    pub fn tcp_options(mut self, options: &[u8]) -> Self {
+        if let L4::Tcp(t) = &mut self.l4 {
+            t.options = options.to_vec();
+        }
+        self
+    }
+
     /// Set TCP sequence and acknowledgement numbers (no effect on other protocols).
     #[must_use]
     pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {

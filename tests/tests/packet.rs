@@ -34,6 +34,7 @@ use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
     FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
     NatConfig, Reason, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    checksum,
 };
 
 // =============================================================================================
@@ -1265,6 +1266,169 @@ fn ipv4_fragments_pass() {
             h.all_flows(MAP_FLOWS_FWD).len(),
             1,
             "only the DF datagram made a flow"
+        );
+    });
+}
+
+/// docs/datapath.md "Header shapes": the first matching row decides. Options win over
+/// fragments, fragments over the protocol, and frames that are not plain Ethernet II IPv4
+/// (802.1ad, an 802.3 length field) are never parsed as IPv4.
+#[test]
+fn header_shape_precedence() {
+    with_harness(|h| {
+        h.steer(
+            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let ipv4 = syn.clone().bytes();
+        let qinq = {
+            let mut b = vec![0, 100];
+            b.extend_from_slice(&ETH_P_IP.to_be_bytes());
+            b.extend_from_slice(&ipv4[ETH_HLEN..]);
+            raw_frame(CLIENT_DEV_MAC, CLIENT_ROUTER_MAC, 0x88a8, &b)
+        };
+        let len_field = raw_frame(
+            CLIENT_DEV_MAC,
+            CLIENT_ROUTER_MAC,
+            u16::try_from(ipv4.len() - ETH_HLEN).unwrap_or(0),
+            &ipv4[ETH_HLEN..],
+        );
+        let cases = [
+            (
+                "802.1ad (QinQ) tagged IPv4 SYN",
+                qinq,
+                XDP_PASS,
+                Reason::PassNotIp,
+            ),
+            (
+                "802.3 length field in place of the EtherType, IPv4 SYN after it",
+                len_field,
+                XDP_PASS,
+                Reason::PassNotIp,
+            ),
+            (
+                "IPv4 options and MF together: options decide",
+                syn.clone()
+                    .ip_options(&[0x94, 0x04, 0, 0])
+                    .frag(IP_MF)
+                    .bytes(),
+                XDP_PASS,
+                Reason::PassIpOptions,
+            ),
+            (
+                "later fragment of an ICMP message: the fragment rule comes first",
+                from_client(Packet::other(
+                    CLIENT_1,
+                    SERVICE_IP,
+                    IPPROTO_ICMP,
+                    &[3, 3, 0, 0, 0, 0, 0, 0],
+                ))
+                .frag(IP_MF | 3)
+                .bytes(),
+                XDP_PASS,
+                Reason::PassFragment,
+            ),
+            (
+                "first fragment of a TCP SYN to a service (MF, offset 0)",
+                syn.clone().frag(IP_MF).bytes(),
+                XDP_PASS,
+                Reason::PassFragment,
+            ),
+            (
+                "GRE to the service address",
+                from_client(Packet::other(
+                    CLIENT_1,
+                    SERVICE_IP,
+                    47,
+                    &[0, 0, 0x08, 0, 1, 2, 3, 4],
+                ))
+                .bytes(),
+                XDP_PASS,
+                Reason::PassNotTcpUdp,
+            ),
+        ];
+        for (desc, frame, action, reason) in cases {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                h.client_if,
+                action,
+                reason,
+            ));
+        }
+        assert_no_flows(h, "header shapes");
+    });
+}
+
+/// TCP options (MSS, SACK-permitted, timestamps, window scale: 20 bytes, data offset 10) are
+/// carried unchanged in both directions; only addresses, ports, TTL and checksums change. A
+/// wrong TCP checksum stays exactly as wrong (never verified, only updated).
+#[test]
+fn tcp_options_carried_unchanged() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let opts = [
+            2, 4, 0x05, 0xb4, // MSS 1460
+            4, 2, // SACK permitted
+            8, 10, 0, 0, 0, 1, 0, 0, 0, 0, // timestamps
+            1, // NOP
+            3, 3, 7, // window scale 7
+        ];
+        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).tcp_options(&opts);
+        assert_eq!(syn.bytes()[ETH_HLEN + 20 + 12], 0xa0, "data offset 10");
+        let (flow, _) = open_flow(
+            h,
+            "TCP SYN with 20 bytes of options, new flow",
+            syn,
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let syn_ack = flow.upstream_tcp(TCP_SYN | TCP_ACK).tcp_options(&opts);
+        h.check(&Fixture::new(
+            "TCP SYN-ACK with 20 bytes of options (reply path)",
+            syn_ack.bytes(),
+            hi,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow.rev_out(&syn_ack, ci)),
+        ));
+
+        // A corrupt checksum (off by one): the output's checksum is off by exactly as much.
+        let ack = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
+        let mut input = ack.bytes();
+        let csum = ETH_HLEN + 20 + 16;
+        let bad = u16::from_be_bytes([input[csum], input[csum + 1]]).wrapping_add(1);
+        set_u16(&mut input, csum, bad);
+        let r = h.run(&input, ci);
+        assert_eq!(
+            r.action, XDP_REDIRECT,
+            "a corrupt TCP checksum is still forwarded"
+        );
+        let good = flow.fwd_out(&ack, hi);
+        assert_eq!(r.output.len(), good.len(), "output length");
+        assert_eq!(
+            r.output[..csum],
+            good[..csum],
+            "everything before the checksum"
+        );
+        assert_eq!(
+            r.output[csum + 2..],
+            good[csum + 2..],
+            "everything after the checksum"
+        );
+        let out = u16::from_be_bytes([r.output[csum], r.output[csum + 1]]);
+        let exp = u16::from_be_bytes([good[csum], good[csum + 1]]);
+        assert_eq!(
+            checksum::fold(checksum::add16(u32::from(exp), 1)),
+            out,
+            "the output checksum carries the same error (one's complement difference of 1)"
         );
     });
 }
