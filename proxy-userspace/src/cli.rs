@@ -1,19 +1,24 @@
-//! Command line: `run`, `check`, `inspect`. `main.rs` parses, sets up logging and calls
-//! [`dispatch`].
+//! Command line: `run`, `check`, `inspect`, `flows`. `main.rs` parses, sets up logging and
+//! calls [`dispatch`], and exits with [`CliError::exit_code`].
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::IsTerminal as _,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 
 use crate::{
     config::{Config, ConfigError, DEFAULT_PIN_DIR, ServiceMode},
     daemon::{self, DaemonError, RunOptions},
-    datapath::{DatapathError, Maps},
-    inspect,
+    datapath::DatapathError,
+    inspect::{
+        self, FlowQuery, InspectError, Source,
+        flowview::{ClientSel, FlowState, ServiceSel, UpstreamSel},
+    },
 };
-
-/// Most flows `inspect flows` lists.
-const MAX_FLOW_ROWS: usize = 100_000;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,33 +47,125 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Read the pinned maps (works while the daemon is down).
+    /// Read the pinned maps (works while the daemon is down; never writes).
     Inspect {
         #[command(subcommand)]
         what: InspectCommand,
     },
+    /// Operator actions on the flow table (delete flows; asks for confirmation).
+    Flows {
+        #[command(subcommand)]
+        action: FlowsCommand,
+    },
+}
+
+/// Where the pins (and the daemon's metadata file) are.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PinArgs {
+    /// The daemon's datapath.pin_dir (maps are read from `<DIR>/v1/`).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// Directory of the daemon's metadata files (service names); see docs/inspect-json.md.
+    #[arg(long, value_name = "DIR", default_value = inspect::meta::META_DIR)]
+    pub meta_dir: PathBuf,
+}
+
+impl PinArgs {
+    fn source(&self) -> Source {
+        Source {
+            pin_dir: self.pin_dir.clone(),
+            meta_dir: self.meta_dir.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct InspectArgs {
-    /// JSON instead of a table.
+    /// JSON instead of a table (schema: docs/inspect-json.md).
     #[arg(long)]
     pub json: bool,
-    /// The daemon's datapath.pin_dir (maps are read from `<DIR>/v1/`).
-    #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
+    #[command(flatten)]
+    pub pins: PinArgs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum InspectCommand {
-    /// Reason counters, and traffic counters per service and per upstream.
-    Stats(InspectArgs),
-    /// Forward flows with their reverse entries.
-    Flows(InspectArgs),
-    /// Services in the datapath with their Maglev slot shares.
+    /// Traffic counters per service and per upstream, and packets by reason; with --watch,
+    /// rates (packets/s, bits/s, new flows/s, passes and drops by reason).
+    Stats {
+        #[command(flatten)]
+        args: InspectArgs,
+        /// Refresh every --interval seconds with the rates since the previous read.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between refreshes (with --watch).
+        #[arg(long, value_name = "S", default_value_t = 1.0, requires = "watch")]
+        interval: f64,
+        /// Stop after N refreshes (with --watch; default: until interrupted).
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Flows (forward entry joined with its reverse entry): age, idle time, SNAT port, packets
+    /// and bytes both ways. Oldest first.
+    Flows {
+        #[command(flatten)]
+        args: InspectArgs,
+        #[command(flatten)]
+        filter: FlowFilterArgs,
+        /// List at most N flows.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Services in the datapath with their upstreams' shares of the Maglev table.
     Services(InspectArgs),
-    /// Active upstream slots.
+    /// Active upstream slots with their services, Maglev slots and counters.
     Upstreams(InspectArgs),
+    /// Every pinned map: type, key/value size, max and used entries, memory.
+    Maps(InspectArgs),
+}
+
+/// Filters of `inspect flows` (all must match).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FlowFilterArgs {
+    /// Only this service (name from the daemon's metadata, or id).
+    #[arg(long, value_name = "NAME|ID")]
+    pub service: Option<ServiceSel>,
+    /// Only clients at ADDR, ADDR:PORT or inside ADDR/PREFIX.
+    #[arg(long, value_name = "ADDR|CIDR")]
+    pub client: Option<ClientSel>,
+    /// Only flows to this upstream.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub upstream: Option<UpstreamSel>,
+    /// Only flows in this state (union of both entries' flags).
+    #[arg(long, value_enum)]
+    pub state: Option<FlowState>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlowsCommand {
+    /// Delete every flow of a service (both entries each). Established TCP connections are
+    /// reset at their next packet; new connections are balanced afresh.
+    Flush {
+        #[arg(long, value_name = "NAME|ID")]
+        service: ServiceSel,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
+    /// Delete one flow (both entries): the one from client ADDR:PORT to the service.
+    Delete {
+        #[arg(long, value_name = "ADDR:PORT")]
+        client: SocketAddrV4,
+        #[arg(long, value_name = "NAME|ID")]
+        service: ServiceSel,
+        /// Do not ask (required when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        pins: PinArgs,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +176,19 @@ pub enum CliError {
     Daemon(Box<DaemonError>),
     #[error(transparent)]
     Datapath(Box<DatapathError>),
-    #[error("encoding JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("reading CLOCK_MONOTONIC: {0}")]
-    Clock(#[source] std::io::Error),
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+}
+
+impl CliError {
+    /// The process exit code: 1, or the documented code of an `inspect`/`flows` error.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Inspect(e) => e.exit_code(),
+            _ => inspect::exit::FAILURE,
+        }
+    }
 }
 
 impl From<DaemonError> for CliError {
@@ -112,8 +218,9 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
             print!("{}", check(&config)?);
             Ok(())
         }
-        Command::Inspect { what } => {
-            print!("{}", inspect_cmd(&what)?);
+        Command::Inspect { what } => inspect_cmd(&what),
+        Command::Flows { action } => {
+            print!("{}", flows_cmd(&action)?);
             Ok(())
         }
     }
@@ -148,56 +255,66 @@ pub fn check(path: &Path) -> Result<String, ConfigError> {
     ))
 }
 
-fn inspect_cmd(what: &InspectCommand) -> Result<String, CliError> {
-    match what {
-        InspectCommand::Stats(args) => {
-            let maps = Maps::open_pinned(&args.pin_dir)?;
-            let report = inspect::build_stats(
-                &maps.reasons()?,
-                &maps.services()?,
-                &maps.upstream_slots()?,
-                &maps.service_counters()?,
-                &maps.upstream_counters()?,
-            );
-            Ok(if args.json {
-                serde_json::to_string_pretty(&report)? + "\n"
-            } else {
-                inspect::render_stats(&report)
-            })
+fn inspect_cmd(what: &InspectCommand) -> Result<(), CliError> {
+    let out = match what {
+        InspectCommand::Stats {
+            args,
+            watch: true,
+            interval,
+            count,
+        } => {
+            let interval = Duration::try_from_secs_f64(*interval)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(100))
+                .ok_or_else(|| {
+                    InspectError::BadArgument(format!(
+                        "--interval {interval}: want at least 0.1 seconds"
+                    ))
+                })?;
+            let stdout = std::io::stdout();
+            let clear = !args.json && stdout.is_terminal();
+            inspect::watch(
+                &args.pins.source(),
+                args.json,
+                interval,
+                *count,
+                &mut stdout.lock(),
+                clear,
+            )?;
+            return Ok(());
         }
-        InspectCommand::Flows(args) => {
-            let maps = Maps::open_pinned(&args.pin_dir)?;
-            let now = daemon::monotonic_ns().map_err(CliError::Clock)?;
-            let rows = inspect::build_flows(&maps.flows(MAX_FLOW_ROWS)?, now);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&rows)? + "\n"
-            } else {
-                inspect::render_flows(&rows)
-            })
+        InspectCommand::Stats { args, .. } => inspect::stats(&args.pins.source(), args.json)?,
+        InspectCommand::Flows {
+            args,
+            filter,
+            limit,
+        } => {
+            let q = FlowQuery {
+                service: filter.service.clone(),
+                client: filter.client,
+                upstream: filter.upstream,
+                state: filter.state,
+                limit: *limit,
+            };
+            inspect::flows(&args.pins.source(), &q, args.json)?
         }
-        InspectCommand::Services(args) => {
-            let maps = Maps::open_pinned(&args.pin_dir)?;
-            let services = maps.services()?;
-            let tables = services
-                .iter()
-                .map(|(_, v)| Ok((v.id, maps.maglev_table(v.id)?)))
-                .collect::<Result<Vec<_>, DatapathError>>()?;
-            let rows = inspect::build_services(&services, &maps.upstream_slots()?, &tables);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&rows)? + "\n"
-            } else {
-                inspect::render_services(&rows)
-            })
-        }
-        InspectCommand::Upstreams(args) => {
-            let maps = Maps::open_pinned(&args.pin_dir)?;
-            let rows = inspect::build_upstreams(&maps.upstream_slots()?);
-            Ok(if args.json {
-                serde_json::to_string_pretty(&rows)? + "\n"
-            } else {
-                inspect::render_upstreams(&rows)
-            })
-        }
+        InspectCommand::Services(args) => inspect::services(&args.pins.source(), args.json)?,
+        InspectCommand::Upstreams(args) => inspect::upstreams(&args.pins.source(), args.json)?,
+        InspectCommand::Maps(args) => inspect::maps(&args.pins.source(), args.json)?,
+    };
+    print!("{out}");
+    Ok(())
+}
+
+fn flows_cmd(action: &FlowsCommand) -> Result<String, InspectError> {
+    match action {
+        FlowsCommand::Flush { service, yes, pins } => inspect::flush(&pins.source(), service, *yes),
+        FlowsCommand::Delete {
+            client,
+            service,
+            yes,
+            pins,
+        } => inspect::delete(&pins.source(), *client, service, *yes),
     }
 }
 
@@ -222,10 +339,11 @@ mod tests {
         .unwrap();
         match cli.command {
             Command::Inspect {
-                what: InspectCommand::Stats(a),
+                what: InspectCommand::Stats { args, watch, .. },
             } => {
-                assert!(a.json);
-                assert_eq!(a.pin_dir, Path::new("/run/xpd-bpffs/p"));
+                assert!(args.json && !watch);
+                assert_eq!(args.pins.pin_dir, Path::new("/run/xpd-bpffs/p"));
+                assert_eq!(args.pins.meta_dir, Path::new("/run/xdp-proxy"));
             }
             other => panic!("{other:?}"),
         }
@@ -234,14 +352,121 @@ mod tests {
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         match cli.command {
             Command::Inspect {
-                what: InspectCommand::Flows(a),
+                what:
+                    InspectCommand::Flows {
+                        args,
+                        filter,
+                        limit,
+                    },
             } => {
-                assert!(!a.json);
-                assert_eq!(a.pin_dir, Path::new(DEFAULT_PIN_DIR));
+                assert!(!args.json);
+                assert_eq!(args.pins.pin_dir, Path::new(DEFAULT_PIN_DIR));
+                assert_eq!(filter.service, None);
+                assert_eq!(limit, None);
             }
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["xdp-proxy", "run"]).is_err());
+    }
+
+    #[test]
+    fn inspect_and_flows_arguments() {
+        let cli = Cli::try_parse_from([
+            "xdp-proxy",
+            "inspect",
+            "flows",
+            "--service",
+            "web",
+            "--client",
+            "10.0.0.0/8",
+            "--upstream",
+            "10.20.1.2:80",
+            "--state",
+            "established",
+            "--limit",
+            "5",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Inspect {
+                what: InspectCommand::Flows { filter, limit, .. },
+            } => {
+                assert_eq!(filter.service, Some(ServiceSel::Name("web".into())));
+                assert_eq!(
+                    filter.client,
+                    Some(ClientSel::Cidr([10, 0, 0, 0].into(), 8))
+                );
+                assert_eq!(filter.upstream.map(|u| u.port), Some(Some(80)));
+                assert_eq!(filter.state, Some(FlowState::Established));
+                assert_eq!(limit, Some(5));
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "xdp-proxy",
+            "inspect",
+            "stats",
+            "--watch",
+            "--interval",
+            "0.5",
+            "--count",
+            "3",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Inspect {
+                what: InspectCommand::Stats {
+                    watch: true,
+                    count: Some(3),
+                    ..
+                }
+            }
+        ));
+        // --count without --watch is a usage error.
+        assert!(Cli::try_parse_from(["xdp-proxy", "inspect", "stats", "--count", "3"]).is_err());
+        assert!(Cli::try_parse_from(["xdp-proxy", "inspect", "flows", "--state", "open"]).is_err());
+        let cli = Cli::try_parse_from([
+            "xdp-proxy",
+            "flows",
+            "delete",
+            "--client",
+            "10.0.0.2:40000",
+            "--service",
+            "3",
+            "--yes",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Flows {
+                action:
+                    FlowsCommand::Delete {
+                        client,
+                        service,
+                        yes,
+                        ..
+                    },
+            } => {
+                assert_eq!(client, "10.0.0.2:40000".parse().unwrap());
+                assert_eq!(service, ServiceSel::Id(3));
+                assert!(yes);
+            }
+            other => panic!("{other:?}"),
+        }
+        // delete needs the client's port; flush needs a service.
+        assert!(
+            Cli::try_parse_from([
+                "xdp-proxy",
+                "flows",
+                "delete",
+                "--client",
+                "10.0.0.2",
+                "--service",
+                "3"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["xdp-proxy", "flows", "flush"]).is_err());
     }
 
     #[test]
@@ -270,12 +495,21 @@ mod tests {
 
     #[test]
     fn inspect_without_pin_dir_says_so() {
-        let err = inspect_cmd(&InspectCommand::Stats(InspectArgs {
-            json: true,
-            pin_dir: PathBuf::from("/nonexistent/xpd-pins"),
-        }))
-        .unwrap_err()
-        .to_string();
+        let err = inspect_cmd(&InspectCommand::Stats {
+            args: InspectArgs {
+                json: true,
+                pins: PinArgs {
+                    pin_dir: PathBuf::from("/nonexistent/xpd-pins"),
+                    meta_dir: PathBuf::from("/nonexistent/xpd-meta"),
+                },
+            },
+            watch: false,
+            interval: 1.0,
+            count: None,
+        })
+        .unwrap_err();
+        assert_eq!(err.exit_code(), inspect::exit::NO_PIN_DIR);
+        let err = err.to_string();
         assert!(
             err.contains("pin directory /nonexistent/xpd-pins/v1 does not exist"),
             "{err}"

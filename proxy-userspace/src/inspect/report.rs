@@ -1,29 +1,51 @@
-//! `xdp-proxy inspect`: reports built from the pinned maps (pure builders and renderers; the
-//! map reads are in `datapath`). JSON field names are stable: scripts and the integration tests
-//! read them.
+//! `inspect stats|services|upstreams|maps`: reports built from values read out of the pinned
+//! maps, and their tables (pure). JSON shapes: docs/inspect-json.md.
 
 use std::{
-    fmt::Write as _,
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
 };
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, Reason, ServiceKey,
-    ServiceValue, TrafficCounters, UpstreamValue, addr_v4_octets,
+    Reason, SERVICE_F_HAS_UPSTREAMS, ServiceKey, ServiceValue, TrafficCounters, UpstreamValue,
+    addr_v4_octets,
 };
 use serde::{Serialize, ser::SerializeMap};
 
-use crate::{config::Protocol, datapath::FlowEntry, plan::upstream_addr};
+use super::{
+    SCHEMA_VERSION,
+    meta::{Metadata, Names},
+    rates::action_class,
+    render::{Align, Table, bytes, count},
+};
+use crate::{config::Protocol, plan::upstream_addr};
+
+/// Who wrote the maps, from the metadata file (null in JSON without one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DaemonInfo {
+    pub version: String,
+    pub pid: u32,
+}
+
+impl DaemonInfo {
+    #[must_use]
+    pub fn from_meta(meta: Option<&Metadata>) -> Option<Self> {
+        meta.map(|m| Self {
+            version: m.daemon_version.clone(),
+            pid: m.pid,
+        })
+    }
+}
 
 /// Reason counters in index order, serialized as `{name: packets}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reasons(pub Vec<(&'static str, u64)>);
+pub struct Reasons(pub Vec<(Reason, u64)>);
 
 impl Serialize for Reasons {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
+            m.serialize_entry(k.name(), v)?;
         }
         m.end()
     }
@@ -33,6 +55,7 @@ impl Serialize for Reasons {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceStats {
     pub id: u32,
+    pub name: Option<String>,
     /// `addr:port`; null for an id with counters but no service any more.
     pub listen: Option<String>,
     /// `tcp` / `udp`; null like `listen`.
@@ -60,6 +83,9 @@ pub struct UpstreamStats {
 /// `inspect stats`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StatsReport {
+    pub schema_version: u32,
+    pub kind: &'static str,
+    pub daemon: Option<DaemonInfo>,
     pub reasons: Reasons,
     pub services: Vec<ServiceStats>,
     pub upstreams: Vec<UpstreamStats>,
@@ -69,7 +95,9 @@ fn is_zero(c: &TrafficCounters) -> bool {
     *c == TrafficCounters::default()
 }
 
-fn service_listen(k: &ServiceKey) -> String {
+/// `addr:port` of a service key.
+#[must_use]
+pub fn service_listen(k: &ServiceKey) -> String {
     SocketAddrV4::new(
         Ipv4Addr::from(addr_v4_octets(&k.addr)),
         u16::from_be_bytes(k.port),
@@ -77,28 +105,39 @@ fn service_listen(k: &ServiceKey) -> String {
     .to_string()
 }
 
-/// Build the stats report. Services: every entry of `XP_SERVICES`, plus ids that still have
-/// counters; upstreams likewise with the active slots. Both sorted by id.
+fn proto_name(n: u8) -> Option<&'static str> {
+    Protocol::from_number(n).map(Protocol::name)
+}
+
+/// Everything read from the maps that the reports need.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapValues {
+    pub reasons: Vec<(Reason, u64)>,
+    pub services: Vec<(ServiceKey, ServiceValue)>,
+    pub upstreams: Vec<(u32, UpstreamValue)>,
+    pub service_counters: Vec<(u32, TrafficCounters)>,
+    pub upstream_counters: Vec<(u32, TrafficCounters)>,
+    /// Maglev table per service id (only for `services` and `upstreams`).
+    pub tables: Vec<(u32, Vec<u32>)>,
+}
+
+/// The stats report. Services: every entry of `XP_SERVICES`, plus ids that still have counters;
+/// upstreams likewise with the active slots. Both sorted by id.
 #[must_use]
-pub fn build_stats(
-    reasons: &[(Reason, u64)],
-    services: &[(ServiceKey, ServiceValue)],
-    upstreams: &[(u32, UpstreamValue)],
-    service_counters: &[(u32, TrafficCounters)],
-    upstream_counters: &[(u32, TrafficCounters)],
-) -> StatsReport {
-    let reasons = Reasons(reasons.iter().map(|(r, n)| (r.name(), *n)).collect());
-    let mut svc: Vec<ServiceStats> = service_counters
+pub fn build_stats(v: &MapValues, names: &Names, daemon: Option<DaemonInfo>) -> StatsReport {
+    let mut services: Vec<ServiceStats> = v
+        .service_counters
         .iter()
         .filter_map(|(id, c)| {
-            let entry = services.iter().find(|(_, v)| v.id == *id);
+            let entry = v.services.iter().find(|(_, s)| s.id == *id);
             if entry.is_none() && is_zero(c) {
                 return None;
             }
             Some(ServiceStats {
                 id: *id,
+                name: names.service(*id).map(str::to_owned),
                 listen: entry.map(|(k, _)| service_listen(k)),
-                proto: entry.and_then(|(k, _)| Protocol::from_number(k.proto).map(Protocol::name)),
+                proto: entry.and_then(|(k, _)| proto_name(k.proto)),
                 fwd_packets: c.fwd_packets,
                 fwd_bytes: c.fwd_bytes,
                 rev_packets: c.rev_packets,
@@ -107,17 +146,18 @@ pub fn build_stats(
             })
         })
         .collect();
-    svc.sort_by_key(|s| s.id);
-    let mut ups: Vec<UpstreamStats> = upstream_counters
+    services.sort_by_key(|s| s.id);
+    let mut upstreams: Vec<UpstreamStats> = v
+        .upstream_counters
         .iter()
         .filter_map(|(id, c)| {
-            let slot = upstreams.iter().find(|(i, _)| i == id);
+            let slot = v.upstreams.iter().find(|(i, _)| i == id);
             if slot.is_none() && is_zero(c) {
                 return None;
             }
             Some(UpstreamStats {
                 id: *id,
-                addr: slot.map(|(_, v)| upstream_addr(v).to_string()),
+                addr: slot.map(|(_, u)| upstream_addr(u).to_string()),
                 fwd_packets: c.fwd_packets,
                 fwd_bytes: c.fwd_bytes,
                 rev_packets: c.rev_packets,
@@ -126,69 +166,111 @@ pub fn build_stats(
             })
         })
         .collect();
-    ups.sort_by_key(|u| u.id);
+    upstreams.sort_by_key(|u| u.id);
     StatsReport {
-        reasons,
-        services: svc,
-        upstreams: ups,
+        schema_version: SCHEMA_VERSION,
+        kind: "stats",
+        daemon,
+        reasons: Reasons(v.reasons.clone()),
+        services,
+        upstreams,
     }
 }
 
-/// Human tables.
+fn traffic_table(first: &'static str, second: &'static str) -> Table {
+    Table::new(&[
+        (first, Align::Right),
+        (second, Align::Left),
+        ("ADDR", Align::Left),
+        ("PROTO", Align::Left),
+        ("PKTS FWD", Align::Right),
+        ("PKTS REV", Align::Right),
+        ("BYTES FWD", Align::Right),
+        ("BYTES REV", Align::Right),
+        ("FLOWS", Align::Right),
+    ])
+}
+
+#[expect(clippy::too_many_arguments, reason = "one table row")]
+fn traffic_row(
+    id: u32,
+    name: &str,
+    addr: &str,
+    proto: &str,
+    fp: u64,
+    rp: u64,
+    fb: u64,
+    rb: u64,
+    flows: u64,
+) -> Vec<String> {
+    vec![
+        id.to_string(),
+        name.to_owned(),
+        addr.to_owned(),
+        proto.to_owned(),
+        count(fp),
+        count(rp),
+        bytes(fb),
+        bytes(rb),
+        count(flows),
+    ]
+}
+
+/// Human view of `inspect stats`.
 #[must_use]
 pub fn render_stats(r: &StatsReport) -> String {
-    let mut out = String::new();
-    let w = r
-        .reasons
-        .0
-        .iter()
-        .map(|(n, _)| n.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
-    let _ = writeln!(out, "{:<w$}  {:>14}", "REASON", "PACKETS");
-    for (name, n) in &r.reasons.0 {
-        let _ = writeln!(out, "{name:<w$}  {n:>14}");
-    }
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:>4}  {:<21}  {:<5}  {:>12}  {:>14}  {:>12}  {:>14}  {:>10}",
-        "SVC", "LISTEN", "PROTO", "FWD_PKTS", "FWD_BYTES", "REV_PKTS", "REV_BYTES", "NEW_FLOWS"
-    );
+    let mut svc = traffic_table("SVC", "NAME");
     for s in &r.services {
-        let _ = writeln!(
-            out,
-            "{:>4}  {:<21}  {:<5}  {:>12}  {:>14}  {:>12}  {:>14}  {:>10}",
+        svc.row(traffic_row(
             s.id,
-            s.listen.as_deref().unwrap_or("-"),
+            s.name.as_deref().unwrap_or("-"),
+            s.listen.as_deref().unwrap_or("(removed)"),
             s.proto.unwrap_or("-"),
             s.fwd_packets,
-            s.fwd_bytes,
             s.rev_packets,
+            s.fwd_bytes,
             s.rev_bytes,
-            s.new_flows
-        );
+            s.new_flows,
+        ));
     }
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "{:>4}  {:<21}  {:>12}  {:>14}  {:>12}  {:>14}  {:>10}",
-        "UPS", "ADDR", "FWD_PKTS", "FWD_BYTES", "REV_PKTS", "REV_BYTES", "NEW_FLOWS"
-    );
+    let mut ups = Table::new(&[
+        ("UPS", Align::Right),
+        ("ADDR", Align::Left),
+        ("PKTS FWD", Align::Right),
+        ("PKTS REV", Align::Right),
+        ("BYTES FWD", Align::Right),
+        ("BYTES REV", Align::Right),
+        ("FLOWS", Align::Right),
+    ]);
     for u in &r.upstreams {
-        let _ = writeln!(
-            out,
-            "{:>4}  {:<21}  {:>12}  {:>14}  {:>12}  {:>14}  {:>10}",
-            u.id,
-            u.addr.as_deref().unwrap_or("-"),
-            u.fwd_packets,
-            u.fwd_bytes,
-            u.rev_packets,
-            u.rev_bytes,
-            u.new_flows
-        );
+        ups.row(vec![
+            u.id.to_string(),
+            u.addr.clone().unwrap_or_else(|| "(removed)".into()),
+            count(u.fwd_packets),
+            count(u.rev_packets),
+            bytes(u.fwd_bytes),
+            bytes(u.rev_bytes),
+            count(u.new_flows),
+        ]);
     }
+    let mut reasons = Table::new(&[
+        ("REASON", Align::Left),
+        ("ACTION", Align::Left),
+        ("PACKETS", Align::Right),
+    ]);
+    for (reason, n) in &r.reasons.0 {
+        reasons.row(vec![
+            reason.name().to_owned(),
+            action_class(*reason).to_owned(),
+            count(*n),
+        ]);
+    }
+    let mut out = svc.render();
+    out.push('\n');
+    out.push_str(&ups.render());
+    out.push('\n');
+    out.push_str(&reasons.render());
+    out.push_str("(FWD: client -> upstream, REV: upstream -> client; FLOWS: flows created)\n");
     out
 }
 
@@ -205,6 +287,7 @@ pub struct TableShare {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceRow {
     pub id: u32,
+    pub name: Option<String>,
     pub listen: String,
     pub proto: Option<&'static str>,
     pub has_upstreams: bool,
@@ -213,34 +296,45 @@ pub struct ServiceRow {
     pub empty_slots: u32,
 }
 
-/// Rows for `inspect services`, by id; `tables` holds each service id's Maglev table.
+/// `inspect services`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicesReport {
+    pub schema_version: u32,
+    pub kind: &'static str,
+    pub services: Vec<ServiceRow>,
+}
+
+fn slot_counts(tables: &[(u32, Vec<u32>)], service_id: u32) -> BTreeMap<u32, u32> {
+    let mut counts = BTreeMap::new();
+    if let Some((_, t)) = tables.iter().find(|(id, _)| *id == service_id) {
+        for up in t {
+            *counts.entry(*up).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// `inspect services`, by id.
 #[must_use]
-pub fn build_services(
-    services: &[(ServiceKey, ServiceValue)],
-    upstreams: &[(u32, UpstreamValue)],
-    tables: &[(u32, Vec<u32>)],
-) -> Vec<ServiceRow> {
-    let mut rows: Vec<ServiceRow> = services
+pub fn build_services(v: &MapValues, names: &Names) -> ServicesReport {
+    let mut rows: Vec<ServiceRow> = v
+        .services
         .iter()
-        .map(|(k, v)| {
-            let mut counts: std::collections::BTreeMap<u32, u32> =
-                std::collections::BTreeMap::new();
-            if let Some((_, t)) = tables.iter().find(|(id, _)| *id == v.id) {
-                for up in t {
-                    *counts.entry(*up).or_insert(0) += 1;
-                }
-            }
+        .map(|(k, s)| {
+            let mut counts = slot_counts(&v.tables, s.id);
             let empty_slots = counts.remove(&0).unwrap_or(0);
             ServiceRow {
-                id: v.id,
+                id: s.id,
+                name: names.service(s.id).map(str::to_owned),
                 listen: service_listen(k),
-                proto: Protocol::from_number(k.proto).map(Protocol::name),
-                has_upstreams: v.flags & proxy_common::SERVICE_F_HAS_UPSTREAMS != 0,
+                proto: proto_name(k.proto),
+                has_upstreams: s.flags & SERVICE_F_HAS_UPSTREAMS != 0,
                 table: counts
                     .into_iter()
                     .map(|(upstream_id, slots)| TableShare {
                         upstream_id,
-                        addr: upstreams
+                        addr: v
+                            .upstreams
                             .iter()
                             .find(|(i, _)| *i == upstream_id)
                             .map(|(_, u)| upstream_addr(u).to_string()),
@@ -252,45 +346,59 @@ pub fn build_services(
         })
         .collect();
     rows.sort_by_key(|r| r.id);
-    rows
+    ServicesReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "services",
+        services: rows,
+    }
 }
 
-/// Human table of services.
+/// Human view of `inspect services`.
 #[must_use]
-pub fn render_services(rows: &[ServiceRow]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>4}  {:<21}  {:<5}  {:<9}  MAGLEV SLOTS (upstream id addr: slots)",
-        "SVC", "LISTEN", "PROTO", "UPSTREAMS"
-    );
-    for r in rows {
-        let mut shares: Vec<String> = r
+pub fn render_services(r: &ServicesReport) -> String {
+    let mut t = Table::new(&[
+        ("SVC", Align::Right),
+        ("NAME", Align::Left),
+        ("LISTEN", Align::Left),
+        ("PROTO", Align::Left),
+        ("UPSTREAMS (id addr: share of Maglev slots)", Align::Left),
+    ]);
+    for s in &r.services {
+        let total: u32 = s.table.iter().map(|x| x.slots).sum::<u32>() + s.empty_slots;
+        let pct = |n: u32| {
+            if total == 0 {
+                0.0
+            } else {
+                f64::from(n) * 100.0 / f64::from(total)
+            }
+        };
+        let mut shares: Vec<String> = s
             .table
             .iter()
-            .map(|t| {
+            .map(|x| {
                 format!(
-                    "{} {}: {}",
-                    t.upstream_id,
-                    t.addr.as_deref().unwrap_or("(no slot!)"),
-                    t.slots
+                    "{} {}: {:.1}%",
+                    x.upstream_id,
+                    x.addr.as_deref().unwrap_or("(no slot!)"),
+                    pct(x.slots)
                 )
             })
             .collect();
-        if r.empty_slots > 0 {
-            shares.push(format!("empty: {}", r.empty_slots));
+        if s.empty_slots > 0 && !s.table.is_empty() {
+            shares.push(format!("empty: {:.1}%", pct(s.empty_slots)));
         }
-        let _ = writeln!(
-            out,
-            "{:>4}  {:<21}  {:<5}  {:<9}  {}",
-            r.id,
-            r.listen,
-            r.proto.unwrap_or("-"),
-            if r.has_upstreams { "yes" } else { "none" },
-            shares.join(", ")
-        );
+        if !s.has_upstreams {
+            shares = vec!["none: new flows are passed to the kernel".into()];
+        }
+        t.row(vec![
+            s.id.to_string(),
+            s.name.clone().unwrap_or_else(|| "-".into()),
+            s.listen.clone(),
+            s.proto.unwrap_or("-").to_owned(),
+            shares.join(", "),
+        ]);
     }
-    out
+    t.render()
 }
 
 /// One active upstream slot, as `inspect upstreams` shows it.
@@ -298,176 +406,180 @@ pub fn render_services(rows: &[ServiceRow]) -> String {
 pub struct UpstreamRow {
     pub id: u32,
     pub addr: String,
-}
-
-/// Rows for `inspect upstreams`, by id.
-#[must_use]
-pub fn build_upstreams(upstreams: &[(u32, UpstreamValue)]) -> Vec<UpstreamRow> {
-    let mut rows: Vec<UpstreamRow> = upstreams
-        .iter()
-        .map(|(id, v)| UpstreamRow {
-            id: *id,
-            addr: upstream_addr(v).to_string(),
-        })
-        .collect();
-    rows.sort_by_key(|r| r.id);
-    rows
-}
-
-/// Human table of upstreams.
-#[must_use]
-pub fn render_upstreams(rows: &[UpstreamRow]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(out, "{:>4}  ADDR", "UPS");
-    for r in rows {
-        let _ = writeln!(out, "{:>4}  {}", r.id, r.addr);
-    }
-    out
-}
-
-/// One forward flow, as `inspect flows` shows it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct FlowRow {
-    pub proto: String,
-    pub client: String,
-    pub service: String,
-    pub upstream: String,
-    pub snat: String,
-    pub snat_port: u16,
-    pub service_id: u32,
-    pub upstream_id: u32,
-    /// `replied`, `fin_client`, `fin_upstream`, `rst` (union of both entries).
-    pub flags: Vec<&'static str>,
-    pub age_s: f64,
-    pub idle_s: f64,
+    /// Names of the services using it (from the metadata; empty without it).
+    pub services: Vec<String>,
+    /// Maglev slots pointing at it, over all services (0: it gets no new flows).
+    pub maglev_slots: u32,
     pub fwd_packets: u64,
     pub fwd_bytes: u64,
     pub rev_packets: u64,
     pub rev_bytes: u64,
-    /// false when the reverse entry is missing.
-    pub has_reverse: bool,
+    pub new_flows: u64,
 }
 
-/// Flag names of a flow.
+/// `inspect upstreams`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct UpstreamsReport {
+    pub schema_version: u32,
+    pub kind: &'static str,
+    pub upstreams: Vec<UpstreamRow>,
+}
+
+/// `inspect upstreams`, by id.
 #[must_use]
-pub fn flag_names(flags: u32) -> Vec<&'static str> {
-    [
-        (FLOW_F_REPLIED, "replied"),
-        (FLOW_F_FIN_CLIENT, "fin_client"),
-        (FLOW_F_FIN_UPSTREAM, "fin_upstream"),
-        (FLOW_F_RST, "rst"),
-    ]
-    .iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, n)| *n)
-    .collect()
-}
-
-fn ep(addr: &[u8; 16], port: [u8; 2]) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(addr_v4_octets(addr)),
-        u16::from_be_bytes(port),
-    )
-}
-
-#[expect(clippy::cast_precision_loss, reason = "seconds for display")]
-fn secs(ns: u64) -> f64 {
-    (ns / 1_000_000) as f64 / 1000.0
-}
-
-/// Rows for `inspect flows`, oldest first.
-#[must_use]
-pub fn build_flows(entries: &[FlowEntry], now_ns: u64) -> Vec<FlowRow> {
-    let mut rows: Vec<(u64, FlowRow)> = entries
+pub fn build_upstreams(v: &MapValues, names: &Names) -> UpstreamsReport {
+    let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+    for (_, t) in &v.tables {
+        for up in t {
+            *slots.entry(*up).or_insert(0) += 1;
+        }
+    }
+    let mut rows: Vec<UpstreamRow> = v
+        .upstreams
         .iter()
-        .map(|e| {
-            let (rev_p, rev_b, rev_seen, rev_flags) = e.rev.map_or((0, 0, 0, 0), |r| {
-                (r.packets, r.bytes, r.last_seen_ns, r.flags)
-            });
-            let snat = ep(&e.fwd.new_src_addr, e.fwd.new_src_port);
-            let row = FlowRow {
-                proto: Protocol::from_number(e.key.proto)
-                    .map_or_else(|| e.key.proto.to_string(), |p| p.name().to_owned()),
-                client: ep(&e.key.src_addr, e.key.src_port).to_string(),
-                service: ep(&e.key.dst_addr, e.key.dst_port).to_string(),
-                upstream: ep(&e.fwd.new_dst_addr, e.fwd.new_dst_port).to_string(),
-                snat: snat.ip().to_string(),
-                snat_port: snat.port(),
-                service_id: e.fwd.service_id,
-                upstream_id: e.fwd.upstream_id,
-                flags: flag_names(e.fwd.flags | rev_flags),
-                age_s: secs(now_ns.saturating_sub(e.fwd.created_ns)),
-                idle_s: secs(now_ns.saturating_sub(e.fwd.last_seen_ns.max(rev_seen))),
-                fwd_packets: e.fwd.packets,
-                fwd_bytes: e.fwd.bytes,
-                rev_packets: rev_p,
-                rev_bytes: rev_b,
-                has_reverse: e.rev.is_some(),
-            };
-            (e.fwd.created_ns, row)
+        .map(|(id, u)| {
+            let c = v
+                .upstream_counters
+                .iter()
+                .find(|(i, _)| i == id)
+                .map(|(_, c)| *c)
+                .unwrap_or_default();
+            UpstreamRow {
+                id: *id,
+                addr: upstream_addr(u).to_string(),
+                services: names.upstream_users.get(id).cloned().unwrap_or_default(),
+                maglev_slots: slots.get(id).copied().unwrap_or(0),
+                fwd_packets: c.fwd_packets,
+                fwd_bytes: c.fwd_bytes,
+                rev_packets: c.rev_packets,
+                rev_bytes: c.rev_bytes,
+                new_flows: c.new_flows,
+            }
         })
         .collect();
-    rows.sort_by_key(|(created, _)| *created);
-    rows.into_iter().map(|(_, r)| r).collect()
+    rows.sort_by_key(|r| r.id);
+    UpstreamsReport {
+        schema_version: SCHEMA_VERSION,
+        kind: "upstreams",
+        upstreams: rows,
+    }
 }
 
-/// Human table of flows.
+/// Human view of `inspect upstreams`.
 #[must_use]
-pub fn render_flows(rows: &[FlowRow]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:<5} {:<21} {:<21} {:<21} {:>6} {:<26} {:>9} {:>9} {:>10} {:>12} {:>10} {:>12}",
-        "PROTO",
-        "CLIENT",
-        "SERVICE",
-        "UPSTREAM",
-        "SNATPT",
-        "FLAGS",
-        "AGE_S",
-        "IDLE_S",
-        "FWD_PKTS",
-        "FWD_BYTES",
-        "REV_PKTS",
-        "REV_BYTES"
-    );
-    for r in rows {
-        let mut flags = r.flags.join(",");
-        if !r.has_reverse {
-            flags.push_str(if flags.is_empty() {
-                "no_reverse"
+pub fn render_upstreams(r: &UpstreamsReport) -> String {
+    let mut t = Table::new(&[
+        ("UPS", Align::Right),
+        ("ADDR", Align::Left),
+        ("SERVICES", Align::Left),
+        ("SLOTS", Align::Right),
+        ("PKTS FWD", Align::Right),
+        ("PKTS REV", Align::Right),
+        ("BYTES FWD", Align::Right),
+        ("BYTES REV", Align::Right),
+        ("FLOWS", Align::Right),
+    ]);
+    for u in &r.upstreams {
+        t.row(vec![
+            u.id.to_string(),
+            u.addr.clone(),
+            if u.services.is_empty() {
+                "-".into()
             } else {
-                ",no_reverse"
-            });
-        }
-        if flags.is_empty() {
-            flags.push('-');
-        }
-        let _ = writeln!(
-            out,
-            "{:<5} {:<21} {:<21} {:<21} {:>6} {:<26} {:>9.1} {:>9.1} {:>10} {:>12} {:>10} {:>12}",
-            r.proto,
-            r.client,
-            r.service,
-            r.upstream,
-            r.snat_port,
-            flags,
-            r.age_s,
-            r.idle_s,
-            r.fwd_packets,
-            r.fwd_bytes,
-            r.rev_packets,
-            r.rev_bytes
-        );
+                u.services.join(",")
+            },
+            count(u64::from(u.maglev_slots)),
+            count(u.fwd_packets),
+            count(u.rev_packets),
+            bytes(u.fwd_bytes),
+            bytes(u.rev_bytes),
+            count(u.new_flows),
+        ]);
     }
-    let _ = writeln!(out, "{} flows", rows.len());
+    let mut out = t.render();
+    out.push_str("(SLOTS: Maglev slots over all services; 0 = gets no new flows)\n");
+    out
+}
+
+/// One pinned map, as `inspect maps` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapRow {
+    pub name: String,
+    /// Kernel map type, lower case without the `BPF_MAP_TYPE_` prefix (`hash`, `lru_hash`, ...).
+    #[serde(rename = "type")]
+    pub map_type: String,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// Hash maps: entries counted by iterating the keys. Arrays: entries that are not all zero.
+    /// null when not counted.
+    pub used_entries: Option<u64>,
+    pub memory_bytes: u64,
+    /// `memlock` (the kernel's own figure from /proc/self/fdinfo) or `estimate`.
+    pub memory_source: &'static str,
+}
+
+/// A pin that is not a map (for example the XDP link).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OtherPin {
+    pub name: String,
+    pub what: String,
+}
+
+/// `inspect maps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MapsReport {
+    pub schema_version: u32,
+    pub kind: &'static str,
+    /// The directory the pins were read from (`<pin_dir>/v<ABI>`).
+    pub dir: String,
+    pub maps: Vec<MapRow>,
+    pub other_pins: Vec<OtherPin>,
+}
+
+/// Human view of `inspect maps`.
+#[must_use]
+pub fn render_maps(r: &MapsReport) -> String {
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("TYPE", Align::Left),
+        ("KEY", Align::Right),
+        ("VALUE", Align::Right),
+        ("MAX", Align::Right),
+        ("USED", Align::Right),
+        ("MEMORY", Align::Right),
+    ]);
+    let mut estimated = false;
+    for m in &r.maps {
+        let mut mem = bytes(m.memory_bytes);
+        if m.memory_source != "memlock" {
+            mem.push('*');
+            estimated = true;
+        }
+        t.row(vec![
+            m.name.clone(),
+            m.map_type.clone(),
+            bytes(u64::from(m.key_size)),
+            bytes(u64::from(m.value_size)),
+            count(u64::from(m.max_entries)),
+            m.used_entries.map_or_else(|| "n/a".into(), count),
+            mem,
+        ]);
+    }
+    let mut out = format!("{}\n", r.dir);
+    out.push_str(&t.render());
+    if estimated {
+        out.push_str("(* estimated from sizes: the kernel did not report memlock)\n");
+    }
+    for p in &r.other_pins {
+        out.push_str(&format!("also pinned: {} ({})\n", p.name, p.what));
+    }
     out
 }
 
 #[cfg(test)]
 mod tests {
-    use proxy_common::{FAMILY_IPV4, FlowKey, FlowValue, addr_v4};
-
     use super::*;
     use crate::plan::{service_key, upstream_value};
 
@@ -476,177 +588,178 @@ mod tests {
             fwd_packets: n,
             fwd_bytes: n * 100,
             rev_packets: n + 1,
-            rev_bytes: (n + 1) * 100,
+            rev_bytes: (n + 1) * 100_000,
             new_flows: 1,
         }
     }
 
-    fn report() -> StatsReport {
-        let reasons: Vec<(Reason, u64)> =
-            Reason::ALL.iter().map(|r| (*r, *r as u64 * 10)).collect();
-        let services = [(
-            service_key("10.10.1.1:80".parse().unwrap(), Protocol::Tcp),
-            ServiceValue { id: 1, flags: 1 },
-        )];
-        let ups = [(2, upstream_value("10.20.1.2:8080".parse().unwrap()))];
-        let mut svc_c = vec![
-            (0, TrafficCounters::default()),
-            (1, counters(5)),
-            (3, counters(7)),
-        ];
-        svc_c.push((4, TrafficCounters::default()));
-        let ups_c = vec![(1, TrafficCounters::default()), (2, counters(5))];
-        build_stats(&reasons, &services, &ups, &svc_c, &ups_c)
-    }
-
-    #[test]
-    fn stats_json_has_the_stable_shape() {
-        let v = serde_json::to_value(report()).unwrap();
-        assert_eq!(v["reasons"]["fwd_tx"], 0);
-        assert_eq!(v["reasons"]["pass_not_service"], 60);
-        assert_eq!(v["reasons"].as_object().unwrap().len(), Reason::ALL.len());
-        let svcs = v["services"].as_array().unwrap();
-        assert_eq!(svcs.len(), 2, "{v}");
-        assert_eq!(svcs[0]["id"], 1);
-        assert_eq!(svcs[0]["listen"], "10.10.1.1:80");
-        assert_eq!(svcs[0]["proto"], "tcp");
-        assert_eq!(svcs[0]["fwd_packets"], 5);
-        assert_eq!(svcs[0]["fwd_bytes"], 500);
-        assert_eq!(svcs[0]["rev_packets"], 6);
-        assert_eq!(svcs[0]["rev_bytes"], 600);
-        assert_eq!(svcs[0]["new_flows"], 1);
-        // Id 3 has counters but no service any more.
-        assert_eq!(svcs[1]["id"], 3);
-        assert!(svcs[1]["listen"].is_null());
-        let ups = v["upstreams"].as_array().unwrap();
-        assert_eq!(ups.len(), 1);
-        assert_eq!(ups[0]["id"], 2);
-        assert_eq!(ups[0]["addr"], "10.20.1.2:8080");
-        // Reasons keep index order in the text.
-        let text = serde_json::to_string(&report()).unwrap();
-        assert!(text.find("fwd_tx").unwrap() < text.find("aborted").unwrap());
-    }
-
-    #[test]
-    fn stats_table_names_every_reason() {
-        let t = render_stats(&report());
-        for r in Reason::ALL {
-            assert!(t.contains(r.name()), "{}", r.name());
+    fn values() -> MapValues {
+        let mut service_counters: Vec<(u32, TrafficCounters)> =
+            (0..4).map(|id| (id, TrafficCounters::default())).collect();
+        service_counters[1].1 = counters(1500);
+        service_counters[3].1 = counters(5);
+        let mut upstream_counters: Vec<(u32, TrafficCounters)> =
+            (0..4).map(|id| (id, TrafficCounters::default())).collect();
+        upstream_counters[2].1 = counters(1500);
+        MapValues {
+            reasons: Reason::ALL.iter().map(|r| (*r, *r as u64 * 1000)).collect(),
+            services: vec![
+                (
+                    service_key("10.10.1.1:80".parse().unwrap(), Protocol::Tcp),
+                    ServiceValue { id: 1, flags: 1 },
+                ),
+                (
+                    service_key("10.10.1.1:53".parse().unwrap(), Protocol::Udp),
+                    ServiceValue { id: 2, flags: 0 },
+                ),
+            ],
+            upstreams: vec![
+                (2, upstream_value("10.20.1.2:8080".parse().unwrap())),
+                (3, upstream_value("10.20.1.3:8080".parse().unwrap())),
+            ],
+            service_counters,
+            upstream_counters,
+            tables: vec![(1, vec![2, 2, 3, 0]), (2, vec![0, 0, 0, 0])],
         }
-        assert!(t.contains("10.10.1.1:80"));
-        assert!(t.contains("10.20.1.2:8080"));
+    }
+
+    fn names() -> Names {
+        let mut n = Names::default();
+        n.services.insert(1, "web".into());
+        n.upstream_users.insert(2, vec!["web".into()]);
+        n
     }
 
     #[test]
-    fn service_rows_count_maglev_shares() {
-        let key = service_key("10.10.1.1:80".parse().unwrap(), Protocol::Tcp);
-        let services = [(key, ServiceValue { id: 3, flags: 1 })];
-        let ups = [
-            (1, upstream_value("10.20.1.2:80".parse().unwrap())),
-            (2, upstream_value("10.20.1.3:80".parse().unwrap())),
-        ];
-        let tables = [(3, vec![1, 2, 2, 0, 7])];
-        let rows = build_services(&services, &ups, &tables);
-        assert_eq!(rows.len(), 1);
-        let r = &rows[0];
-        assert_eq!(
-            (r.id, r.listen.as_str(), r.proto),
-            (3, "10.10.1.1:80", Some("tcp"))
-        );
-        assert!(r.has_upstreams);
-        assert_eq!(r.empty_slots, 1);
-        let shares: Vec<(u32, Option<&str>, u32)> = r
-            .table
+    fn stats_report_and_json_shape() {
+        let r = build_stats(&values(), &names(), None);
+        let ids: Vec<(u32, Option<&str>)> = r
+            .services
             .iter()
-            .map(|t| (t.upstream_id, t.addr.as_deref(), t.slots))
+            .map(|s| (s.id, s.listen.as_deref()))
             .collect();
+        // Id 3 has counters but no service any more: listed, listen null. Id 0: nothing.
         assert_eq!(
-            shares,
+            ids,
             [
-                (1, Some("10.20.1.2:80"), 1),
-                (2, Some("10.20.1.3:80"), 2),
-                (7, None, 1)
+                (1, Some("10.10.1.1:80")),
+                (2, Some("10.10.1.1:53")),
+                (3, None)
             ]
         );
-        let t = render_services(&rows);
-        assert!(
-            t.contains("2 10.20.1.3:80: 2") && t.contains("7 (no slot!): 1"),
-            "{t}"
-        );
-        let u = build_upstreams(&ups);
-        assert_eq!(
-            u[1],
-            UpstreamRow {
-                id: 2,
-                addr: "10.20.1.3:80".into()
-            }
-        );
-        assert!(render_upstreams(&u).contains("   1  10.20.1.2:80"));
+        let ups: Vec<u32> = r.upstreams.iter().map(|u| u.id).collect();
+        assert_eq!(ups, [2, 3]);
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["schema_version"], 1);
+        assert_eq!(json["kind"], "stats");
+        assert_eq!(json["daemon"], serde_json::Value::Null);
+        assert_eq!(json["reasons"]["pass_not_service"], 6000);
+        assert_eq!(json["services"][0]["name"], "web");
+        assert_eq!(json["services"][0]["fwd_packets"], 1500);
+        assert_eq!(json["services"][1]["name"], serde_json::Value::Null);
+        assert_eq!(json["upstreams"][0]["addr"], "10.20.1.2:8080");
     }
 
     #[test]
-    fn flow_rows() {
-        let key = FlowKey {
-            src_addr: addr_v4([10, 0, 0, 1]),
-            dst_addr: addr_v4([10, 10, 1, 1]),
-            src_port: 40000u16.to_be_bytes(),
-            dst_port: 80u16.to_be_bytes(),
-            proto: 6,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        };
-        let fwd = FlowValue {
-            new_src_addr: addr_v4([10, 20, 1, 1]),
-            new_dst_addr: addr_v4([10, 20, 1, 2]),
-            new_src_port: 12000u16.to_be_bytes(),
-            new_dst_port: 8080u16.to_be_bytes(),
-            flags: FLOW_F_REPLIED,
-            service_id: 1,
-            upstream_id: 2,
-            created_ns: 1_000_000_000,
-            last_seen_ns: 2_000_000_000,
-            packets: 3,
-            bytes: 180,
-            ..FlowValue::default()
-        };
-        let rev = FlowValue {
-            flags: FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM,
-            last_seen_ns: 3_000_000_000,
-            packets: 2,
-            bytes: 120,
-            ..fwd
-        };
-        let rows = build_flows(
-            &[FlowEntry {
-                key,
-                fwd,
-                rev: Some(rev),
+    fn stats_table_snapshot() {
+        let mut v = values();
+        v.reasons.truncate(3);
+        let r = build_stats(&v, &names(), None);
+        assert_eq!(
+            render_stats(&r),
+            "\
+SVC  NAME  ADDR          PROTO  PKTS FWD  PKTS REV  BYTES FWD  BYTES REV  FLOWS
+  1  web   10.10.1.1:80  tcp        1.5K      1.5K  146.5 KiB  143.1 MiB      1
+  2  -     10.10.1.1:53  udp           0         0        0 B        0 B      0
+  3  -     (removed)     -             5         6      500 B  585.9 KiB      1
+
+UPS  ADDR            PKTS FWD  PKTS REV  BYTES FWD  BYTES REV  FLOWS
+  2  10.20.1.2:8080      1.5K      1.5K  146.5 KiB  143.1 MiB      1
+  3  10.20.1.3:8080         0         0        0 B        0 B      0
+
+REASON        ACTION   PACKETS
+fwd_tx        forward        0
+fwd_redirect  forward     1.0K
+rev_tx        forward     2.0K
+(FWD: client -> upstream, REV: upstream -> client; FLOWS: flows created)
+"
+        );
+    }
+
+    #[test]
+    fn services_and_upstreams_snapshot() {
+        let v = values();
+        let s = build_services(&v, &names());
+        assert_eq!(s.services[0].empty_slots, 1);
+        assert_eq!(
+            render_services(&s),
+            "\
+SVC  NAME  LISTEN        PROTO  UPSTREAMS (id addr: share of Maglev slots)
+  1  web   10.10.1.1:80  tcp    2 10.20.1.2:8080: 50.0%, 3 10.20.1.3:8080: 25.0%, empty: 25.0%
+  2  -     10.10.1.1:53  udp    none: new flows are passed to the kernel
+"
+        );
+        let u = build_upstreams(&v, &names());
+        assert_eq!(u.upstreams[0].maglev_slots, 2);
+        assert_eq!(
+            render_upstreams(&u),
+            "\
+UPS  ADDR            SERVICES  SLOTS  PKTS FWD  PKTS REV  BYTES FWD  BYTES REV  FLOWS
+  2  10.20.1.2:8080  web           2      1.5K      1.5K  146.5 KiB  143.1 MiB      1
+  3  10.20.1.3:8080  -             1         0         0        0 B        0 B      0
+(SLOTS: Maglev slots over all services; 0 = gets no new flows)
+"
+        );
+    }
+
+    #[test]
+    fn maps_snapshot() {
+        let r = MapsReport {
+            schema_version: SCHEMA_VERSION,
+            kind: "maps",
+            dir: "/sys/fs/bpf/xdp-proxy/v1".into(),
+            maps: vec![
+                MapRow {
+                    name: "XP_FLOWS_FWD".into(),
+                    map_type: "lru_hash".into(),
+                    id: 7,
+                    key_size: 40,
+                    value_size: 88,
+                    max_entries: 262_144,
+                    used_entries: Some(1234),
+                    memory_bytes: 40_000_000,
+                    memory_source: "memlock",
+                },
+                MapRow {
+                    name: "XP_DEVMAP".into(),
+                    map_type: "devmap_hash".into(),
+                    id: 8,
+                    key_size: 4,
+                    value_size: 4,
+                    max_entries: 64,
+                    used_entries: None,
+                    memory_bytes: 512,
+                    memory_source: "estimate",
+                },
+            ],
+            other_pins: vec![OtherPin {
+                name: "link_eth0".into(),
+                what: "not a map".into(),
             }],
-            5_000_000_000,
+        };
+        assert_eq!(
+            render_maps(&r),
+            "\
+/sys/fs/bpf/xdp-proxy/v1
+NAME          TYPE          KEY  VALUE     MAX  USED    MEMORY
+XP_FLOWS_FWD  lru_hash     40 B   88 B  262.1K  1.2K  38.1 MiB
+XP_DEVMAP     devmap_hash   4 B    4 B      64   n/a    512 B*
+(* estimated from sizes: the kernel did not report memlock)
+also pinned: link_eth0 (not a map)
+"
         );
-        assert_eq!(rows.len(), 1);
-        let r = &rows[0];
-        assert_eq!(r.client, "10.0.0.1:40000");
-        assert_eq!(r.service, "10.10.1.1:80");
-        assert_eq!(r.upstream, "10.20.1.2:8080");
-        assert_eq!((r.snat.as_str(), r.snat_port), ("10.20.1.1", 12000));
-        assert_eq!(r.flags, ["replied", "fin_upstream"]);
-        assert!((r.age_s - 4.0).abs() < 1e-9);
-        assert!((r.idle_s - 2.0).abs() < 1e-9);
-        assert_eq!((r.fwd_packets, r.rev_packets), (3, 2));
-        let t = render_flows(&rows);
-        assert!(
-            t.contains("replied,fin_upstream") && t.contains("1 flows"),
-            "{t}"
-        );
-        let rows = build_flows(
-            &[FlowEntry {
-                key,
-                fwd,
-                rev: None,
-            }],
-            5_000_000_000,
-        );
-        assert!(render_flows(&rows).contains("replied,no_reverse"));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["maps"][0]["type"], "lru_hash");
+        assert_eq!(json["maps"][1]["used_entries"], serde_json::Value::Null);
     }
 }
