@@ -234,6 +234,8 @@ fn start_datapath(
         .collect();
     let plan = plan::build(c, p.snat, &existing_services, &existing_upstreams)?;
     dp.maps.apply(&plan, &p.ifindexes)?;
+    // Names for `inspect` (the maps hold only ids): a file under /run/xdp-proxy; never fatal.
+    crate::inspect::meta::publish(&plan, pin_dir);
     for s in &plan.services {
         tracing::info!(
             service = %s.name,
