@@ -17,7 +17,7 @@ use aya::{
     },
     programs::{
         ProgramError, Xdp, XdpMode,
-        links::{FdLink, LinkError, LinkType, PinnedLink},
+        links::{FdLink, LinkError, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
 };
@@ -925,15 +925,6 @@ fn link_pin_name(mode: AttachMode, interface: &str) -> String {
     name
 }
 
-/// Ids of the XDP bpf_links of program `prog_id` currently in the kernel.
-fn xdp_link_ids(prog_id: u32) -> HashSet<u32> {
-    aya::programs::loaded_links()
-        .filter_map(std::result::Result::ok)
-        .filter(|l| l.program_id() == prog_id && l.link_type().ok() == Some(LinkType::Xdp))
-        .map(|l| l.id())
-        .collect()
-}
-
 fn remove_pin(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -1042,17 +1033,6 @@ impl Datapath {
             })
     }
 
-    fn program_id(&mut self) -> Result<u32> {
-        let info = self
-            .program()?
-            .info()
-            .map_err(|source| DatapathError::Program {
-                op: "reading program info",
-                source: Box::new(source),
-            })?;
-        Ok(info.id())
-    }
-
     /// Attach to `interface` per `mode` (auto: native, else generic). `userspace` is the caller's
     /// business (nothing to attach): it attaches natively here.
     ///
@@ -1075,13 +1055,11 @@ impl Datapath {
             DatapathMode::Auto => &[AttachMode::Native, AttachMode::Generic],
             DatapathMode::Native | DatapathMode::Userspace => &[AttachMode::Native],
         };
-        let prog_id = self.program_id()?;
         let mut last = None;
         for m in tries {
-            let before = xdp_link_ids(prog_id);
             match self.program()?.attach_to_if_index(index, m.xdp_mode()) {
                 Ok(link) => {
-                    let held = self.hold(interface, *m, link, prog_id, &before)?;
+                    let held = self.hold(interface, index, *m, link)?;
                     self.attachments.push(Attachment {
                         interface: interface.to_owned(),
                         ifindex: index,
@@ -1106,25 +1084,16 @@ impl Datapath {
         Err(last.unwrap_or(DatapathError::NoProgram))
     }
 
-    /// Pin a new attachment when it is a bpf_link (aya falls back to netlink silently when the
-    /// kernel refuses bpf_link: then it stays owned by the program, unpinned).
+    /// Pin a new attachment when it is a bpf_link. aya falls back to netlink silently when the
+    /// kernel refuses bpf_link (before 5.9); such an attachment cannot be pinned: it is
+    /// re-attached (netlink replaces the program with itself) so the program owns it again.
     fn hold(
         &mut self,
         interface: &str,
+        index: u32,
         mode: AttachMode,
         id: XdpLinkId,
-        prog_id: u32,
-        before: &HashSet<u32>,
     ) -> Result<Held> {
-        let is_bpf_link = xdp_link_ids(prog_id).difference(before).next().is_some();
-        if !is_bpf_link {
-            tracing::warn!(
-                interface,
-                "XDP attached through netlink (this kernel refused a bpf_link): the attachment \
-                 cannot be pinned, so it does not survive the daemon (restart = short outage)"
-            );
-            return Ok(Held::Netlink(id));
-        }
         let path = self.dir.join(link_pin_name(mode, interface));
         let link = self
             .program()?
@@ -1133,11 +1102,22 @@ impl Datapath {
                 op: "taking the XDP link",
                 source: Box::new(source),
             })?;
-        let link = FdLink::try_from(link).map_err(|source| DatapathError::Link {
-            path: path.clone(),
-            op: "converting to a bpf_link",
-            source: Box::new(source),
-        })?;
+        let Ok(link) = FdLink::try_from(link) else {
+            tracing::warn!(
+                interface,
+                "XDP attached through netlink (this kernel refused a bpf_link): the attachment \
+                 cannot be pinned, so it does not outlive the daemon (a restart is a short outage)"
+            );
+            let id = self
+                .program()?
+                .attach_to_if_index(index, mode.xdp_mode())
+                .map_err(|source| DatapathError::Attach {
+                    iface: interface.to_owned(),
+                    mode,
+                    source: Box::new(source),
+                })?;
+            return Ok(Held::Netlink(id));
+        };
         remove_pin(&path)?;
         let pinned = link.pin(&path).map_err(|source| DatapathError::Pin {
             path: path.clone(),
