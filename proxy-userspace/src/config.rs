@@ -17,6 +17,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use serde::Deserialize;
@@ -242,6 +243,164 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// Default `dns.interval`: how often DNS upstreams are re-resolved (sooner when a record's TTL
+/// ends first).
+pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(30);
+/// Default `dns.timeout`: how long one query waits for an answer from one server.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `service.health.interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `service.health.timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `service.health.rise`: successes in a row that make an unhealthy upstream healthy.
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+/// Default `service.health.fall`: failures in a row that make a healthy upstream unhealthy.
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+/// Default `service.health.path` (kind = "http").
+pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// Default `service.health.expect_status` (kind = "http").
+pub const DEFAULT_HEALTH_STATUS: u16 = 200;
+/// Default upstream weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Largest accepted upstream weight.
+pub const MAX_WEIGHT: u32 = 1000;
+/// Shortest accepted interval (health checks, DNS re-resolution).
+pub const MIN_INTERVAL: Duration = Duration::from_millis(50);
+
+/// `[dns]`: how DNS upstreams are resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Servers to ask, in order; `None`: the `nameserver` lines of /etc/resolv.conf.
+    pub servers: Option<Vec<SocketAddr>>,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self {
+            servers: None,
+            interval: DEFAULT_DNS_INTERVAL,
+            timeout: DEFAULT_DNS_TIMEOUT,
+        }
+    }
+}
+
+/// Where an upstream is: a fixed IPv4 address or a DNS name resolved (and re-resolved) at run
+/// time.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum UpstreamHost {
+    Ip(Ipv4Addr),
+    /// A DNS name, lower case, without a trailing dot.
+    Name(String),
+}
+
+/// One entry of `service.upstreams`: `"host:port"` or
+/// `{ address = "host:port", weight = N, drain = true }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub host: UpstreamHost,
+    pub port: u16,
+    /// Relative share of new flows (`DEFAULT_WEIGHT`).
+    pub weight: u32,
+    /// No new flows (weight 0 in the Maglev table); existing flows finish.
+    pub drain: bool,
+}
+
+impl UpstreamConfig {
+    /// A static upstream of weight 1 (tests, simple configs).
+    #[must_use]
+    pub fn fixed(addr: SocketAddrV4) -> Self {
+        Self {
+            host: UpstreamHost::Ip(*addr.ip()),
+            port: addr.port(),
+            weight: DEFAULT_WEIGHT,
+            drain: false,
+        }
+    }
+
+    /// The address when the host is an IP address.
+    #[must_use]
+    pub fn static_addr(&self) -> Option<SocketAddrV4> {
+        match &self.host {
+            UpstreamHost::Ip(ip) => Some(SocketAddrV4::new(*ip, self.port)),
+            UpstreamHost::Name(_) => None,
+        }
+    }
+
+    /// The DNS name, if the host is one.
+    #[must_use]
+    pub fn dns_name(&self) -> Option<&str> {
+        match &self.host {
+            UpstreamHost::Ip(_) => None,
+            UpstreamHost::Name(n) => Some(n),
+        }
+    }
+
+    /// The weight new flows see: 0 while draining.
+    #[must_use]
+    pub fn effective_weight(&self) -> u32 {
+        if self.drain { 0 } else { self.weight }
+    }
+}
+
+impl fmt::Display for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            UpstreamHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            UpstreamHost::Name(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+/// What a health check does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum HealthKind {
+    /// A TCP connect (closed at once).
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 GET of `path`; healthy when the status is `expect_status`.
+    Http,
+    /// No check: every upstream counts as healthy.
+    None,
+}
+
+impl fmt::Display for HealthKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "tcp",
+            Self::Http => "http",
+            Self::None => "none",
+        })
+    }
+}
+
+/// `[service.health]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthConfig {
+    pub kind: HealthKind,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Tcp,
+            path: DEFAULT_HEALTH_PATH.to_owned(),
+            expect_status: DEFAULT_HEALTH_STATUS,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_HEALTH_RISE,
+            fall: DEFAULT_HEALTH_FALL,
+        }
+    }
+}
+
 /// One `[[service]]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceConfig {
@@ -249,7 +408,8 @@ pub struct ServiceConfig {
     pub listen: SocketAddrV4,
     pub protocol: Protocol,
     pub mode: ServiceMode,
-    pub upstreams: Vec<SocketAddrV4>,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub health: HealthConfig,
 }
 
 /// A complete, validated configuration.
@@ -260,6 +420,7 @@ pub struct Config {
     pub datapath: DatapathConfig,
     pub nat: NatSettings,
     pub admin: AdminConfig,
+    pub dns: DnsConfig,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -342,6 +503,8 @@ struct RawConfig {
     nat: RawNat,
     #[serde(default)]
     admin: RawAdmin,
+    #[serde(default)]
+    dns: RawDns,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -379,7 +542,29 @@ struct RawService {
     protocol: Protocol,
     #[serde(default)]
     mode: ServiceMode,
-    upstreams: Vec<String>,
+    upstreams: Vec<toml::Value>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    servers: Option<Vec<String>>,
+    interval: Option<toml::Value>,
+    timeout: Option<toml::Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Option<String>,
+    path: Option<String>,
+    expect_status: Option<i64>,
+    interval: Option<toml::Value>,
+    timeout: Option<toml::Value>,
+    rise: Option<i64>,
+    fall: Option<i64>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,6 +632,55 @@ impl Config {
             .iter()
             .enumerate()
             .filter(|(_, s)| s.mode == ServiceMode::L4)
+    }
+
+    /// The keys a reload cannot change (the loaded datapath holds them), as `(key, old, new)`
+    /// for each that differs between `self` (running) and `new`.
+    #[must_use]
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<(&'static str, String, String)> {
+        let mut out = Vec::new();
+        let (a, b) = (&self.datapath, &new.datapath);
+        if a.interfaces != b.interfaces {
+            out.push((
+                "datapath.interfaces",
+                format!("{:?}", a.interfaces),
+                format!("{:?}", b.interfaces),
+            ));
+        }
+        if a.mode != b.mode {
+            out.push(("datapath.mode", a.mode.to_string(), b.mode.to_string()));
+        }
+        if a.pin_dir != b.pin_dir {
+            out.push((
+                "datapath.pin_dir",
+                a.pin_dir.display().to_string(),
+                b.pin_dir.display().to_string(),
+            ));
+        }
+        if a.max_flows != b.max_flows {
+            out.push((
+                "datapath.max_flows",
+                a.max_flows.to_string(),
+                b.max_flows.to_string(),
+            ));
+        }
+        if self.admin.listen != new.admin.listen {
+            out.push((
+                "admin.listen",
+                self.admin.listen.to_string(),
+                new.admin.listen.to_string(),
+            ));
+        }
+        out
+    }
+
+    /// `new` with the restart-only keys (see [`Config::restart_only_changes`]) taken from
+    /// `self`: what a reload applies.
+    #[must_use]
+    pub fn with_restart_only_keys_of(&self, mut new: Config) -> Config {
+        new.datapath = self.datapath.clone();
+        new.admin = self.admin.clone();
+        new
     }
 
     /// Rules that need facts from the running system. Pure given `facts`.
@@ -561,8 +795,7 @@ fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
             {
                 Err(format!(
-                    "`{s}`: `{host}` is a DNS name; DNS {what}s are not supported yet (a later \
-                     version resolves and re-resolves them): write an IPv4 address:port"
+                    "`{s}`: `{host}` is a DNS name; a {what} address is an IPv4 address:port"
                 ))
             } else {
                 Err(format!(
@@ -573,6 +806,345 @@ fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
         _ => Err(format!(
             "`{s}` is not an IPv4 address:port like 10.20.1.2:80"
         )),
+    }
+}
+
+/// A duration written as an integer number of seconds or a string with a unit: `"500ms"`,
+/// `"2s"`, `"1m"`, `"1h"`.
+///
+/// # Errors
+/// A message saying what is accepted.
+pub fn parse_duration(v: &toml::Value) -> Result<Duration, String> {
+    match v {
+        toml::Value::Integer(n) => u64::try_from(*n)
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{n} is negative")),
+        toml::Value::String(s) => {
+            let t = s.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num
+                .parse()
+                .map_err(|_| format!("`{s}` is not a duration like \"500ms\", \"2s\", \"1m\""))?;
+            match unit.trim() {
+                "ms" => Ok(Duration::from_millis(n)),
+                "s" | "" => Ok(Duration::from_secs(n)),
+                "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+                "h" => Ok(Duration::from_secs(n.saturating_mul(3600))),
+                other => Err(format!("`{s}`: unknown unit `{other}` (use ms, s, m or h)")),
+            }
+        }
+        other => Err(format!(
+            "{other} is not a duration: write seconds (5) or a string (\"500ms\", \"2s\")"
+        )),
+    }
+}
+
+fn duration_key(
+    v: Option<&toml::Value>,
+    default: Duration,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Duration {
+    match v.map(parse_duration) {
+        None => default,
+        Some(Ok(d)) if d >= MIN_INTERVAL => d,
+        Some(Ok(d)) => {
+            problems.push(Problem::new(
+                key,
+                format!("{d:?} is shorter than the minimum {MIN_INTERVAL:?}"),
+            ));
+            default
+        }
+        Some(Err(m)) => {
+            problems.push(Problem::new(key, m));
+            default
+        }
+    }
+}
+
+/// Whether `name` is a DNS host name: dot-separated labels of letters, digits and `-` (not at
+/// either end of a label), at most 253 characters, not all digits (that would be a bad IPv4
+/// address).
+#[must_use]
+pub fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        && !name.chars().all(|c| c.is_ascii_digit() || c == '.')
+}
+
+/// Parse `host:port` where host is an IPv4 address or a DNS name.
+fn parse_upstream_address(s: &str) -> Result<(UpstreamHost, u16), String> {
+    if let Ok(sa) = s.parse::<SocketAddrV4>() {
+        if sa.port() == 0 {
+            return Err(format!("`{s}`: port 0 is not a valid upstream port"));
+        }
+        return Ok((UpstreamHost::Ip(*sa.ip()), sa.port()));
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Err(format!(
+            "`{s}`: IPv6 is not supported yet; use an IPv4 address:port or a DNS name:port"
+        ));
+    }
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!(
+            "`{s}` is not an address:port like 10.20.1.2:80 or internal-alb.example:80"
+        ));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("`{s}`: port `{port}` is not in 1..=65535")),
+    };
+    if is_dns_name(host) {
+        Ok((
+            UpstreamHost::Name(host.trim_end_matches('.').to_ascii_lowercase()),
+            port,
+        ))
+    } else {
+        Err(format!(
+            "`{s}`: `{host}` is neither an IPv4 address nor a DNS name"
+        ))
+    }
+}
+
+/// One `upstreams` entry: a string, or a table `{ address, weight, drain }`.
+fn parse_upstream(
+    v: &toml::Value,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<UpstreamConfig> {
+    let (address, weight, drain) = match v {
+        toml::Value::String(s) => (s.as_str(), DEFAULT_WEIGHT, false),
+        toml::Value::Table(t) => {
+            let mut ok = true;
+            for k in t.keys() {
+                if !matches!(k.as_str(), "address" | "weight" | "drain") {
+                    problems.push(Problem::new(
+                        format!("{key}.{k}"),
+                        format!(
+                            "unknown field `{k}`, expected one of `address`, `weight`, `drain`"
+                        ),
+                    ));
+                    ok = false;
+                }
+            }
+            let address = match t.get("address") {
+                Some(toml::Value::String(s)) => Some(s.as_str()),
+                Some(other) => {
+                    problems.push(Problem::new(
+                        format!("{key}.address"),
+                        format!("{other} is not a string like \"10.20.1.2:80\""),
+                    ));
+                    None
+                }
+                None => {
+                    problems.push(Problem::new(key, "missing field `address`"));
+                    None
+                }
+            };
+            let weight = match t.get("weight") {
+                None => DEFAULT_WEIGHT,
+                Some(toml::Value::Integer(n)) if (0..=i64::from(MAX_WEIGHT)).contains(n) => {
+                    u32::try_from(*n).unwrap_or(DEFAULT_WEIGHT)
+                }
+                Some(other) => {
+                    problems.push(Problem::new(
+                        format!("{key}.weight"),
+                        format!("{other} is not an integer in 0..={MAX_WEIGHT}"),
+                    ));
+                    ok = false;
+                    DEFAULT_WEIGHT
+                }
+            };
+            let drain = match t.get("drain") {
+                None => false,
+                Some(toml::Value::Boolean(b)) => *b,
+                Some(other) => {
+                    problems.push(Problem::new(
+                        format!("{key}.drain"),
+                        format!("{other} is not true or false"),
+                    ));
+                    ok = false;
+                    false
+                }
+            };
+            match address {
+                Some(a) if ok => (a, weight, drain),
+                _ => return None,
+            }
+        }
+        other => {
+            problems.push(Problem::new(
+                key,
+                format!(
+                    "{other} is neither \"host:port\" nor a table {{ address = \"host:port\", weight = 1, drain = false }}"
+                ),
+            ));
+            return None;
+        }
+    };
+    match parse_upstream_address(address) {
+        Ok((host, port)) => Some(UpstreamConfig {
+            host,
+            port,
+            weight,
+            drain,
+        }),
+        Err(m) => {
+            problems.push(Problem::new(key, m));
+            None
+        }
+    }
+}
+
+fn convert_dns(raw: RawDns, problems: &mut Vec<Problem>) -> DnsConfig {
+    let servers = raw.servers.map(|list| {
+        let mut out = Vec::new();
+        for (i, s) in list.iter().enumerate() {
+            let parsed = s.parse::<SocketAddr>().ok().or_else(|| {
+                s.parse::<std::net::IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(a) if a.port() != 0 => out.push(a),
+                _ => problems.push(Problem::new(
+                    format!("dns.servers[{i}]"),
+                    format!("`{s}` is not an address or address:port like 10.0.0.2:53"),
+                )),
+            }
+        }
+        if list.is_empty() {
+            problems.push(Problem::new(
+                "dns.servers",
+                "is empty: leave it out to use /etc/resolv.conf",
+            ));
+        }
+        out
+    });
+    let interval = duration_key(
+        raw.interval.as_ref(),
+        DEFAULT_DNS_INTERVAL,
+        "dns.interval",
+        problems,
+    );
+    let timeout = duration_key(
+        raw.timeout.as_ref(),
+        DEFAULT_DNS_TIMEOUT,
+        "dns.timeout",
+        problems,
+    );
+    DnsConfig {
+        servers,
+        interval,
+        timeout,
+    }
+}
+
+fn convert_health(
+    raw: RawHealth,
+    protocol: Protocol,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Vec<Problem>,
+) -> HealthConfig {
+    let d = HealthConfig::default();
+    let kind = match raw.kind.as_deref() {
+        None | Some("tcp") => HealthKind::Tcp,
+        Some("http") => HealthKind::Http,
+        Some("none") => HealthKind::None,
+        Some(other) => {
+            problems.push(Problem::new(
+                key("health.kind"),
+                format!("unknown kind `{other}`, expected one of `tcp`, `http`, `none`"),
+            ));
+            HealthKind::Tcp
+        }
+    };
+    if kind == HealthKind::Http && protocol != Protocol::Tcp {
+        problems.push(Problem::new(
+            key("health.kind"),
+            "\"http\" checks need a tcp service (use \"tcp\" or \"none\")",
+        ));
+    }
+    if kind != HealthKind::Http {
+        for (k, set) in [
+            ("health.path", raw.path.is_some()),
+            ("health.expect_status", raw.expect_status.is_some()),
+        ] {
+            if set {
+                problems.push(Problem::new(
+                    key(k),
+                    format!("only used with kind = \"http\" (kind is \"{kind}\")"),
+                ));
+            }
+        }
+    }
+    let path = raw.path.unwrap_or(d.path);
+    if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        problems.push(Problem::new(
+            key("health.path"),
+            format!("`{path}` is not an absolute path without spaces like /healthz"),
+        ));
+    }
+    let expect_status = match raw.expect_status {
+        None => d.expect_status,
+        Some(n) => match u16::try_from(n) {
+            Ok(s) if (100..=599).contains(&s) => s,
+            _ => {
+                problems.push(Problem::new(
+                    key("health.expect_status"),
+                    format!("{n} is not an HTTP status in 100..=599"),
+                ));
+                d.expect_status
+            }
+        },
+    };
+    let interval = duration_key(
+        raw.interval.as_ref(),
+        d.interval,
+        &key("health.interval"),
+        problems,
+    );
+    let timeout = duration_key(
+        raw.timeout.as_ref(),
+        d.timeout.min(interval),
+        &key("health.timeout"),
+        problems,
+    );
+    if timeout > interval {
+        problems.push(Problem::new(
+            key("health.timeout"),
+            format!("{timeout:?} is longer than health.interval {interval:?}"),
+        ));
+    }
+    let count = |v: Option<i64>, default: u32, k: &str, problems: &mut Vec<Problem>| match v {
+        None => default,
+        Some(n) => match u32::try_from(n) {
+            Ok(c) if (1..=100).contains(&c) => c,
+            _ => {
+                problems.push(Problem::new(key(k), format!("{n} is not in 1..=100")));
+                default
+            }
+        },
+    };
+    let rise = count(raw.rise, d.rise, "health.rise", problems);
+    let fall = count(raw.fall, d.fall, "health.fall", problems);
+    HealthConfig {
+        kind,
+        path,
+        expect_status,
+        interval,
+        timeout,
+        rise,
+        fall,
     }
 }
 
@@ -723,6 +1295,9 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         }),
     };
 
+    // [dns]
+    let dns = convert_dns(raw.dns, problems);
+
     // [[service]]
     let mut services = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -779,37 +1354,46 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
                 SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
             }
         };
-        let mut upstreams = Vec::new();
+        let mut upstreams: Vec<UpstreamConfig> = Vec::new();
         for (j, u) in s.upstreams.iter().enumerate() {
             let ukey = format!("service[{i}].upstreams[{j}]");
-            match parse_v4_endpoint(u, "upstream") {
-                Ok(sa) => {
-                    if nat.home_cidr_of(*sa.ip()).is_none() && !nat.home_cidrs.is_empty() {
-                        let cidrs: Vec<String> =
-                            nat.home_cidrs.iter().map(ToString::to_string).collect();
-                        problems.push(Problem::new(
-                            ukey,
-                            format!(
-                                "{sa} is outside every home CIDR ({}): the proxy only forwards \
-                                 to home addresses, never as an open relay",
-                                cidrs.join(", ")
-                            ),
-                        ));
-                    } else if upstreams.contains(&sa) {
-                        problems.push(Problem::new(
-                            ukey,
-                            format!("{sa} is listed twice in this service"),
-                        ));
-                    } else {
-                        upstreams.push(sa);
-                    }
-                }
-                Err(m) => problems.push(Problem::new(ukey, m)),
+            let Some(up) = parse_upstream(u, &ukey, problems) else {
+                continue;
+            };
+            if let Some(sa) = up.static_addr()
+                && nat.home_cidr_of(*sa.ip()).is_none()
+                && !nat.home_cidrs.is_empty()
+            {
+                let cidrs: Vec<String> = nat.home_cidrs.iter().map(ToString::to_string).collect();
+                problems.push(Problem::new(
+                    ukey,
+                    format!(
+                        "{sa} is outside every home CIDR ({}): the proxy only forwards \
+                         to home addresses, never as an open relay",
+                        cidrs.join(", ")
+                    ),
+                ));
+            } else if upstreams
+                .iter()
+                .any(|o| o.host == up.host && o.port == up.port)
+            {
+                problems.push(Problem::new(
+                    ukey,
+                    format!("{up} is listed twice in this service"),
+                ));
+            } else {
+                upstreams.push(up);
             }
         }
+        let health = convert_health(s.health, s.protocol, &key, problems);
         if s.mode == ServiceMode::L4 {
             l4_count += 1;
-            upstream_set.extend(upstreams.iter().copied());
+            for u in &upstreams {
+                match u.static_addr() {
+                    Some(sa) => upstream_set.insert(sa.to_string()),
+                    None => upstream_set.insert(u.to_string()),
+                };
+            }
         }
         services.push(ServiceConfig {
             name: s.name,
@@ -817,6 +1401,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             protocol: s.protocol,
             mode: s.mode,
             upstreams,
+            health,
         });
     }
     let max_services = proxy_common::MAX_SERVICES as usize - 1;
@@ -831,7 +1416,8 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         problems.push(Problem::new(
             "service",
             format!(
-                "{} distinct upstreams; the datapath holds at most {max_upstreams}",
+                "{} distinct upstreams (a DNS name counted once); the datapath holds at most \
+                 {max_upstreams}",
                 upstream_set.len()
             ),
         ));
@@ -847,6 +1433,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         },
         nat,
         admin,
+        dns,
         services,
     };
     if let Some(snat) = config.nat.snat_ipv4 {

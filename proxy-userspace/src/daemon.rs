@@ -1,6 +1,7 @@
 //! `xdp-proxy run`: validate, load, fill, attach, then keep the datapath true until SIGINT or
-//! SIGTERM (flow expiry, neighbour warm-up, eBPF logs), and detach cleanly, keeping the pinned
-//! maps so the next start keeps every flow.
+//! SIGTERM (health checks, DNS re-resolution and SIGHUP reloads through the control loop in
+//! `control`, flow expiry, eBPF logs), and detach cleanly, keeping the pinned maps so the next
+//! start keeps every flow.
 
 use std::{
     io,
@@ -14,9 +15,9 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     config::{Config, ConfigError, DatapathMode, Ipv4Cidr, RuntimeFacts, ServiceMode},
+    control::{self, Controller},
     datapath::{self, Bpffs, Datapath, DatapathError},
     flows::Lifetimes,
-    health::{self, ProbeSettings, Tracker},
     plan::{self, PlanError},
     sysctl::{self, SysctlError},
 };
@@ -29,7 +30,6 @@ pub struct RunOptions {
     /// How often idle flows are expired.
     pub expiry_interval: Duration,
     pub lifetimes: Lifetimes,
-    pub probes: ProbeSettings,
 }
 
 impl Default for RunOptions {
@@ -38,7 +38,6 @@ impl Default for RunOptions {
             proc_sys: PathBuf::from("/proc/sys"),
             expiry_interval: Duration::from_secs(1),
             lifetimes: Lifetimes::default(),
-            probes: ProbeSettings::default(),
         }
     }
 }
@@ -91,6 +90,8 @@ pub enum DaemonError {
     },
     #[error("the datapath lock was poisoned by a panicked task")]
     Poisoned,
+    #[error(transparent)]
+    Reconcile(#[from] control::ReconcileError),
 }
 
 impl From<DatapathError> for DaemonError {
@@ -129,15 +130,9 @@ pub fn monotonic_ns() -> io::Result<u64> {
     Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
-/// Everything `run` decides from the config and the system before it changes anything.
-struct Prepared {
-    config: Config,
-    snat: Ipv4Addr,
-    ifindexes: Vec<u32>,
-}
-
-fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonError> {
-    let config = Config::load(config_path)?;
+/// The rules that need the running system (ephemeral port range, the SNAT address from the
+/// route home); the SNAT address in effect. Run at start and for every reload.
+fn runtime_checks(config: &Config, opts: &RunOptions) -> Result<Ipv4Addr, DaemonError> {
     let ephemeral = sysctl::ephemeral_port_range(&opts.proc_sys).map_err(|source| {
         DaemonError::EphemeralRange {
             path: opts.proc_sys.clone(),
@@ -163,6 +158,19 @@ fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonErro
         ephemeral_ports: ephemeral,
         snat_ipv4: snat,
     })?;
+    Ok(snat)
+}
+
+/// Everything `run` decides from the config and the system before it changes anything.
+struct Prepared {
+    config: Config,
+    snat: Ipv4Addr,
+    ifindexes: Vec<u32>,
+}
+
+fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonError> {
+    let config = Config::load(config_path)?;
+    let snat = runtime_checks(&config, opts)?;
     if !is_local(snat) {
         tracing::warn!(%snat, "the SNAT address is not assigned to this host: replies to it will not reach the proxy unless routed here");
     }
@@ -192,10 +200,12 @@ fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonErro
     })
 }
 
-/// Load, pin, fill and attach. On error everything attached so far is detached (dropped).
+/// Load, pin, fill (the controller's first plan) and attach. On error everything attached so
+/// far is detached (dropped).
 fn start_datapath(
     p: &Prepared,
     object: &[u8],
+    controller: &mut Controller,
 ) -> Result<(Datapath, datapath::PinDirLock), DaemonError> {
     let c = &p.config;
     let pin_dir = &c.datapath.pin_dir;
@@ -232,7 +242,8 @@ fn start_datapath(
         .into_iter()
         .map(|(id, v)| (plan::upstream_addr(&v), id))
         .collect();
-    let plan = plan::build(c, p.snat, &existing_services, &existing_upstreams)?;
+    controller.found_in_maps(&existing_services, &existing_upstreams);
+    let plan = controller.plan()?;
     dp.maps.apply(&plan, &p.ifindexes)?;
     // Names for `inspect` (the maps hold only ids): a file under /run/xdp-proxy; never fatal.
     crate::inspect::meta::publish(&plan, pin_dir);
@@ -255,6 +266,7 @@ fn start_datapath(
         port_max = plan.nat.port_max,
         "datapath config written (ready)"
     );
+    controller.adopt(plan);
     for name in &c.datapath.interfaces {
         let mode = dp.attach(name, c.datapath.mode)?;
         tracing::info!(interface = %name, mode = %mode, requested = %c.datapath.mode, "XDP attached");
@@ -268,15 +280,7 @@ fn start_datapath(
 /// Any failure before the daemon is up; failures of the periodic tasks are logged.
 pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
     let prepared = prepare(config_path, &opts)?;
-    for (i, s) in prepared.config.services.iter().enumerate() {
-        if s.mode == ServiceMode::Http {
-            tracing::warn!(
-                service = %s.name,
-                key = %format!("service[{i}]"),
-                "mode = \"http\" is accepted but not served yet (the L7 proxy comes in a later version); it gets no XDP entry"
-            );
-        }
-    }
+    warn_http_services(&prepared.config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -297,6 +301,11 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     // SIGQUIT: exit for a restart or upgrade, leaving the pinned XDP links attached.
     let mut sigquit = sig(SignalKind::quit(), "installing the SIGQUIT handler")?;
 
+    // The control plane: the first DNS answers are needed by the first plan.
+    let status = crate::state::shared();
+    let mut controller = Controller::new(p.config.clone(), p.snat, status.clone());
+    let first_waits = control::resolve_now(&mut controller, true).await;
+
     let userspace = p.config.datapath.mode == DatapathMode::Userspace;
     let mut _pin_lock = None;
     let datapath = if userspace {
@@ -305,7 +314,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         );
         None
     } else {
-        let (mut dp, lock) = start_datapath(&p, object)?;
+        let (mut dp, lock) = start_datapath(&p, object, &mut controller)?;
         _pin_lock = Some(lock);
         let settings = sysctl::required(&p.config.datapath.interfaces);
         for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
@@ -317,18 +326,8 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         Some(Arc::new(Mutex::new(dp)))
     };
 
-    // Admin listener (/healthz, /metrics, /status).
-    let status = crate::state::shared();
-    if let Some(dp) = &datapath {
-        let seed = {
-            let dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
-            crate::admin::seed_status(&p.config, &dp)
-        };
-        match seed {
-            Ok(seed) => *status.write().map_err(|_| DaemonError::Poisoned)? = seed,
-            Err(e) => tracing::warn!(error = %e, "reading the maps for the first status"),
-        }
-    }
+    // Admin listener (/healthz, /metrics, /status). The status is the control loop's (its
+    // first version was published when the plan was written).
     let admin = crate::admin::Source {
         datapath: datapath.clone(),
         status: status.clone(),
@@ -342,12 +341,13 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             source,
         })?;
 
-    let targets = health::targets(p.config.l4_services().flat_map(|(_, s)| s.upstreams.iter()));
-    let mut tracker = Tracker::default();
-    let mut probe_tick = tokio::time::interval(opts.probes.interval);
+    controller.publish();
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
+    let mut tasks = control::Tasks::default();
+    tasks.sync(&controller, &events_tx, &first_waits);
+    let mut reconcile_pending = false;
     let mut expiry_tick = tokio::time::interval(opts.expiry_interval);
     expiry_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Bound each expiry scan by twice the table size (iteration may restart while the datapath
     // inserts and evicts).
     let capacity = match &datapath {
@@ -372,19 +372,40 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
                 break;
             }
             _ = sighup.recv() => {
-                tracing::warn!("SIGHUP: config reload is not implemented yet; the running config stays");
+                let dp = datapath.as_ref();
+                reconcile_pending = !reload(&mut controller, &opts, dp, &mut tasks, &events_tx).await;
             }
-            _ = probe_tick.tick(), if !targets.is_empty() && !userspace => {
-                health::probe_all(&targets, opts.probes.timeout, &mut tracker).await;
+            Some(event) = events.recv() => {
+                let changed = match event {
+                    control::Event::Health { service, addr, result } => {
+                        controller.on_health(&service, addr, &result)
+                    }
+                    control::Event::Dns { name, result } => {
+                        let changed = controller.on_dns(&name, result);
+                        if changed {
+                            // New addresses get checkers; gone ones lose theirs and their state.
+                            controller.prune_health(&controller.health_targets());
+                            tasks.sync(&controller, &events_tx, &std::collections::HashMap::new());
+                        }
+                        changed
+                    }
+                };
+                if changed || reconcile_pending {
+                    reconcile_pending = !reconcile_now(&mut controller, datapath.as_ref());
+                }
             }
             _ = expiry_tick.tick(), if datapath.is_some() => {
                 if let Some(dp) = &datapath {
                     expire_once(Arc::clone(dp), opts.lifetimes, max_scan).await;
                 }
+                if reconcile_pending {
+                    reconcile_pending = !reconcile_now(&mut controller, datapath.as_ref());
+                }
             }
         }
     }
 
+    tasks.stop();
     if let Some(dp) = datapath {
         let mut dp = dp.lock().map_err(|_| DaemonError::Poisoned)?;
         if leave_attached {
@@ -403,6 +424,105 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     }
     tracing::info!("xdp-proxy stopped");
     Ok(())
+}
+
+/// Write the controller's plan into the maps (the minimal difference). Returns false when it
+/// failed (logged; retried on the next event or expiry tick).
+fn reconcile_now(controller: &mut Controller, datapath: Option<&Arc<Mutex<Datapath>>>) -> bool {
+    let Some(dp) = datapath else {
+        controller.publish();
+        return true;
+    };
+    let Ok(mut dp) = dp.lock() else {
+        tracing::error!("the datapath lock was poisoned by a panicked task: maps not updated");
+        return false;
+    };
+    match controller.reconcile(&mut dp.maps) {
+        Ok(r) => {
+            if r.ops > 0 {
+                let c = controller.config();
+                crate::inspect::meta::publish(controller.shadow(), &c.datapath.pin_dir);
+                tracing::info!(
+                    writes = r.ops,
+                    maglev_slots = r.maglev_slots,
+                    "maps updated"
+                );
+            }
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "updating the maps failed (retried on the next event)");
+            false
+        }
+    }
+}
+
+/// SIGHUP: load and validate the config file again. Valid: applied (restart-only keys keep
+/// their running values, each refused change logged), with no established flow lost. Invalid:
+/// refused with its errors logged; the running config stays. Returns false when the maps
+/// could not be written (retried later).
+async fn reload(
+    controller: &mut Controller,
+    opts: &RunOptions,
+    datapath: Option<&Arc<Mutex<Datapath>>>,
+    tasks: &mut control::Tasks,
+    events_tx: &tokio::sync::mpsc::Sender<control::Event>,
+) -> bool {
+    let path = controller.config().source.clone();
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
+    let loaded = Config::load(&path)
+        .map_err(DaemonError::from)
+        .and_then(|new| runtime_checks(&new, opts).map(|snat| (new, snat)));
+    let status = controller.shared_status();
+    let (new, snat) = match loaded {
+        Ok(v) => v,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!(problem = %line, "SIGHUP: the new config is refused; the running config stays");
+            }
+            if let Ok(mut st) = status.write() {
+                st.reload_failures += 1;
+                st.last_reload_error = Some(e.to_string());
+            }
+            return true;
+        }
+    };
+    for (key, running, wanted) in controller.config().restart_only_changes(&new) {
+        tracing::error!(
+            key,
+            running = %running,
+            new = %wanted,
+            "SIGHUP: this key cannot change while the daemon runs: the running value stays \
+             (restart the daemon to apply it); the rest of the config is applied"
+        );
+    }
+    let new = controller.config().with_restart_only_keys_of(new);
+    warn_http_services(&new);
+    controller.set_config(new, snat);
+    let waits = control::resolve_now(controller, false).await;
+    tasks.sync(controller, events_tx, &waits);
+    let ok = reconcile_now(controller, datapath);
+    if let Ok(mut st) = status.write() {
+        st.reloads += 1;
+        st.last_reload_error = None;
+    }
+    tracing::info!(
+        services = controller.config().services.len(),
+        "SIGHUP: config reloaded"
+    );
+    ok
+}
+
+fn warn_http_services(config: &Config) {
+    for (i, s) in config.services.iter().enumerate() {
+        if s.mode == ServiceMode::Http {
+            tracing::warn!(
+                service = %s.name,
+                key = %format!("service[{i}]"),
+                "mode = \"http\" is accepted but not served yet (the L7 proxy comes in a later version); it gets no XDP entry"
+            );
+        }
+    }
 }
 
 async fn expire_once(dp: Arc<Mutex<Datapath>>, lifetimes: Lifetimes, max_scan: usize) {

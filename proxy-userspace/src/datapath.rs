@@ -35,7 +35,7 @@ use proxy_common::{
 use crate::{
     config::DatapathMode,
     flows::{self, Decision, Lifetimes},
-    plan::{Plan, upstream_value},
+    plan::{MapOp, Plan, upstream_value},
 };
 
 /// Every map the daemon pins, in one list.
@@ -794,6 +794,70 @@ impl Maps {
         self.config
             .set(0, plan.nat, 0)
             .map_err(map_err(MAP_CONFIG, "set 0"))?;
+        Ok(())
+    }
+}
+
+impl Maps {
+    /// Apply map writes computed by [`crate::plan::diff`], in their order.
+    ///
+    /// # Errors
+    /// The first failing map operation (the writes before it stay).
+    pub fn apply_ops(&mut self, ops: &[MapOp]) -> Result<()> {
+        let cpus = nr_cpus()?;
+        let zero = || {
+            PerCpuValues::try_from(vec![TrafficCounters::default(); cpus]).map_err(|source| {
+                DatapathError::Cpus {
+                    path: "per-CPU values",
+                    source,
+                }
+            })
+        };
+        for op in ops {
+            match op {
+                MapOp::SetUpstream { id, addr, fresh } => {
+                    if *fresh {
+                        self.ups_stats
+                            .set(*id, zero()?, 0)
+                            .map_err(map_err(MAP_UPSTREAM_STATS, format!("zero {id}")))?;
+                    }
+                    self.upstreams
+                        .set(*id, upstream_value(*addr), 0)
+                        .map_err(map_err(MAP_UPSTREAMS, format!("set {id}")))?;
+                }
+                MapOp::ClearUpstream { id } => self
+                    .upstreams
+                    .set(*id, UpstreamValue::default(), 0)
+                    .map_err(map_err(MAP_UPSTREAMS, format!("clear {id}")))?,
+                MapOp::SetService { key, value, fresh } => {
+                    if *fresh {
+                        self.svc_stats
+                            .set(value.id, zero()?, 0)
+                            .map_err(map_err(MAP_SERVICE_STATS, format!("zero {}", value.id)))?;
+                    }
+                    self.services
+                        .insert(key, value, 0)
+                        .map_err(map_err(MAP_SERVICES, format!("insert id {}", value.id)))?;
+                }
+                MapOp::RemoveService { key } => match self.services.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(MAP_SERVICES, "remove")(e)),
+                },
+                MapOp::SetMaglev { service_id, slots } => {
+                    let base = service_id * MAGLEV_SIZE;
+                    for (slot, up) in slots {
+                        let idx = base + slot;
+                        self.maglev
+                            .set(idx, *up, 0)
+                            .map_err(map_err(MAP_MAGLEV, format!("set {idx}")))?;
+                    }
+                }
+                MapOp::SetNat(nat) => self
+                    .config
+                    .set(0, *nat, 0)
+                    .map_err(map_err(MAP_CONFIG, "set 0"))?,
+            }
+        }
         Ok(())
     }
 }

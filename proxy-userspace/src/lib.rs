@@ -10,8 +10,10 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod flows;
 pub mod health;
 pub mod inspect;

@@ -17,7 +17,7 @@ use proxy_common::{
 };
 
 use crate::{
-    config::{Config, Protocol},
+    config::{Config, NatSettings, Protocol},
     maglev,
 };
 
@@ -93,62 +93,112 @@ pub fn assign_ids<K: Eq + Hash + Clone>(
     max: u32,
     what: &'static str,
 ) -> Result<Vec<u32>, PlanError> {
-    let old: HashMap<&K, u32> = existing
-        .iter()
-        .filter(|(_, id)| (1..max).contains(id))
-        .map(|(k, id)| (k, *id))
-        .collect();
-    let held: HashSet<u32> = old.values().copied().collect();
-    let mut used: HashSet<u32> = desired.iter().filter_map(|k| old.get(k).copied()).collect();
-    let mut out = Vec::with_capacity(desired.len());
-    for k in desired {
-        if let Some(id) = old.get(k) {
-            out.push(*id);
-            continue;
-        }
-        let id = (1..max)
-            .find(|id| !held.contains(id) && !used.contains(id))
-            .or_else(|| (1..max).find(|id| !used.contains(id)))
-            .ok_or(PlanError::IdsExhausted { what, max })?;
-        used.insert(id);
-        out.push(id);
-    }
-    Ok(out)
+    assign_ids_reserved(existing, desired, max, what, &HashSet::new())
 }
 
-/// Compute the plan for `config` with the SNAT address in effect, reusing the ids found in the
-/// pinned maps (`existing_services`: key -> id; `existing_upstreams`: id -> address).
+/// One L4 service as the control plane wants it: its upstream addresses with the weight each
+/// gets in the Maglev table (0: keeps its slot, gets no new flows: draining or unhealthy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub name: String,
+    pub listen: SocketAddrV4,
+    pub protocol: Protocol,
+    pub upstreams: Vec<(SocketAddrV4, u32)>,
+}
+
+/// The desired services of `config` when every upstream is a healthy static address (names are
+/// skipped): the plan a config alone gives.
+#[must_use]
+pub fn static_services(config: &Config) -> Vec<DesiredService> {
+    config
+        .l4_services()
+        .map(|(_, s)| DesiredService {
+            name: s.name.clone(),
+            listen: s.listen,
+            protocol: s.protocol,
+            upstreams: s
+                .upstreams
+                .iter()
+                .filter_map(|u| u.static_addr().map(|a| (a, u.effective_weight())))
+                .collect(),
+        })
+        .collect()
+}
+
+/// Compute the plan for `config` alone (static upstreams, all healthy). See [`build_desired`].
 ///
 /// # Errors
-/// [`PlanError`] when ids run out (the config validation bounds the counts, so only a map
-/// with foreign entries gets here).
+/// [`PlanError`] when ids run out.
 pub fn build(
     config: &Config,
     snat: Ipv4Addr,
     existing_services: &[(ServiceKey, u32)],
     existing_upstreams: &[(SocketAddrV4, u32)],
 ) -> Result<Plan, PlanError> {
-    // Distinct upstreams of L4 services, in order of first appearance.
+    build_desired(
+        &config.nat,
+        snat,
+        &static_services(config),
+        existing_services,
+        existing_upstreams,
+        &Reserved::default(),
+    )
+}
+
+/// Ids that new entries must not take: slots of removed services and upstreams whose flows
+/// still live (their counters and the ids their flows carry stay theirs until the flows end).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reserved {
+    pub services: HashSet<u32>,
+    pub upstreams: HashSet<u32>,
+}
+
+/// Compute the plan for `services` with the SNAT address in effect, reusing the ids found in
+/// the maps (`existing_services`: key -> id; `existing_upstreams`: address -> id) and never
+/// giving a new entry a `reserved` id while another id is free.
+///
+/// # Errors
+/// [`PlanError`] when ids run out.
+pub fn build_desired(
+    nat: &NatSettings,
+    snat: Ipv4Addr,
+    services: &[DesiredService],
+    existing_services: &[(ServiceKey, u32)],
+    existing_upstreams: &[(SocketAddrV4, u32)],
+    reserved: &Reserved,
+) -> Result<Plan, PlanError> {
+    // Distinct upstreams, in order of first appearance.
     let mut ups: Vec<SocketAddrV4> = Vec::new();
-    for (_, s) in config.l4_services() {
-        for u in &s.upstreams {
+    for s in services {
+        for (u, _) in &s.upstreams {
             if !ups.contains(u) {
                 ups.push(*u);
             }
         }
     }
-    let up_ids = assign_ids(existing_upstreams, &ups, MAX_UPSTREAMS, "upstream")?;
+    let up_ids = assign_ids_reserved(
+        existing_upstreams,
+        &ups,
+        MAX_UPSTREAMS,
+        "upstream",
+        &reserved.upstreams,
+    )?;
     let up_id: HashMap<SocketAddrV4, u32> =
         ups.iter().copied().zip(up_ids.iter().copied()).collect();
 
-    let l4: Vec<_> = config.l4_services().map(|(_, s)| s).collect();
-    let keys: Vec<ServiceKey> = l4
+    let keys: Vec<ServiceKey> = services
         .iter()
         .map(|s| service_key(s.listen, s.protocol))
         .collect();
-    let svc_ids = assign_ids(existing_services, &keys, MAX_SERVICES, "service")?;
+    let svc_ids = assign_ids_reserved(
+        existing_services,
+        &keys,
+        MAX_SERVICES,
+        "service",
+        &reserved.services,
+    )?;
 
-    let services = l4
+    let services = services
         .iter()
         .zip(keys)
         .zip(svc_ids)
@@ -156,9 +206,9 @@ pub fn build(
             let backends: Vec<maglev::Backend> = s
                 .upstreams
                 .iter()
-                .map(|u| maglev::Backend {
+                .map(|(u, weight)| maglev::Backend {
                     id: up_id[u],
-                    weight: 1,
+                    weight: *weight,
                     identity: u.to_string(),
                 })
                 .collect();
@@ -182,13 +232,183 @@ pub fn build(
     Ok(Plan {
         nat: NatConfig {
             snat_v4: addr_v4(snat.octets()),
-            port_min: config.nat.port_min,
-            port_max: config.nat.port_max,
+            port_min: nat.port_min,
+            port_max: nat.port_max,
             flags: CONFIG_F_READY,
         },
         upstreams: ups.into_iter().zip(up_ids).map(|(a, id)| (id, a)).collect(),
         services,
     })
+}
+
+/// [`assign_ids`], but new keys never take a `reserved` id while another is free.
+fn assign_ids_reserved<K: Eq + Hash + Clone>(
+    existing: &[(K, u32)],
+    desired: &[K],
+    max: u32,
+    what: &'static str,
+    reserved: &HashSet<u32>,
+) -> Result<Vec<u32>, PlanError> {
+    let old: HashMap<&K, u32> = existing
+        .iter()
+        .filter(|(_, id)| (1..max).contains(id))
+        .map(|(k, id)| (k, *id))
+        .collect();
+    let held: HashSet<u32> = old.values().chain(reserved.iter()).copied().collect();
+    let mut used: HashSet<u32> = desired.iter().filter_map(|k| old.get(k).copied()).collect();
+    let mut out = Vec::with_capacity(desired.len());
+    for k in desired {
+        if let Some(id) = old.get(k) {
+            out.push(*id);
+            continue;
+        }
+        let id = (1..max)
+            .find(|id| !held.contains(id) && !used.contains(id))
+            .or_else(|| (1..max).find(|id| !used.contains(id)))
+            .ok_or(PlanError::IdsExhausted { what, max })?;
+        used.insert(id);
+        out.push(id);
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The minimal difference between two plans.
+// ---------------------------------------------------------------------------------------------
+
+/// One map write. [`diff`] orders them so the datapath never sees a service pointing at an
+/// empty slot: slots are filled before tables use them, a service loses its
+/// `SERVICE_F_HAS_UPSTREAMS` flag before its table is emptied and gets it after its table is
+/// filled, and slots are cleared last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    /// Write an upstream slot; `fresh`: a new occupant (its counters start from zero).
+    SetUpstream {
+        id: u32,
+        addr: SocketAddrV4,
+        fresh: bool,
+    },
+    /// Mark an upstream slot inactive.
+    ClearUpstream { id: u32 },
+    /// Insert or update a service; `fresh`: a new id (its counters start from zero).
+    SetService {
+        key: ServiceKey,
+        value: ServiceValue,
+        fresh: bool,
+    },
+    /// Remove a service from the match map.
+    RemoveService { key: ServiceKey },
+    /// Write some slots of a service's Maglev table: `(slot, upstream id)`.
+    SetMaglev {
+        service_id: u32,
+        slots: Vec<(u32, u32)>,
+    },
+    /// Write `XP_CONFIG[0]`.
+    SetNat(NatConfig),
+}
+
+/// The map writes that turn `old` (what the maps hold) into `new`.
+#[must_use]
+pub fn diff(old: &Plan, new: &Plan) -> Vec<MapOp> {
+    let mut ops = Vec::new();
+    // 1. Upstream slots, new or changed.
+    for (id, addr) in &new.upstreams {
+        match old.upstreams.iter().find(|(i, _)| i == id) {
+            Some((_, a)) if a == addr => {}
+            Some(_) | None => ops.push(MapOp::SetUpstream {
+                id: *id,
+                addr: *addr,
+                fresh: true,
+            }),
+        }
+    }
+    let old_svc = |key: &ServiceKey| old.services.iter().find(|s| s.key == *key);
+    // 2. Services that lose their last upstream: flag off before the table empties.
+    for s in &new.services {
+        if let Some(o) = old_svc(&s.key)
+            && o.value.id == s.value.id
+            && o.value.flags & SERVICE_F_HAS_UPSTREAMS != 0
+            && s.value.flags & SERVICE_F_HAS_UPSTREAMS == 0
+        {
+            ops.push(MapOp::SetService {
+                key: s.key,
+                value: s.value,
+                fresh: false,
+            });
+        }
+    }
+    // 3. Tables: only the slots that change. A new id's table is compared with an empty one
+    //    unless a removed service held that id (then with its table).
+    let zero = vec![0u32; new.services.first().map_or(0, |s| s.table.len())];
+    for s in &new.services {
+        let before: &[u32] = old
+            .services
+            .iter()
+            .find(|o| o.value.id == s.value.id)
+            .map_or(zero.as_slice(), |o| o.table.as_slice());
+        let slots: Vec<(u32, u32)> = (0u32..)
+            .zip(&s.table)
+            .filter(|(i, up)| before.get(*i as usize).copied().unwrap_or(0) != **up)
+            .map(|(i, up)| (i, *up))
+            .collect();
+        if !slots.is_empty() {
+            ops.push(MapOp::SetMaglev {
+                service_id: s.value.id,
+                slots,
+            });
+        }
+    }
+    // 4. Services new or changed (flag on after the table is filled).
+    for s in &new.services {
+        match old_svc(&s.key) {
+            Some(o) if o.value == s.value => {}
+            Some(o)
+                if o.value.id == s.value.id
+                    && o.value.flags & SERVICE_F_HAS_UPSTREAMS != 0
+                    && s.value.flags & SERVICE_F_HAS_UPSTREAMS == 0 => {} // done in 2.
+            Some(o) => ops.push(MapOp::SetService {
+                key: s.key,
+                value: s.value,
+                fresh: o.value.id != s.value.id,
+            }),
+            None => ops.push(MapOp::SetService {
+                key: s.key,
+                value: s.value,
+                fresh: !old.services.iter().any(|o| o.value.id == s.value.id),
+            }),
+        }
+    }
+    // 5. Services gone: out of the match map, and their tables emptied unless the id lives on.
+    for o in &old.services {
+        if new.services.iter().any(|s| s.key == o.key) {
+            continue;
+        }
+        ops.push(MapOp::RemoveService { key: o.key });
+        if !new.services.iter().any(|s| s.value.id == o.value.id) {
+            let slots: Vec<(u32, u32)> = (0u32..)
+                .zip(&o.table)
+                .filter(|(_, up)| **up != 0)
+                .map(|(i, _)| (i, 0))
+                .collect();
+            if !slots.is_empty() {
+                ops.push(MapOp::SetMaglev {
+                    service_id: o.value.id,
+                    slots,
+                });
+            }
+        }
+    }
+    // 6. Upstream slots no table points at any more.
+    for (id, _) in &old.upstreams {
+        if !new.upstreams.iter().any(|(i, _)| i == id) {
+            ops.push(MapOp::ClearUpstream { id: *id });
+        }
+    }
+    // 7. Datapath settings.
+    if old.nat != new.nat {
+        ops.push(MapOp::SetNat(new.nat));
+    }
+    ops
 }
 
 #[cfg(test)]
@@ -285,5 +505,56 @@ mod tests {
         let v = upstream_value(a);
         assert_eq!(v.port, [0x1f, 0x90]);
         assert_eq!(upstream_addr(&v), a);
+    }
+
+    #[test]
+    fn diff_of_equal_plans_is_empty_and_from_empty_writes_everything_in_order() {
+        let c = Config::parse(TEXT, Path::new("t.toml")).unwrap();
+        let p = build(&c, Ipv4Addr::new(10, 20, 1, 1), &[], &[]).unwrap();
+        assert!(diff(&p, &p).is_empty());
+        let empty = Plan {
+            nat: NatConfig::default(),
+            upstreams: Vec::new(),
+            services: Vec::new(),
+        };
+        let ops = diff(&empty, &p);
+        let kind = |o: &MapOp| match o {
+            MapOp::SetUpstream { .. } => 0,
+            MapOp::SetMaglev { .. } => 1,
+            MapOp::SetService { .. } => 2,
+            MapOp::SetNat(_) => 3,
+            MapOp::RemoveService { .. } | MapOp::ClearUpstream { .. } => 9,
+        };
+        let kinds: Vec<u8> = ops.iter().map(kind).collect();
+        assert!(kinds.windows(2).all(|w| w[0] <= w[1]), "{ops:?}");
+        assert_eq!(kinds.iter().filter(|k| **k == 0).count(), 3);
+        assert!(ops.iter().all(|o| match o {
+            MapOp::SetMaglev { slots, .. } => slots.len() == MAGLEV_SIZE as usize,
+            MapOp::SetService { fresh, .. } | MapOp::SetUpstream { fresh, .. } => *fresh,
+            _ => true,
+        }));
+        // And back to empty: services out, tables zeroed, slots cleared last.
+        let ops = diff(&p, &empty);
+        assert!(matches!(ops.last(), Some(MapOp::SetNat(_))));
+        assert!(matches!(ops[ops.len() - 2], MapOp::ClearUpstream { .. }));
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::RemoveService { .. }))
+                .count(),
+            2
+        );
+        assert!(ops.iter().any(
+            |o| matches!(o, MapOp::SetMaglev { slots, .. } if slots.iter().all(|(_, u)| *u == 0))
+        ));
+    }
+
+    #[test]
+    fn reserved_ids_are_avoided_by_new_entries() {
+        let reserved: HashSet<u32> = [1, 2].into();
+        let ids = assign_ids_reserved(&[("a", 3)], &["a", "n"], 10, "x", &reserved).unwrap();
+        assert_eq!(ids, [3, 4]);
+        // Only when nothing else is free.
+        let ids = assign_ids_reserved(&[], &["n", "m"], 3, "x", &reserved).unwrap();
+        assert_eq!(ids, [1, 2]);
     }
 }

@@ -71,4 +71,3 @@ pub struct UpstreamStatus {
     /// The last failed check's error (cleared by a success).
     pub last_error: Option<String>,
 }
-

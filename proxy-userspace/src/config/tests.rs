@@ -48,7 +48,44 @@ fn full_config_parses_with_every_key() {
     assert_eq!(c.admin.listen, "127.0.0.1:9200".parse().unwrap());
     assert_eq!(c.services.len(), 3);
     assert_eq!(c.services[1].protocol, Protocol::Udp);
-    assert_eq!(c.services[1].upstreams, [sa("172.31.0.2:53")]);
+    assert_eq!(
+        c.services[1].upstreams,
+        [UpstreamConfig::fixed(sa("172.31.0.2:53"))]
+    );
+    let web = &c.services[0];
+    assert_eq!(web.upstreams[1].weight, 3);
+    assert_eq!(web.upstreams[1].effective_weight(), 3);
+    let alb = &web.upstreams[2];
+    assert_eq!(
+        alb.host,
+        UpstreamHost::Name("internal-alb.home.example".into())
+    );
+    assert_eq!((alb.port, alb.weight, alb.drain), (80, 2, true));
+    assert_eq!(alb.effective_weight(), 0);
+    assert_eq!(alb.to_string(), "internal-alb.home.example:80");
+    assert_eq!(
+        web.health,
+        HealthConfig {
+            kind: HealthKind::Http,
+            path: "/healthz".into(),
+            expect_status: 204,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 3,
+            fall: 4,
+        }
+    );
+    assert_eq!(
+        c.dns,
+        DnsConfig {
+            servers: Some(vec![
+                "10.20.0.2:53".parse().unwrap(),
+                "10.20.0.3:53".parse().unwrap()
+            ]),
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_millis(500),
+        }
+    );
     assert_eq!(c.services[2].mode, ServiceMode::Http);
     let l4: Vec<usize> = c.l4_services().map(|(i, _)| i).collect();
     assert_eq!(l4, [0, 1]);
@@ -65,6 +102,19 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.admin.listen, "127.0.0.1:9100".parse().unwrap());
     assert_eq!(c.services[0].protocol, Protocol::Tcp);
     assert_eq!(c.services[0].mode, ServiceMode::L4);
+    assert_eq!(c.services[0].health, HealthConfig::default());
+    assert_eq!(c.services[0].health.kind, HealthKind::Tcp);
+    assert_eq!(
+        (c.services[0].health.interval, c.services[0].health.timeout),
+        (Duration::from_secs(5), Duration::from_secs(2))
+    );
+    assert_eq!(
+        (c.services[0].health.rise, c.services[0].health.fall),
+        (2, 3)
+    );
+    assert_eq!(c.dns, DnsConfig::default());
+    assert_eq!(c.dns.servers, None);
+    assert_eq!(c.dns.interval, Duration::from_secs(30));
 }
 
 #[test]
@@ -88,7 +138,7 @@ fn every_problem_of_a_file_is_reported_with_its_key() {
         ),
         (
             "service[1].upstreams[0]",
-            "DNS upstreams are not supported yet",
+            "neither an IPv4 address nor a DNS name",
         ),
         ("service[1].upstreams[1]", "port 0"),
     ];
@@ -356,4 +406,217 @@ fn too_many_services_is_refused() {
         .unwrap();
     }
     assert!(has(&problems(&text), "service", "at most 63"));
+}
+
+const BASE: &str = "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = [\"10.0.0.0/8\"]\n";
+
+fn with_service(body: &str) -> String {
+    format!("{BASE}[[service]]\nname = \"s\"\nlisten = \"10.1.1.1:80\"\n{body}")
+}
+
+#[test]
+fn upstream_tables_and_names() {
+    let c = parse(&with_service(
+        "upstreams = [\"app.home.example.:8080\", { address = \"10.2.2.2:80\" }, \
+         { address = \"APP2.home:81\", weight = 0 }]\n",
+    ))
+    .unwrap();
+    let u = &c.services[0].upstreams;
+    assert_eq!(u[0].dns_name(), Some("app.home.example"));
+    assert_eq!(u[0].static_addr(), None);
+    assert_eq!(u[1], UpstreamConfig::fixed(sa("10.2.2.2:80")));
+    assert_eq!(u[2].dns_name(), Some("app2.home"));
+    assert_eq!(u[2].effective_weight(), 0);
+
+    let p = problems(&with_service(
+        "upstreams = [{ address = \"10.2.2.2:80\", weight = 1001 }, \
+         { address = \"10.2.2.3:80\", drain = \"yes\" }, { weight = 2 }, \
+         { address = \"10.2.2.4:80\", wieght = 2 }, 7, \"a..b:80\", \"10.2.2.300:80\", \
+         \"app.home:80\", \"app.home:80\", \"app.home\"]\n",
+    ));
+    for (key, needle) in [
+        (
+            "service[0].upstreams[0].weight",
+            "not an integer in 0..=1000",
+        ),
+        ("service[0].upstreams[1].drain", "not true or false"),
+        ("service[0].upstreams[2]", "missing field `address`"),
+        ("service[0].upstreams[3].wieght", "unknown field `wieght`"),
+        (
+            "service[0].upstreams[4]",
+            "neither \"host:port\" nor a table",
+        ),
+        (
+            "service[0].upstreams[5]",
+            "neither an IPv4 address nor a DNS name",
+        ),
+        (
+            "service[0].upstreams[6]",
+            "neither an IPv4 address nor a DNS name",
+        ),
+        ("service[0].upstreams[8]", "listed twice"),
+        ("service[0].upstreams[9]", "not an address:port"),
+    ] {
+        assert!(
+            has(&p, key, needle),
+            "no `{key}` problem with `{needle}` in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), 9, "{p:#?}");
+}
+
+#[test]
+fn health_settings_are_checked() {
+    let p = problems(&with_service(
+        "upstreams = []\n[service.health]\nkind = \"icmp\"\ninterval = \"10ms\"\n\
+         timeout = \"3x\"\nrise = 0\nfall = 101\n",
+    ));
+    for (key, needle) in [
+        ("service[0].health.kind", "unknown kind `icmp`"),
+        ("service[0].health.interval", "shorter than the minimum"),
+        ("service[0].health.timeout", "unknown unit `x`"),
+        ("service[0].health.rise", "not in 1..=100"),
+        ("service[0].health.fall", "not in 1..=100"),
+    ] {
+        assert!(
+            has(&p, key, needle),
+            "no `{key}` problem with `{needle}` in {p:#?}"
+        );
+    }
+    let p = problems(&with_service(
+        "upstreams = []\n[service.health]\npath = \"/x\"\ninterval = 1\ntimeout = 2\n",
+    ));
+    assert!(
+        has(
+            &p,
+            "service[0].health.path",
+            "only used with kind = \"http\""
+        ),
+        "{p:#?}"
+    );
+    assert!(
+        has(
+            &p,
+            "service[0].health.timeout",
+            "longer than health.interval"
+        ),
+        "{p:#?}"
+    );
+    let p = problems(&with_service(
+        "protocol = \"udp\"\nupstreams = []\n[service.health]\nkind = \"http\"\n\
+         path = \"no-slash\"\nexpect_status = 99\n",
+    ));
+    assert!(
+        has(&p, "service[0].health.kind", "need a tcp service"),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "service[0].health.path", "not an absolute path"),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "service[0].health.expect_status", "not an HTTP status"),
+        "{p:#?}"
+    );
+    // A short interval shortens the default timeout with it.
+    let c = parse(&with_service(
+        "upstreams = []\n[service.health]\nkind = \"none\"\ninterval = \"200ms\"\n",
+    ))
+    .unwrap();
+    assert_eq!(c.services[0].health.kind, HealthKind::None);
+    assert_eq!(c.services[0].health.timeout, Duration::from_millis(200));
+}
+
+#[test]
+fn dns_settings_are_checked() {
+    let p = problems(&format!(
+        "{BASE}[dns]\nservers = [\"10.0.0.2:53\", \"resolver\", \"10.0.0.3:0\"]\ninterval = -1\n"
+    ));
+    assert!(has(&p, "dns.servers[1]", "not an address"), "{p:#?}");
+    assert!(has(&p, "dns.servers[2]", "not an address"), "{p:#?}");
+    assert!(has(&p, "dns.interval", "negative"), "{p:#?}");
+    let p = problems(&format!("{BASE}[dns]\nservers = []\n"));
+    assert!(has(&p, "dns.servers", "is empty"), "{p:#?}");
+    let p = problems(&format!("{BASE}[dns]\nport = 53\n"));
+    assert!(has(&p, "dns.port", "unknown field"), "{p:#?}");
+}
+
+#[test]
+fn durations() {
+    let d = |v: toml::Value| parse_duration(&v);
+    assert_eq!(d(toml::Value::Integer(5)), Ok(Duration::from_secs(5)));
+    assert_eq!(d("250ms".into()), Ok(Duration::from_millis(250)));
+    assert_eq!(d("2s".into()), Ok(Duration::from_secs(2)));
+    assert_eq!(d("3".into()), Ok(Duration::from_secs(3)));
+    assert_eq!(d("1m".into()), Ok(Duration::from_secs(60)));
+    assert_eq!(d("1h".into()), Ok(Duration::from_secs(3600)));
+    assert!(d("1.5s".into()).is_err());
+    assert!(d("s".into()).is_err());
+    assert!(d(toml::Value::Boolean(true)).is_err());
+}
+
+#[test]
+fn dns_name_rules() {
+    for ok in [
+        "a",
+        "alb.home.example",
+        "x-1.y",
+        "internal-alb-123.elb.amazonaws.com.",
+    ] {
+        assert!(is_dns_name(ok), "{ok}");
+    }
+    for bad in [
+        "",
+        "-a",
+        "a-",
+        "a..b",
+        "a_b",
+        "10.1.1.1",
+        "1.2.3.300",
+        &"a".repeat(64),
+    ] {
+        assert!(!is_dns_name(bad), "{bad}");
+    }
+}
+
+#[test]
+fn reload_keeps_restart_only_keys() {
+    let old = parse(VALID_FULL).unwrap();
+    let text = VALID_FULL
+        .replace(
+            "interfaces = [\"eth0\", \"eth1\"]",
+            "interfaces = [\"eth2\"]",
+        )
+        .replace("max_flows = 65536", "max_flows = 1024")
+        .replace("127.0.0.1:9200", "127.0.0.1:9300")
+        .replace("port_range = [20000, 29999]", "port_range = [20000, 25000]");
+    let new = parse(&text).unwrap();
+    let changes: Vec<&str> = old
+        .restart_only_changes(&new)
+        .iter()
+        .map(|(k, _, _)| *k)
+        .collect();
+    assert_eq!(
+        changes,
+        ["datapath.interfaces", "datapath.max_flows", "admin.listen"]
+    );
+    let applied = old.with_restart_only_keys_of(new);
+    assert_eq!(applied.datapath, old.datapath);
+    assert_eq!(applied.admin, old.admin);
+    // Everything else is the new file's.
+    assert_eq!(applied.nat.port_max, 25000);
+    assert!(old.restart_only_changes(&applied).is_empty());
+}
+
+#[test]
+fn example_config_in_docs_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/xdp-proxy.example.toml");
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    // It shows every kind of upstream and check.
+    let ups: Vec<&UpstreamConfig> = c.services.iter().flat_map(|s| &s.upstreams).collect();
+    assert!(ups.iter().any(|u| u.dns_name().is_some()));
+    assert!(ups.iter().any(|u| u.drain));
+    assert!(ups.iter().any(|u| u.weight > 1));
+    assert!(c.services.iter().any(|s| s.health.kind == HealthKind::Http));
+    assert!(c.dns.servers.is_some());
 }
