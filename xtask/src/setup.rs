@@ -23,7 +23,9 @@ const NIGHTLY: &str = "nightly";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: ip (namespaces, veth), ethtool (offload settings), nft and bpftool for
 /// operators and tests, curl for the demo and docs.
-const DEB_PACKAGES: &[&str] = &["iproute2", "ethtool", "nftables", "bpftool", "curl", "procps"];
+const DEB_PACKAGES: &[&str] = &[
+    "iproute2", "ethtool", "nftables", "bpftool", "curl", "procps",
+];
 
 /// Run setup. `verbose` prints every step even when nothing is to be done (`cargo xtask setup`);
 /// otherwise (called by build/run/test) only steps that do something are printed.
@@ -51,7 +53,9 @@ pub fn run(verbose: bool) -> Result<()> {
 
     // 2. bpf-linker against nightly's LLVM.
     if bpf_linker_ok() {
-        say(&format!("bpf-linker {BPF_LINKER_VERSION}: present and its libLLVM resolves"));
+        say(&format!(
+            "bpf-linker {BPF_LINKER_VERSION}: present and its libLLVM resolves"
+        ));
     } else {
         println!("setup: building bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM (~1 min)");
         let prefix = llvm_prefix()?;
@@ -79,7 +83,10 @@ pub fn run(verbose: bool) -> Result<()> {
         .filter(|p| !deb_installed(p))
         .collect();
     if missing.is_empty() {
-        say(&format!("Debian packages present: {}", DEB_PACKAGES.join(" ")));
+        say(&format!(
+            "Debian packages present: {}",
+            DEB_PACKAGES.join(" ")
+        ));
     } else {
         println!("setup: installing Debian packages: {}", missing.join(" "));
         let apt = |args: &[&str]| -> Command {
@@ -153,7 +160,10 @@ fn link_llvm(sysroot: &Path, prefix: &Path) -> Result<()> {
         }
     }
     let real = real.with_context(|| format!("no libLLVM.so.* in {}", src_dir.display()))?;
-    let mut links = vec![(real.clone(), real.clone()), ("libLLVM.so".to_owned(), real)];
+    let mut links = vec![
+        (real.clone(), real.clone()),
+        ("libLLVM.so".to_owned(), real),
+    ];
     if let Some(script) = script {
         links.push((script.clone(), script));
     }
