@@ -38,6 +38,8 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::Nightly,
     )
-    .context("building the XDP program (run `cargo xtask setup` if bpf-linker or rust-src is missing)")?;
+    .context(
+        "building the XDP program (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )?;
     Ok(())
 }

@@ -129,8 +129,14 @@ fn profile_dir(release: bool) -> &'static str {
 
 fn build(root: &Path, release: bool) -> Result<()> {
     let mut cmd = cargo();
-    cmd.current_dir(root)
-        .args(["build", "-p", "proxy-userspace", "-p", "integration-tests", "--bins"]);
+    cmd.current_dir(root).args([
+        "build",
+        "-p",
+        "proxy-userspace",
+        "-p",
+        "integration-tests",
+        "--bins",
+    ]);
     if release {
         cmd.arg("--release");
     }
@@ -171,7 +177,11 @@ fn run(root: &Path, config: Option<&Path>, release: bool) -> Result<()> {
 
 fn test(root: &Path, lint: bool, extra: &[OsString]) -> Result<()> {
     if lint {
-        run_cmd(cargo().current_dir(root).args(["fmt", "--all", "--", "--check"]))?;
+        run_cmd(
+            cargo()
+                .current_dir(root)
+                .args(["fmt", "--all", "--", "--check"]),
+        )?;
         run_cmd(cargo().current_dir(root).args([
             "clippy",
             "--all-targets",
@@ -185,7 +195,9 @@ fn test(root: &Path, lint: bool, extra: &[OsString]) -> Result<()> {
     let mut cmd = cargo();
     cmd.current_dir(root).env(
         "XDP_PROXY_BIN",
-        root.join("target").join(profile_dir(false)).join("xdp-proxy"),
+        root.join("target")
+            .join(profile_dir(false))
+            .join("xdp-proxy"),
     );
     cmd.arg("test");
     if !is_root() {

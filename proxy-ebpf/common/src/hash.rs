@@ -8,8 +8,14 @@ pub const SEED_SNAT_PORT: u32 = 0x85eb_ca6b;
 
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -64,11 +70,26 @@ mod tests {
         let a = [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let b = [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         let base = flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x39], [0, 80], 6);
-        assert_ne!(base, flow_hash(SEED_MAGLEV, &b, &a, [0x30, 0x39], [0, 80], 6));
-        assert_ne!(base, flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x3a], [0, 80], 6));
-        assert_ne!(base, flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x39], [0, 81], 6));
-        assert_ne!(base, flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x39], [0, 80], 17));
-        assert_ne!(base, flow_hash(SEED_SNAT_PORT, &a, &b, [0x30, 0x39], [0, 80], 6));
+        assert_ne!(
+            base,
+            flow_hash(SEED_MAGLEV, &b, &a, [0x30, 0x39], [0, 80], 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x3a], [0, 80], 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x39], [0, 81], 6)
+        );
+        assert_ne!(
+            base,
+            flow_hash(SEED_MAGLEV, &a, &b, [0x30, 0x39], [0, 80], 17)
+        );
+        assert_ne!(
+            base,
+            flow_hash(SEED_SNAT_PORT, &a, &b, [0x30, 0x39], [0, 80], 6)
+        );
     }
 
     #[test]
@@ -83,7 +104,10 @@ mod tests {
         }
         let mean = 65_536 / 64;
         for (i, n) in buckets.iter().enumerate() {
-            assert!(n.abs_diff(mean) < mean / 5, "bucket {i}: {n} vs mean {mean}");
+            assert!(
+                n.abs_diff(mean) < mean / 5,
+                "bucket {i}: {n} vs mean {mean}"
+            );
         }
     }
 }
