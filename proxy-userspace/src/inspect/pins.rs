@@ -144,6 +144,9 @@ pub fn classify(e: DatapathError) -> InspectError {
                 source: io::Error::from(io::ErrorKind::PermissionDenied),
             }
         }
+        e @ DatapathError::IncompatiblePin { .. } => InspectError::Layout {
+            detail: e.to_string(),
+        },
         DatapathError::NoPinDir { path } => InspectError::NoPinDir {
             path,
             others: Vec::new(),
@@ -152,12 +155,19 @@ pub fn classify(e: DatapathError) -> InspectError {
     }
 }
 
-/// Check the directory, then open every map (typed).
+/// Check the directory and the pinned maps' layout against this binary's XDP object (type,
+/// key and value size, capacity: the daemon's own check), then open every map (typed).
 ///
 /// # Errors
 /// See [`check_pin_dir`] and [`classify`].
 pub fn open_maps(pin_dir: &Path) -> Result<Maps, InspectError> {
     check_pin_dir(pin_dir)?;
+    // An empty object is a build without the XDP program (AYA_BUILD_SKIP): only the typed open
+    // below checks the layout then.
+    if !proxy_ebpf_object::EBPF_OBJECT.is_empty() {
+        crate::datapath::check_pinned_layout(proxy_ebpf_object::EBPF_OBJECT, pin_dir)
+            .map_err(classify)?;
+    }
     Maps::open_pinned(pin_dir).map_err(classify)
 }
 
