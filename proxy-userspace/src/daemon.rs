@@ -397,6 +397,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             _ = expiry_tick.tick(), if datapath.is_some() => {
                 if let Some(dp) = &datapath {
                     expire_once(Arc::clone(dp), opts.lifetimes, max_scan).await;
+                    release_retired(&mut controller, dp);
                 }
                 if reconcile_pending {
                     reconcile_pending = !reconcile_now(&mut controller, datapath.as_ref());
@@ -424,6 +425,31 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     }
     tracing::info!("xdp-proxy stopped");
     Ok(())
+}
+
+/// Ids of removed services and upstreams stay reserved while flows carry them: release those
+/// the last expiry scan found no flow for.
+fn release_retired(controller: &mut Controller, dp: &Arc<Mutex<Datapath>>) {
+    let (svc, ups) = controller.retired_ids();
+    if svc.is_empty() && ups.is_empty() {
+        return;
+    }
+    let Ok(dp) = dp.lock() else { return };
+    let census = dp.maps.census();
+    if !census.scanned {
+        return;
+    }
+    let in_use = |m: &std::collections::BTreeMap<u32, u64>| -> std::collections::HashSet<u32> {
+        m.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    controller.release_retired(&in_use(&census.per_service), &in_use(&census.per_upstream));
+    let (svc_after, ups_after) = controller.retired_ids();
+    if svc_after.len() < svc.len() || ups_after.len() < ups.len() {
+        tracing::debug!(services = ?svc_after, upstreams = ?ups_after, "retired ids still held by flows");
+    }
 }
 
 /// Write the controller's plan into the maps (the minimal difference). Returns false when it
