@@ -10,23 +10,42 @@ use aya_ebpf::{
 use proxy_common::{FLOW_DIR_FORWARD, Reason};
 
 use crate::{
+    icmp,
     maps::XP_DEVMAP,
-    nat::{Rewrite, rewrite},
+    nat::{self, Rewrite},
     parse::{Packet, ptr_at},
 };
+
+/// What is being forwarded: a packet of a flow (its entry's `FLOW_DIR_*`), or an ICMP error
+/// translated with the entry its quote answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Flow(u8),
+    IcmpError,
+}
+
+/// The rewrite of `kind`.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rw: &Rewrite,
+    kind: Kind,
+    dec_ttl: bool,
+) -> Result<(), Reason> {
+    match kind {
+        Kind::Flow(_) => nat::rewrite(ctx, pkt, rw, dec_ttl),
+        Kind::IcmpError => icmp::rewrite(ctx, pkt, rw, dec_ttl),
+    }
+}
 
 /// `AF_INET` for `bpf_fib_lookup`.
 const AF_INET: u8 = 2;
 
-/// Forward (or pass) a packet whose flow entry matched. `direction` is the entry's
-/// `FLOW_DIR_*`; it picks the `Fwd*`/`Rev*` reasons.
+/// Forward (or pass) a packet whose flow entry matched. `kind` picks the rewrite and the
+/// `Fwd*`/`Rev*`/`Icmp*` reasons.
 #[inline(always)]
-pub fn forward(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    rw: &Rewrite,
-    direction: u8,
-) -> Result<Reason, Reason> {
+pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Result<Reason, Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::DropTtlExceeded);
     }
@@ -36,8 +55,10 @@ pub fn forward(
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     params.family = AF_INET;
     params.l4_protocol = pkt.proto;
-    params.sport = rw.sport;
-    params.dport = rw.dport;
+    if let Kind::Flow(_) = kind {
+        params.sport = rw.sport;
+        params.dport = rw.dport;
+    }
     params.__bindgen_anon_1.tot_len = pkt.tot_len;
     params.ifindex = ingress;
     params.__bindgen_anon_3.ipv4_src = rw.src;
@@ -55,7 +76,7 @@ pub fn forward(
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // Not forwardable from here: hand the rewritten packet to the kernel (TTL untouched:
         // the kernel decrements it when it forwards).
-        rewrite(ctx, pkt, rw, false)?;
+        rewrite(ctx, pkt, rw, kind, false)?;
         return Ok(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
             Reason::PassNoNeigh
         } else {
@@ -63,23 +84,23 @@ pub fn forward(
         });
     }
 
-    rewrite(ctx, pkt, rw, true)?;
+    rewrite(ctx, pkt, rw, kind, true)?;
     let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(Reason::DropTruncated)?;
     // SAFETY: ptr_at checked data + 12 <= data_end; byte array, no alignment needed.
     let eth = unsafe { &mut *eth };
     eth[..6].copy_from_slice(&params.dmac);
     eth[6..].copy_from_slice(&params.smac);
 
-    let fwd = direction == FLOW_DIR_FORWARD;
+    let (tx, redirect) = match kind {
+        Kind::Flow(FLOW_DIR_FORWARD) => (Reason::FwdTx, Reason::FwdRedirect),
+        Kind::Flow(_) => (Reason::RevTx, Reason::RevRedirect),
+        Kind::IcmpError => (Reason::IcmpTx, Reason::IcmpRedirect),
+    };
     if params.ifindex == ingress {
-        return Ok(if fwd { Reason::FwdTx } else { Reason::RevTx });
+        return Ok(tx);
     }
     match XP_DEVMAP.redirect(params.ifindex, 0) {
-        Ok(_) => Ok(if fwd {
-            Reason::FwdRedirect
-        } else {
-            Reason::RevRedirect
-        }),
+        Ok(_) => Ok(redirect),
         Err(_) => Err(Reason::DropRedirectFailed),
     }
 }

@@ -8,6 +8,7 @@
 
 mod flow;
 mod forward;
+mod icmp;
 mod keys;
 mod maps;
 mod nat;
@@ -15,9 +16,9 @@ mod parse;
 mod stats;
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
-use proxy_common::Reason;
+use proxy_common::{IPPROTO_ICMP, Reason};
 
-use crate::nat::Rewrite;
+use crate::{forward::Kind, nat::Rewrite};
 
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
@@ -33,6 +34,9 @@ pub fn proxy_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_proxy_xdp(ctx: &XdpContext) -> Result<Reason, Reason> {
     let pkt = parse::parse(ctx)?;
+    if pkt.proto == IPPROTO_ICMP {
+        return icmp_error(ctx, &pkt);
+    }
     let cfg = flow::config()?;
 
     let key = pkt.flow_key();
@@ -55,9 +59,27 @@ fn try_proxy_xdp(ctx: &XdpContext) -> Result<Reason, Reason> {
     };
     let (direction, service_id, upstream_id) = (e.direction, e.service_id, e.upstream_id);
 
-    let reason = forward::forward(ctx, &pkt, &rw, direction)?;
+    let reason = forward::forward(ctx, &pkt, &rw, Kind::Flow(direction))?;
     stats::traffic(service_id, upstream_id, direction, u64::from(pkt.tot_len));
     Ok(reason)
+}
+
+/// An ICMP packet: translated when it is an error quoting one of our flows (docs/datapath.md,
+/// "ICMP errors"), else passed. Flow entries and traffic counters are not touched.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, pkt: &parse::Packet) -> Result<Reason, Reason> {
+    let quote = icmp::quote(ctx, pkt)?;
+    flow::config()?;
+    let entry = flow::lookup(&quote.answer_key()).ok_or(Reason::PassNotService)?;
+    // SAFETY: a flow table value pointer; copied out at once.
+    let e = unsafe { &*entry };
+    let rw = Rewrite {
+        src: e.new_src[0],
+        dst: e.new_dst[0],
+        sport: e.new_sport,
+        dport: e.new_dport,
+    };
+    forward::forward(ctx, pkt, &rw, Kind::IcmpError)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -25,28 +25,12 @@ pub struct Rewrite {
 /// `Err(DropTruncated)` cannot happen in practice.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, dec_ttl: bool) -> Result<(), Reason> {
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
-    // SAFETY: ptr_at checked data + 14 + 20 <= data_end; Ipv4Hdr is all bytes (align 1).
-    let ip = unsafe { &mut *ip };
+    let (old_src, old_dst) = rewrite_ip(ctx, rw, dec_ttl)?;
     let new_src = rw.src.to_ne_bytes();
     let new_dst = rw.dst.to_ne_bytes();
     let sport = rw.sport.to_ne_bytes();
     let dport = rw.dport.to_ne_bytes();
     let new_ports = [sport[0], sport[1], dport[0], dport[1]];
-    let old_src = ip.src_addr;
-    let old_dst = ip.dst_addr;
-    let mut check = u16::from_be_bytes(ip.check);
-    check = update32(check, old_src, new_src);
-    check = update32(check, old_dst, new_dst);
-    if dec_ttl {
-        // TTL and protocol share one 16-bit word.
-        let old_word = u16::from_be_bytes([ip.ttl, ip.proto]);
-        ip.ttl = ip.ttl.wrapping_sub(1);
-        check = update16(check, old_word, u16::from_be_bytes([ip.ttl, ip.proto]));
-    }
-    ip.src_addr = new_src;
-    ip.dst_addr = new_dst;
-    ip.check = check.to_be_bytes();
 
     // Source and destination port are adjacent: one 32-bit update covers both.
     if pkt.proto == IPPROTO_TCP {
@@ -77,4 +61,36 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, dec_ttl: bool) -> R
         udp.check = c.to_be_bytes();
     }
     Ok(())
+}
+
+/// Rewrite the IPv4 header's addresses to `rw.src`/`rw.dst` (and decrement the TTL when
+/// `dec_ttl`), patching the header checksum. Returns the old source and destination addresses
+/// (the L4 checksum update needs them).
+#[inline(always)]
+pub fn rewrite_ip(
+    ctx: &XdpContext,
+    rw: &Rewrite,
+    dec_ttl: bool,
+) -> Result<([u8; 4], [u8; 4]), Reason> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 14 + 20 <= data_end; Ipv4Hdr is all bytes (align 1).
+    let ip = unsafe { &mut *ip };
+    let new_src = rw.src.to_ne_bytes();
+    let new_dst = rw.dst.to_ne_bytes();
+    let old_src = ip.src_addr;
+    let old_dst = ip.dst_addr;
+    let mut check = u16::from_be_bytes(ip.check);
+    check = update32(check, old_src, new_src);
+    check = update32(check, old_dst, new_dst);
+    if dec_ttl {
+        // TTL and protocol share one 16-bit word.
+        let old_word = u16::from_be_bytes([ip.ttl, ip.proto]);
+        ip.ttl = ip.ttl.wrapping_sub(1);
+        check = update16(check, old_word, u16::from_be_bytes([ip.ttl, ip.proto]));
+    }
+    ip.src_addr = new_src;
+    ip.dst_addr = new_dst;
+    ip.check = check.to_be_bytes();
+
+    Ok((old_src, old_dst))
 }

@@ -5,7 +5,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP, Reason};
+use proxy_common::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Reason};
 
 use crate::keys::FlowKeyW;
 
@@ -95,13 +95,30 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, Reason> {
     if ip.frags[0] & IP_MF != 0 || u16::from_be_bytes(ip.frags) & IP_OFFSET_MASK != 0 {
         return Err(Reason::PassFragment);
     }
+    let tot_len = u16::from_be_bytes(ip.tot_len);
+    let frame_ip_len = ctx.data_end() - ctx.data() - IP_OFF;
     let l4_min = match ip.proto {
         IPPROTO_TCP => TcpHdr::LEN,
         IPPROTO_UDP => UdpHdr::LEN,
+        IPPROTO_ICMP => {
+            // ICMP: `icmp::quote` decides whether it is an error quoting one of our flows
+            // (everything else is `PassNotTcpUdp`, never `DropTruncated`).
+            if tot_len as usize > frame_ip_len {
+                return Err(Reason::PassNotTcpUdp);
+            }
+            return Ok(Packet {
+                src: u32::from_ne_bytes(ip.src_addr),
+                dst: u32::from_ne_bytes(ip.dst_addr),
+                sport: 0,
+                dport: 0,
+                proto: IPPROTO_ICMP,
+                ttl: ip.ttl,
+                tcp_flags: 0,
+                tot_len,
+            });
+        }
         _ => return Err(Reason::PassNotTcpUdp),
     };
-    let tot_len = u16::from_be_bytes(ip.tot_len);
-    let frame_ip_len = ctx.data_end() - ctx.data() - IP_OFF;
     if (tot_len as usize) < Ipv4Hdr::LEN + l4_min || tot_len as usize > frame_ip_len {
         return Err(Reason::DropTruncated);
     }

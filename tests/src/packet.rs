@@ -175,6 +175,26 @@ impl Packet {
         )
     }
 
+    /// An ICMP message `src -> dst` of `icmp_type`/`code` with the 4 bytes after the checksum
+    /// (`rest`: unused, or the next-hop MTU of "fragmentation needed") and `quote` (the quoted
+    /// IP packet's first bytes) after it; ICMP checksum computed over the whole message.
+    #[must_use]
+    pub fn icmp(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Self {
+        let mut b = vec![icmp_type, code, 0, 0];
+        b.extend_from_slice(&rest);
+        b.extend_from_slice(quote);
+        let c = checksum::checksum(&b);
+        b[2..4].copy_from_slice(&c.to_be_bytes());
+        Self::other(src, dst, IPPROTO_ICMP, &b)
+    }
+
     #[must_use]
     pub fn macs(mut self, src: Mac, dst: Mac) -> Self {
         self.eth_src = src;
@@ -661,6 +681,7 @@ pub fn verify_checksums(frame: &[u8]) -> Result<()> {
     let field = match proto {
         IPPROTO_TCP => 16,
         IPPROTO_UDP => 6,
+        IPPROTO_ICMP => return verify_icmp(&seg),
         _ => return Ok(()),
     };
     ensure!(seg.len() >= field + 2, "L4 header truncated");
@@ -679,6 +700,32 @@ pub fn verify_checksums(frame: &[u8]) -> Result<()> {
         "{} checksum {stored:#06x} is wrong (full recomputation gives {full:#06x})",
         if proto == IPPROTO_TCP { "TCP" } else { "UDP" }
     );
+    Ok(())
+}
+
+/// The ICMP checksum over the whole message and, for an error (destination unreachable, time
+/// exceeded) quoting a full IPv4 header, the quoted header's checksum.
+fn verify_icmp(msg: &[u8]) -> Result<()> {
+    ensure!(msg.len() >= 8, "ICMP header truncated");
+    ensure!(
+        checksum::verify(msg),
+        "ICMP checksum {:#06x} is wrong (full recomputation gives {:#06x})",
+        u16::from_be_bytes([msg[2], msg[3]]),
+        {
+            let mut m = msg.to_vec();
+            m[2] = 0;
+            m[3] = 0;
+            checksum::checksum(&m)
+        }
+    );
+    if (msg[0] == 3 || msg[0] == 11) && msg.len() >= 8 + 20 && msg[8] >> 4 == 4 {
+        let ihl = usize::from(msg[8] & 0x0f) * 4;
+        ensure!(
+            ihl >= 20 && msg.len() >= 8 + ihl && checksum::verify(&msg[8..8 + ihl]),
+            "quoted IPv4 header checksum {:#06x} is wrong",
+            u16::from_be_bytes([msg[18], msg[19]])
+        );
+    }
     Ok(())
 }
 

@@ -1812,3 +1812,370 @@ fn redirect_without_devmap_entry_drops() {
         ));
     });
 }
+
+// =============================================================================================
+// ICMP errors quoting a NATed packet (docs/datapath.md, "ICMP errors").
+// =============================================================================================
+
+/// A router on the home side (not a neighbour: only the source of its errors matters).
+const HOME_ROUTER: Ipv4Addr = Ipv4Addr::new(10, 20, 1, 254);
+/// "Fragmentation needed" with a next-hop MTU of 1400.
+const MTU_1400: [u8; 4] = [0, 0, 0x05, 0x78];
+
+/// The first `n` bytes of the IP packet in `frame`.
+fn ip_quote(frame: &[u8], n: usize) -> Vec<u8> {
+    frame[ETH_HLEN..ETH_HLEN + n].to_vec()
+}
+
+/// An established TCP flow and a client data segment (100 bytes of payload) of it.
+fn tcp_flow_with_data(h: &mut Harness) -> (Flow, Packet) {
+    let flow = open_tcp(h);
+    reply_syn_ack(h, &flow);
+    let data = flow
+        .client_tcp(TCP_ACK | TCP_PSH)
+        .seq_ack(0x1000_0002, 0x5000_0002)
+        .payload(&[0x61; 100]);
+    (flow, data)
+}
+
+/// The flow entries of `flow`, to show an ICMP error leaves them alone.
+fn entries(h: &Harness, flow: &Flow) -> (Option<FlowValue>, Option<FlowValue>) {
+    (
+        h.fwd_flow(&flow.fwd_tuple().key()),
+        h.rev_flow(&flow.rev_tuple().key()),
+    )
+}
+
+/// An error from the home side quoting (SNAT -> upstream), as the proxy forwarded a client
+/// segment, goes to the client as (service -> client) quoting (client -> service): outer and
+/// quoted addresses, quoted ports, outer TTL, every checksum. Three shapes of quote: the TCP
+/// header and 8 payload bytes (the quoted TCP checksum is updated), the RFC 792 minimum of 8
+/// TCP bytes (no checksum in the quote), and a time-exceeded quoting the whole segment.
+#[test]
+fn icmp_error_from_home_side_tcp() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let (flow, data) = tcp_flow_with_data(h);
+        let sent = flow.fwd_out(&data, hi);
+        // The client's segment as the quote must show it: as the proxy sent it (TTL - 1), with
+        // the client's endpoints back.
+        let as_client = data.clone().ttl(data.ttl - 1).bytes();
+        let before = entries(h, &flow);
+        let cases: [(&str, u8, u8, [u8; 4], usize); 3] = [
+            (
+                "fragmentation needed (MTU 1400) quoting IP + TCP header + 8 bytes",
+                3,
+                4,
+                MTU_1400,
+                48,
+            ),
+            (
+                "host unreachable quoting IP + 8 bytes of TCP (no TCP checksum in the quote)",
+                3,
+                1,
+                [0; 4],
+                28,
+            ),
+            (
+                "time exceeded quoting the whole segment",
+                11,
+                0,
+                [0; 4],
+                usize::from(data.ip_len()),
+            ),
+        ];
+        for (desc, icmp_type, code, rest, n) in cases {
+            let input = Packet::icmp(
+                HOME_ROUTER,
+                SNAT_IP,
+                icmp_type,
+                code,
+                rest,
+                &ip_quote(&sent, n),
+            )
+            .macs(UPSTREAM_MAC, HOME_DEV_MAC);
+            let expected = Packet::icmp(
+                SERVICE_IP,
+                CLIENT_1,
+                icmp_type,
+                code,
+                rest,
+                &ip_quote(&as_client, n),
+            )
+            .ttl(input.ttl - 1)
+            .macs(ci.mac, CLIENT_ROUTER_MAC);
+            let out = expected.bytes();
+            // The bytes the contract names, spelled out (the builder computed them in full).
+            let q = ETH_HLEN + 20 + 8;
+            assert_eq!(
+                out[q + 12..q + 16],
+                CLIENT_1.octets(),
+                "{desc}: quoted source"
+            );
+            assert_eq!(
+                out[q + 16..q + 20],
+                SERVICE_IP.octets(),
+                "{desc}: quoted destination"
+            );
+            assert_eq!(
+                out[q + 20..q + 24],
+                [0x9c, 0x40, 0, 80],
+                "{desc}: quoted ports"
+            );
+            assert_eq!(
+                out[ETH_HLEN + 20 + 4..q],
+                rest,
+                "{desc}: MTU / unused field unchanged"
+            );
+            h.check(&Fixture::new(
+                format!("home side: {desc}"),
+                input.bytes(),
+                hi,
+                XDP_REDIRECT,
+                Reason::IcmpRedirect,
+                Expect::Bytes(out),
+            ));
+        }
+        assert_eq!(
+            entries(h, &flow),
+            before,
+            "ICMP errors leave the flow entries alone"
+        );
+    });
+}
+
+/// UDP: port unreachable from the upstream itself quoting the whole datagram (quoted UDP
+/// checksum updated), and the same for a datagram sent without checksum (quoted 0 stays 0).
+#[test]
+fn icmp_error_from_home_side_udp() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        for (desc, first) in [
+            (
+                "port unreachable quoting a UDP datagram",
+                from_client(Packet::udp(CLIENT_A, SVC_UDP, b"ping")),
+            ),
+            (
+                "port unreachable quoting a UDP datagram without checksum",
+                from_client(Packet::udp(CLIENT_B, SVC_UDP, b"ping")).udp_zero_checksum(),
+            ),
+        ] {
+            let (flow, _) = open_flow(
+                h,
+                &format!("{desc}: first datagram"),
+                first.clone(),
+                SVC_UDP_ID,
+                UPS_UDP,
+                UPS_UDP_ID,
+                ci,
+                hi,
+                XDP_REDIRECT,
+                Reason::FwdRedirect,
+            );
+            let sent = flow.fwd_out(&first, hi);
+            let as_client = first.clone().ttl(first.ttl - 1).bytes();
+            let n = usize::from(first.ip_len());
+            let input = Packet::icmp(UPSTREAM_IP, SNAT_IP, 3, 3, [0; 4], &ip_quote(&sent, n))
+                .macs(UPSTREAM_MAC, HOME_DEV_MAC);
+            let expected = Packet::icmp(
+                SERVICE_IP,
+                flow.client.ip().to_owned(),
+                3,
+                3,
+                [0; 4],
+                &ip_quote(&as_client, n),
+            )
+            .ttl(input.ttl - 1)
+            .macs(ci.mac, CLIENT_ROUTER_MAC)
+            .bytes();
+            let udp_check = ETH_HLEN + 20 + 8 + 20 + 6;
+            if first.clone().bytes()[ETH_HLEN + 20 + 6..ETH_HLEN + 20 + 8] == [0, 0] {
+                assert_eq!(
+                    expected[udp_check..udp_check + 2],
+                    [0, 0],
+                    "{desc}: stays 0"
+                );
+            }
+            h.check(&Fixture::new(
+                desc,
+                input.bytes(),
+                hi,
+                XDP_REDIRECT,
+                Reason::IcmpRedirect,
+                Expect::Bytes(expected),
+            ));
+        }
+    });
+}
+
+/// An error from the client side quoting (service -> client), as the proxy delivered the
+/// upstream's SYN-ACK, goes to the upstream as (SNAT -> upstream) quoting (upstream -> SNAT).
+/// Redirected to the home side; arriving on the home side itself, sent back with XDP_TX.
+#[test]
+fn icmp_error_from_client_side() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let flow = open_tcp(h);
+        let syn_ack = flow.upstream_tcp(TCP_SYN | TCP_ACK);
+        let delivered = reply_syn_ack(h, &flow).output;
+        let as_upstream = syn_ack.clone().ttl(syn_ack.ttl - 1).bytes();
+        let n = 40;
+        let icmp = |src_mac, dst_mac| {
+            Packet::icmp(CLIENT_1, SERVICE_IP, 3, 3, [0; 4], &ip_quote(&delivered, n))
+                .macs(src_mac, dst_mac)
+        };
+        let expect = |input: &Packet, egress: Iface| {
+            Packet::icmp(
+                SNAT_IP,
+                UPSTREAM_IP,
+                3,
+                3,
+                [0; 4],
+                &ip_quote(&as_upstream, n),
+            )
+            .ttl(input.ttl - 1)
+            .macs(egress.mac, UPSTREAM_MAC)
+            .bytes()
+        };
+        let input = icmp(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC);
+        h.check(&Fixture::new(
+            "client side: port unreachable quoting the delivered SYN-ACK",
+            input.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::IcmpRedirect,
+            Expect::Bytes(expect(&input, hi)),
+        ));
+        let input = icmp(UPSTREAM_MAC, HOME_DEV_MAC);
+        h.check(&Fixture::new(
+            "client-side error arriving on the upstream's interface: XDP_TX",
+            input.bytes(),
+            hi,
+            XDP_TX,
+            Reason::IcmpTx,
+            Expect::Bytes(expect(&input, hi)),
+        ));
+    });
+}
+
+/// ICMP that is not a translatable error about one of our flows is passed untouched; a
+/// translatable one with TTL 1 is dropped; nothing is translated before the config is ready.
+#[test]
+fn icmp_not_translated() {
+    with_harness(|h| {
+        let hi = h.home_if;
+        let (flow, data) = tcp_flow_with_data(h);
+        let sent = flow.fwd_out(&data, hi);
+        let quote = ip_quote(&sent, 48);
+        let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut q = quote.clone();
+            f(&mut q);
+            q
+        };
+        let err = |src: Ipv4Addr, dst: Ipv4Addr, t: u8, q: &[u8]| {
+            Packet::icmp(src, dst, t, 0, [0; 4], q).macs(UPSTREAM_MAC, HOME_DEV_MAC)
+        };
+        let no_flow = edit(&|q| {
+            // Another SNAT port: no flow answers it.
+            let port = u16::from_be_bytes([q[20], q[21]]) ^ 1;
+            q[20..22].copy_from_slice(&port.to_be_bytes());
+        });
+        let options = {
+            // The same quote with a 4-byte option (IHL 6).
+            let mut q = quote[..20].to_vec();
+            q[0] = 0x46;
+            q.extend_from_slice(&[1, 1, 1, 1]);
+            q.extend_from_slice(&quote[20..]);
+            q
+        };
+        let later_fragment = edit(&|q| q[6..8].copy_from_slice(&[0, 9]));
+        let echo_quote = {
+            let mut q = quote[..20].to_vec();
+            q[9] = IPPROTO_ICMP;
+            q.extend_from_slice(&[8, 0, 0, 0, 0, 1, 0, 1]);
+            q
+        };
+        let cases = [
+            (
+                "destination unreachable quoting a SNAT port without a flow",
+                err(HOME_ROUTER, SNAT_IP, 3, &no_flow),
+                Reason::PassNotService,
+            ),
+            (
+                "error addressed to someone else than the quoted packet's source",
+                err(HOME_ROUTER, SERVICE_IP, 3, &quote),
+                Reason::PassNotService,
+            ),
+            (
+                "quote with IPv4 options",
+                err(HOME_ROUTER, SNAT_IP, 3, &options),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "quote of a later fragment",
+                err(HOME_ROUTER, SNAT_IP, 3, &later_fragment),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "quote of an ICMP echo",
+                err(HOME_ROUTER, SNAT_IP, 3, &echo_quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "quote shorter than IP + 8 bytes",
+                err(HOME_ROUTER, SNAT_IP, 3, &quote[..24]),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "ICMP redirect (type 5) quoting a flow packet",
+                err(HOME_ROUTER, SNAT_IP, 5, &quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "parameter problem (type 12) quoting a flow packet",
+                err(HOME_ROUTER, SNAT_IP, 12, &quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "echo request to the SNAT address",
+                err(HOME_ROUTER, SNAT_IP, 8, &[0, 1, 0, 1]),
+                Reason::PassNotTcpUdp,
+            ),
+        ];
+        let before = entries(h, &flow);
+        for (desc, p, reason) in cases {
+            h.check(&Fixture::unchanged(desc, p.bytes(), hi, XDP_PASS, reason));
+        }
+        let mut cut = err(HOME_ROUTER, SNAT_IP, 3, &quote).bytes();
+        cut.truncate(ETH_HLEN + 20 + 8 + 20 + 4);
+        h.check(&Fixture::unchanged(
+            "frame ends inside the quote (IP total length beyond the frame)",
+            cut,
+            hi,
+            XDP_PASS,
+            Reason::PassNotTcpUdp,
+        ));
+        for ttl in [1, 0] {
+            h.check(&Fixture::unchanged(
+                format!("translatable error with TTL {ttl}"),
+                err(HOME_ROUTER, SNAT_IP, 3, &quote).ttl(ttl).bytes(),
+                hi,
+                XDP_DROP,
+                Reason::DropTtlExceeded,
+            ));
+        }
+        assert_eq!(entries(h, &flow), before, "flow entries untouched");
+        let cfg = NatConfig {
+            flags: 0,
+            ..h.config
+        };
+        h.set_config(cfg);
+        h.check(&Fixture::unchanged(
+            "translatable error, config not ready",
+            err(HOME_ROUTER, SNAT_IP, 3, &quote).bytes(),
+            hi,
+            XDP_PASS,
+            Reason::PassNotReady,
+        ));
+    });
+}

@@ -66,6 +66,7 @@ pub const SNAT_PORT_PROBES: u32 = 32;
 // Protocol numbers and address families, as stored in keys.
 // ---------------------------------------------------------------------------------------------
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const FAMILY_IPV4: u8 = 4;
@@ -260,7 +261,8 @@ pub enum Reason {
     RevRedirect = 3,
     /// Not IPv4 (ARP, IPv6, VLAN, ...): passed.
     PassNotIp = 4,
-    /// IPv4 but neither TCP nor UDP: passed.
+    /// IPv4 but neither TCP nor UDP, and not an ICMP error the program translates (echo
+    /// requests, other ICMP, GRE, ...): passed.
     PassNotTcpUdp = 5,
     /// TCP/UDP but not a configured service and no flow: passed untouched.
     PassNotService = 6,
@@ -293,10 +295,14 @@ pub enum Reason {
     DropRedirectFailed = 19,
     /// Internal invariant broken (map lookup of an array index failed): aborted.
     Aborted = 20,
+    /// An ICMP error quoting a NATed packet, translated and sent with XDP_TX.
+    IcmpTx = 21,
+    /// An ICMP error quoting a NATed packet, translated and sent with XDP_REDIRECT.
+    IcmpRedirect = 22,
 }
 
 /// Number of `Reason` values (size of `XP_REASONS`).
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     /// Every reason, in index order.
@@ -322,6 +328,8 @@ impl Reason {
         Reason::DropBadUpstream,
         Reason::DropRedirectFailed,
         Reason::Aborted,
+        Reason::IcmpTx,
+        Reason::IcmpRedirect,
     ];
 
     /// Stable snake_case name, used as a metric label and in `inspect stats`.
@@ -349,6 +357,8 @@ impl Reason {
             Reason::DropBadUpstream => "drop_bad_upstream",
             Reason::DropRedirectFailed => "drop_redirect_failed",
             Reason::Aborted => "aborted",
+            Reason::IcmpTx => "icmp_tx",
+            Reason::IcmpRedirect => "icmp_redirect",
         }
     }
 
@@ -356,8 +366,8 @@ impl Reason {
     #[must_use]
     pub const fn action(self) -> u32 {
         match self {
-            Reason::FwdTx | Reason::RevTx => XDP_TX,
-            Reason::FwdRedirect | Reason::RevRedirect => XDP_REDIRECT,
+            Reason::FwdTx | Reason::RevTx | Reason::IcmpTx => XDP_TX,
+            Reason::FwdRedirect | Reason::RevRedirect | Reason::IcmpRedirect => XDP_REDIRECT,
             Reason::PassNotIp
             | Reason::PassNotTcpUdp
             | Reason::PassNotService
