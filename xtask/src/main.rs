@@ -3,6 +3,7 @@
 //! Everything a fresh machine needs is installed by `setup` (run automatically by `build` when
 //! something is missing), so the README's two commands work on a new machine.
 
+mod docs;
 mod setup;
 
 use std::{
@@ -51,6 +52,20 @@ enum Cmd {
     },
     /// Side-by-side benchmarks (not implemented yet: see the benchmark issue).
     Bench,
+    /// Shell completions (bash, zsh, fish, elvish, PowerShell) and man pages generated from
+    /// xdp-proxy's command line definitions.
+    Docs {
+        /// Output directory (default: target/docs): completions/ and man/man1/.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// The writing half of `docs`, built with the `docs` feature.
+    #[cfg(feature = "docs")]
+    #[command(hide = true)]
+    DocsGen {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -71,6 +86,12 @@ fn main() -> Result<()> {
             setup::run(false)?;
             test(&root, !no_lint, &args)
         }
+        Cmd::Docs { out } => {
+            let out = out.unwrap_or_else(|| docs::default_out(&root));
+            docs::run(&root, &out)
+        }
+        #[cfg(feature = "docs")]
+        Cmd::DocsGen { out } => docs::generate_for_xdp_proxy(&out),
         Cmd::Bench => bail!(
             "`cargo xtask bench` is not implemented yet (tracked by the benchmark issue); \
              nothing was measured"
