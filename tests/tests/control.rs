@@ -3,16 +3,20 @@
 //! - `unhealthy_upstream_leaves_the_table_and_its_flows_are_kept`: one of three upstreams stops
 //!   accepting connections while a paced, checksummed download from it runs; the health checks
 //!   take it out of the Maglev table (seen in /status) within interval x fall plus slack, new
-//!   connections all land on the other two, and the running download still completes intact.
+//!   connections all land on the other two, and the running download still completes intact;
+//!   then the other two go down too: new connections are refused and counted pass_no_upstream.
 //! - `reload_adds_removes_and_changes_services_without_losing_flows`: SIGHUP with a config that
 //!   removes a service, adds one, moves another to a new upstream and changes a restart-only key,
 //!   while a checksummed transfer runs on a third service and connections stay open on the
 //!   removed and the moved one: the transfer completes intact, the open connections keep
 //!   working, new connections follow the new config, the restart-only change is refused.
+//! - `drained_upstream_takes_no_new_flows_and_its_flows_finish`: a reload sets `drain = true` on
+//!   an upstream holding a connection: that connection goes on, new ones avoid the upstream.
 //! - `invalid_reload_keeps_serving`: SIGHUP with an invalid file: refused (logged, counted), the
 //!   running config keeps serving old and new connections.
 //! - `dns_upstream_follows_its_name`: an upstream given by name, answered by a DNS responder the
-//!   test runs in the home namespace from a table it changes: the proxy follows the new address,
+//!   test runs in the home namespace from a table it changes (HTTP health checks on the way):
+//!   the proxy follows the new address,
 //!   refuses an address outside the home CIDR and keeps the last good address when the name
 //!   stops resolving.
 //!
@@ -384,8 +388,35 @@ fall = {fall}
         service(&st, "web").is_some_and(|s| s["has_upstreams"] == true),
         "web lost its upstreams: {st:#}"
     );
+
+    // Every upstream down: the documented, counted behaviour. New flows are passed to the
+    // kernel (nothing listens there: the client is refused) and counted pass_no_upstream.
     h1.stop()?;
     h2.stop()?;
+    wait_status(&topo.proxy, bound, "no upstream left", |st| {
+        service(st, "web").is_some_and(|s| s["has_upstreams"] == false)
+    })?;
+    let passed_before = status(&topo.proxy)?["reasons"]["pass_no_upstream"]
+        .as_u64()
+        .unwrap_or(0);
+    let refused = topo.client.run(LIMIT, || async {
+        let r = tokio::time::timeout(Duration::from_secs(5), greeting(service_addr(80))).await;
+        Ok(!matches!(r, Ok(Ok(_))))
+    })?;
+    ensure!(
+        refused,
+        "a new connection succeeded with every upstream down"
+    );
+    let passed = status(&topo.proxy)?["reasons"]["pass_no_upstream"]
+        .as_u64()
+        .unwrap_or(0);
+    ensure!(
+        passed > passed_before,
+        "pass_no_upstream {passed_before} -> {passed}: the refused flow was not counted"
+    );
+    println!(
+        "every upstream down: new connection refused, pass_no_upstream {passed_before} -> {passed}"
+    );
     let status = daemon.stop(&mut topo.lab)?;
     ensure!(status.success(), "daemon exited with {status}");
     Ok(())
@@ -590,6 +621,73 @@ fn invalid_reload_keeps_serving() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn drained_upstream_takes_no_new_flows_and_its_flows_finish() -> Result<()> {
+    let _serial = serial();
+    let mut topo = lab("drn")?;
+    let (a, b) = (sock(two::HOME, HOME_PORT), sock(HOME2, HOME_PORT));
+    let ha = HomeServer::start(&topo.home, a, None, LIMIT * 2)?;
+    let hb = HomeServer::start(&topo.home, b, None, LIMIT * 2)?;
+    let services = |drain: bool| {
+        format!(
+            "[[service]]\nname = \"web\"\nlisten = \"{}\"\nupstreams = [\"{a}\", \
+             {{ address = \"{b}\", weight = 3, drain = {drain} }}]\n",
+            service_addr(80)
+        )
+    };
+    let daemon = start_daemon(&mut topo, &services(false), 1)?;
+    // A connection that landed on b, held open.
+    let (opened_tx, opened_rx) = mpsc::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let held = topo.client.spawn(LIMIT, move |_stop| async move {
+        let mut on_b = None;
+        for _ in 0..40 {
+            let mut c = Conn::connect(service_addr(80), Duration::from_secs(5)).await?;
+            let (_, body) = c.get_text("/").await?;
+            if served_by(&body)? == b {
+                on_b = Some(c);
+                break;
+            }
+        }
+        let mut c = on_b.ok_or_else(|| anyhow!("no connection landed on {b}"))?;
+        let _ = opened_tx.send(());
+        go_rx.await.map_err(|_| anyhow!("test thread gone"))?;
+        let (_, body) = c.get_text("/").await?;
+        c.get_blob(5, 1 << 20).await?;
+        served_by(&body)
+    })?;
+    opened_rx
+        .recv_timeout(Duration::from_secs(30))
+        .map_err(|_| anyhow!("no connection on the upstream to drain"))?;
+    let pin_dir = topo.lab.mount_bpffs()?;
+    topo.lab
+        .write_file("xdp-proxy.toml", &config(&pin_dir, &services(true)))?;
+    sighup(daemon.pid)?;
+    wait_status(&topo.proxy, Duration::from_secs(10), "b drained", |st| {
+        upstream(st, "web", b).is_some_and(|u| u["drain"] == true && u["in_table"] == false)
+            && upstream(st, "web", a).is_some_and(|u| u["in_table"] == true)
+    })?;
+    let _ = go_tx.send(());
+    let by = held
+        .join()
+        .context("the connection on the drained upstream")?;
+    ensure!(by == b, "the held connection moved to {by}");
+    let all_a = topo.client.run(LIMIT, move || async move {
+        for _ in 0..20 {
+            let by = served_by(&greeting(service_addr(80)).await?)?;
+            ensure!(by == a, "a new connection went to {by} while {b} drains");
+        }
+        Ok(())
+    });
+    all_a?;
+    println!("drained upstream: its connection finished, 20 new connections all on {a}");
+    ha.stop()?;
+    hb.stop()?;
+    let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // DNS.
 // ---------------------------------------------------------------------------------------------
@@ -688,6 +786,9 @@ name = "web"
 listen = "{svc}"
 upstreams = ["app.home.test:{HOME_PORT}"]
 [service.health]
+kind = "http"
+path = "/"
+expect_status = 200
 interval = "500ms"
 timeout = "300ms"
 "#,
