@@ -3,6 +3,7 @@
 //! Everything a fresh machine needs is installed by `setup` (run automatically by `build` when
 //! something is missing), so the README's two commands work on a new machine.
 
+mod bench;
 mod docs;
 mod setup;
 
@@ -50,8 +51,23 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
-    /// Side-by-side benchmarks (not implemented yet: see the benchmark issue).
-    Bench,
+    /// Side-by-side benchmark (root; sudo -E when not root): xdp-proxy against direct routing,
+    /// nftables NAT, NGINX and HAProxy in one run, interleaved round by round; writes a
+    /// markdown report, SVG charts and raw JSON (see BENCHMARKS.md).
+    Bench {
+        /// Fewer, shorter rounds (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Rounds (default 3; 2 with --quick).
+        #[arg(long, value_name = "N")]
+        rounds: Option<u32>,
+        /// Output directory (default: bench-results/<UTC timestamp>/).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Extra arguments for the driver (after `--`), e.g. `--systems direct,xdp --no-micro`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     /// Shell completions (bash, zsh, fish, elvish, PowerShell) and man pages generated from
     /// xdp-proxy's command line definitions.
     Docs {
@@ -92,10 +108,23 @@ fn main() -> Result<()> {
         }
         #[cfg(feature = "docs")]
         Cmd::DocsGen { out } => docs::generate_for_xdp_proxy(&out),
-        Cmd::Bench => bail!(
-            "`cargo xtask bench` is not implemented yet (tracked by the benchmark issue); \
-             nothing was measured"
-        ),
+        Cmd::Bench {
+            quick,
+            rounds,
+            out,
+            args,
+        } => {
+            setup::run(false)?;
+            bench::run(
+                &root,
+                &bench::Options {
+                    quick,
+                    rounds,
+                    out,
+                    extra: args,
+                },
+            )
+        }
     }
 }
 

@@ -24,7 +24,18 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: ip (namespaces, veth), ethtool (offload settings), nft and bpftool for
 /// operators and tests, curl for the demo and docs.
 const DEB_PACKAGES: &[&str] = &[
-    "iproute2", "ethtool", "nftables", "bpftool", "curl", "procps",
+    "iproute2",
+    "ethtool",
+    "nftables",
+    "bpftool",
+    "curl",
+    "procps",
+    // `cargo xtask bench`: the systems it compares and its load generators.
+    "nginx-light",
+    "libnginx-mod-stream",
+    "haproxy",
+    "wrk",
+    "iperf3",
 ];
 
 /// Run setup. `verbose` prints every step even when nothing is to be done (`cargo xtask setup`);

@@ -1,0 +1,140 @@
+//! `cargo xtask bench`: xdp-proxy side by side with direct kernel routing, nftables NAT, NGINX
+//! and HAProxy in one run (see BENCHMARKS.md). The driver is `src/bin/xdp-proxy-bench.rs`;
+//! this module holds its parts: `measure` (wrk, iperf3, CPU accounting), `systems` (setting each
+//! system up and down in the namespace lab), `micro` (BPF_PROG_TEST_RUN per-packet cost and the
+//! 1M-flow table) and `report` (markdown, SVG, JSON).
+
+pub mod measure;
+pub mod micro;
+pub mod report;
+pub mod systems;
+
+use serde::Serialize;
+
+use measure::{CpuUse, IperfResult, WrkResult};
+use systems::System;
+
+/// Median, minimum and maximum of a set of values (NaN-free).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Summary {
+    /// Summary of `values`; all zero when empty. The median of an even count is the mean of the
+    /// two middle values.
+    #[must_use]
+    pub fn of(values: &[f64]) -> Self {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            f64::midpoint(v[n / 2 - 1], v[n / 2])
+        };
+        Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        }
+    }
+}
+
+/// A traffic pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Small HTTP responses over kept-alive connections (wrk, many connections).
+    KeepAlive,
+    /// One kept-alive connection: latency without queueing.
+    Latency1,
+    /// `Connection: close`: one TCP connection per request.
+    NewConn,
+    /// iperf3, one TCP stream.
+    Bulk,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 4] = [
+        Workload::KeepAlive,
+        Workload::Latency1,
+        Workload::NewConn,
+        Workload::Bulk,
+    ];
+
+    #[must_use]
+    pub const fn id(self) -> &'static str {
+        match self {
+            Workload::KeepAlive => "keepalive",
+            Workload::Latency1 => "latency-1conn",
+            Workload::NewConn => "newconn",
+            Workload::Bulk => "bulk",
+        }
+    }
+}
+
+/// One measured run of one system under one workload.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveSample {
+    pub system: System,
+    pub workload: Workload,
+    pub round: u32,
+    /// Requests/s (keep-alive, latency), connections/s (newconn), Gbit/s (bulk).
+    pub value: f64,
+    pub wrk: Option<WrkResult>,
+    pub iperf: Option<IperfResult>,
+    pub cpu: CpuUse,
+    /// Units of work done: requests, connections, or gigabytes (bulk).
+    pub units: f64,
+}
+
+impl LiveSample {
+    /// The bench's CPU microseconds per unit (request, connection, or GB): its own processes
+    /// and ksoftirqd (see [`CpuUse::bench_us`]).
+    #[must_use]
+    pub fn cpu_per_unit(&self) -> f64 {
+        per(self.cpu.bench_us, self.units)
+    }
+
+    /// Machine-wide busy CPU microseconds per unit (everything running on the machine).
+    #[must_use]
+    pub fn machine_per_unit(&self) -> f64 {
+        per(self.cpu.busy_us, self.units)
+    }
+
+    #[must_use]
+    pub fn softirq_per_unit(&self) -> f64 {
+        per(self.cpu.softirq_us, self.units)
+    }
+
+    #[must_use]
+    pub fn proxy_per_unit(&self) -> Option<f64> {
+        self.cpu.proxy_us.map(|p| per(p, self.units))
+    }
+}
+
+fn per(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_median_min_max() {
+        let s = Summary::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max, s.n), (2.0, 1.0, 3.0, 3));
+        let s = Summary::of(&[4.0, 1.0, 2.0, 3.0, f64::NAN]);
+        assert_eq!((s.median, s.n), (2.5, 4));
+        assert_eq!(Summary::of(&[]).n, 0);
+    }
+}
