@@ -669,6 +669,76 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Like [`Conn::put_sink`], but the body goes out in `stages` equal parts with a pause
+    /// before each part after the first: before part `k` (1-based index into `arrived`) the
+    /// upload counts itself in `arrived[k - 1]` and waits until `phase` reaches `k`, or fails
+    /// after `limit`. The test drives `phase` (for example: kill the daemon, then restart it)
+    /// while every upload is held in the middle of its request body.
+    pub async fn put_sink_staged(
+        &mut self,
+        seed: u64,
+        len: u64,
+        phase: &mut tokio::sync::watch::Receiver<u32>,
+        arrived: &[AtomicUsize],
+        limit: Duration,
+    ) -> Result<u64> {
+        let stages = u64::try_from(arrived.len()).context("stage count")? + 1;
+        let req = format!(
+            "PUT /sink?seed={seed}&len={len} HTTP/1.1\r\nHost: service\r\nContent-Length: {len}\r\n\r\n"
+        );
+        write_all_timed(&mut self.s, req.as_bytes()).await?;
+        let mut p = Payload::new(seed);
+        let mut buf = vec![0u8; CHUNK];
+        let mut h = Fnv64::default();
+        let part = len.div_ceil(stages);
+        let mut sent = 0u64;
+        for stage in 0..stages {
+            if stage > 0 {
+                let k = usize::try_from(stage).context("stage")?;
+                arrived[k - 1].fetch_add(1, Ordering::SeqCst);
+                let want = u32::try_from(stage).context("stage")?;
+                timeout(limit, phase.wait_for(|v| *v >= want))
+                    .await
+                    .map_err(|_| anyhow!("PUT /sink seed {seed}: stage {stage} never released"))?
+                    .map_err(|_| anyhow!("PUT /sink seed {seed}: the stage driver went away"))?;
+            }
+            let end = ((stage + 1) * part).min(len);
+            while sent < end {
+                let n = usize::try_from((end - sent).min(CHUNK as u64)).unwrap_or(CHUNK);
+                p.fill(&mut buf[..n]);
+                h.update(&buf[..n]);
+                write_all_timed(&mut self.s, &buf[..n])
+                    .await
+                    .with_context(|| format!("PUT /sink seed {seed}: at byte {sent} of {len}"))?;
+                sent += n as u64;
+            }
+            timeout(IO_TIMEOUT, self.s.flush())
+                .await
+                .map_err(|_| anyhow!("timed out flushing"))??;
+        }
+        let (status, head) = self.response_head().await?;
+        let body = self.small_body(&head).await?;
+        ensure!(
+            status == 200,
+            "PUT /sink seed {seed}: {} {}",
+            head.start,
+            body.trim()
+        );
+        let ours = h.finish();
+        let theirs = body
+            .trim()
+            .strip_prefix("ok ")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .ok_or_else(|| anyhow!("PUT /sink: bad answer {body:?}"))?;
+        ensure!(
+            ours == theirs,
+            "PUT /sink seed {seed}: server checksum {theirs:016x} != ours {ours:016x}"
+        );
+        Ok(ours)
+    }
+}
+
 /// Open `n` connections to `addr` at once; all of them are established when this returns.
 pub async fn connect_all(addr: SocketAddr, n: usize, limit: Duration) -> Result<Vec<Conn>> {
     let mut set = JoinSet::new();
