@@ -26,7 +26,7 @@ use tokio::{
 use crate::{
     datapath::Datapath,
     metrics::{self, Counters, FlowCounts, InterfaceStatus, Snapshot},
-    state::{ServiceStatus, SharedStatus, Status, UpstreamStatus},
+    state::SharedStatus,
 };
 
 /// Longest request head read.
@@ -137,67 +137,6 @@ impl Source {
         }
         snap
     }
-}
-
-/// A first status read from the config (service names) and the maps (ids, upstream slots, the
-/// upstreams each Maglev table points at), for the admin endpoints until the control loop
-/// writes its own: every upstream in a table counts as healthy and in the table, weight 1.
-///
-/// # Errors
-/// Map read failures.
-pub fn seed_status(
-    config: &crate::config::Config,
-    dp: &Datapath,
-) -> Result<Status, crate::datapath::DatapathError> {
-    let in_maps = dp.maps.services()?;
-    let slots: std::collections::BTreeMap<u32, std::net::SocketAddrV4> = dp
-        .maps
-        .upstream_slots()?
-        .into_iter()
-        .map(|(id, v)| (id, crate::plan::upstream_addr(&v)))
-        .collect();
-    let mut services = Vec::new();
-    for s in &config.services {
-        let key = crate::plan::service_key(s.listen, s.protocol);
-        let value = in_maps.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
-        let mut upstreams = Vec::new();
-        if let Some(v) = value {
-            let ids: std::collections::BTreeSet<u32> = dp
-                .maps
-                .maglev_table(v.id)?
-                .into_iter()
-                .filter(|id| *id != 0)
-                .collect();
-            for id in ids {
-                let Some(addr) = slots.get(&id) else { continue };
-                upstreams.push(UpstreamStatus {
-                    address: addr.to_string(),
-                    resolved: Some(*addr),
-                    id: Some(id),
-                    weight: 1,
-                    drain: false,
-                    healthy: true,
-                    in_table: true,
-                    last_error: None,
-                });
-            }
-        }
-        services.push(ServiceStatus {
-            name: s.name.clone(),
-            listen: s.listen,
-            protocol: s.protocol.to_string(),
-            mode: s.mode.to_string(),
-            id: value.map(|v| v.id),
-            has_upstreams: value
-                .is_some_and(|v| v.flags & proxy_common::SERVICE_F_HAS_UPSTREAMS != 0),
-            upstreams,
-        });
-    }
-    Ok(Status {
-        config: config.source.display().to_string(),
-        services,
-        ..Status::default()
-    })
 }
 
 /// Bind `listen` (warning when it is not a loopback address) and serve in a spawned task.
