@@ -123,7 +123,9 @@ impl Snapshot {
             return Err("config not loaded".to_owned());
         }
         if self.mode == "userspace" {
-            return Err("datapath.mode = userspace: no XDP datapath".to_owned());
+            return Err(
+                "no XDP datapath (userspace mode, configured or fallen back to)".to_owned(),
+            );
         }
         if let Some(e) = &self.datapath_error {
             return Err(format!("datapath unreadable: {e}"));
