@@ -1365,7 +1365,11 @@ mod link_pin_tests {
     #[test]
     fn link_pin_names_are_bpffs_safe() {
         assert_eq!(
-            link_pin_path(Path::new("/sys/fs/bpf/xdp-proxy"), AttachMode::Native, "ens5"),
+            link_pin_path(
+                Path::new("/sys/fs/bpf/xdp-proxy"),
+                AttachMode::Native,
+                "ens5"
+            ),
             Path::new("/sys/fs/bpf/xdp-proxy/v1/link_native_ens5")
         );
         // bpffs refuses '.' in names: a VLAN interface name is escaped.
@@ -1373,6 +1377,9 @@ mod link_pin_tests {
             link_pin_name(AttachMode::Generic, "eth0.100"),
             "link_generic_eth0%2E100"
         );
-        assert_eq!(link_pin_name(AttachMode::Native, "a_b-c"), "link_native_a_b-c");
+        assert_eq!(
+            link_pin_name(AttachMode::Native, "a_b-c"),
+            "link_native_a_b-c"
+        );
     }
 }
