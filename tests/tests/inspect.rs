@@ -346,7 +346,10 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
         web["rev_bytes"].as_u64() >= Some(DOWN * CONNS as u64),
         "{web}"
     );
-    ensure!(stats["daemon"]["version"].is_string(), "{stats}");
+    ensure!(
+        stats["daemon"]["version"].is_string() && stats["daemon"]["running"] == true,
+        "{stats}"
+    );
     let services = run(&["inspect", "services", "--json"])?.json()?;
     ensure!(
         services["services"][0]["name"] == "web"
@@ -533,7 +536,7 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
     check_flow_rows(&after, &rest, None)?;
     let stats = run(&["inspect", "stats", "--json"])?.json()?;
     ensure!(
-        stats["services"][0]["name"] == "web",
+        stats["services"][0]["name"] == "web" && stats["daemon"]["running"] == false,
         "names after exit: {stats}"
     );
     let refused = run(&["flows", "flush", "--service", "web"])?;

@@ -144,7 +144,18 @@ pub struct Source {
 
 impl Source {
     fn meta(&self) -> Result<Option<Metadata>> {
-        Ok(meta::read(&self.meta_dir, &self.pin_dir)?)
+        let m = meta::read(&self.meta_dir, &self.pin_dir)?;
+        if let Some(m) = &m
+            && m.daemon_version != env!("CARGO_PKG_VERSION")
+        {
+            // Same metadata format and map layout (both checked): readable, but say so.
+            tracing::warn!(
+                daemon = %m.daemon_version,
+                cli = env!("CARGO_PKG_VERSION"),
+                "the maps were written by another xdp-proxy version"
+            );
+        }
+        Ok(m)
     }
 }
 

@@ -25,6 +25,8 @@ use crate::{config::Protocol, plan::upstream_addr};
 pub struct DaemonInfo {
     pub version: String,
     pub pid: u32,
+    /// Whether a process with that PID exists now (best effort: PIDs are reused).
+    pub running: bool,
 }
 
 impl DaemonInfo {
@@ -33,6 +35,9 @@ impl DaemonInfo {
         meta.map(|m| Self {
             version: m.daemon_version.clone(),
             pid: m.pid,
+            running: std::path::Path::new("/proc")
+                .join(m.pid.to_string())
+                .exists(),
         })
     }
 }
@@ -265,7 +270,16 @@ pub fn render_stats(r: &StatsReport) -> String {
             count(*n),
         ]);
     }
-    let mut out = svc.render();
+    let mut out = match &r.daemon {
+        Some(d) => format!(
+            "daemon xdp-proxy {}, pid {} ({})\n\n",
+            d.version,
+            d.pid,
+            if d.running { "running" } else { "not running" }
+        ),
+        None => "no daemon metadata file: names unknown\n\n".to_owned(),
+    };
+    out.push_str(&svc.render());
     out.push('\n');
     out.push_str(&ups.render());
     out.push('\n');
@@ -658,6 +672,17 @@ mod tests {
         assert_eq!(json["services"][0]["fwd_packets"], 1500);
         assert_eq!(json["services"][1]["name"], serde_json::Value::Null);
         assert_eq!(json["upstreams"][0]["addr"], "10.20.1.2:8080");
+        let d = DaemonInfo {
+            version: "0.1.0".into(),
+            pid: 7,
+            running: false,
+        };
+        let r = build_stats(&values(), &names(), Some(d));
+        assert!(render_stats(&r).starts_with("daemon xdp-proxy 0.1.0, pid 7 (not running)\n\nSVC"));
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["daemon"]["running"],
+            false
+        );
     }
 
     #[test]
@@ -668,6 +693,8 @@ mod tests {
         assert_eq!(
             render_stats(&r),
             "\
+no daemon metadata file: names unknown
+
 SVC  NAME  ADDR          PROTO  PKTS FWD  PKTS REV  BYTES FWD  BYTES REV  FLOWS
   1  web   10.10.1.1:80  tcp        1.5K      1.5K  146.5 KiB  143.1 MiB      1
   2  -     10.10.1.1:53  udp           0         0        0 B        0 B      0
