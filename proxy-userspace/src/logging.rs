@@ -2,7 +2,8 @@
 //! `xdp_proxy=debug,info`) or else `RUST_LOG`, default `info`; records of the `log` crate
 //! (aya itself, and the XDP program's aya-log records read by `aya_log::EbpfLogger`) are
 //! bridged into tracing by `tracing_log::LogTracer`, so eBPF log events appear in the daemon's
-//! output with the same filter and format. Plain output (no colours) when stderr is not a
+//! output with the same filter and format (eBPF records carry the target `proxy_xdp::<module>`,
+//! so `xdp_proxy=debug` alone hides them; `xdp_proxy=debug,proxy_xdp=info` keeps them). Plain output (no colours) when stderr is not a
 //! terminal (journald, files).
 
 use std::io::IsTerminal as _;

@@ -419,10 +419,24 @@ fn check_admin(proxy: &Netns, stats: &Value, listen: &str, pin_dir: &Path) -> Re
     let (code, _) = admin_get(proxy, "/nope")?;
     ensure!(code == 404, "/nope: {code}");
 
-    let (code, text) = admin_get(proxy, "/metrics")?;
-    ensure!(code == 200, "/metrics: {code}");
+    // Active flow gauges appear after the daemon's first expiry scan (every second).
+    let mut text = String::new();
+    wait_until("active flow gauges in /metrics", || {
+        let (code, body) = admin_get(proxy, "/metrics")?;
+        ensure!(code == 200, "/metrics: {code}");
+        text = body;
+        Ok(text.contains("\nxdp_proxy_flows_active "))
+    })?;
     let m = parse_metrics(&text)?;
     let web = format!(r#"service="web",listen="{listen}",protocol="tcp""#);
+    // The 50 transfers' flows and the warm-up's are still in the table (closed less than the
+    // closed-flow lifetime ago); nothing else went through the service.
+    let active = metric(&m, &format!("xdp_proxy_service_active_flows{{{web}}}"))?;
+    ensure!(
+        (TRANSFERS as u64..=TRANSFERS as u64 + 1).contains(&active),
+        "web active flows {active}, want {TRANSFERS} or {}",
+        TRANSFERS + 1
+    );
     ensure!(metric(&m, r#"xdp_proxy_datapath_mode{mode="native"}"#)? == 1);
     ensure!(metric(&m, "xdp_proxy_ready")? == 1);
     ensure!(
@@ -697,6 +711,10 @@ fn ebpf_log_event_reaches_the_daemon_log() -> Result<()> {
         Ok(std::fs::read_to_string(&log_path)?.contains("SNAT ports exhausted: new flow from"))
     })
     .with_context(|| lab.log_tail(daemon.pid, 20))?;
+    let log = std::fs::read_to_string(&log_path)?;
+    if let Some(line) = log.lines().find(|l| l.contains("SNAT ports exhausted")) {
+        println!("eBPF log event in the daemon log: {line}");
+    }
     let stats = daemon.stats()?;
     ensure!(reason(&stats, "drop_snat_exhausted")? >= 1, "{stats}");
     server.stop()
