@@ -63,12 +63,8 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{}: datapath.mode = \"userspace\" but the userspace L4 proxy is not implemented yet, and \
-         these services are l4: {services}; use mode auto, native or generic",
-        file.display()
-    )]
-    UserspaceL4 { file: PathBuf, services: String },
+    #[error("starting the userspace L4 path: {0}")]
+    UserspaceL4(#[from] crate::l4::L4Error),
     #[error("{}: datapath.interfaces[{index}]: {source}", file.display())]
     Interface {
         file: PathBuf,
@@ -173,13 +169,6 @@ fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonErro
     let snat = runtime_checks(&config, opts)?;
     if !is_local(snat) {
         tracing::warn!(%snat, "the SNAT address is not assigned to this host: replies to it will not reach the proxy unless routed here");
-    }
-    let l4: Vec<&str> = config.l4_services().map(|(_, s)| s.name.as_str()).collect();
-    if config.datapath.mode == DatapathMode::Userspace && !l4.is_empty() {
-        return Err(DaemonError::UserspaceL4 {
-            file: config.source.clone(),
-            services: l4.join(", "),
-        });
     }
     let mut ifindexes = Vec::new();
     if config.datapath.mode != DatapathMode::Userspace {
@@ -306,15 +295,30 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let mut controller = Controller::new(p.config.clone(), p.snat, status.clone());
     let first_waits = control::resolve_now(&mut controller, true).await;
 
-    let userspace = p.config.datapath.mode == DatapathMode::Userspace;
+    let mut userspace = p.config.datapath.mode == DatapathMode::Userspace;
     let mut _pin_lock = None;
-    let datapath = if userspace {
-        tracing::warn!(
-            "datapath.mode = \"userspace\": XDP is not attached, and the userspace L4 path is not implemented yet; no service is served"
-        );
+    let started = if userspace {
         None
     } else {
-        let (mut dp, lock) = start_datapath(&p, object, &mut controller)?;
+        match start_datapath(&p, object, &mut controller) {
+            Ok(started) => Some(started),
+            Err(e) if p.config.datapath.mode == DatapathMode::Auto && xdp_unavailable(&e) => {
+                tracing::warn!(
+                    error = %e,
+                    "XDP cannot attach (datapath.mode = \"auto\"): falling back to the userspace L4 path"
+                );
+                userspace = true;
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!(
+        datapath = if userspace { "userspace" } else { "xdp" },
+        requested = %p.config.datapath.mode,
+        "datapath active"
+    );
+    let datapath = if let Some((mut dp, lock)) = started {
         _pin_lock = Some(lock);
         let settings = sysctl::required(&p.config.datapath.interfaces);
         for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
@@ -324,6 +328,8 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             spawn_log_reader(logger);
         }
         Some(Arc::new(Mutex::new(dp)))
+    } else {
+        None
     };
 
     // Admin listener (/healthz, /metrics, /status). The status is the control loop's (its
@@ -340,6 +346,18 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             what: "binding the admin listener ([admin] listen)",
             source,
         })?;
+
+    // Userspace L4: every l4 service served by the daemon, same Maglev choice as the fast path.
+    let l4 = if userspace {
+        let plan = controller.plan().map_err(control::ReconcileError::from)?;
+        // No maps to write: the plan counts as written, so the status the userspace path
+        // follows carries its ids and tables.
+        controller.adopt(plan.clone());
+        let settings = crate::l4::Settings::default();
+        Some(crate::l4::start(&p.config, &plan, p.snat, status.clone(), settings).await?)
+    } else {
+        None
+    };
 
     controller.publish();
     let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
@@ -423,8 +441,23 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             "maps stay pinned: the next start keeps the flows"
         );
     }
+    if let Some(l4) = l4 {
+        l4.shutdown().await;
+    }
     tracing::info!("xdp-proxy stopped");
     Ok(())
+}
+
+/// Whether a failure to start the datapath means XDP is not available here (attach refused,
+/// object or program refused by the kernel, no bpffs), so `auto` may fall back to userspace.
+fn xdp_unavailable(e: &DaemonError) -> bool {
+    matches!(e, DaemonError::Datapath(d) if matches!(
+        **d,
+        DatapathError::Attach { .. }
+            | DatapathError::Load { .. }
+            | DatapathError::Program { .. }
+            | DatapathError::Mount { .. }
+    ))
 }
 
 /// Ids of removed services and upstreams stay reserved while flows carry them: release those
@@ -456,7 +489,11 @@ fn release_retired(controller: &mut Controller, dp: &Arc<Mutex<Datapath>>) {
 /// failed (logged; retried on the next event or expiry tick).
 fn reconcile_now(controller: &mut Controller, datapath: Option<&Arc<Mutex<Datapath>>>) -> bool {
     let Some(dp) = datapath else {
-        controller.publish();
+        // Userspace path: nothing to write; the new plan reaches it through the status.
+        if let Err(e) = controller.reconcile(&mut crate::l4::NoMaps) {
+            tracing::error!(error = %e, "planning failed (retried on the next event)");
+            return false;
+        }
         return true;
     };
     let Ok(mut dp) = dp.lock() else {

@@ -17,6 +17,7 @@ pub mod dns;
 pub mod flows;
 pub mod health;
 pub mod inspect;
+pub mod l4;
 pub mod logging;
 pub mod maglev;
 pub mod metrics;

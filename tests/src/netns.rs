@@ -605,6 +605,17 @@ impl Lab {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// The whole log of a process started by this lab (empty if none).
+    #[must_use]
+    pub fn log_text(&self, pid: u32) -> String {
+        self.processes
+            .iter()
+            .find(|p| p.child.id() == pid)
+            .and_then(|p| p.log.as_ref())
+            .and_then(|log| fs::read_to_string(log).ok())
+            .unwrap_or_default()
+    }
+
     fn process_mut(&mut self, pid: u32) -> Result<&mut Process> {
         self.processes
             .iter_mut()
@@ -994,6 +1005,37 @@ impl Daemon {
             "daemon not ready after {limit:?}: {last:#}\n--- daemon log ---\n{}",
             lab.log_tail(self.pid, 40)
         )
+    }
+
+    /// Wait (up to `limit`) until every one of `needles` appears in one line of the daemon's
+    /// log, `count` lines at least, while the daemon keeps running. Returns those lines.
+    pub fn wait_log(
+        &self,
+        lab: &mut Lab,
+        needles: &[&str],
+        count: usize,
+        limit: Duration,
+    ) -> Result<Vec<String>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            lab.check_running(self.pid)?;
+            let lines: Vec<String> = lab
+                .log_text(self.pid)
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .map(str::to_owned)
+                .collect();
+            if lines.len() >= count {
+                return Ok(lines);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "daemon log has {} of {count} lines with {needles:?} after {limit:?}\n--- daemon log ---\n{}",
+                lines.len(),
+                lab.log_tail(self.pid, 40)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `xdp-proxy inspect stats --json` on this daemon's pins.

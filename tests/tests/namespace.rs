@@ -8,6 +8,11 @@
 //!   (client side, home side): forwarding by XDP_REDIRECT through the devmap.
 //! - `one_interface_xdp`: one proxy interface behind a bridge; the service address is also the
 //!   SNAT address; forwarding by XDP_TX.
+//! - `two_interface_userspace`, `one_interface_userspace`: the same scenarios, traffic and checks
+//!   with `datapath.mode = "userspace"`: the daemon proxies in userspace (no XDP attached, nothing
+//!   forwarded by the kernel); the XDP-only checks (counters, flow table, SNAT port range) are
+//!   replaced by their userspace counterparts (upstream connections from the SNAT address with
+//!   kernel-chosen ephemeral ports).
 //!
 //! Run as root: `cargo test -p integration-tests --test namespace -- --nocapture`. The daemon
 //! binary comes from `$XDP_PROXY_BIN` or the same target directory (`cargo xtask test` builds it).
@@ -47,6 +52,24 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Which datapath a daemon scenario runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Datapath {
+    /// `datapath.mode = "native"`: the XDP fast path.
+    Xdp,
+    /// `datapath.mode = "userspace"`: the daemon's userspace L4 proxy.
+    Userspace,
+}
+
+impl Datapath {
+    const fn config_mode(self) -> &'static str {
+        match self {
+            Self::Xdp => "native",
+            Self::Userspace => "userspace",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -173,13 +196,14 @@ fn print_run(shape: &str, run: &RunReport, home: &HomeStats) {
 
 /// The home server received exactly what was uploaded, intact, and sent what was downloaded;
 /// every peer it saw is `snat`; at least `flows` TCP connections and every UDP flow came from
-/// the SNAT port range. Other TCP peers (the daemon's own health checks) must come from the
-/// proxy's ephemeral range.
+/// `proxied_ports` (the SNAT port range for XDP, the ephemeral range for userspace). Other TCP
+/// peers (the daemon's own health checks) must come from the proxy's ephemeral range.
 fn check_home(
     home: &HomeStats,
     run: &RunReport,
     snat: Ipv4Addr,
     ephemeral: (u16, u16),
+    proxied_ports: (u16, u16),
 ) -> Result<()> {
     ensure!(home.sink_mismatches() == 0, "home saw corrupted uploads");
     ensure!(
@@ -204,16 +228,20 @@ fn check_home(
         ips == BTreeSet::from([IpAddr::V4(snat)]),
         "home saw peers {ips:?}, want only the SNAT address {snat}"
     );
-    let in_snat_range = |p: u16| (SNAT_PORTS.0..=SNAT_PORTS.1).contains(&p);
+    let in_proxied_range = |p: u16| (proxied_ports.0..=proxied_ports.1).contains(&p);
     let tcp = home.tcp_peers();
-    let proxied = tcp.iter().filter(|a| in_snat_range(a.port())).count();
+    let proxied = tcp.iter().filter(|a| in_proxied_range(a.port())).count();
     ensure!(
         proxied > CONNECTIONS,
-        "{proxied} TCP connections came from the SNAT port range, want {CONNECTIONS} + warm-up"
+        "{proxied} TCP connections came from the port range {proxied_ports:?}, want \
+         {CONNECTIONS} + warm-up"
     );
     let strays: Vec<_> = tcp
         .iter()
-        .filter(|a| !in_snat_range(a.port()) && !(ephemeral.0..=ephemeral.1).contains(&a.port()))
+        .filter(|a| {
+            !(SNAT_PORTS.0..=SNAT_PORTS.1).contains(&a.port())
+                && !(ephemeral.0..=ephemeral.1).contains(&a.port())
+        })
         .collect();
     ensure!(
         strays.is_empty(),
@@ -221,8 +249,8 @@ fn check_home(
     );
     let udp = home.udp_peers();
     ensure!(
-        udp.len() == UDP_SOCKETS && udp.iter().all(|a| in_snat_range(a.port())),
-        "UDP peers {udp:?}: want {UDP_SOCKETS} flows from the SNAT port range"
+        udp.len() == UDP_SOCKETS && udp.iter().all(|a| in_proxied_range(a.port())),
+        "UDP peers {udp:?}: want {UDP_SOCKETS} flows from the port range {proxied_ports:?}"
     );
     ensure!(
         home.udp_datagrams() >= run.udp.requests as u64,
@@ -503,7 +531,12 @@ fn print_counters(stats: &Stats) {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one config text from one shape's values"
+)]
 fn daemon_config(
+    datapath: Datapath,
     interfaces: &[&str],
     pin_dir: &std::path::Path,
     snat: Ipv4Addr,
@@ -520,7 +553,7 @@ fn daemon_config(
     format!(
         r#"[datapath]
 interfaces = [{interfaces}]
-mode = "native"
+mode = "{mode}"
 pin_dir = "{pin_dir}"
 
 [nat]
@@ -545,6 +578,7 @@ protocol = "udp"
 mode = "l4"
 upstreams = ["{upstream}"]
 "#,
+        mode = datapath.config_mode(),
         pin_dir = pin_dir.display(),
         lo = SNAT_PORTS.0,
         hi = SNAT_PORTS.1,
@@ -553,6 +587,7 @@ upstreams = ["{upstream}"]
 
 /// One shape's namespaces and addresses, as the daemon scenario needs them.
 struct Scenario<'a> {
+    datapath: Datapath,
     client: &'a Netns,
     proxy: &'a Netns,
     home: &'a Netns,
@@ -569,8 +604,8 @@ struct Scenario<'a> {
     other_verdict: &'a str,
 }
 
-/// Start the daemon, wait until it is ready, run the traffic, check everything, stop it (it
-/// must exit cleanly and detach from every interface).
+/// Start the daemon on `sc.datapath`, wait until it is ready, run the traffic, check everything,
+/// stop it (it must exit cleanly and detach from every interface).
 fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
     let tcp_service = netns::sock(sc.service_addr, TCP_SERVICE_PORT);
     let udp_service = netns::sock(sc.service_addr, UDP_SERVICE_PORT);
@@ -578,6 +613,7 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
     let home = HomeServer::start(sc.home, upstream, Some(upstream), CLIENT_LIMIT * 2)?;
     let pin_dir = lab.mount_bpffs()?;
     let config = daemon_config(
+        sc.datapath,
         sc.interfaces,
         &pin_dir,
         sc.snat,
@@ -587,27 +623,43 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
         upstream,
     );
     let daemon = Daemon::start(lab, sc.proxy, &config)?;
-    daemon.wait_ready(
-        lab,
-        sc.proxy,
-        sc.interfaces,
-        2,
-        Duration::from_secs(30),
-        || false,
-    )?;
-    for (key, want) in [
-        ("net.ipv4.ip_forward", "1"),
-        ("net.ipv4.conf.all.rp_filter", "0"),
-        ("net.ipv4.conf.all.accept_local", "1"),
-    ] {
-        let got = sc.proxy.read_sysctl(key)?;
-        ensure!(got == want, "daemon left {key} = {got}, want {want}");
+    match sc.datapath {
+        Datapath::Xdp => {
+            daemon.wait_ready(
+                lab,
+                sc.proxy,
+                sc.interfaces,
+                2,
+                Duration::from_secs(30),
+                || false,
+            )?;
+            for (key, want) in [
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.all.accept_local", "1"),
+            ] {
+                let got = sc.proxy.read_sysctl(key)?;
+                ensure!(got == want, "daemon left {key} = {got}, want {want}");
+            }
+        }
+        Datapath::Userspace => {
+            // Both services listening, and the daemon says which datapath is active.
+            daemon.wait_log(lab, &["userspace L4 listening"], 2, Duration::from_secs(30))?;
+            daemon.wait_log(
+                lab,
+                &["datapath active", "userspace"],
+                1,
+                Duration::from_secs(5),
+            )?;
+        }
     }
 
     let run = match run_traffic(sc.client, sc.proxy, home.stats(), tcp_service, udp_service) {
         Ok(run) => run,
         Err(e) => {
-            if let Ok(stats) = daemon.stats() {
+            if sc.datapath == Datapath::Xdp
+                && let Ok(stats) = daemon.stats()
+            {
                 print_counters(&Stats(stats));
             }
             return Err(e.context(format!(
@@ -616,33 +668,58 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
             )));
         }
     };
-    let stats = settled_stats(&daemon)?;
-    print_run(sc.verdict, &run, home.stats());
-    print_counters(&stats);
+    match sc.datapath {
+        Datapath::Xdp => {
+            let stats = settled_stats(&daemon)?;
+            print_run(sc.verdict, &run, home.stats());
+            print_counters(&stats);
 
-    check_home(home.stats(), &run, sc.snat, ephemeral_range(sc.proxy)?)?;
-    check_counters(
-        &stats,
-        &run,
-        tcp_service,
-        udp_service,
-        sc.verdict,
-        sc.other_verdict,
-    )?;
-    check_upstream_sums(&stats)?;
-    check_flows(
-        &daemon,
-        home.stats(),
-        sc.client_addr,
-        sc.snat,
-        tcp_service,
-        upstream,
-    )?;
+            check_home(
+                home.stats(),
+                &run,
+                sc.snat,
+                ephemeral_range(sc.proxy)?,
+                SNAT_PORTS,
+            )?;
+            check_counters(
+                &stats,
+                &run,
+                tcp_service,
+                udp_service,
+                sc.verdict,
+                sc.other_verdict,
+            )?;
+            check_upstream_sums(&stats)?;
+            check_flows(
+                &daemon,
+                home.stats(),
+                sc.client_addr,
+                sc.snat,
+                tcp_service,
+                upstream,
+            )?;
+        }
+        Datapath::Userspace => {
+            print_run("userspace", &run, home.stats());
+            // Upstream connections come from the SNAT address, ports chosen by the kernel.
+            let ephemeral = ephemeral_range(sc.proxy)?;
+            check_home(home.stats(), &run, sc.snat, ephemeral, ephemeral)?;
+            for dev in sc.interfaces {
+                ensure!(
+                    !netns::has_xdp(sc.proxy, dev)?,
+                    "datapath.mode = \"userspace\" but an XDP program is attached to {dev}"
+                );
+            }
+        }
+    }
+    // XDP forwards before the kernel sees the packets; the userspace proxy terminates them:
+    // either way the proxy's kernel forwards (almost) nothing.
     ensure!(
         run.forw_delta() <= FORW_DATAGRAMS_SLACK,
         "the proxy's kernel forwarded {} packets (ForwDatagrams), want <= {FORW_DATAGRAMS_SLACK}: \
-         traffic did not stay on the XDP path",
-        run.forw_delta()
+         traffic did not stay on the {:?} path",
+        run.forw_delta(),
+        sc.datapath
     );
 
     let status = daemon.stop(lab)?;
@@ -740,10 +817,20 @@ fn two_interface_kernel_nat_baseline() -> Result<()> {
 
 #[test]
 fn two_interface_xdp() -> Result<()> {
+    two_interface(Datapath::Xdp, "two")
+}
+
+#[test]
+fn two_interface_userspace() -> Result<()> {
+    two_interface(Datapath::Userspace, "twous")
+}
+
+fn two_interface(datapath: Datapath, tag: &str) -> Result<()> {
     let _serial = serial();
-    let mut topo = TwoInterface::new("two")?;
+    let mut topo = TwoInterface::new(tag)?;
     let id = topo.lab.id().to_owned();
     let sc = Scenario {
+        datapath,
         client: &topo.client,
         proxy: &topo.proxy,
         home: &topo.home,
@@ -763,10 +850,20 @@ fn two_interface_xdp() -> Result<()> {
 
 #[test]
 fn one_interface_xdp() -> Result<()> {
+    one_interface(Datapath::Xdp, "one")
+}
+
+#[test]
+fn one_interface_userspace() -> Result<()> {
+    one_interface(Datapath::Userspace, "oneus")
+}
+
+fn one_interface(datapath: Datapath, tag: &str) -> Result<()> {
     let _serial = serial();
-    let mut topo = OneInterface::new("one")?;
+    let mut topo = OneInterface::new(tag)?;
     let id = topo.lab.id().to_owned();
     let sc = Scenario {
+        datapath,
         client: &topo.client,
         proxy: &topo.proxy,
         home: &topo.home,

@@ -1,0 +1,232 @@
+//! The userspace L4 path: every `l4` service served by the daemon itself when XDP does not
+//! (`datapath.mode = "userspace"`, or `auto` when XDP cannot attach). Same upstream choice as the
+//! fast path ([`choice`]: the plan's Maglev tables, then the control plane's status), TCP with
+//! half-close ([`tcp`]), UDP with per-client sessions ([`udp`]).
+//!
+//! Differences from the fast path, by nature of a userspace proxy: upstream connections come from
+//! the SNAT address with ports the kernel picks from its ephemeral range (not from
+//! `nat.port_range`), and packets cross the daemon.
+
+pub mod choice;
+pub mod tcp;
+pub mod udp;
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{Config, Protocol},
+    plan::Plan,
+    state::SharedStatus,
+};
+pub use choice::{Choice, Chooser};
+
+/// Knobs of the userspace L4 path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// Upstreams tried for one TCP connection (the Maglev pick, then the others).
+    pub connect_attempts: usize,
+    pub max_tcp_connections: usize,
+    pub udp_idle: Duration,
+    pub max_udp_sessions: usize,
+    pub listen_backlog: u32,
+    /// How often the control plane's status is read for upstream changes.
+    pub refresh_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            connect_attempts: 3,
+            max_tcp_connections: 16_384,
+            udp_idle: Duration::from_secs(30),
+            max_udp_sessions: 16_384,
+            listen_backlog: 4096,
+            refresh_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Per-service counters of the userspace path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// TCP connections proxied / UDP sessions opened.
+    pub connections: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// New flows refused because no upstream is in the table.
+    pub no_upstream: AtomicU64,
+    pub connect_failures: AtomicU64,
+    pub udp_sessions_refused: AtomicU64,
+}
+
+/// One served service.
+#[derive(Debug)]
+pub struct Service {
+    pub chooser: Chooser,
+    /// Source address of upstream connections (the SNAT address), port 0.
+    pub source: SocketAddrV4,
+    pub stats: Stats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum L4Error {
+    #[error("service `{name}`: listening on {listen}/{protocol}: {source}")]
+    Listen {
+        name: String,
+        listen: SocketAddrV4,
+        protocol: Protocol,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The maps of the userspace path: there are none, so every write "succeeds" and the control
+/// plane's plan (published in the status) is what [`Chooser::refresh`] follows.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoMaps;
+
+impl crate::control::MapWriter for NoMaps {
+    fn write(&mut self, _ops: &[crate::plan::MapOp]) -> Result<(), crate::datapath::DatapathError> {
+        Ok(())
+    }
+}
+
+/// The running userspace L4 path; dropping it (or [`L4::shutdown`]) stops every listener.
+#[derive(Debug)]
+pub struct L4 {
+    pub services: Vec<Arc<Service>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl L4 {
+    /// Stop accepting; established TCP connections and UDP sessions end with their tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for L4 {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bind every `l4` service of `config` and serve it, choosing upstreams from `plan` (computed
+/// as for the fast path) and, once the control plane lists the service, from `status`.
+///
+/// # Errors
+/// [`L4Error::Listen`] when a service address cannot be bound (nothing stays bound then).
+pub async fn start(
+    config: &Config,
+    plan: &Plan,
+    snat: Ipv4Addr,
+    status: SharedStatus,
+    settings: Settings,
+) -> Result<L4, L4Error> {
+    let (tx, rx) = watch::channel(false);
+    let mut services = Vec::new();
+    let mut tasks = Vec::new();
+    for (_, s) in config.l4_services() {
+        let choice = plan
+            .services
+            .iter()
+            .find(|p| p.listen == s.listen && p.protocol == s.protocol)
+            .map_or_else(Choice::empty, |p| Choice::from_plan(p, &plan.upstreams));
+        let svc = Arc::new(Service {
+            chooser: Chooser::new(s.name.clone(), s.listen, s.protocol, choice),
+            source: SocketAddrV4::new(snat, 0),
+            stats: Stats::default(),
+        });
+        let err = |source| L4Error::Listen {
+            name: s.name.clone(),
+            listen: s.listen,
+            protocol: s.protocol,
+            source,
+        };
+        match s.protocol {
+            Protocol::Tcp => {
+                let l = tcp::listen(s.listen, settings.listen_backlog).map_err(err)?;
+                tasks.push(tokio::spawn(tcp::serve(
+                    l,
+                    Arc::clone(&svc),
+                    settings,
+                    rx.clone(),
+                )));
+            }
+            Protocol::Udp => {
+                let sock = udp::bind(s.listen).await.map_err(err)?;
+                tasks.push(tokio::spawn(udp::serve(
+                    sock,
+                    Arc::clone(&svc),
+                    settings,
+                    rx.clone(),
+                )));
+            }
+        }
+        tracing::info!(
+            service = %s.name,
+            listen = %s.listen,
+            proto = %s.protocol,
+            upstreams = ?svc.chooser.current().upstreams(),
+            "userspace L4 listening"
+        );
+        services.push(svc);
+    }
+    tasks.push(tokio::spawn(refresh(
+        services.clone(),
+        status,
+        settings.refresh_interval,
+        rx,
+    )));
+    Ok(L4 {
+        services,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+/// Follow the control plane's status: health, weight, drain and DNS changes reach the choice.
+async fn refresh(
+    services: Vec<Arc<Service>>,
+    status: SharedStatus,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let snapshot = match status.read() {
+            Ok(s) => s.services.clone(),
+            Err(poisoned) => poisoned.into_inner().services.clone(),
+        };
+        for s in &services {
+            if let Some(next) = s.chooser.refresh(&snapshot) {
+                tracing::info!(
+                    service = %s.chooser.name,
+                    upstreams = ?next.upstreams(),
+                    "userspace L4: upstream set changed"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Userspace TCP: accept on the service address, connect to the chosen upstream from the SNAT
+//! address, copy both ways. Half-close is respected: when one side sends FIN (read returns EOF),
+//! the write half toward the other side is shut down and the other direction keeps flowing
+//! until it ends too.
+
+use std::{
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{Semaphore, watch},
+};
+
+use super::{Service, Settings};
+use crate::config::Protocol;
+
+/// Bind and listen on `listen` (SO_REUSEADDR, so a restarted daemon binds at once).
+///
+/// # Errors
+/// Socket, bind or listen failure.
+pub fn listen(listen: SocketAddrV4, backlog: u32) -> io::Result<TcpListener> {
+    let sock = TcpSocket::new_v4()?;
+    sock.set_reuseaddr(true)?;
+    sock.bind(SocketAddr::V4(listen))?;
+    sock.listen(backlog)
+}
+
+/// Connect to `upstream` from `source` (port chosen by the kernel), within `timeout`.
+///
+/// # Errors
+/// Socket, bind or connect failure, or the timeout.
+pub async fn connect_from(
+    source: SocketAddrV4,
+    upstream: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::V4(source))?;
+    match tokio::time::timeout(timeout, sock.connect(SocketAddr::V4(upstream))).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
+
+/// Accept until `shutdown` turns true; one task per connection.
+pub async fn serve(
+    listener: TcpListener,
+    svc: Arc<Service>,
+    settings: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(settings.max_tcp_connections));
+    loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, SocketAddr::V4(client))) => {
+                let svc = Arc::clone(&svc);
+                tokio::spawn(async move {
+                    handle(stream, client, &svc, settings).await;
+                    drop(permit);
+                });
+            }
+            Ok((_, peer)) => {
+                tracing::debug!(service = %svc.chooser.name, %peer, "IPv6 client refused")
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(service = %svc.chooser.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: Settings) {
+    let name = &svc.chooser.name;
+    let candidates = svc
+        .chooser
+        .current()
+        .candidates(peer, svc.chooser.listen, Protocol::Tcp);
+    if candidates.is_empty() {
+        svc.stats.no_upstream.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(service = %name, client = %peer, "no healthy upstream: connection closed");
+        return;
+    }
+    let mut upstream = None;
+    for up in candidates.iter().take(settings.connect_attempts.max(1)) {
+        match connect_from(svc.source, *up, settings.connect_timeout).await {
+            Ok(s) => {
+                upstream = Some((s, *up));
+                break;
+            }
+            Err(e) => {
+                svc.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %name, client = %peer, upstream = %up, error = %e, "upstream connect failed");
+            }
+        }
+    }
+    let Some((upstream, up_addr)) = upstream else {
+        return;
+    };
+    svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = upstream.into_split();
+    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+    svc.stats.bytes_up.fetch_add(up.bytes, Ordering::Relaxed);
+    svc.stats
+        .bytes_down
+        .fetch_add(down.bytes, Ordering::Relaxed);
+    tracing::debug!(
+        service = %name,
+        client = %peer,
+        upstream = %up_addr,
+        bytes_up = up.bytes,
+        bytes_down = down.bytes,
+        error_up = ?up.error,
+        error_down = ?down.error,
+        "tcp connection closed"
+    );
+}
+
+/// What one direction carried.
+#[derive(Debug, Default)]
+pub struct Pumped {
+    pub bytes: u64,
+    pub error: Option<io::ErrorKind>,
+}
+
+/// Copy `from` to `to` until EOF, then shut `to`'s write half down (a FIN toward that side: the
+/// half-close is passed on, the other direction keeps flowing). On an error the write half is
+/// shut down too, which ends the other side's reads.
+pub async fn pump<R, W>(mut from: R, mut to: W) -> Pumped
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut out = Pumped::default();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                out.error = Some(e.kind());
+                break;
+            }
+        };
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            out.error = Some(e.kind());
+            break;
+        }
+        out.bytes += n as u64;
+    }
+    let _ = to.shutdown().await;
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// The upload ends with a FIN; the reply flows after it (half-close passed on, not a close).
+    #[tokio::test]
+    async fn half_close_is_passed_on() {
+        let server = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
+        let server_addr = match server.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let server_task = tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            // Only after the client's FIN arrived: answer with the length.
+            s.write_all(format!("{}", got.len()).as_bytes())
+                .await
+                .unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let proxy = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let proxy_task = tokio::spawn(async move {
+            let (c, _) = proxy.accept().await.unwrap();
+            let u = connect_from(
+                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                server_addr,
+                Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+            let (cr, cw) = c.into_split();
+            let (ur, uw) = u.into_split();
+            tokio::join!(pump(cr, uw), pump(ur, cw))
+        });
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
+        c.write_all(&[7u8; 100_000]).await.unwrap();
+        c.shutdown().await.unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, "100000");
+        let (up, down) = proxy_task.await.unwrap();
+        server_task.await.unwrap();
+        assert_eq!((up.bytes, down.bytes), (100_000, 6));
+    }
+}

@@ -1,0 +1,209 @@
+//! Userspace UDP: one socket on the service address; per client address a session with its own
+//! socket connected to the chosen upstream (from the SNAT address), so replies find their
+//! client. A session ends after `udp_idle` without a datagram either way; at most
+//! `max_udp_sessions` live at once (datagrams of new clients beyond that are dropped, counted).
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::UdpSocket,
+    sync::{mpsc, watch},
+    time::Instant,
+};
+
+use super::{Service, Settings};
+use crate::config::Protocol;
+
+/// Largest datagram relayed.
+const MAX_DATAGRAM: usize = 65_535;
+
+/// Bind the service socket.
+///
+/// # Errors
+/// Bind failure.
+pub async fn bind(listen: SocketAddrV4) -> io::Result<UdpSocket> {
+    UdpSocket::bind(SocketAddr::V4(listen)).await
+}
+
+struct Session {
+    generation: u64,
+    upstream: Arc<UdpSocket>,
+    /// Milliseconds since `epoch` of the last datagram either way.
+    last: Arc<AtomicU64>,
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Relay until `shutdown` turns true.
+pub async fn serve(
+    sock: UdpSocket,
+    svc: Arc<Service>,
+    settings: Settings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let sock = Arc::new(sock);
+    let epoch = Instant::now();
+    let mut sessions: HashMap<SocketAddrV4, Session> = HashMap::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(SocketAddrV4, u64)>();
+    let mut generation = 0u64;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let name = svc.chooser.name.clone();
+    loop {
+        let (n, peer) = tokio::select! {
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // ICMP errors reported on the socket, for example: keep serving.
+                    tracing::debug!(service = %name, error = %e, "udp receive failed");
+                    continue;
+                }
+            },
+            Some((client, g)) = ended_rx.recv() => {
+                if sessions.get(&client).is_some_and(|s| s.generation == g) {
+                    sessions.remove(&client);
+                }
+                continue;
+            }
+            _ = shutdown.changed() => return,
+        };
+        let SocketAddr::V4(client) = peer else {
+            continue;
+        };
+        if !sessions.contains_key(&client) {
+            if sessions.len() >= settings.max_udp_sessions {
+                svc.stats
+                    .udp_sessions_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(service = %name, %client, "udp session limit reached: datagram dropped");
+                continue;
+            }
+            let candidates =
+                svc.chooser
+                    .current()
+                    .candidates(client, svc.chooser.listen, Protocol::Udp);
+            let Some(up) = candidates.first().copied() else {
+                svc.stats.no_upstream.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let upstream = match open_upstream(svc.source, up).await {
+                Ok(u) => Arc::new(u),
+                Err(e) => {
+                    svc.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(service = %name, %client, upstream = %up, error = %e, "udp upstream socket failed");
+                    continue;
+                }
+            };
+            generation += 1;
+            let last = Arc::new(AtomicU64::new(millis_since(epoch)));
+            svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(replies(ReplyTask {
+                service: Arc::clone(&svc),
+                listener: Arc::clone(&sock),
+                upstream: Arc::clone(&upstream),
+                client,
+                last: Arc::clone(&last),
+                epoch,
+                idle: settings.udp_idle,
+                ended: ended_tx.clone(),
+                generation,
+                shutdown: shutdown.clone(),
+            }));
+            tracing::debug!(service = %name, %client, upstream = %up, "udp session");
+            sessions.insert(
+                client,
+                Session {
+                    generation,
+                    upstream,
+                    last,
+                },
+            );
+        }
+        if let Some(s) = sessions.get(&client) {
+            s.last.store(millis_since(epoch), Ordering::Relaxed);
+            match s.upstream.send(&buf[..n]).await {
+                Ok(_) => {
+                    svc.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!(service = %name, %client, error = %e, "udp send upstream failed")
+                }
+            }
+        }
+    }
+}
+
+async fn open_upstream(source: SocketAddrV4, upstream: SocketAddrV4) -> io::Result<UdpSocket> {
+    let s = UdpSocket::bind(SocketAddr::V4(source)).await?;
+    s.connect(SocketAddr::V4(upstream)).await?;
+    Ok(s)
+}
+
+struct ReplyTask {
+    service: Arc<Service>,
+    listener: Arc<UdpSocket>,
+    upstream: Arc<UdpSocket>,
+    client: SocketAddrV4,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+    idle: Duration,
+    ended: mpsc::UnboundedSender<(SocketAddrV4, u64)>,
+    generation: u64,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Upstream -> client for one session, until it has been idle for `idle` (both directions).
+async fn replies(mut t: ReplyTask) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let idle_ms = u64::try_from(t.idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let since = millis_since(t.epoch).saturating_sub(t.last.load(Ordering::Relaxed));
+        if since >= idle_ms {
+            break;
+        }
+        let wait = Duration::from_millis(idle_ms - since);
+        let r = tokio::select! {
+            r = tokio::time::timeout(wait, t.upstream.recv(&mut buf)) => r,
+            _ = t.shutdown.changed() => break,
+        };
+        match r {
+            Err(_) => {} // re-check the idle time: the client may have sent meanwhile
+            Ok(Ok(n)) => {
+                t.last.store(millis_since(t.epoch), Ordering::Relaxed);
+                match t
+                    .listener
+                    .send_to(&buf[..n], SocketAddr::V4(t.client))
+                    .await
+                {
+                    Ok(_) => {
+                        t.service
+                            .stats
+                            .bytes_down
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::debug!(client = %t.client, error = %e, "udp send to client failed")
+                    }
+                }
+            }
+            // ECONNREFUSED from an ICMP port unreachable, for example: the session stays
+            // until idle (the upstream may come back).
+            Ok(Err(e)) => {
+                tracing::debug!(client = %t.client, error = %e, "udp upstream receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tracing::debug!(service = %t.service.chooser.name, client = %t.client, "udp session idle: closed");
+    let _ = t.ended.send((t.client, t.generation));
+}
