@@ -155,6 +155,23 @@ upstreams = [\"{upstream}\"]
     println!("daemon: {}", active[0]);
     daemon.wait_log(lab, &["userspace L4 listening"], 2, READY)?;
 
+    // The admin endpoints say which datapath is active.
+    let status = admin_get(&topo.proxy, "/status")?;
+    let status: serde_json::Value =
+        serde_json::from_str(&status).with_context(|| format!("/status: {status}"))?;
+    ensure!(
+        status["datapath"]["mode"] == "userspace",
+        "/status datapath: {}",
+        status["datapath"]
+    );
+    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l == r#"xdp_proxy_datapath_mode{mode="userspace"} 1"#),
+        "/metrics has no xdp_proxy_datapath_mode{{mode=\"userspace\"}} 1"
+    );
+
     // The daemon left nothing attached; the other program is still the one attached.
     ensure!(
         !netns::has_xdp(&topo.proxy, two::PROXY_HOME_DEV)?,
@@ -194,6 +211,20 @@ upstreams = [\"{upstream}\"]
     home.stop()?;
     drop(topo);
     check_cleaned(&id)
+}
+
+/// `GET path` from the daemon's admin listener (127.0.0.1:9100 inside `ns`).
+fn admin_get(ns: &Netns, path: &str) -> Result<String> {
+    ns.exec(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:9100{path}"),
+        ],
+    )
 }
 
 /// The XDP program ids `ip -d link` shows on `dev`.
