@@ -11,7 +11,9 @@ use proxy_common::{
 
 use crate::{
     keys::{self, FlowKeyW, FlowValueW, ServiceKeyW},
-    maps::{XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_UPSTREAMS},
+    maps::{
+        XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS, XP_UPSTREAMS,
+    },
     parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -24,6 +26,12 @@ pub fn config() -> Result<NatConfig, Reason> {
         return Err(Reason::PassNotReady);
     }
     Ok(cfg)
+}
+
+/// The service's MSS clamp (0: none).
+#[inline(always)]
+pub fn mss_clamp(service_id: u32) -> u16 {
+    XP_SVC_OPTS.get(service_id).map_or(0, |o| o.mss_clamp)
 }
 
 /// Step 5: the flow entry this packet belongs to, forward table first, then reverse.

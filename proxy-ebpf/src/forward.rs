@@ -12,6 +12,7 @@ use proxy_common::{FLOW_DIR_FORWARD, Reason};
 use crate::{
     icmp,
     maps::XP_DEVMAP,
+    mss,
     nat::{self, Rewrite},
     parse::{Packet, ptr_at},
 };
@@ -48,6 +49,11 @@ const AF_INET: u8 = 2;
 pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Result<Reason, Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::DropTtlExceeded);
+    }
+    if let Kind::Flow(_) = kind
+        && rw.mss != 0
+    {
+        mss::clamp(ctx, rw.mss);
     }
     let ingress = ctx.ingress_ifindex() as u32;
 

@@ -11,6 +11,7 @@ mod forward;
 mod icmp;
 mod keys;
 mod maps;
+mod mss;
 mod nat;
 mod parse;
 mod stats;
@@ -18,7 +19,7 @@ mod stats;
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext};
 use proxy_common::{IPPROTO_ICMP, Reason};
 
-use crate::{forward::Kind, nat::Rewrite};
+use crate::{forward::Kind, nat::Rewrite, parse::TCP_SYN};
 
 #[xdp]
 pub fn proxy_xdp(ctx: XdpContext) -> u32 {
@@ -56,8 +57,13 @@ fn try_proxy_xdp(ctx: &XdpContext) -> Result<Reason, Reason> {
         dst: e.new_dst[0],
         sport: e.new_sport,
         dport: e.new_dport,
+        mss: 0,
     };
     let (direction, service_id, upstream_id) = (e.direction, e.service_id, e.upstream_id);
+    let mut rw = rw;
+    if pkt.is_tcp() && pkt.tcp_flags & TCP_SYN != 0 {
+        rw.mss = flow::mss_clamp(service_id);
+    }
 
     let reason = forward::forward(ctx, &pkt, &rw, Kind::Flow(direction))?;
     stats::traffic(service_id, upstream_id, direction, u64::from(pkt.tot_len));
@@ -78,6 +84,7 @@ fn icmp_error(ctx: &XdpContext, pkt: &parse::Packet) -> Result<Reason, Reason> {
         dst: e.new_dst[0],
         sport: e.new_sport,
         dport: e.new_dport,
+        mss: 0,
     };
     forward::forward(ctx, pkt, &rw, Kind::IcmpError)
 }

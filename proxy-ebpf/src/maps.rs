@@ -6,13 +6,15 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use proxy_common::{
-    DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAGLEV_SIZE, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
-    MAP_FLOWS_REV, MAP_MAGLEV, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
-    MAP_UPSTREAMS, MAX_INTERFACES, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, REASON_COUNT,
-    ServiceKey, ServiceValue, TrafficCounters, UpstreamValue,
+    AclKey, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY,
+    MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS,
+    MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
+    MAX_ACL_ENTRIES, MAX_INTERFACES, MAX_RATE_ENTRIES, MAX_SERVICES, MAX_UPSTREAMS, NatConfig,
+    REASON_COUNT, RateKey, RateState, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters,
+    UpstreamValue,
 };
 
 /// Datapath settings: index 0 -> `NatConfig` (SNAT address, port range, ready flag).
@@ -61,6 +63,23 @@ pub static XP_SVC_STATS: PerCpuArray<TrafficCounters> =
 pub static XP_UPS_STATS: PerCpuArray<TrafficCounters> =
     PerCpuArray::with_max_entries(MAX_UPSTREAMS, 0);
 
+/// Per-service options by service id (MSS clamp, ACL mode, new-flow rate).
+#[map(name = "XP_SVC_OPTS")]
+pub static XP_SVC_OPTS: Array<ServiceOptions> = Array::with_max_entries(MAX_SERVICES, 0);
+
+/// Client allow lists: (service id, family, address prefix) -> ACL_HIT.
+#[map(name = "XP_ACL_ALLOW")]
+pub static XP_ACL_ALLOW: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+/// Client deny lists: (service id, family, address prefix) -> ACL_HIT.
+#[map(name = "XP_ACL_DENY")]
+pub static XP_ACL_DENY: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+
+/// New-flow token buckets per (service, client address).
+#[map(name = "XP_RATE")]
+pub static XP_RATE: LruHashMap<RateKey, RateState> =
+    LruHashMap::with_max_entries(MAX_RATE_ENTRIES, 0);
+
 /// Compile-time string equality (the map attribute needs a literal; this ties it to the constant).
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -88,4 +107,8 @@ const _: () = {
     assert!(same(MAP_REASONS, "XP_REASONS"));
     assert!(same(MAP_SERVICE_STATS, "XP_SVC_STATS"));
     assert!(same(MAP_UPSTREAM_STATS, "XP_UPS_STATS"));
+    assert!(same(MAP_SERVICE_OPTIONS, "XP_SVC_OPTS"));
+    assert!(same(MAP_ACL_ALLOW, "XP_ACL_ALLOW"));
+    assert!(same(MAP_ACL_DENY, "XP_ACL_DENY"));
+    assert!(same(MAP_RATE, "XP_RATE"));
 };

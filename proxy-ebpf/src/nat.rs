@@ -18,6 +18,8 @@ pub struct Rewrite {
     pub dst: u32,
     pub sport: u16,
     pub dport: u16,
+    /// MSS clamp for a TCP SYN or SYN-ACK (host byte order); 0: none.
+    pub mss: u16,
 }
 
 /// Rewrite the packet's addresses and ports (and TTL when `dec_ttl`), patching both checksums.

@@ -18,18 +18,20 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::checksum;
 use proxy_common::hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash};
 use proxy_common::{
-    CONFIG_F_READY, FAMILY_IPV4, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE,
-    MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_REASONS,
-    MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS, NatConfig, PROGRAM_NAME,
-    REASON_COUNT, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, ServiceKey, ServiceValue,
-    TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_ABORTED, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, XDP_TX, addr_v4,
+    ACL_HIT, ACL_PREFIX_BASE, AclKey, CONFIG_F_READY, FAMILY_IPV4, FlowKey, FlowValue, IPPROTO_TCP,
+    IPPROTO_UDP, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
+    MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS,
+    MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS, NatConfig, PROGRAM_NAME, REASON_COUNT,
+    RateKey, RateState, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, ServiceKey,
+    ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_ABORTED,
+    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4,
 };
 
 pub type Mac = [u8; 6];
@@ -1254,6 +1256,52 @@ impl Harness {
         let slot = tuple.maglev_slot();
         self.set_maglev(service_id, slot, upstream_id);
         slot
+    }
+
+    /// Replace `XP_SVC_OPTS[service_id]`.
+    pub fn set_service_options(&mut self, service_id: u32, options: ServiceOptions) {
+        let mut m: Array<&mut MapData, ServiceOptions> = self
+            .map_mut(MAP_SERVICE_OPTIONS)
+            .and_then(|m| m.try_into().map_err(map_err(MAP_SERVICE_OPTIONS)))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        m.set(service_id, options, 0)
+            .unwrap_or_else(|e| panic!("XP_SVC_OPTS[{service_id}] = {options:?}: {e}"));
+    }
+
+    /// Add `addr/prefix_len` to the allow (`allow = true`) or deny list of `service_id`.
+    pub fn acl_add(&mut self, allow: bool, service_id: u32, addr: Ipv4Addr, prefix_len: u32) {
+        let name = if allow { MAP_ACL_ALLOW } else { MAP_ACL_DENY };
+        let mut m: LpmTrie<&mut MapData, AclKey, u32> = self
+            .map_mut(name)
+            .and_then(|m| m.try_into().map_err(map_err(name)))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let key = LpmKey::new(
+            ACL_PREFIX_BASE + prefix_len,
+            AclKey {
+                service_id: service_id.to_be_bytes(),
+                family: FAMILY_IPV4,
+                addr: addr_v4(addr.octets()),
+                _pad: [0; 3],
+            },
+        );
+        m.insert(&key, ACL_HIT, 0)
+            .unwrap_or_else(|e| panic!("{name} insert {addr}/{prefix_len}: {e}"));
+    }
+
+    /// The new-flow token bucket of (`service_id`, `client`), if the program made one.
+    #[must_use]
+    pub fn rate_state(&self, service_id: u32, client: Ipv4Addr) -> Option<RateState> {
+        let m: HashMap<&MapData, RateKey, RateState> = self
+            .map(MAP_RATE)
+            .try_into()
+            .unwrap_or_else(|e| panic!("{MAP_RATE}: {e}"));
+        let key = RateKey {
+            addr: addr_v4(client.octets()),
+            service_id,
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        };
+        m.get(&key, 0).ok()
     }
 
     /// Insert a reverse flow entry (e.g. to occupy a SNAT port).

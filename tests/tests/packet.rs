@@ -33,8 +33,8 @@ use integration_tests::packet::{
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
     FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
-    NatConfig, Reason, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
-    checksum,
+    NatConfig, Reason, ServiceOptions, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, XDP_TX, checksum,
 };
 
 // =============================================================================================
@@ -2177,5 +2177,167 @@ fn icmp_not_translated() {
             XDP_PASS,
             Reason::PassNotReady,
         ));
+    });
+}
+
+// =============================================================================================
+// TCP MSS clamping (docs/datapath.md step 9).
+// =============================================================================================
+
+/// MSS option with `mss`.
+fn mss_opt(mss: u16) -> [u8; 4] {
+    let m = mss.to_be_bytes();
+    [2, 4, m[0], m[1]]
+}
+
+/// Open a TCP flow with `syn` (its client port chosen by the caller) and expect the forwarded
+/// SYN to look like `syn_out` (the same segment with possibly different options).
+fn open_tcp_expecting(h: &mut Harness, desc: &str, syn: &Packet, syn_out: &Packet) -> Flow {
+    let t = syn.tuple();
+    h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
+    let port = expected_snat_port(h, &t, UPS_TCP)
+        .unwrap_or_else(|| panic!("{desc}: every probed SNAT port is taken"));
+    let flow = Flow {
+        client: t.src,
+        service: t.dst,
+        upstream: UPS_TCP,
+        snat: SocketAddrV4::new(SNAT_IP, port),
+        proto: IPPROTO_TCP,
+        service_id: SVC_TCP_ID,
+        upstream_id: UPS_TCP_ID,
+    };
+    h.check(&Fixture::new(
+        desc,
+        syn.bytes(),
+        h.client_if,
+        XDP_REDIRECT,
+        Reason::FwdRedirect,
+        Expect::Bytes(flow.fwd_out(syn_out, h.home_if)),
+    ));
+    flow
+}
+
+/// With `mss_clamp = 1360` on the service, the MSS option of SYNs (client side) and SYN-ACKs
+/// (upstream side) is lowered to 1360 when larger, at an even or odd offset, wherever it sits in
+/// the 40 option bytes; smaller values, segments without SYN, segments without an MSS option
+/// and malformed options are carried unchanged. Checksums are verified in full by `check`.
+#[test]
+fn mss_clamp_syn_and_syn_ack() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        h.set_service_options(
+            SVC_TCP_ID,
+            ServiceOptions {
+                mss_clamp: 1360,
+                ..ServiceOptions::default()
+            },
+        );
+        let cat = |parts: &[&[u8]]| parts.concat();
+        let ts: &[u8] = &[8, 10, 0, 0, 0, 1, 0, 0, 0, 0];
+        let nops36 = [1u8; 36];
+        let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+            (
+                "SYN, MSS 1460 first (even offset) -> 1360",
+                cat(&[&mss_opt(1460), &[4, 2, 1, 1]]),
+                cat(&[&mss_opt(1360), &[4, 2, 1, 1]]),
+            ),
+            (
+                "SYN, MSS 9000 after a NOP (odd offset) -> 1360",
+                cat(&[&[1], &mss_opt(9000), &[1, 1, 1]]),
+                cat(&[&[1], &mss_opt(1360), &[1, 1, 1]]),
+            ),
+            (
+                "SYN, MSS 65535 in the last 4 of 40 option bytes -> 1360",
+                cat(&[&nops36, &mss_opt(65_535)]),
+                cat(&[&nops36, &mss_opt(1360)]),
+            ),
+            (
+                "SYN, MSS after timestamps and window scale -> 1360",
+                cat(&[ts, &[1, 3, 3, 7], &mss_opt(1460), &[1, 1]]),
+                cat(&[ts, &[1, 3, 3, 7], &mss_opt(1360), &[1, 1]]),
+            ),
+            (
+                "SYN, MSS 1200 (below the clamp): unchanged",
+                mss_opt(1200).to_vec(),
+                mss_opt(1200).to_vec(),
+            ),
+            (
+                "SYN, MSS exactly 1360: unchanged",
+                mss_opt(1360).to_vec(),
+                mss_opt(1360).to_vec(),
+            ),
+            (
+                "SYN without an MSS option: unchanged",
+                cat(&[ts, &[1, 1]]),
+                cat(&[ts, &[1, 1]]),
+            ),
+            (
+                "SYN, MSS after EOL: unchanged",
+                cat(&[&[0, 0, 0, 0], &mss_opt(1460)]),
+                cat(&[&[0, 0, 0, 0], &mss_opt(1460)]),
+            ),
+            (
+                "SYN, option of length 0 before the MSS: walk ends, unchanged",
+                cat(&[&[5, 0, 1, 1], &mss_opt(1460)]),
+                cat(&[&[5, 0, 1, 1], &mss_opt(1460)]),
+            ),
+            (
+                "SYN, option running past the options before the MSS: unchanged",
+                vec![1, 30, 40, 0, 2, 4, 5, 0xb4],
+                vec![1, 30, 40, 0, 2, 4, 5, 0xb4],
+            ),
+            (
+                "SYN, MSS option of length 6: unchanged",
+                cat(&[&[2, 6, 0x05, 0xb4, 0, 0], &[1, 1]]),
+                cat(&[&[2, 6, 0x05, 0xb4, 0, 0], &[1, 1]]),
+            ),
+        ];
+        let mut last = None;
+        for (i, (desc, opts, out_opts)) in cases.into_iter().enumerate() {
+            let port = 41_000 + u16::try_from(i).unwrap_or(0);
+            let client = SocketAddrV4::new(CLIENT_1, port);
+            let syn = from_client(Packet::tcp(client, SVC_TCP, TCP_SYN)).tcp_options(&opts);
+            let out = from_client(Packet::tcp(client, SVC_TCP, TCP_SYN)).tcp_options(&out_opts);
+            last = Some(open_tcp_expecting(h, desc, &syn, &out));
+        }
+        let flow = last.unwrap_or_else(|| panic!("no case ran"));
+
+        // The upstream's SYN-ACK: clamped on the reply path too.
+        let syn_ack = flow
+            .upstream_tcp(TCP_SYN | TCP_ACK)
+            .tcp_options(&cat(&[&mss_opt(8960), &[1, 1, 4, 2]]));
+        let syn_ack_out = flow
+            .upstream_tcp(TCP_SYN | TCP_ACK)
+            .tcp_options(&cat(&[&mss_opt(1360), &[1, 1, 4, 2]]));
+        h.check(&Fixture::new(
+            "SYN-ACK from the upstream, MSS 8960 -> 1360",
+            syn_ack.bytes(),
+            hi,
+            XDP_REDIRECT,
+            Reason::RevRedirect,
+            Expect::Bytes(flow.rev_out(&syn_ack_out, ci)),
+        ));
+        // Not a SYN: an MSS option (not valid there) is left alone.
+        let ack = flow
+            .client_tcp(TCP_ACK)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .tcp_options(&mss_opt(1460));
+        h.check(&Fixture::new(
+            "ACK carrying an MSS option: not clamped",
+            ack.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&ack, hi)),
+        ));
+    });
+}
+
+/// `mss_clamp = 0` (the default) clamps nothing: a SYN with MSS 9000 is carried as is.
+#[test]
+fn mss_clamp_off_by_default() {
+    with_harness(|h| {
+        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).tcp_options(&mss_opt(9000));
+        open_tcp_expecting(h, "SYN, MSS 9000, no clamp configured", &syn, &syn);
     });
 }

@@ -43,6 +43,14 @@ pub const MAP_REASONS: &str = "XP_REASONS";
 pub const MAP_SERVICE_STATS: &str = "XP_SVC_STATS";
 /// Per-CPU traffic counters per upstream id: `TrafficCounters`.
 pub const MAP_UPSTREAM_STATS: &str = "XP_UPS_STATS";
+/// Per-service options by service id: `ServiceOptions` (MSS clamp, ACL mode, new-flow rate).
+pub const MAP_SERVICE_OPTIONS: &str = "XP_SVC_OPTS";
+/// Client allow lists: LPM trie, `AclKey` (service id, family, address prefix) -> `ACL_HIT`.
+pub const MAP_ACL_ALLOW: &str = "XP_ACL_ALLOW";
+/// Client deny lists: LPM trie, same key and value as `MAP_ACL_ALLOW`.
+pub const MAP_ACL_DENY: &str = "XP_ACL_DENY";
+/// New-flow token buckets: LRU hash, `RateKey` (service id, client address) -> `RateState`.
+pub const MAP_RATE: &str = "XP_RATE";
 
 // ---------------------------------------------------------------------------------------------
 // Sizes.
@@ -59,6 +67,10 @@ pub const MAGLEV_SIZE: u32 = 16_381;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 /// Maximum number of interfaces in the redirect devmap.
 pub const MAX_INTERFACES: u32 = 64;
+/// Prefixes in each ACL trie (all services together).
+pub const MAX_ACL_ENTRIES: u32 = 16_384;
+/// Client addresses tracked by the new-flow rate limit (LRU: the least recently active go).
+pub const MAX_RATE_ENTRIES: u32 = 65_536;
 /// How many SNAT ports a new flow probes before it counts as exhaustion (bounded loop).
 pub const SNAT_PORT_PROBES: u32 = 32;
 
@@ -121,6 +133,78 @@ const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
 /// The service has at least one upstream in its Maglev table. Without it, new flows are passed
 /// to the kernel (which resets a TCP connection at once) and counted as `Reason::PassNoUpstream`.
 pub const SERVICE_F_HAS_UPSTREAMS: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Per-service options, client ACLs and new-flow rate limits.
+// ---------------------------------------------------------------------------------------------
+
+/// Value of `XP_SVC_OPTS[service id]`. All zero (the array's initial value) = no options.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ServiceOptions {
+    /// Largest TCP MSS option a SYN or SYN-ACK of the service may carry (host byte order);
+    /// larger values are rewritten down to it. 0: no clamping.
+    pub mss_clamp: u16,
+    pub _pad0: u16,
+    /// `SVC_OPT_F_*` bits.
+    pub flags: u32,
+    /// New flows per second each client address may open to this service; 0: no limit.
+    pub new_flow_rate: u32,
+    /// Token bucket depth: new flows a client may open at once after being idle (>= 1 when
+    /// `new_flow_rate` is set).
+    pub new_flow_burst: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceOptions>() == 16);
+
+/// The service has an allow list: a new flow whose client matches no `XP_ACL_ALLOW` prefix of
+/// the service is dropped (`Reason::DropAclNotAllowed`). Without it every client not denied is
+/// allowed.
+pub const SVC_OPT_F_ALLOW_LIST: u32 = 1;
+
+/// The data part of an ACL trie key (aya's `lpm_trie::Key<AclKey>` adds the prefix length in
+/// front). Matched most significant bit first, so `prefix_len = ACL_PREFIX_BASE + address
+/// prefix length` makes the service id and family exact and the address a prefix.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AclKey {
+    /// Service id, big-endian (so its bits come first, in order).
+    pub service_id: [u8; 4],
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    pub addr: Addr,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<AclKey>() == 24);
+
+/// Bits of an `AclKey` before the address: service id (32) and family (8).
+pub const ACL_PREFIX_BASE: u32 = 40;
+/// Value stored for every ACL prefix.
+pub const ACL_HIT: u32 = 1;
+
+/// Key of `XP_RATE`: one token bucket per (service, client address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RateKey {
+    pub addr: Addr,
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(core::mem::size_of::<RateKey>() == 24);
+
+/// Value of `XP_RATE`: a token bucket in nano-tokens (one new flow costs `RATE_TOKEN`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RateState {
+    pub tokens: u64,
+    /// `bpf_ktime_get_ns()` of the last refill.
+    pub last_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<RateState>() == 16);
+
+/// Nano-tokens per new flow: a bucket refills `new_flow_rate` tokens per second, i.e.
+/// `new_flow_rate` nano-tokens per nanosecond.
+pub const RATE_TOKEN: u64 = 1_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Upstream slots.
@@ -299,10 +383,16 @@ pub enum Reason {
     IcmpTx = 21,
     /// An ICMP error quoting a NATed packet, translated and sent with XDP_REDIRECT.
     IcmpRedirect = 22,
+    /// A new flow from a client on the service's deny list: dropped.
+    DropAclDenied = 23,
+    /// A new flow from a client not on the service's allow list: dropped.
+    DropAclNotAllowed = 24,
+    /// A new flow over the client's new-flow rate for the service: dropped.
+    DropRateLimited = 25,
 }
 
 /// Number of `Reason` values (size of `XP_REASONS`).
-pub const REASON_COUNT: u32 = 23;
+pub const REASON_COUNT: u32 = 26;
 
 impl Reason {
     /// Every reason, in index order.
@@ -330,6 +420,9 @@ impl Reason {
         Reason::Aborted,
         Reason::IcmpTx,
         Reason::IcmpRedirect,
+        Reason::DropAclDenied,
+        Reason::DropAclNotAllowed,
+        Reason::DropRateLimited,
     ];
 
     /// Stable snake_case name, used as a metric label and in `inspect stats`.
@@ -359,6 +452,9 @@ impl Reason {
             Reason::Aborted => "aborted",
             Reason::IcmpTx => "icmp_tx",
             Reason::IcmpRedirect => "icmp_redirect",
+            Reason::DropAclDenied => "drop_acl_denied",
+            Reason::DropAclNotAllowed => "drop_acl_not_allowed",
+            Reason::DropRateLimited => "drop_rate_limited",
         }
     }
 
@@ -383,7 +479,10 @@ impl Reason {
             | Reason::DropSnatExhausted
             | Reason::DropFlowInsertFailed
             | Reason::DropBadUpstream
-            | Reason::DropRedirectFailed => XDP_DROP,
+            | Reason::DropRedirectFailed
+            | Reason::DropAclDenied
+            | Reason::DropAclNotAllowed
+            | Reason::DropRateLimited => XDP_DROP,
             Reason::Aborted => XDP_ABORTED,
         }
     }
@@ -413,4 +512,8 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::TrafficCounters {}
+    unsafe impl aya::Pod for super::ServiceOptions {}
+    unsafe impl aya::Pod for super::AclKey {}
+    unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::RateState {}
 }
