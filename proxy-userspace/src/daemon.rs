@@ -260,6 +260,7 @@ fn start_datapath(
         let mode = dp.attach(name, c.datapath.mode)?;
         tracing::info!(interface = %name, mode = %mode, requested = %c.datapath.mode, "XDP attached");
     }
+    dp.release_stale_links(&c.datapath.interfaces)?;
     Ok((dp, lock))
 }
 

@@ -1278,6 +1278,41 @@ impl Datapath {
         Ok(None)
     }
 
+    /// Unpin (and so detach) every pinned XDP link under the pin directory that belongs to none
+    /// of `interfaces` (an interface dropped from the config since the last start, whose link
+    /// was left attached by a SIGQUIT exit or a crash). Call after attaching the configured
+    /// interfaces. Returns the pins removed.
+    ///
+    /// # Errors
+    /// Reading the pin directory or removing a pin.
+    pub fn release_stale_links(&self, interfaces: &[String]) -> Result<Vec<PathBuf>> {
+        let keep: HashSet<String> = interfaces
+            .iter()
+            .flat_map(|i| {
+                [AttachMode::Native, AttachMode::Generic].map(|m| link_pin_name(m, i))
+            })
+            .collect();
+        let entries = std::fs::read_dir(&self.dir).map_err(|source| DatapathError::Fs {
+            op: "listing",
+            path: self.dir.clone(),
+            source,
+        })?;
+        let mut removed = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("link_") && !keep.contains(&name) {
+                let path = entry.path();
+                remove_pin(&path)?;
+                tracing::info!(
+                    pin = %path.display(),
+                    "XDP link of an interface no longer configured: unpinned (detached)"
+                );
+                removed.push(path);
+            }
+        }
+        Ok(removed)
+    }
+
     /// The current attachments.
     #[must_use]
     pub fn attachments(&self) -> &[Attachment] {

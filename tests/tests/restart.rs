@@ -719,3 +719,42 @@ fn ebpf_log_event_reaches_the_daemon_log() -> Result<()> {
     ensure!(reason(&stats, "drop_snat_exhausted")? >= 1, "{stats}");
     server.stop()
 }
+
+#[test]
+fn link_of_an_interface_dropped_from_the_config_is_released() -> Result<()> {
+    let _serial = serial();
+    let TwoInterface { mut lab, proxy, .. } = TwoInterface::new("stale")?;
+    let pin_dir = lab.mount_bpffs()?;
+    let both = config(&pin_dir, SNAT_PORTS);
+    let first = start_daemon(&mut lab, &proxy, "xdp-proxy-1", &both)?;
+    wait_up(&mut lab, &proxy, &first)?;
+    signal(first.pid, nix::sys::signal::Signal::SIGQUIT)?;
+    wait_exit(&mut lab, first.pid)?;
+    ensure!(netns::has_xdp(&proxy, two::PROXY_HOME_DEV)?);
+    // The next start configures only the client-side interface.
+    let one = both.replace(
+        &format!(
+            r#"interfaces = ["{}", "{}"]"#,
+            two::PROXY_CLIENT_DEV,
+            two::PROXY_HOME_DEV
+        ),
+        &format!(r#"interfaces = ["{}"]"#, two::PROXY_CLIENT_DEV),
+    );
+    ensure!(one != both, "config rewrite failed");
+    let second = start_daemon(&mut lab, &proxy, "xdp-proxy-2", &one)?;
+    wait_up(&mut lab, &proxy, &second)?;
+    ensure!(
+        pins(&pin_dir, "link_")? == ["link_native_pc"],
+        "link pins: {:?}",
+        pins(&pin_dir, "link_")?
+    );
+    ensure!(
+        !netns::has_xdp(&proxy, two::PROXY_HOME_DEV)?,
+        "XDP still on the dropped interface"
+    );
+    ensure!(netns::has_xdp(&proxy, two::PROXY_CLIENT_DEV)?);
+    let status = second.stop(&mut lab)?;
+    ensure!(status.success(), "second daemon exited with {status}");
+    ensure!(pins(&pin_dir, "link_")?.is_empty());
+    Ok(())
+}
