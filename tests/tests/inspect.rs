@@ -76,6 +76,34 @@ fn cli(bin: &Path, args: &[&str], uid: Option<u32>) -> Result<Out> {
     })
 }
 
+/// Run `xdp-proxy ARGS` on a terminal (a pty made by `script`) and type `answer` into it.
+/// The terminal merges stderr into stdout.
+fn cli_on_tty(bin: &Path, args: &[&str], answer: &str) -> Result<Out> {
+    use std::io::Write as _;
+    let line = std::iter::once(bin.to_string_lossy().into_owned())
+        .chain(args.iter().map(|a| (*a).to_owned()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run script(1) (util-linux) for a terminal")?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow!("no stdin"))?
+        .write_all(answer.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok(Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
 /// The metadata file of `pin_dir`, by the rule in docs/inspect-json.md.
 fn meta_path(pin_dir: &Path) -> PathBuf {
     let s = pin_dir.to_string_lossy();
@@ -496,6 +524,37 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
     ensure!(deleted.contains("deleted 1 flow"), "{deleted}");
     let gone = run(&["inspect", "flows", "--json", "--client", &victim])?.json()?;
     ensure!(gone["matched"] == 0, "deleted flow still listed: {gone}");
+    // On a terminal: asked, and only "y" goes ahead.
+    let second = sent.clients[1].to_string();
+    let tty_args = [
+        "flows",
+        "delete",
+        "--client",
+        &second,
+        "--service",
+        "web",
+        "--pin-dir",
+        &pins,
+    ];
+    let no = cli_on_tty(&bin, &tty_args, "n\n")?;
+    ensure!(
+        no.code == EXIT_REFUSED && no.stdout.contains("Continue? [y/N]"),
+        "answered n: exit {} {}",
+        no.code,
+        no.stdout
+    );
+    let still = run(&["inspect", "flows", "--json", "--client", &second])?.json()?;
+    ensure!(
+        still["matched"] == 1,
+        "answered n, but the flow is gone: {still}"
+    );
+    let yes = cli_on_tty(&bin, &tty_args, "y\n")?;
+    ensure!(
+        yes.code == 0 && yes.stdout.contains("deleted 1 flow"),
+        "answered y: exit {} {}",
+        yes.code,
+        yes.stdout
+    );
     let again = run(&[
         "flows",
         "delete",
@@ -521,17 +580,17 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
         .as_array()
         .map(|r| {
             r.iter()
-                .filter(|r| r["client"] != victim.as_str())
+                .filter(|r| r["client"] != victim.as_str() && r["client"] != second.as_str())
                 .collect()
         })
         .unwrap_or_default();
     ensure!(
-        rest.len() >= CONNS - 1,
+        rest.len() >= CONNS - 2,
         "flows after the daemon exited: {after}"
     );
     // The client closed its connections meanwhile: any state; the counters still hold.
     let rest = Sent {
-        clients: sent.clients[1..].to_vec(),
+        clients: sent.clients[2..].to_vec(),
     };
     check_flow_rows(&after, &rest, None)?;
     let stats = run(&["inspect", "stats", "--json"])?.json()?;
