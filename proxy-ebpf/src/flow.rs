@@ -10,6 +10,7 @@ use proxy_common::{
 };
 
 use crate::{
+    acl,
     keys::{self, FlowKeyW, FlowValueW, ServiceKeyW},
     maps::{
         XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS, XP_UPSTREAMS,
@@ -59,13 +60,17 @@ pub fn create(
     // pointer stays valid memory even if the daemon deletes the entry concurrently.
     let svc = *unsafe { XP_SERVICES.get(svc_key.as_key()) }.ok_or(Reason::PassNotService)?;
 
-    // Step 7: a new flow starts with a TCP SYN (not SYN+ACK) or any UDP packet.
+    // Step 7: client ACL (every packet of a would-be flow), then a new flow starts with a TCP
+    // SYN (not SYN+ACK) or any UDP packet, then the client's new-flow rate.
+    let opts = acl::options(svc.id);
+    acl::check(svc.id, &opts, pkt)?;
     if pkt.is_tcp() && (pkt.tcp_flags & TCP_SYN == 0 || pkt.tcp_flags & TCP_ACK != 0) {
         return Err(Reason::PassMidflowNoFlow);
     }
     if svc.flags & SERVICE_F_HAS_UPSTREAMS == 0 {
         return Err(Reason::PassNoUpstream);
     }
+    acl::rate(svc.id, &opts, pkt, now)?;
 
     // Maglev: the upstream for this 5-tuple.
     let slot = tuple_hash(SEED_MAGLEV, pkt) % MAGLEV_SIZE;

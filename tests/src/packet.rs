@@ -1304,6 +1304,22 @@ impl Harness {
         m.get(&key, 0).ok()
     }
 
+    /// Write the new-flow token bucket of (`service_id`, `client`).
+    pub fn set_rate_state(&mut self, service_id: u32, client: Ipv4Addr, state: RateState) {
+        let mut m: HashMap<&mut MapData, RateKey, RateState> = self
+            .map_mut(MAP_RATE)
+            .and_then(|m| m.try_into().map_err(map_err(MAP_RATE)))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let key = RateKey {
+            addr: addr_v4(client.octets()),
+            service_id,
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        };
+        m.insert(key, state, 0)
+            .unwrap_or_else(|e| panic!("{MAP_RATE} insert: {e}"));
+    }
+
     /// Insert a reverse flow entry (e.g. to occupy a SNAT port).
     pub fn insert_rev_flow(&mut self, key: FlowKey, value: FlowValue) {
         let mut m: HashMap<&mut MapData, FlowKey, FlowValue> = self

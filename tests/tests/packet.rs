@@ -27,14 +27,14 @@ use integration_tests::packet::topo::*;
 use integration_tests::packet::{
     ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Expect, Fixture, Harness, IP_DF, IP_MF,
     IPPROTO_ICMP, Iface, Mac, Packet, RunResult, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
-    Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, raw_frame, set_u16,
-    upstream, with_harness,
+    Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, mono_ns, raw_frame,
+    set_u16, upstream, with_harness,
 };
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
     FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
-    NatConfig, Reason, ServiceOptions, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS,
-    XDP_REDIRECT, XDP_TX, checksum,
+    NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions,
+    TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
 };
 
 // =============================================================================================
@@ -2339,5 +2339,299 @@ fn mss_clamp_off_by_default() {
     with_harness(|h| {
         let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).tcp_options(&mss_opt(9000));
         open_tcp_expecting(h, "SYN, MSS 9000, no clamp configured", &syn, &syn);
+    });
+}
+
+// =============================================================================================
+// Client ACLs and the new-flow rate limit (docs/datapath.md step 7).
+// =============================================================================================
+
+/// A client of 198.51.100.0/24 other than CLIENT_1 and CLIENT_2.
+const CLIENT_200: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+
+/// Deny list: a /32 on the TCP service drops that client's new flows (SYN and, before the
+/// midflow rule, any other segment) and nobody else's; the same prefix on another service does
+/// not leak into this one; a flow opened before the deny keeps working (the ACL admits flows).
+#[test]
+fn acl_deny_list() {
+    with_harness(|h| {
+        let ci = h.client_if;
+        let flow = open_tcp(h); // CLIENT_A = CLIENT_1:40000, before any ACL
+        h.acl_add(false, SVC_TCP_ID, CLIENT_1, 32);
+        h.acl_add(false, SVC_UDP_ID, CLIENT_2, 32);
+        let other_port = SocketAddrV4::new(CLIENT_1, 40_001);
+        h.steer(
+            &Tuple::new(other_port, SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            UPS_TCP_ID,
+        );
+        for (desc, p) in [
+            (
+                "SYN from a denied client",
+                from_client(Packet::tcp(other_port, SVC_TCP, TCP_SYN)),
+            ),
+            (
+                "ACK without a flow from a denied client (dropped, not passed for a RST)",
+                from_client(Packet::tcp(other_port, SVC_TCP, TCP_ACK)),
+            ),
+        ] {
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                ci,
+                XDP_DROP,
+                Reason::DropAclDenied,
+            ));
+        }
+        let reason_of = |h: &mut Harness, p: Packet| {
+            h.steer(&p.tuple(), SVC_TCP_ID, UPS_TCP_ID);
+            let before = h.reasons();
+            let r = h.run(&p.bytes(), ci);
+            let after = h.reasons();
+            let moved: Vec<Reason> = Reason::ALL
+                .iter()
+                .zip(before.iter().zip(after.iter()))
+                .filter(|(_, (b, a))| a != b)
+                .map(|(r, _)| *r)
+                .collect();
+            (r.action, moved)
+        };
+        // CLIENT_2 is denied on the UDP service only: its TCP SYN makes a flow.
+        let (action, moved) = reason_of(h, from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)));
+        assert_eq!(
+            (action, moved),
+            (XDP_REDIRECT, vec![Reason::FwdRedirect]),
+            "a prefix denied on another service does not apply"
+        );
+        // The flow opened before the deny still forwards.
+        let ack = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
+        h.check(&Fixture::new(
+            "ACK of a flow opened before the deny",
+            ack.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&ack, h.home_if)),
+        ));
+    });
+}
+
+/// Allow list (SVC_OPT_F_ALLOW_LIST on the UDP service, 198.51.100.0/25 allowed): .7 gets a
+/// flow, .200 is dropped; a deny inside the allowed prefix wins over the allow.
+#[test]
+fn acl_allow_list() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        h.set_service_options(
+            SVC_UDP_ID,
+            ServiceOptions {
+                flags: SVC_OPT_F_ALLOW_LIST,
+                ..ServiceOptions::default()
+            },
+        );
+        h.acl_add(true, SVC_UDP_ID, Ipv4Addr::new(198, 51, 100, 0), 25);
+        h.acl_add(false, SVC_UDP_ID, CLIENT_2, 32);
+        open_flow(
+            h,
+            "UDP from an allowed client",
+            from_client(Packet::udp(CLIENT_A, SVC_UDP, b"hi")),
+            SVC_UDP_ID,
+            UPS_UDP,
+            UPS_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let outside = SocketAddrV4::new(CLIENT_200, 5000);
+        h.steer(
+            &Tuple::new(outside, SVC_UDP, IPPROTO_UDP),
+            SVC_UDP_ID,
+            UPS_UDP_ID,
+        );
+        h.check(&Fixture::unchanged(
+            "UDP from a client outside the allow list",
+            from_client(Packet::udp(outside, SVC_UDP, b"hi")).bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropAclNotAllowed,
+        ));
+        h.steer(
+            &Tuple::new(CLIENT_B, SVC_UDP, IPPROTO_UDP),
+            SVC_UDP_ID,
+            UPS_UDP_ID,
+        );
+        h.check(&Fixture::unchanged(
+            "UDP from a client allowed by prefix but denied by /32",
+            from_client(Packet::udp(CLIENT_B, SVC_UDP, b"hi")).bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropAclDenied,
+        ));
+        // The TCP service has no allow list: the same outside client is admitted there.
+        let outside_tcp = SocketAddrV4::new(CLIENT_200, 5001);
+        open_flow(
+            h,
+            "TCP SYN from the same client to a service without allow list",
+            from_client(Packet::tcp(outside_tcp, SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+    });
+}
+
+/// New-flow rate limit (rate 1/s, burst 3 on the TCP service). A fresh bucket is full: three
+/// SYNs from one client (three ports) make flows and spend it (the bucket's clock frozen after
+/// the first: last refill in the future, no refill); the fourth SYN is dropped and another
+/// client is unaffected. A bucket last refilled 2 s ago has 2 tokens again; one last
+/// refilled at boot is refilled to exactly the burst. No assertion depends on how fast the test
+/// runs.
+#[test]
+fn new_flow_rate_limit() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        h.set_service_options(
+            SVC_TCP_ID,
+            ServiceOptions {
+                new_flow_rate: 1,
+                new_flow_burst: 3,
+                ..ServiceOptions::default()
+            },
+        );
+        let syn = |port: u16| {
+            from_client(Packet::tcp(
+                SocketAddrV4::new(CLIENT_1, port),
+                SVC_TCP,
+                TCP_SYN,
+            ))
+        };
+        let burst_syn = |h: &mut Harness, port: u16| {
+            open_flow(
+                h,
+                &format!("SYN {} of the burst", port - 41_999),
+                syn(port),
+                SVC_TCP_ID,
+                UPS_TCP,
+                UPS_TCP_ID,
+                ci,
+                hi,
+                XDP_REDIRECT,
+                Reason::FwdRedirect,
+            );
+        };
+        burst_syn(h, 42_000);
+        let bucket = h
+            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .unwrap_or_else(|| panic!("no bucket for the client"));
+        assert_eq!(
+            bucket.tokens,
+            2 * RATE_TOKEN,
+            "a new bucket starts full (3) and pays for its first flow"
+        );
+        // Freeze the bucket's clock (last refill in the future: no refill) so the rest of the
+        // burst does not depend on the test's speed.
+        h.set_rate_state(
+            SVC_TCP_ID,
+            CLIENT_1,
+            RateState {
+                tokens: bucket.tokens,
+                last_ns: u64::MAX / 2,
+            },
+        );
+        burst_syn(h, 42_001);
+        burst_syn(h, 42_002);
+        let bucket = h
+            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .unwrap_or_else(|| panic!("bucket gone"));
+        assert_eq!(bucket.tokens, 0, "the burst is spent: {bucket:?}");
+        h.steer(&syn(42_003).tuple(), SVC_TCP_ID, UPS_TCP_ID);
+        h.check(&Fixture::unchanged(
+            "fourth SYN within the same second",
+            syn(42_003).bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropRateLimited,
+        ));
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_FWD).len(),
+            3,
+            "the dropped SYN made no flow"
+        );
+        open_flow(
+            h,
+            "another client's SYN meanwhile",
+            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+
+        // Refill: empty bucket, last refill 2 s ago -> 2 tokens -> admitted, 1 left (+ the
+        // refill of the microseconds since, < 1 token).
+        h.set_rate_state(
+            SVC_TCP_ID,
+            CLIENT_1,
+            RateState {
+                tokens: 0,
+                last_ns: mono_ns() - 2_000_000_000,
+            },
+        );
+        open_flow(
+            h,
+            "SYN after 2 s of refill",
+            syn(42_004),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let b = h
+            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .unwrap_or_else(|| panic!("bucket gone"));
+        assert!(
+            b.tokens >= RATE_TOKEN && b.tokens < 2 * RATE_TOKEN,
+            "2 s of refill at 1/s minus one flow leaves one token (and change): {b:?}"
+        );
+        // Idle since boot: refilled to the burst exactly, minus the one flow.
+        h.set_rate_state(
+            SVC_TCP_ID,
+            CLIENT_1,
+            RateState {
+                tokens: 0,
+                last_ns: 0,
+            },
+        );
+        open_flow(
+            h,
+            "SYN after a long idle time",
+            syn(42_005),
+            SVC_TCP_ID,
+            UPS_TCP,
+            UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let b = h
+            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .unwrap_or_else(|| panic!("bucket gone"));
+        assert_eq!(
+            b.tokens,
+            2 * RATE_TOKEN,
+            "refill is capped at the burst (3) minus one"
+        );
     });
 }
