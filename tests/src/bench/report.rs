@@ -265,11 +265,8 @@ fn targets(r: &Results) -> String {
         );
     }
     for (w, label) in [
-        (Workload::KeepAlive, "machine CPU per request < direct's"),
-        (
-            Workload::NewConn,
-            "machine CPU per new connection < direct's",
-        ),
+        (Workload::KeepAlive, "bench CPU per request < direct's"),
+        (Workload::NewConn, "bench CPU per new connection < direct's"),
     ] {
         let x = med(System::XdpFast, w, &LiveSample::cpu_per_unit);
         let d = med(System::Direct, w, &LiveSample::cpu_per_unit);

@@ -18,8 +18,8 @@ pub const HOME_HTTP_PORT: u16 = 8080;
 /// iperf3: same port on the proxy and in the home namespace.
 pub const BULK_PORT: u16 = 5201;
 /// The upstream's response body: 128 bytes.
-pub const BODY: &str = "xdp-proxy bench body: 128 bytes of static text served by nginx from memory \
-                        (return 200), same for every system......\n";
+pub const BODY: &str = "xdp-proxy bench body: static text served by nginx from memory (return 200), the same for every system...........................";
+const _: () = assert!(BODY.len() == 128);
 
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 const NFT_TABLE: &str = "xptbench";
@@ -204,7 +204,7 @@ impl BenchLab {
             paths = nginx_http_paths(&dir, "upstream"),
             home = two::HOME,
             port = HOME_HTTP_PORT,
-            body = BODY.trim_end(),
+            body = BODY,
         );
         let path = topo.lab.write_file("upstream.conf", &conf)?;
         let mut cmd = topo.home.command("nginx")?;
@@ -231,6 +231,13 @@ impl BenchLab {
         wait_until("iperf3 server", Duration::from_secs(10), || {
             listening(&home, two::HOME, BULK_PORT)
         })?;
+        // The same offloads for every system: native XDP on a veth turns TSO off on its peer, so
+        // TSO is off on the client's and the home host's veth whatever runs on the proxy
+        // (transmit checksum offload is already off there, see TwoInterface). GSO and GRO stay
+        // as they are, identical for all.
+        for (ns, dev) in [(&topo.client, two::CLIENT_DEV), (&topo.home, two::HOME_DEV)] {
+            ns.exec("ethtool", &["-K", dev, "tso", "off"])?;
+        }
         // Forwarding is on in the proxy namespace for every system (the daemon turns it on
         // anyway, and leaves it on); userspace proxies do not use it.
         topo.proxy.sysctl("net.ipv4.ip_forward", "1")?;
