@@ -410,6 +410,8 @@ pub struct ServiceConfig {
     pub mode: ServiceMode,
     pub upstreams: Vec<UpstreamConfig>,
     pub health: HealthConfig,
+    /// Routes and timeouts of a `mode = "http"` service (`None` for `l4`).
+    pub http: Option<HttpConfig>,
 }
 
 /// A complete, validated configuration.
@@ -545,6 +547,11 @@ struct RawService {
     upstreams: Vec<toml::Value>,
     #[serde(default)]
     health: RawHealth,
+    /// `[[service.route]]` (mode = "http"): see `config/http.rs`.
+    #[serde(default, rename = "route")]
+    routes: Vec<http::RawRoute>,
+    /// `[service.http]` (mode = "http").
+    http: Option<http::RawHttp>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1395,6 +1402,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
                 };
             }
         }
+        let http = http::convert(i, s.mode, s.routes, s.http, &nat, problems);
         services.push(ServiceConfig {
             name: s.name,
             listen,
@@ -1402,6 +1410,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             mode: s.mode,
             upstreams,
             health,
+            http,
         });
     }
     let max_services = proxy_common::MAX_SERVICES as usize - 1;
@@ -1441,6 +1450,9 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     }
     config
 }
+
+mod http;
+pub use http::{HostMatch, HttpConfig, Route};
 
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,8 @@ pub enum DaemonError {
     },
     #[error("starting the userspace L4 path: {0}")]
     UserspaceL4(#[from] crate::l4::L4Error),
+    #[error("starting the HTTP proxy: {0}")]
+    Http(#[from] crate::l7::L7Error),
     #[error("{}: datapath.interfaces[{index}]: {source}", file.display())]
     Interface {
         file: PathBuf,
@@ -270,7 +272,6 @@ fn start_datapath(
 /// Any failure before the daemon is up; failures of the periodic tasks are logged.
 pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
     let prepared = prepare(config_path, &opts)?;
-    warn_http_services(&prepared.config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -359,6 +360,8 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     } else {
         None
     };
+    // The http services: served by the daemon's L7 proxy whatever the datapath.
+    let l7 = crate::l7::start(&p.config, p.snat, status.clone())?;
 
     controller.publish();
     let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);
@@ -445,6 +448,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     if let Some(l4) = l4 {
         l4.shutdown().await;
     }
+    l7.shutdown().await;
     tracing::info!("xdp-proxy stopped");
     Ok(())
 }
@@ -583,7 +587,7 @@ fn warn_http_services(config: &Config) {
             tracing::warn!(
                 service = %s.name,
                 key = %format!("service[{i}]"),
-                "mode = \"http\" is accepted but not served yet (the L7 proxy comes in a later version); it gets no XDP entry"
+                "mode = \"http\" services keep the routes and listeners they started with: a change takes a restart"
             );
         }
     }

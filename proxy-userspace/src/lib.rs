@@ -18,6 +18,7 @@ pub mod flows;
 pub mod health;
 pub mod inspect;
 pub mod l4;
+pub mod l7;
 pub mod logging;
 pub mod maglev;
 pub mod metrics;

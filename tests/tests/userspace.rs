@@ -8,6 +8,15 @@
 //!   daemon says so, undoes the attachment it made on the other interface, and serves the L4
 //!   services in userspace.
 //!
+//! - `http_routes_forwarded_headers_retry_and_503`: `mode = "http"`: routing by Host and by path
+//!   prefix to upstream groups, X-Forwarded-For / X-Forwarded-Proto / Forwarded appended,
+//!   hop-by-hop headers removed, a refused upstream retried on another, a group with no
+//!   upstream accepting connections answered 503, and the access log.
+//! - `http_streams_50_mb_with_bounded_memory`: a 50 MB upload and a 50 MB download through the
+//!   L7 proxy, every byte checked, while the daemon's peak RSS (VmHWM) stays under
+//!   [`RSS_BOUND`].
+//! - `http_websocket_echo`: an Upgrade (WebSocket) request passed through; frames echoed.
+//!
 //! Run as root: `cargo test -p integration-tests --test userspace -- --nocapture`.
 
 use std::collections::BTreeSet;
@@ -15,9 +24,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result, anyhow, ensure};
-use integration_tests::netns::{self, Daemon, Netns, TwoInterface, sock, two};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::netns::{self, Daemon, Netns, NsThread, Stop, TwoInterface, sock, two};
 use integration_tests::traffic::{self, Conn, HomeServer};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Peak RSS the daemon may reach while streaming 50 MB each way (bodies must stream, not
+/// accumulate: buffering one of them whole would alone exceed it).
+const RSS_BOUND_KIB: u64 = 64 * 1024;
+/// The same, for the docs.
+#[allow(dead_code, reason = "named in the module docs")]
+const RSS_BOUND: &str = "64 MiB";
+/// Size of each streamed transfer.
+const STREAM_LEN: u64 = 50 * 1000 * 1000;
 
 const HOME_PORT: u16 = 8080;
 /// Bound of one test's client side.
@@ -236,4 +256,421 @@ fn xdp_prog_ids(ns: &Netns, dev: &str) -> Result<Vec<String>> {
         .filter_map(|s| s.split_whitespace().next())
         .map(str::to_owned)
         .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// L7.
+// ---------------------------------------------------------------------------------------------
+
+/// Echo upstreams in the home namespace: `(name, port)`; each answers any request with its
+/// name, the peer it saw and the request head it received; `Upgrade: websocket` requests get a
+/// 101 and their frames echoed.
+fn start_echo(home: &Netns, servers: &[(&'static str, u16)]) -> Result<NsThread<()>> {
+    let servers = servers.to_vec();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = home.spawn(CLIENT_LIMIT * 2, move |stop| async move {
+        let mut set = tokio::task::JoinSet::new();
+        for (name, port) in servers {
+            let l = TcpListener::bind(sock(two::HOME, port))
+                .await
+                .with_context(|| format!("echo: bind {port}"))?;
+            set.spawn(echo_accept(l, name, stop.clone()));
+        }
+        let _ = ready_tx.send(());
+        let mut stop = stop;
+        stop.wait().await;
+        set.abort_all();
+        Ok(())
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("echo upstreams did not start"))?;
+    Ok(thread)
+}
+
+async fn echo_accept(l: TcpListener, name: &'static str, mut stop: Stop) {
+    loop {
+        tokio::select! {
+            a = l.accept() => {
+                if let Ok((s, peer)) = a {
+                    tokio::spawn(async move {
+                        if let Err(e) = echo_conn(s, peer, name).await {
+                            eprintln!("echo {name}: {peer}: {e:#}");
+                        }
+                    });
+                }
+            }
+            () = stop.wait() => return,
+        }
+    }
+}
+
+async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
+    let mut s = BufReader::new(s);
+    // Bounded: each turn consumes one request head; the thread's limit bounds the rest.
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if s.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end().to_owned();
+            if line.is_empty() {
+                break;
+            }
+            ensure!(head.len() < 100, "head too long");
+            head.push(line);
+        }
+        let websocket = head
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case("upgrade: websocket"));
+        if websocket {
+            s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+            )
+            .await?;
+            s.flush().await?;
+            return ws_echo(s).await;
+        }
+        let body = format!("name={name}\npeer={peer}\n{}\n", head.join("\n"));
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).await?;
+        s.flush().await?;
+    }
+}
+
+/// Echo WebSocket frames (short ones: payload < 126 bytes) until a close frame.
+async fn ws_echo(mut s: BufReader<TcpStream>) -> Result<()> {
+    for _ in 0..1000 {
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).await?;
+        let opcode = hdr[0] & 0x0f;
+        ensure!(hdr[1] & 0x80 != 0, "client frame not masked");
+        let len = usize::from(hdr[1] & 0x7f);
+        ensure!(len < 126, "long frames not supported here");
+        let mut mask = [0u8; 4];
+        s.read_exact(&mut mask).await?;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).await?;
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        let mut out = vec![0x80 | opcode, u8::try_from(len)?];
+        out.extend_from_slice(&payload);
+        s.write_all(&out).await?;
+        s.flush().await?;
+        if opcode == 8 {
+            return Ok(());
+        }
+    }
+    bail!("too many frames")
+}
+
+/// `curl` in `ns`: the status code and the body.
+fn curl(ns: &Netns, args: &[&str]) -> Result<(u16, String)> {
+    let mut all = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = ns.exec("curl", &all)?;
+    let (body, code) = out
+        .rsplit_once('\n')
+        .ok_or_else(|| anyhow!("curl output without a status: {out:?}"))?;
+    Ok((code.trim().parse().context("curl status")?, body.to_owned()))
+}
+
+fn http_service(upstreams: &[SocketAddr], extra: &str) -> String {
+    let ups = upstreams
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "
+[[service]]
+name = \"app\"
+listen = \"{listen}\"
+mode = \"http\"
+upstreams = [{ups}]
+{extra}",
+        listen = sock(two::PROXY_CLIENT_SIDE, 80)
+    )
+}
+
+/// Start the daemon in userspace mode with `services`; wait for the http listener.
+fn start_http_daemon(topo: &mut TwoInterface, services: &str) -> Result<Daemon> {
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let config = format!("{}{services}", base_config("userspace", &[], &pin_dir));
+    let daemon = Daemon::start(&mut topo.lab, &topo.proxy, &config)?;
+    daemon.wait_log(&mut topo.lab, &["http proxy listening"], 1, READY)?;
+    Ok(daemon)
+}
+
+#[test]
+fn http_routes_forwarded_headers_retry_and_503() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("http")?;
+    let id = topo.lab.id().to_owned();
+    let echo = start_echo(
+        &topo.home,
+        &[("alpha", 8081), ("beta", 8082), ("gamma", 8084)],
+    )?;
+    let up = |port| sock(two::HOME, port);
+    // 8083: nothing listens there (connections refused).
+    let routes = format!(
+        "[service.http]
+connect_timeout = \"2s\"
+
+[[service.route]]
+host = \"a.example\"
+upstreams = [\"{a}\"]
+
+[[service.route]]
+path_prefix = \"/b/\"
+upstreams = [\"{b}\"]
+
+[[service.route]]
+path_prefix = \"/retry/\"
+upstreams = [\"{down}\", \"{a}\"]
+
+[[service.route]]
+path_prefix = \"/down/\"
+upstreams = [\"{down}\"]
+",
+        a = up(8081),
+        b = up(8082),
+        down = up(8083),
+    );
+    let daemon = start_http_daemon(&mut topo, &http_service(&[up(8084)], &routes))?;
+    let base = format!("http://{}", two::PROXY_CLIENT_SIDE);
+    let client = &topo.client;
+
+    // Routing: by host, by path, the first matching route wins, else the default group.
+    let get = |host: &str, path: &str| -> Result<(u16, String)> {
+        curl(
+            client,
+            &["-H", &format!("Host: {host}"), &format!("{base}{path}")],
+        )
+    };
+    for (host, path, want) in [
+        ("a.example", "/", "alpha"),
+        ("A.Example:80", "/x", "alpha"),
+        ("other.example", "/b/1", "beta"),
+        ("a.example", "/b/1", "alpha"),
+        ("other.example", "/c", "gamma"),
+        ("other.example", "/b", "gamma"),
+    ] {
+        let (code, body) = get(host, path)?;
+        ensure!(
+            code == 200 && body.starts_with(&format!("name={want}\n")),
+            "Host {host} {path}: want {want}, got {code}: {body}"
+        );
+    }
+
+    // Forwarding headers appended, hop-by-hop headers removed, the SNAT address as peer.
+    let (code, body) = curl(
+        client,
+        &[
+            "-H",
+            "Host: a.example",
+            "-H",
+            "X-Forwarded-For: 192.0.2.7",
+            "-H",
+            "Connection: keep-alive, X-Drop-Me",
+            "-H",
+            "X-Drop-Me: secret",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "Proxy-Connection: keep-alive",
+            "-H",
+            "X-Keep-Me: yes",
+            &format!("{base}/headers"),
+        ],
+    )?;
+    println!("upstream saw:\n{body}");
+    ensure!(code == 200, "GET /headers: {code}");
+    let lines: Vec<String> = body.lines().map(str::to_ascii_lowercase).collect();
+    let has = |l: &str| lines.iter().any(|x| x == l);
+    let client_ip = two::CLIENT;
+    for want in [
+        format!("x-forwarded-for: 192.0.2.7, {client_ip}"),
+        "x-forwarded-proto: http".to_owned(),
+        format!("forwarded: for={client_ip};proto=http;host=a.example"),
+        "x-keep-me: yes".to_owned(),
+        "host: a.example".to_owned(),
+    ] {
+        ensure!(has(&want), "upstream did not see `{want}`:\n{body}");
+    }
+    for gone in ["x-drop-me", "keep-alive", "proxy-connection"] {
+        ensure!(
+            !lines.iter().any(|l| l.starts_with(&format!("{gone}:"))),
+            "hop-by-hop header {gone} reached the upstream:\n{body}"
+        );
+    }
+    ensure!(
+        has(&format!("peer={}", two::PROXY_HOME_SIDE).to_ascii_lowercase())
+            || lines
+                .iter()
+                .any(|l| l.starts_with(&format!("peer={}:", two::PROXY_HOME_SIDE))),
+        "upstream saw another peer than the SNAT address:\n{body}"
+    );
+
+    // A refused upstream: GETs retried on the other one, every answer from it.
+    for i in 0..4 {
+        let (code, body) = get("other.example", &format!("/retry/{i}"))?;
+        ensure!(
+            code == 200 && body.starts_with("name=alpha\n"),
+            "GET /retry/{i}: {code} {body}"
+        );
+    }
+    let retried = daemon.wait_log(
+        &mut topo.lab,
+        &[
+            "upstream request failed",
+            &up(8083).to_string(),
+            "retry=true",
+        ],
+        1,
+        READY,
+    )?;
+    println!("daemon: {}", retried[0]);
+    let twice = daemon.wait_log(
+        &mut topo.lab,
+        &["access", "path=\"/retry/", "attempts=2", "status=200"],
+        1,
+        READY,
+    )?;
+    println!("daemon: {}", twice[0]);
+
+    // No upstream of the group accepts connections: 503 with a clear body, for GET and POST.
+    let (code, body) = get("other.example", "/down/x")?;
+    ensure!(
+        code == 503 && body.contains("no upstream accepted the connection"),
+        "GET /down/x: {code} {body}"
+    );
+    let (code, body) = curl(
+        client,
+        &["-X", "POST", "-d", "x=1", &format!("{base}/down/y")],
+    )?;
+    ensure!(code == 503, "POST /down/y: {code} {body}");
+
+    let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    echo.stop_and_join()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+/// VmHWM (peak resident set) of `pid`, in KiB.
+fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))
+}
+
+#[test]
+fn http_streams_50_mb_with_bounded_memory() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httpbig")?;
+    let id = topo.lab.id().to_owned();
+    let upstream = sock(two::HOME, HOME_PORT);
+    let home = HomeServer::start(&topo.home, upstream, None, CLIENT_LIMIT * 2)?;
+    let daemon = start_http_daemon(&mut topo, &http_service(&[upstream], ""))?;
+    let before = vm_hwm_kib(daemon.pid)?;
+    let service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let (up, down) = topo.client.run(CLIENT_LIMIT, move || async move {
+        let mut c = Conn::connect(service, Duration::from_secs(5)).await?;
+        let up = c.put_sink(11, STREAM_LEN).await.context("50 MB upload")?;
+        // Same connection: keep-alive through the proxy.
+        let down = c.get_blob(12, STREAM_LEN).await.context("50 MB download")?;
+        Ok((up, down))
+    })?;
+    let after = vm_hwm_kib(daemon.pid)?;
+    println!(
+        "50 MB up (checksum {up:016x}) and down (checksum {down:016x}); daemon VmHWM {before} kB \
+         before, {after} kB after (bound {RSS_BOUND_KIB} kB)"
+    );
+    ensure!(
+        home.stats().bytes_received() == STREAM_LEN && home.stats().sink_mismatches() == 0,
+        "home received {} bytes, {} mismatches",
+        home.stats().bytes_received(),
+        home.stats().sink_mismatches()
+    );
+    ensure!(
+        after < RSS_BOUND_KIB,
+        "daemon peak RSS {after} kB >= {RSS_BOUND_KIB} kB: bodies were buffered"
+    );
+    let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    home.stop()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+#[test]
+fn http_websocket_echo() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httpws")?;
+    let id = topo.lab.id().to_owned();
+    let echo = start_echo(&topo.home, &[("ws", 8081)])?;
+    let daemon = start_http_daemon(&mut topo, &http_service(&[sock(two::HOME, 8081)], ""))?;
+    let service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let echoed = topo.client.run(CLIENT_LIMIT, move || async move {
+        let s = TcpStream::connect(service).await?;
+        let mut s = BufReader::new(s);
+        s.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: ws.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await?;
+        let mut status = String::new();
+        s.read_line(&mut status).await?;
+        ensure!(status.starts_with("HTTP/1.1 101"), "upgrade answered {status:?}");
+        let mut upgrade_header = false;
+        for _ in 0..50 {
+            let mut line = String::new();
+            s.read_line(&mut line).await?;
+            if line.trim().is_empty() {
+                break;
+            }
+            upgrade_header |= line.trim().eq_ignore_ascii_case("upgrade: websocket");
+        }
+        ensure!(upgrade_header, "101 without Upgrade: websocket");
+        let mut got = Vec::new();
+        for msg in ["hello", "through the proxy", "third frame"] {
+            let mask = [0x37u8, 0xfa, 0x21, 0x3d];
+            let mut frame = vec![0x81, 0x80 | u8::try_from(msg.len())?];
+            frame.extend_from_slice(&mask);
+            frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            s.write_all(&frame).await?;
+            let mut hdr = [0u8; 2];
+            s.read_exact(&mut hdr).await?;
+            ensure!(hdr[0] == 0x81, "frame type {:#x}", hdr[0]);
+            let mut payload = vec![0u8; usize::from(hdr[1] & 0x7f)];
+            s.read_exact(&mut payload).await?;
+            got.push(String::from_utf8(payload)?);
+        }
+        // Close.
+        s.write_all(&[0x88, 0x80, 1, 2, 3, 4]).await?;
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).await?;
+        ensure!(hdr[0] == 0x88, "no close frame back: {:#x}", hdr[0]);
+        Ok(got)
+    })?;
+    println!("websocket echo: {echoed:?}");
+    ensure!(
+        echoed == ["hello", "through the proxy", "third frame"],
+        "echoed {echoed:?}"
+    );
+    let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    echo.stop_and_join()?;
+    drop(topo);
+    check_cleaned(&id)
 }

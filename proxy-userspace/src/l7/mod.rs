@@ -1,0 +1,522 @@
+//! The HTTP reverse proxy of `mode = "http"` services (hyper 1.x server, hyper-util's pooled
+//! keep-alive client).
+//!
+//! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
+//! upstream group; take its upstreams that the control plane does not report unhealthy, round
+//! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded
+//! ([`headers`]); send through the pool (connections from the SNAT address); stream both bodies
+//! (never buffered whole); log one access line (`xdp_proxy::access`).
+//!
+//! Failures: no usable upstream -> 503; every upstream refused or failed the connect -> 503;
+//! connect or response head timed out -> 504; the upstream failed after the connect -> 502.
+//! A connect failure is retried on the next upstream when the request is idempotent (GET, HEAD,
+//! OPTIONS, TRACE, PUT, DELETE) and has no body (a streamed body cannot be replayed without
+//! buffering it). Upgrades (WebSocket) are passed through: after a 101 both connections are
+//! joined byte for byte.
+
+pub mod headers;
+
+use std::{
+    convert::Infallible,
+    io,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use crate::{
+    config::{Config, HttpConfig, ServiceMode},
+    state::SharedStatus,
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Upstreams tried for one request (the first, then retries after connect failures).
+const MAX_ATTEMPTS: usize = 3;
+/// Client connections served at once per service (more wait in the accept queue).
+const MAX_CONNECTIONS: usize = 16_384;
+
+/// Per-service counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub retries: AtomicU64,
+    pub upgrades: AtomicU64,
+}
+
+/// One served http service.
+pub struct Service {
+    pub name: String,
+    pub listen: SocketAddrV4,
+    http: HttpConfig,
+    /// The service's own upstreams: requests no route matches.
+    default_group: Vec<SocketAddrV4>,
+    client: Client<HttpConnector, Body>,
+    status: SharedStatus,
+    next: AtomicUsize,
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("name", &self.name)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error("service `{name}`: listening on {listen}/tcp: {source}")]
+    Listen {
+        name: String,
+        listen: SocketAddrV4,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The running L7 listeners; dropping it stops them.
+#[derive(Debug)]
+pub struct L7 {
+    pub services: Vec<Arc<Service>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl L7 {
+    /// Stop accepting.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for L7 {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bind and serve every `mode = "http"` service of `config`; upstream connections come from
+/// `source` (the SNAT address).
+///
+/// # Errors
+/// [`L7Error::Listen`] when a listen address cannot be bound.
+pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<L7, L7Error> {
+    let (tx, rx) = watch::channel(false);
+    let mut services = Vec::new();
+    let mut tasks = Vec::new();
+    for s in config
+        .services
+        .iter()
+        .filter(|s| s.mode == ServiceMode::Http)
+    {
+        let http = s.http.clone().unwrap_or_default();
+        let default_group: Vec<SocketAddrV4> =
+            s.upstreams.iter().filter_map(|u| u.static_addr()).collect();
+        if default_group.len() < s.upstreams.len() {
+            tracing::warn!(service = %s.name, "http services use IPv4 upstream addresses only: DNS upstreams are skipped");
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(http.connect_timeout));
+        connector.set_local_address(Some(IpAddr::V4(source)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(http.idle_timeout)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let listener =
+            crate::l4::tcp::listen(s.listen, 4096).map_err(|source| L7Error::Listen {
+                name: s.name.clone(),
+                listen: s.listen,
+                source,
+            })?;
+        let svc = Arc::new(Service {
+            name: s.name.clone(),
+            listen: s.listen,
+            http,
+            default_group,
+            client,
+            status: status.clone(),
+            next: AtomicUsize::new(0),
+            stats: Stats::default(),
+        });
+        tracing::info!(
+            service = %s.name,
+            listen = %s.listen,
+            routes = svc.http.routes.len(),
+            upstreams = ?svc.default_group,
+            "http proxy listening"
+        );
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&svc),
+            rx.clone(),
+        )));
+        services.push(svc);
+    }
+    Ok(L7 {
+        services,
+        shutdown: tx,
+        tasks,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    svc: Arc<Service>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(service = %svc.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = Arc::clone(&svc);
+        tokio::spawn(async move {
+            let handler = Arc::clone(&svc);
+            let service = hyper::service::service_fn(move |req| {
+                let svc = Arc::clone(&handler);
+                async move { Ok::<_, Infallible>(svc.handle(req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(svc.http.header_timeout)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(service = %svc.name, client = %peer, error = %e, "client connection ended");
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{msg}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// How one attempt failed.
+enum Failure {
+    Connect { timed_out: bool, error: String },
+    HeadTimeout,
+    Upstream(String),
+}
+
+impl Service {
+    /// Whether the control plane reports `addr` unhealthy (an address it does not check
+    /// counts as healthy).
+    fn unhealthy(&self, addr: SocketAddrV4) -> bool {
+        let st = match self.status.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        st.services
+            .iter()
+            .flat_map(|s| s.upstreams.iter())
+            .any(|u| u.resolved == Some(addr) && !u.healthy)
+    }
+
+    /// The group's usable upstreams, starting at the round-robin position.
+    fn candidates(&self, group: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+        if group.is_empty() {
+            return Vec::new();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % group.len();
+        (0..group.len())
+            .map(|i| group[(start + i) % group.len()])
+            .filter(|a| !self.unhealthy(*a))
+            .collect()
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+        let (route, group) = self.http.route(host.as_deref(), &path, &self.default_group);
+        let mut upstream = None;
+        let mut attempts = 0usize;
+        let response = if group.is_empty() {
+            text(StatusCode::NOT_FOUND, "no route for this host and path")
+        } else {
+            let candidates = self.candidates(group);
+            if candidates.is_empty() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "503 no healthy upstream for this route",
+                )
+            } else {
+                let upgrade = headers::upgrade_request(req.headers());
+                let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+                let replayable =
+                    idempotent(&method) && req.body().is_end_stream() && upgrade.is_none();
+                let (parts, body) = req.into_parts();
+                let mut body = Some(body.boxed());
+                let mut last = None;
+                for up in candidates.iter().take(MAX_ATTEMPTS) {
+                    let b = match body.take() {
+                        Some(b) => b,
+                        None if replayable => Empty::new().map_err(|never| match never {}).boxed(),
+                        None => break,
+                    };
+                    attempts += 1;
+                    if attempts > 1 {
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let out = self.upstream_request(&parts, b, *up, peer, upgrade.as_ref());
+                    match self.send(out).await {
+                        Ok(resp) => {
+                            upstream = Some(*up);
+                            let resp =
+                                self.upstream_response(resp, client_upgrade, upgrade.as_ref());
+                            return self.log(
+                                resp,
+                                &method,
+                                &path,
+                                host.as_deref(),
+                                route,
+                                peer,
+                                upstream,
+                                attempts,
+                                started,
+                            );
+                        }
+                        Err(f) => {
+                            let retry = matches!(f, Failure::Connect { .. }) && replayable;
+                            if let Failure::Connect { error, .. } | Failure::Upstream(error) = &f {
+                                tracing::warn!(service = %self.name, upstream = %up, error = %error, retry, "upstream request failed");
+                            }
+                            last = Some(f);
+                            if !retry {
+                                break;
+                            }
+                        }
+                    }
+                }
+                match last {
+                    Some(Failure::Connect {
+                        timed_out: true, ..
+                    }) => text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 upstream connect timed out",
+                    ),
+                    Some(Failure::Connect { .. }) | None => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "503 no upstream accepted the connection",
+                    ),
+                    Some(Failure::HeadTimeout) => text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 upstream did not answer in time",
+                    ),
+                    Some(Failure::Upstream(e)) => text(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("502 upstream failed: {e}"),
+                    ),
+                }
+            }
+        };
+        self.log(
+            response,
+            &method,
+            &path,
+            host.as_deref(),
+            route,
+            peer,
+            upstream,
+            attempts,
+            started,
+        )
+    }
+
+    /// The request as it goes to `up`: absolute URI for the pool, hop-by-hop headers removed,
+    /// the client appended to the forwarding headers.
+    fn upstream_request(
+        &self,
+        parts: &http::request::Parts,
+        body: Body,
+        up: SocketAddrV4,
+        peer: SocketAddr,
+        upgrade: Option<&HeaderValue>,
+    ) -> Request<Body> {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let uri = Uri::builder()
+            .scheme("http")
+            .authority(up.to_string())
+            .path_and_query(pq)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"));
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers.clone();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
+        headers::remove_hop_by_hop(req.headers_mut(), upgrade);
+        headers::add_forwarded(req.headers_mut(), peer.ip(), "http", host.as_deref());
+        req
+    }
+
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
+        match tokio::time::timeout(self.http.header_timeout, self.client.request(req)).await {
+            Err(_) => Err(Failure::HeadTimeout),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if e.is_connect() => {
+                let error = error_chain(&e);
+                let timed_out = error.contains("timed out") || error.contains("timeout");
+                Err(Failure::Connect { timed_out, error })
+            }
+            Ok(Err(e)) => Err(Failure::Upstream(error_chain(&e))),
+        }
+    }
+
+    /// The upstream's response as it goes to the client; for a 101 the two upgraded
+    /// connections are joined.
+    fn upstream_response(
+        &self,
+        mut resp: Response<Incoming>,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        upgrade: Option<&HeaderValue>,
+    ) -> Response<Body> {
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let up_proto = if switching {
+            headers::upgrade_request(resp.headers()).or_else(|| upgrade.cloned())
+        } else {
+            None
+        };
+        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+            self.stats.upgrades.fetch_add(1, Ordering::Relaxed);
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((c, u)) => {
+                        let mut c = TokioIo::new(c);
+                        let mut u = TokioIo::new(u);
+                        match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            Ok((up, down)) => {
+                                tracing::debug!(service = %name, bytes_up = up, bytes_down = down, "upgraded connection closed")
+                            }
+                            Err(e) => {
+                                tracing::debug!(service = %name, error = %e, "upgraded connection failed")
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(service = %name, error = %e, "upgrade failed"),
+                }
+            });
+        }
+        let (mut parts, body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers, up_proto.as_ref());
+        Response::from_parts(parts, body.boxed())
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "one access log line's fields")]
+    fn log(
+        &self,
+        resp: Response<Body>,
+        method: &Method,
+        path: &str,
+        host: Option<&str>,
+        route: Option<usize>,
+        peer: SocketAddr,
+        upstream: Option<SocketAddrV4>,
+        attempts: usize,
+        started: Instant,
+    ) -> Response<Body> {
+        let status = resp.status().as_u16();
+        if status >= 500 {
+            self.stats.responses_5xx.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            target: "xdp_proxy::access",
+            service = %self.name,
+            client = %peer,
+            method = %method,
+            host = host.unwrap_or("-"),
+            path,
+            route = route.map_or_else(|| "default".to_owned(), |r| r.to_string()),
+            upstream = upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+            attempts,
+            status,
+            head_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "access"
+        );
+        resp
+    }
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
