@@ -218,8 +218,13 @@ fn service_stat(stats: &Value, listen: &str, key: &str) -> Result<u64> {
         .ok_or_else(|| anyhow!("no {key} of service {listen} in inspect stats: {stats}"))
 }
 
+/// `<pin_dir>/v<ABI_VERSION>`: where the daemon pins.
+fn layout_dir(pin_dir: &Path) -> std::path::PathBuf {
+    pin_dir.join(format!("v{}", proxy_common::ABI_VERSION))
+}
+
 fn pins(pin_dir: &Path, prefix: &str) -> Result<Vec<String>> {
-    let dir = pin_dir.join("v1");
+    let dir = layout_dir(pin_dir);
     let mut out: Vec<String> = std::fs::read_dir(&dir)
         .with_context(|| format!("read_dir {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -523,8 +528,14 @@ fn check_admin(proxy: &Netns, stats: &Value, listen: &str, pin_dir: &Path) -> Re
             )
         })
         .collect();
-    let pc = pin_dir.join("v1/link_native_pc").display().to_string();
-    let ph = pin_dir.join("v1/link_native_ph").display().to_string();
+    let pc = layout_dir(pin_dir)
+        .join("link_native_pc")
+        .display()
+        .to_string();
+    let ph = layout_dir(pin_dir)
+        .join("link_native_ph")
+        .display()
+        .to_string();
     ensure!(
         ifaces == [("pc", true, pc.as_str()), ("ph", true, ph.as_str())],
         "/status interfaces {ifaces:?}"
@@ -637,10 +648,12 @@ fn incompatible_pinned_layout_is_refused() -> Result<()> {
     let _serial = serial();
     let TwoInterface { mut lab, proxy, .. } = TwoInterface::new("layout")?;
     let pin_dir = lab.mount_bpffs()?;
-    let v1 = pin_dir.join("v1");
+    let v1 = layout_dir(&pin_dir);
     std::fs::create_dir_all(&v1)?;
-    // A forward flow table with the right key (40 bytes) but a 16-byte value (88 expected).
-    let map = v1.join("XP_FLOWS_FWD");
+    // A forward flow table with the right type and key but a 16-byte value.
+    let map = v1.join(proxy_common::MAP_FLOWS_FWD);
+    let key = std::mem::size_of::<proxy_common::FlowKey>().to_string();
+    let value = std::mem::size_of::<proxy_common::FlowValue>();
     netns::run_cmd(std::process::Command::new("bpftool").args([
         "map",
         "create",
@@ -648,7 +661,7 @@ fn incompatible_pinned_layout_is_refused() -> Result<()> {
         "type",
         "lru_hash",
         "key",
-        "40",
+        &key,
         "value",
         "16",
         "entries",
@@ -659,7 +672,7 @@ fn incompatible_pinned_layout_is_refused() -> Result<()> {
     let daemon = start_daemon(&mut lab, &proxy, "xdp-proxy", &config(&pin_dir, SNAT_PORTS))?;
     let how = wait_exit(&mut lab, daemon.pid)?;
     let want = format!(
-        "pinned map {} has value size 16, but this build of xdp-proxy expects 88",
+        "pinned map {} has value size 16, but this build of xdp-proxy expects {value}",
         map.display()
     );
     ensure!(how.contains(&want), "want {want:?} in:\n{how}");
