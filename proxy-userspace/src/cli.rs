@@ -62,7 +62,7 @@ pub enum Command {
 /// Where the pins (and the daemon's metadata file) are.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PinArgs {
-    /// The daemon's datapath.pin_dir (maps are read from `<DIR>/v1/`).
+    /// The daemon's datapath.pin_dir (maps are read from `<DIR>/v<ABI_VERSION>/`).
     #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// Directory of the daemon's metadata files (service names); see docs/inspect-json.md.
@@ -511,7 +511,10 @@ mod tests {
         assert_eq!(err.exit_code(), inspect::exit::NO_PIN_DIR);
         let err = err.to_string();
         assert!(
-            err.contains("pin directory /nonexistent/xpd-pins/v1 does not exist"),
+            err.contains(&format!(
+                "pin directory /nonexistent/xpd-pins/v{} does not exist",
+                proxy_common::ABI_VERSION
+            )),
             "{err}"
         );
     }

@@ -22,7 +22,7 @@ use std::{
 
 use serde::Deserialize;
 
-/// Default bpffs directory for pinned maps (the ABI version is appended: `<pin_dir>/v1`).
+/// Default bpffs directory for pinned maps (the ABI version is appended: `<pin_dir>/v<ABI_VERSION>`).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/xdp-proxy";
 /// Default SNAT source port range (inclusive). Below Linux's default ephemeral range
 /// (32768..=60999), so the daemon's own connections never collide with SNAT ports.
@@ -410,6 +410,8 @@ pub struct ServiceConfig {
     pub mode: ServiceMode,
     pub upstreams: Vec<UpstreamConfig>,
     pub health: HealthConfig,
+    /// `mss_clamp`, `allow`, `deny`, `new_flow_rate`, `new_flow_burst` (see `config/fastpath.rs`).
+    pub fast: ServiceFastPath,
     /// Routes and timeouts of a `mode = "http"` service (`None` for `l4`).
     pub http: Option<HttpConfig>,
 }
@@ -547,6 +549,14 @@ struct RawService {
     upstreams: Vec<toml::Value>,
     #[serde(default)]
     health: RawHealth,
+    // Fast-path options (`config/fastpath.rs`).
+    mss_clamp: Option<i64>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    new_flow_rate: Option<i64>,
+    new_flow_burst: Option<i64>,
     /// `[[service.route]]` (mode = "http"): see `config/http.rs`.
     #[serde(default, rename = "route")]
     routes: Vec<http::RawRoute>,
@@ -1393,6 +1403,19 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             }
         }
         let health = convert_health(s.health, s.protocol, &key, problems);
+        let fast = fastpath::convert(
+            i,
+            s.mode,
+            s.protocol,
+            fastpath::RawFastPath {
+                mss_clamp: s.mss_clamp,
+                allow: s.allow,
+                deny: s.deny,
+                new_flow_rate: s.new_flow_rate,
+                new_flow_burst: s.new_flow_burst,
+            },
+            problems,
+        );
         if s.mode == ServiceMode::L4 {
             l4_count += 1;
             for u in &upstreams {
@@ -1410,9 +1433,14 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             mode: s.mode,
             upstreams,
             health,
+            fast,
             http,
         });
     }
+    fastpath::check_capacity(
+        &services.iter().map(|s| &s.fast).collect::<Vec<_>>(),
+        problems,
+    );
     let max_services = proxy_common::MAX_SERVICES as usize - 1;
     if l4_count > max_services {
         problems.push(Problem::new(
@@ -1451,6 +1479,8 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     config
 }
 
+mod fastpath;
+pub use fastpath::ServiceFastPath;
 mod http;
 pub use http::{HostMatch, HttpConfig, Route};
 

@@ -236,6 +236,7 @@ fn start_datapath(
     controller.found_in_maps(&existing_services, &existing_upstreams);
     let plan = controller.plan()?;
     dp.maps.apply(&plan, &p.ifindexes)?;
+    dp.maps.set_service_options(c)?;
     // Names for `inspect` (the maps hold only ids): a file under /run/xdp-proxy; never fatal.
     crate::inspect::meta::publish(&plan, pin_dir);
     for s in &plan.services {
@@ -505,7 +506,14 @@ fn reconcile_now(controller: &mut Controller, datapath: Option<&Arc<Mutex<Datapa
         tracing::error!("the datapath lock was poisoned by a panicked task: maps not updated");
         return false;
     };
-    match controller.reconcile(&mut dp.maps) {
+    let result = controller.reconcile(&mut dp.maps);
+    if result.is_ok()
+        && let Err(e) = dp.maps.set_service_options(controller.config())
+    {
+        tracing::error!(error = %e, "writing the service options failed (retried on the next event)");
+        return false;
+    }
+    match result {
         Ok(r) => {
             if r.ops > 0 {
                 let c = controller.config();

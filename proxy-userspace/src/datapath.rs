@@ -13,6 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key as LpmKey, LpmTrie},
         xdp::XdpMapError,
     },
     programs::{
@@ -26,10 +27,12 @@ use nix::{
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
 use proxy_common::{
-    ABI_VERSION, FlowKey, FlowValue, MAGLEV_SIZE, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
-    MAP_FLOWS_REV, MAP_MAGLEV, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
-    MAP_UPSTREAMS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_NAME, Reason, ServiceKey,
-    ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue,
+    ABI_VERSION, ACL_HIT, ACL_PREFIX_BASE, AclKey, FAMILY_IPV4, FlowKey, FlowValue, MAGLEV_SIZE,
+    MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV,
+    MAP_RATE, MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_UPSTREAM_STATS, MAP_UPSTREAMS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_NAME,
+    Reason, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE,
+    UpstreamValue, addr_v4,
 };
 
 use crate::{
@@ -39,7 +42,7 @@ use crate::{
 };
 
 /// Every map the daemon pins, in one list.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 14] = [
     MAP_CONFIG,
     MAP_SERVICES,
     MAP_UPSTREAMS,
@@ -50,6 +53,10 @@ pub const PINNED_MAPS: [&str; 10] = [
     MAP_REASONS,
     MAP_SERVICE_STATS,
     MAP_UPSTREAM_STATS,
+    MAP_SERVICE_OPTIONS,
+    MAP_ACL_ALLOW,
+    MAP_ACL_DENY,
+    MAP_RATE,
 ];
 
 /// What went wrong, naming the map, operation or path.
@@ -395,6 +402,9 @@ pub struct Maps {
     reasons: PerCpuArray<MapData, u64>,
     svc_stats: PerCpuArray<MapData, TrafficCounters>,
     ups_stats: PerCpuArray<MapData, TrafficCounters>,
+    svc_opts: Array<MapData, ServiceOptions>,
+    acl_allow: LpmTrie<MapData, AclKey, u32>,
+    acl_deny: LpmTrie<MapData, AclKey, u32>,
     census: FlowCensus,
 }
 
@@ -434,6 +444,9 @@ impl Maps {
             reasons: typed(MAP_REASONS, take(MAP_REASONS)?)?,
             svc_stats: typed(MAP_SERVICE_STATS, take(MAP_SERVICE_STATS)?)?,
             ups_stats: typed(MAP_UPSTREAM_STATS, take(MAP_UPSTREAM_STATS)?)?,
+            svc_opts: typed(MAP_SERVICE_OPTIONS, take(MAP_SERVICE_OPTIONS)?)?,
+            acl_allow: typed(MAP_ACL_ALLOW, take(MAP_ACL_ALLOW)?)?,
+            acl_deny: typed(MAP_ACL_DENY, take(MAP_ACL_DENY)?)?,
             census: FlowCensus::default(),
         })
     }
@@ -1288,9 +1301,7 @@ impl Datapath {
     pub fn release_stale_links(&self, interfaces: &[String]) -> Result<Vec<PathBuf>> {
         let keep: HashSet<String> = interfaces
             .iter()
-            .flat_map(|i| {
-                [AttachMode::Native, AttachMode::Generic].map(|m| link_pin_name(m, i))
-            })
+            .flat_map(|i| [AttachMode::Native, AttachMode::Generic].map(|m| link_pin_name(m, i)))
             .collect();
         let entries = std::fs::read_dir(&self.dir).map_err(|source| DatapathError::Fs {
             op: "listing",
@@ -1405,7 +1416,9 @@ mod link_pin_tests {
                 AttachMode::Native,
                 "ens5"
             ),
-            Path::new("/sys/fs/bpf/xdp-proxy/v1/link_native_ens5")
+            Path::new(&format!(
+                "/sys/fs/bpf/xdp-proxy/v{ABI_VERSION}/link_native_ens5"
+            ))
         );
         // bpffs refuses '.' in names: a VLAN interface name is escaped.
         assert_eq!(
@@ -1416,5 +1429,83 @@ mod link_pin_tests {
             link_pin_name(AttachMode::Native, "a_b-c"),
             "link_native_a_b-c"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-service fast-path options (docs/datapath.md steps 7 and 9).
+// ---------------------------------------------------------------------------------------------
+
+impl Maps {
+    /// Write every l4 service's fast-path options: `XP_SVC_OPTS[id]` (ids found in
+    /// `XP_SERVICES` by the service's listen address, port and protocol, so this runs after the
+    /// services are written), and the exact set of allow/deny prefixes into the ACL tries (new
+    /// ones inserted before stale ones are removed). Ids without a configured service get
+    /// all-zero options. Cheap (64 array writes plus the ACL difference): safe to call after
+    /// every reconcile.
+    ///
+    /// # Errors
+    /// The first failing map operation.
+    pub fn set_service_options(&mut self, config: &crate::config::Config) -> Result<()> {
+        let ids: std::collections::HashMap<ServiceKey, u32> = self
+            .services()?
+            .into_iter()
+            .map(|(k, v)| (k, v.id))
+            .collect();
+        let mut opts = vec![ServiceOptions::default(); MAX_SERVICES as usize];
+        let mut allow = HashSet::new();
+        let mut deny = HashSet::new();
+        for (_, s) in config.l4_services() {
+            let key = ServiceKey {
+                addr: addr_v4(s.listen.ip().octets()),
+                port: s.listen.port().to_be_bytes(),
+                proto: s.protocol.number(),
+                family: FAMILY_IPV4,
+            };
+            let Some(&id) = ids.get(&key) else { continue };
+            let Some(slot) = opts.get_mut(id as usize) else {
+                continue;
+            };
+            *slot = s.fast.options();
+            let acl_key = |c: &crate::config::Ipv4Cidr| {
+                (
+                    ACL_PREFIX_BASE + u32::from(c.prefix_len),
+                    AclKey {
+                        service_id: id.to_be_bytes(),
+                        family: FAMILY_IPV4,
+                        addr: addr_v4(c.network.octets()),
+                        _pad: [0; 3],
+                    },
+                )
+            };
+            allow.extend(s.fast.allow.iter().map(acl_key));
+            deny.extend(s.fast.deny.iter().map(acl_key));
+        }
+        for (id, o) in (0u32..).zip(opts) {
+            self.svc_opts
+                .set(id, o, 0)
+                .map_err(map_err(MAP_SERVICE_OPTIONS, format!("set {id}")))?;
+        }
+        for (trie, want, name) in [
+            (&mut self.acl_deny, &deny, MAP_ACL_DENY),
+            (&mut self.acl_allow, &allow, MAP_ACL_ALLOW),
+        ] {
+            let have: HashSet<(u32, AclKey)> = trie
+                .keys()
+                .filter_map(|k| k.ok())
+                .map(|k| (k.prefix_len(), k.data()))
+                .collect();
+            for (len, data) in want.difference(&have) {
+                trie.insert(&LpmKey::new(*len, *data), ACL_HIT, 0)
+                    .map_err(map_err(name, "insert"))?;
+            }
+            for (len, data) in have.difference(want) {
+                match trie.remove(&LpmKey::new(*len, *data)) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(map_err(name, "remove")(e)),
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -427,7 +427,7 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
     if let Ok(show) = netns::run_cmd(
         Command::new("bpftool")
             .args(["map", "show", "pinned"])
-            .arg(pin_dir.join("v1/XP_FLOWS_FWD")),
+            .arg(pin_dir.join(format!("v{}/XP_FLOWS_FWD", proxy_common::ABI_VERSION))),
     ) {
         println!("bpftool map show: {}", show.trim());
     }

@@ -14,7 +14,7 @@ pub mod hash;
 
 /// Version of the map layout. Part of the pin directory (`<pin_dir>/v<ABI_VERSION>`), so a daemon
 /// with a different layout never reuses (and misreads) maps pinned by another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Program and map names (BPF object names: at most 15 characters).

@@ -196,9 +196,51 @@ pub fn write(dir: &Path, meta: &Metadata) -> Result<PathBuf, MetaError> {
     Ok(path)
 }
 
-/// The daemon's call after it wrote a plan: write the metadata for `pin_dir` into [`META_DIR`].
-/// A failure is logged, never fatal (inspect then shows ids without names).
+/// Remove the files in `dir` left for pins that are gone: the writer's PID no longer runs and
+/// its `<pin_dir>/v<ABI>` no longer exists (a bpffs unmounted, a test lab torn down). Files of
+/// running daemons and of surviving pins stay. Returns the removed paths; errors are skipped.
+pub fn prune(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let (Some(pin_dir), Some(pid)) = (
+            v.get("pin_dir").and_then(serde_json::Value::as_str),
+            v.get("pid").and_then(serde_json::Value::as_u64),
+        ) else {
+            continue;
+        };
+        let abi = v
+            .get("abi")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(u64::from(proxy_common::ABI_VERSION));
+        let running = Path::new("/proc").join(pid.to_string()).exists();
+        let pins = Path::new(pin_dir).join(format!("v{abi}")).exists();
+        if !running && !pins && std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// The daemon's call after it wrote a plan: write the metadata for `pin_dir` into [`META_DIR`]
+/// (and [`prune`] the files of pins that are gone). A failure is logged, never fatal (inspect
+/// then shows ids without names).
 pub fn publish(plan: &Plan, pin_dir: &Path) {
+    for path in prune(Path::new(META_DIR)) {
+        tracing::debug!(path = %path.display(), "removed the metadata of pins that are gone");
+    }
     match write(Path::new(META_DIR), &from_plan(plan, pin_dir)) {
         Ok(path) => tracing::debug!(path = %path.display(), "metadata for inspect written"),
         Err(e) => {
@@ -359,6 +401,35 @@ mod tests {
             read(&dir, Path::new("/p/x")).unwrap_err(),
             MetaError::Parse { .. }
         ));
+
+        // Pruning: only a file whose writer is gone and whose pins are gone goes.
+        let pins = dir.join("pins");
+        std::fs::create_dir_all(pins.join("v1")).unwrap();
+        let gone_pid = u32::MAX - 1;
+        let alive = Metadata {
+            pin_dir: dir.join("nowhere"),
+            pid: std::process::id(),
+            ..meta()
+        };
+        let kept_pins = Metadata {
+            pin_dir: pins.clone(),
+            pid: gone_pid,
+            ..meta()
+        };
+        let stale = Metadata {
+            pin_dir: dir.join("gone"),
+            pid: gone_pid,
+            ..meta()
+        };
+        for m in [&alive, &kept_pins, &stale] {
+            write(&dir, m).unwrap();
+        }
+        let removed = prune(&dir);
+        assert_eq!(removed, [path_in(&dir, &stale.pin_dir)]);
+        assert!(
+            path_in(&dir, &alive.pin_dir).exists() && path_in(&dir, &kept_pins.pin_dir).exists()
+        );
+        assert!(path.exists(), "unparsable files are left alone");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -40,7 +40,7 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// Bad command line (clap's own code).
     pub const USAGE: u8 = 2;
-    /// The pin directory (`<pin_dir>/v1`) does not exist.
+    /// The pin directory (`<pin_dir>/v<ABI_VERSION>`) does not exist.
     pub const NO_PIN_DIR: u8 = 3;
     /// Permission denied reading the pins or the metadata.
     pub const PERMISSION: u8 = 4;
@@ -501,12 +501,14 @@ mod tests {
         assert!(e.to_string().contains("/x/v1 does not exist"), "{e}");
         let e = InspectError::LayoutVersion {
             pin_dir: "/x".into(),
-            found: vec!["v2".into()],
+            found: vec![format!("v{}", ABI_VERSION + 1)],
         };
         assert_eq!(e.exit_code(), 5);
         assert!(
-            e.to_string()
-                .contains("layout v2 but this xdp-proxy reads layout v1"),
+            e.to_string().contains(&format!(
+                "layout v{} but this xdp-proxy reads layout v{ABI_VERSION}",
+                ABI_VERSION + 1
+            )),
             "{e}"
         );
         let e = InspectError::Meta(meta::MetaError::Version {

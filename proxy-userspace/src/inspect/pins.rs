@@ -469,16 +469,18 @@ mod tests {
         let err = check_pin_dir(&base).unwrap_err();
         assert!(matches!(err, InspectError::NoPinDir { .. }), "{err}");
         assert_eq!(err.exit_code(), super::super::exit::NO_PIN_DIR);
-        std::fs::create_dir_all(base.join("v2")).unwrap();
+        let other = format!("v{}", ABI_VERSION + 1);
+        std::fs::create_dir_all(base.join(&other)).unwrap();
         std::fs::create_dir_all(base.join("vx")).unwrap();
         let err = check_pin_dir(&base).unwrap_err();
         assert!(
-            matches!(&err, InspectError::LayoutVersion { found, .. } if found == &["v2".to_owned()]),
+            matches!(&err, InspectError::LayoutVersion { found, .. } if found == &[other.clone()]),
             "{err}"
         );
         assert_eq!(err.exit_code(), super::super::exit::LAYOUT);
-        std::fs::create_dir_all(base.join("v1")).unwrap();
-        assert_eq!(check_pin_dir(&base).unwrap(), base.join("v1"));
+        let ours = format!("v{ABI_VERSION}");
+        std::fs::create_dir_all(base.join(&ours)).unwrap();
+        assert_eq!(check_pin_dir(&base).unwrap(), base.join(&ours));
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
