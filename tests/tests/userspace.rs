@@ -8,6 +8,9 @@
 //!   daemon says so, undoes the attachment it made on the other interface, and serves the L4
 //!   services in userspace.
 //!
+//! - `userspace_l4_follows_health`: `mode = "userspace"` with a dead upstream beside a live one:
+//!   once the control plane's health checks take it out, the userspace path (TCP and UDP)
+//!   sends every new flow to the live one, as the fast path's Maglev table would.
 //! - `http_routes_forwarded_headers_retry_and_503`: `mode = "http"`: routing by Host and by path
 //!   prefix to upstream groups, X-Forwarded-For / X-Forwarded-Proto / Forwarded appended,
 //!   hop-by-hop headers removed, a refused upstream retried on another, a group with no
@@ -256,6 +259,93 @@ fn xdp_prog_ids(ns: &Netns, dev: &str) -> Result<Vec<String>> {
         .filter_map(|s| s.split_whitespace().next())
         .map(str::to_owned)
         .collect())
+}
+
+#[test]
+fn userspace_l4_follows_health() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("ushealth")?;
+    let id = topo.lab.id().to_owned();
+    let live = sock(two::HOME, HOME_PORT);
+    // Nothing listens there (TCP or UDP).
+    let dead = sock(two::HOME, 8083);
+    let home = HomeServer::start(&topo.home, live, Some(live), CLIENT_LIMIT * 2)?;
+    let tcp_service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let udp_service = sock(two::PROXY_CLIENT_SIDE, 53);
+    let health = "[service.health]\nkind = \"tcp\"\ninterval = \"300ms\"\ntimeout = \"250ms\"\nfall = 2\nrise = 1\n";
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let config = format!(
+        "{}
+[[service]]
+name = \"web\"
+listen = \"{tcp_service}\"
+protocol = \"tcp\"
+upstreams = [\"{live}\", \"{dead}\"]
+{health}
+[[service]]
+name = \"dns\"
+listen = \"{udp_service}\"
+protocol = \"udp\"
+upstreams = [\"{live}\", \"{dead}\"]
+{health}",
+        base_config("userspace", &[], &pin_dir)
+    );
+    let lab = &mut topo.lab;
+    let daemon = Daemon::start(lab, &topo.proxy, &config)?;
+    for svc in ["web", "dns"] {
+        let line = daemon.wait_log(
+            lab,
+            &[
+                "userspace L4: upstream set changed",
+                &format!("service={svc} "),
+                &format!("upstreams=[{live}]"),
+            ],
+            1,
+            READY,
+        )?;
+        println!("daemon: {}", line[0]);
+    }
+    let failed_before = lab
+        .log_text(daemon.pid)
+        .lines()
+        .filter(|l| l.contains("upstream connect failed"))
+        .count();
+    let (answers, udp) = topo.client.run(CLIENT_LIMIT, move || async move {
+        let mut answers = 0;
+        for _ in 0..40 {
+            let mut c = Conn::connect(tcp_service, Duration::from_secs(5)).await?;
+            let (status, _) = c.get_text("/").await?;
+            ensure!(status.contains(" 200 "), "GET /: {status}");
+            answers += 1;
+        }
+        // Each socket is its own flow; without the health state about half of them would go
+        // to the dead upstream and never be answered.
+        let udp = traffic::udp_exchange(udp_service, 16, 2, 9).await?;
+        Ok((answers, udp))
+    })?;
+    let failed_after = lab
+        .log_text(daemon.pid)
+        .lines()
+        .filter(|l| l.contains("upstream connect failed"))
+        .count();
+    println!(
+        "{answers} TCP connections answered; udp {} requests on {} flows, {} retries",
+        udp.requests, udp.sockets, udp.retries
+    );
+    ensure!(
+        answers == 40 && udp.requests == 32,
+        "not every flow was answered"
+    );
+    ensure!(
+        failed_after == failed_before,
+        "{} connects to the dead upstream after it left the table",
+        failed_after - failed_before
+    );
+    let status = daemon.stop(lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    home.stop()?;
+    drop(topo);
+    check_cleaned(&id)
 }
 
 // ---------------------------------------------------------------------------------------------
