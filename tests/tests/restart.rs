@@ -771,3 +771,45 @@ fn link_of_an_interface_dropped_from_the_config_is_released() -> Result<()> {
     ensure!(pins(&pin_dir, "link_")?.is_empty());
     Ok(())
 }
+
+/// An upgrade that changes the map layout: the new daemon pins under another `v<N>`, finds the
+/// links left under the old one, switches them to its program (the interfaces never go without
+/// one) and moves their pins to its own directory.
+#[test]
+fn links_of_another_layout_version_are_taken_over() -> Result<()> {
+    let _serial = serial();
+    let TwoInterface { mut lab, proxy, .. } = TwoInterface::new("relayout")?;
+    let pin_dir = lab.mount_bpffs()?;
+    let cfg = config(&pin_dir, SNAT_PORTS);
+    let first = start_daemon(&mut lab, &proxy, "xdp-proxy-1", &cfg)?;
+    wait_up(&mut lab, &proxy, &first)?;
+    signal(first.pid, nix::sys::signal::Signal::SIGQUIT)?;
+    wait_exit(&mut lab, first.pid)?;
+    // Make the links look like an older layout's: move their pins to `v0/`.
+    let old = pin_dir.join("v0");
+    std::fs::create_dir_all(&old)?;
+    for name in pins(&pin_dir, "link_")? {
+        std::fs::rename(layout_dir(&pin_dir).join(&name), old.join(&name))
+            .with_context(|| format!("moving pin {name}"))?;
+    }
+    let second = start_daemon(&mut lab, &proxy, "xdp-proxy-2", &cfg)?;
+    wait_up(&mut lab, &proxy, &second)?;
+    ensure!(
+        pins(&pin_dir, "link_")? == ["link_native_pc", "link_native_ph"],
+        "link pins: {:?}",
+        pins(&pin_dir, "link_")?
+    );
+    let left: Vec<_> = std::fs::read_dir(&old)?.flatten().collect();
+    ensure!(left.is_empty(), "pins left in v0: {left:?}");
+    let log = std::fs::read_to_string(lab.run_dir().join("xdp-proxy-2.log"))?;
+    ensure!(
+        log.matches("another map layout").count() == 2,
+        "no take-over logged:\n{log}"
+    );
+    let status = second.stop(&mut lab)?;
+    ensure!(status.success(), "second daemon exited with {status}");
+    for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
+        ensure!(!netns::has_xdp(&proxy, dev)?, "XDP on {dev} after SIGTERM");
+    }
+    Ok(())
+}
