@@ -412,6 +412,10 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
             ensure!(head.len() < 100, "head too long");
             head.push(line);
         }
+        if name == "silent" {
+            // Takes the request, never answers (bounded by the thread's limit).
+            std::future::pending::<()>().await;
+        }
         let websocket = head
             .iter()
             .any(|l| l.eq_ignore_ascii_case("upgrade: websocket"));
@@ -506,13 +510,19 @@ fn http_routes_forwarded_headers_retry_and_503() -> Result<()> {
     let id = topo.lab.id().to_owned();
     let echo = start_echo(
         &topo.home,
-        &[("alpha", 8081), ("beta", 8082), ("gamma", 8084)],
+        &[
+            ("alpha", 8081),
+            ("beta", 8082),
+            ("gamma", 8084),
+            ("silent", 8085),
+        ],
     )?;
     let up = |port| sock(two::HOME, port);
     // 8083: nothing listens there (connections refused).
     let routes = format!(
         "[service.http]
-connect_timeout = \"2s\"
+connect_timeout = \"1s\"
+header_timeout = \"1s\"
 
 [[service.route]]
 host = \"a.example\"
@@ -529,10 +539,22 @@ upstreams = [\"{down}\", \"{a}\"]
 [[service.route]]
 path_prefix = \"/down/\"
 upstreams = [\"{down}\"]
+
+[[service.route]]
+path_prefix = \"/slow/\"
+upstreams = [\"{silent}\"]
+
+[[service.route]]
+path_prefix = \"/nowhere/\"
+upstreams = [\"{nowhere}\"]
 ",
         a = up(8081),
         b = up(8082),
         down = up(8083),
+        silent = up(8085),
+        // In the home subnet, no host: the connect waits for ARP (about 3 s) until the
+        // 1 s connect timeout ends it.
+        nowhere = sock(std::net::Ipv4Addr::new(10, 200, 0, 99), 80),
     );
     let daemon = start_http_daemon(&mut topo, &http_service(&[up(8084)], &routes))?;
     let base = format!("http://{}", two::PROXY_CLIENT_SIDE);
@@ -647,6 +669,18 @@ upstreams = [\"{down}\"]
         &["-X", "POST", "-d", "x=1", &format!("{base}/down/y")],
     )?;
     ensure!(code == 503, "POST /down/y: {code} {body}");
+
+    // Timeouts: the upstream takes the request and never answers; the connect never completes.
+    let (code, body) = get("other.example", "/slow/x")?;
+    ensure!(
+        code == 504 && body.contains("upstream did not answer in time"),
+        "GET /slow/x: {code} {body}"
+    );
+    let (code, body) = get("other.example", "/nowhere/x")?;
+    ensure!(
+        code == 504 && body.contains("connect timed out"),
+        "GET /nowhere/x: {code} {body}"
+    );
 
     let status = daemon.stop(&mut topo.lab)?;
     ensure!(status.success(), "daemon exited with {status}");

@@ -138,12 +138,14 @@ pub fn classify(e: DatapathError) -> InspectError {
                 ),
             }
         }
-        DatapathError::Map { ref source, .. } if permission(source) => {
-            InspectError::PermissionDenied {
-                path: PathBuf::from(format!("{e}")),
-                source: io::Error::from(io::ErrorKind::PermissionDenied),
-            }
-        }
+        DatapathError::Map {
+            map,
+            ref op,
+            ref source,
+        } if permission(source) => InspectError::PermissionDenied {
+            path: PathBuf::from(format!("map {map} ({op})")),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        },
         e @ DatapathError::IncompatiblePin { .. } => InspectError::Layout {
             detail: e.to_string(),
         },
@@ -474,7 +476,7 @@ mod tests {
         std::fs::create_dir_all(base.join("vx")).unwrap();
         let err = check_pin_dir(&base).unwrap_err();
         assert!(
-            matches!(&err, InspectError::LayoutVersion { found, .. } if found == &[other.clone()]),
+            matches!(&err, InspectError::LayoutVersion { found, .. } if found.len() == 1 && found[0] == other),
             "{err}"
         );
         assert_eq!(err.exit_code(), super::super::exit::LAYOUT);

@@ -424,11 +424,10 @@ impl Service {
         match tokio::time::timeout(self.http.header_timeout, self.client.request(req)).await {
             Err(_) => Err(Failure::HeadTimeout),
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) if e.is_connect() => {
-                let error = error_chain(&e);
-                let timed_out = error.contains("timed out") || error.contains("timeout");
-                Err(Failure::Connect { timed_out, error })
-            }
+            Ok(Err(e)) if e.is_connect() => Err(Failure::Connect {
+                timed_out: timed_out(&e),
+                error: error_chain(&e),
+            }),
             Ok(Err(e)) => Err(Failure::Upstream(error_chain(&e))),
         }
     }
@@ -507,6 +506,21 @@ impl Service {
         );
         resp
     }
+}
+
+/// Whether an io::Error of kind `TimedOut` is among `e`'s sources (the connector's connect
+/// timeout).
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// An error and its sources, one line.
