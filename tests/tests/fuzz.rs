@@ -1,0 +1,1019 @@
+//! Malformed and hostile input: property-based fuzzing of the XDP program (through
+//! `BPF_PROG_TEST_RUN` on the real object, maps filled) and of the config parser, plus
+//! exhaustive sweeps that prove the proxy is no open relay.
+//!
+//! - `fuzzed_packets_never_forward_wrongly`: valid service packets (new TCP and UDP flows,
+//!   packets of existing flows in both directions, FIN, TCP options, non-service packets, an
+//!   ICMP error quoting a NATed packet) built with `integration_tests::packet`, then mutated
+//!   (random bytes of the headers XORed, optionally the IP header checksum fixed again so the
+//!   mutation gets past it) and truncated, arriving on either interface. Every verdict must be
+//!   one of the program's reasons with exactly that one reason counter bumped by one and its
+//!   implied action; never `aborted`; a passed packet that no flow rewrote is untouched; a
+//!   rewritten packet (forwarded, or passed to the kernel after its flow matched) keeps its
+//!   length, has right IP and L4 checksums whenever the input's were right, matches a flow entry
+//!   for its own 5-tuple and carries exactly that entry's rewrite, and goes either to an upstream
+//!   address inside the home CIDRs (forward entries, whose key is a configured service) or back
+//!   to the client of that very flow (reverse entries). After the run every flow entry in both
+//!   tables belongs to a configured service and a configured upstream.
+//!   Cases: `XPT_FUZZ_CASES` (default 4000), seed `XPT_FUZZ_SEED` (default fixed).
+//! - `config_parser_never_panics`: arbitrary bytes, and valid configs mutated (bytes replaced,
+//!   lines dropped or duplicated, values swapped for hostile ones), through
+//!   `xdp_proxy::config::Config::parse` and `validate_runtime`: a value or an error, never a
+//!   panic. Cases: `XPT_FUZZ_CONFIG_CASES` (default 3000).
+//! - `no_open_relay_to_any_other_address_or_port`: TCP SYNs and UDP datagrams to every port of
+//!   the service address and of the SNAT address (both interfaces), and to other local,
+//!   broadcast, multicast and home addresses: only the two configured services are forwarded;
+//!   everything else passes untouched (or is dropped), counted.
+//! - `reply_from_outside_home_for_a_snat_port_is_not_forwarded`: packets from addresses outside
+//!   the home CIDRs (and from a home host that is not the flow's upstream, and from the upstream
+//!   with another port) to the SNAT address and port of a live flow miss the reverse key (which
+//!   includes the upstream's address and port) and pass untouched; the flow is unchanged.
+//!
+//! Run as root: `cargo test -p integration-tests --test fuzz -- --nocapture`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+
+use integration_tests::packet::topo::*;
+use integration_tests::packet::{
+    ETH_HLEN, Harness, Iface, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, Tuple, XdpMd,
+    fix_ip_checksum, hex, hexdump, verify_checksums, with_harness,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proxy_common::{
+    FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_FLOWS_FWD, MAP_FLOWS_REV,
+    REASON_COUNT, Reason, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4_octets,
+};
+
+/// Default fixed seed (32 bytes for ChaCha): the same cases on every run unless overridden.
+const DEFAULT_SEED: u64 = 0x5eed_f00d_0bad_cafe;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn runner(cases_var: &str, default_cases: u32, seed_salt: u64) -> (TestRunner, u32, u64) {
+    let cases = u32::try_from(env_u64(cases_var, u64::from(default_cases))).unwrap_or(u32::MAX);
+    let seed = env_u64("XPT_FUZZ_SEED", DEFAULT_SEED) ^ seed_salt;
+    let mut bytes = [0u8; 32];
+    for (i, chunk) in bytes.chunks_mut(8).enumerate() {
+        chunk
+            .copy_from_slice(&(seed.rotate_left(u32::try_from(i).unwrap_or(0) * 16)).to_le_bytes());
+    }
+    let config = PtConfig {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters: 2000,
+        ..PtConfig::default()
+    };
+    (
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)),
+        cases,
+        seed,
+    )
+}
+
+// =============================================================================================
+// The packet fuzzer.
+// =============================================================================================
+
+const CLIENT_A: SocketAddrV4 = SocketAddrV4::new(CLIENT_1, 40_000);
+const CLIENT_B: SocketAddrV4 = SocketAddrV4::new(CLIENT_2, 51_515);
+
+/// Addresses the daemon would accept as upstreams (every upstream of the harness): the home
+/// side (10.20.0.0/16) and the harness's no-route upstream's network (10.99.0.0/16).
+fn in_home(ip: Ipv4Addr) -> bool {
+    let o = ip.octets();
+    o[0] == 10 && (o[1] == 20 || o[1] == 99)
+}
+
+/// Every configured (service address, port, protocol) of the harness.
+fn services() -> HashSet<(Ipv4Addr, u16, u8)> {
+    [
+        (SVC_TCP, IPPROTO_TCP),
+        (SVC_UDP, IPPROTO_UDP),
+        (SVC_EMPTY, IPPROTO_TCP),
+        (SVC_NO_NEIGH, IPPROTO_TCP),
+        (SVC_NO_ROUTE, IPPROTO_TCP),
+    ]
+    .into_iter()
+    .map(|(a, p)| (*a.ip(), a.port(), p))
+    .collect()
+}
+
+/// Every configured upstream (address, port) of the harness.
+fn upstreams() -> HashSet<(Ipv4Addr, u16)> {
+    [UPS_TCP, UPS_UDP, UPS_NO_NEIGH, UPS_NO_ROUTE, UPS_TCP_2]
+        .into_iter()
+        .map(|a| (*a.ip(), a.port()))
+        .collect()
+}
+
+fn ip_of(a: &proxy_common::Addr) -> Ipv4Addr {
+    Ipv4Addr::from(addr_v4_octets(a))
+}
+
+/// The flow key of an Ethernet + IPv4 + TCP/UDP frame, parsed independently of the program
+/// (only what the key needs; `None` when the frame does not carry one).
+fn key_of(frame: &[u8]) -> Option<FlowKey> {
+    if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
+        return None;
+    }
+    let ip = &frame[ETH_HLEN..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let proto = ip[9];
+    if !(proto == IPPROTO_TCP || proto == IPPROTO_UDP) || ip.len() < ihl + 4 {
+        return None;
+    }
+    let l4 = &ip[ihl..];
+    Some(
+        Tuple::new(
+            SocketAddrV4::new(
+                Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+                u16::from_be_bytes([l4[0], l4[1]]),
+            ),
+            SocketAddrV4::new(
+                Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+            ),
+            proto,
+        )
+        .key(),
+    )
+}
+
+/// The known flows the fuzzer's base packets belong to (created by running valid packets).
+#[derive(Clone, Copy, Debug)]
+struct Known {
+    tcp_snat: SocketAddrV4,
+    udp_snat: SocketAddrV4,
+}
+
+fn from_client(p: Packet) -> Packet {
+    p.macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC)
+}
+
+fn from_upstream(p: Packet) -> Packet {
+    p.macs(UPSTREAM_MAC, HOME_DEV_MAC)
+}
+
+/// The valid packets the fuzzer starts from, with the interface each normally arrives on
+/// (`true`: client side).
+fn bases(k: Known) -> Vec<(&'static str, Vec<u8>, bool)> {
+    let payload: Vec<u8> = (0u8..=200).collect();
+    let tcp_fwd = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_ACK | TCP_PSH)).payload(&payload);
+    let quote = {
+        // What the proxy sent to the upstream for the TCP flow: an ICMP error from the home
+        // side quotes it.
+        let sent = Packet::tcp(k.tcp_snat, UPS_TCP, TCP_ACK).ttl(63).bytes();
+        sent[ETH_HLEN..ETH_HLEN + 48.min(sent.len() - ETH_HLEN)].to_vec()
+    };
+    vec![
+        (
+            "new TCP flow (SYN) to the TCP service",
+            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)).bytes(),
+            true,
+        ),
+        (
+            "SYN with MSS, SACK and timestamp options",
+            from_client(Packet::tcp(
+                SocketAddrV4::new(CLIENT_2, 40_001),
+                SVC_TCP,
+                TCP_SYN,
+            ))
+            .tcp_options(&[
+                2, 4, 5, 180, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 1, 0,
+            ])
+            .bytes(),
+            true,
+        ),
+        ("data on an existing TCP flow", tcp_fwd.bytes(), true),
+        (
+            "FIN on an existing TCP flow",
+            from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_ACK | TCP_FIN)).bytes(),
+            true,
+        ),
+        (
+            "reply on an existing TCP flow",
+            from_upstream(Packet::tcp(UPS_TCP, k.tcp_snat, TCP_ACK | TCP_PSH))
+                .payload(&payload)
+                .bytes(),
+            false,
+        ),
+        (
+            "datagram on an existing UDP flow",
+            from_client(Packet::udp(CLIENT_A, SVC_UDP, &payload)).bytes(),
+            true,
+        ),
+        (
+            "new UDP flow",
+            from_client(Packet::udp(CLIENT_B, SVC_UDP, b"q")).bytes(),
+            true,
+        ),
+        (
+            "reply on an existing UDP flow",
+            from_upstream(Packet::udp(UPS_UDP, k.udp_snat, &payload)).bytes(),
+            false,
+        ),
+        (
+            "TCP to a port that is no service",
+            from_client(Packet::tcp(
+                CLIENT_A,
+                SocketAddrV4::new(SERVICE_IP, 22),
+                TCP_SYN,
+            ))
+            .bytes(),
+            true,
+        ),
+        (
+            "reply to the SNAT port from outside home",
+            from_client(Packet::tcp(
+                SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), UPS_TCP.port()),
+                k.tcp_snat,
+                TCP_ACK,
+            ))
+            .bytes(),
+            true,
+        ),
+        (
+            "ICMP host unreachable quoting the TCP flow's packet",
+            from_upstream(Packet::icmp(UPSTREAM_IP, SNAT_IP, 3, 1, [0; 4], &quote)).bytes(),
+            false,
+        ),
+    ]
+}
+
+/// One fuzz case: which base, how to mutate it.
+#[derive(Clone, Debug)]
+struct Case {
+    base: usize,
+    /// (offset, xor) pairs applied in order; offsets beyond the frame are ignored.
+    flips: Vec<(usize, u8)>,
+    /// Recompute the IPv4 header checksum after the flips (so the mutation reaches the rest).
+    fix_ip: bool,
+    /// Keep only this many bytes (at least 14: the kernel refuses shorter input).
+    truncate: Option<usize>,
+    /// Arrive on the other interface than the base's usual one.
+    swap_ingress: bool,
+}
+
+fn case_strategy(nbases: usize) -> impl Strategy<Value = Case> {
+    // Offsets weighted towards the headers: Ethernet + IPv4 + TCP/UDP + some options.
+    let flip = (0usize..80, 1u8..=255);
+    (
+        0..nbases,
+        proptest::collection::vec(flip, 0..5),
+        any::<bool>(),
+        proptest::option::weighted(0.25, 14usize..120),
+        proptest::bool::weighted(0.15),
+    )
+        .prop_map(|(base, flips, fix_ip, truncate, swap_ingress)| Case {
+            base,
+            flips,
+            fix_ip,
+            truncate,
+            swap_ingress,
+        })
+}
+
+fn mutate(base: &[u8], c: &Case) -> Vec<u8> {
+    let mut f = base.to_vec();
+    for &(off, x) in &c.flips {
+        if let Some(b) = f.get_mut(off) {
+            *b ^= x;
+        }
+    }
+    if c.fix_ip && f.len() >= ETH_HLEN + 20 && f[12..14] == [0x08, 0x00] {
+        let ihl = usize::from(f[ETH_HLEN] & 0x0f) * 4;
+        if ihl >= 20 && f.len() >= ETH_HLEN + ihl {
+            fix_ip_checksum(&mut f);
+        }
+    }
+    if let Some(n) = c.truncate {
+        f.truncate(n.max(ETH_HLEN));
+    }
+    f
+}
+
+/// Reasons whose packet was rewritten by a flow entry (forwarded, or passed after the rewrite).
+fn rewritten(r: Reason) -> bool {
+    matches!(
+        r,
+        Reason::FwdTx
+            | Reason::FwdRedirect
+            | Reason::RevTx
+            | Reason::RevRedirect
+            | Reason::PassNoNeigh
+            | Reason::PassFibFailed
+    )
+}
+
+/// Check one run against every rule the fuzzer asserts; `Err` names the broken rule.
+#[allow(clippy::too_many_lines, reason = "one rule after the other, in order")]
+fn check_case(
+    h: &Harness,
+    input: &[u8],
+    ingress: Iface,
+    tally: &mut BTreeMap<&'static str, u64>,
+) -> Result<(), String> {
+    let before = h.reasons();
+    let md = XdpMd {
+        data_end: u32::try_from(input.len()).map_err(|e| e.to_string())?,
+        ingress_ifindex: ingress.ifindex,
+        ..XdpMd::default()
+    };
+    let run = h.try_run(input, md).map_err(|e| format!("{e:#}"))?;
+    let after = h.reasons();
+    let delta: Vec<(Reason, i128)> = Reason::ALL
+        .iter()
+        .zip(before.iter().zip(after.iter()))
+        .map(|(r, (b, a))| (*r, i128::from(*a) - i128::from(*b)))
+        .filter(|(_, d)| *d != 0)
+        .collect();
+    let [(reason, 1)] = delta[..] else {
+        return Err(format!(
+            "expected exactly one reason counter +1, got {delta:?}"
+        ));
+    };
+    *tally.entry(reason.name()).or_default() += 1;
+    if reason == Reason::Aborted {
+        return Err("aborted".into());
+    }
+    if run.action != reason.action() {
+        return Err(format!(
+            "action {} but reason {} implies {}",
+            run.action,
+            reason.name(),
+            reason.action()
+        ));
+    }
+    let input_ok = verify_checksums(input).is_ok();
+    let out = &run.output;
+    if rewritten(reason) {
+        if out.len() != input.len() {
+            return Err(format!(
+                "rewritten packet changed length {} -> {}",
+                input.len(),
+                out.len()
+            ));
+        }
+        if input_ok && let Err(e) = verify_checksums(out) {
+            return Err(format!("output checksum wrong (input's were right): {e:#}"));
+        }
+        let key = key_of(input).ok_or("a rewritten packet without a TCP/UDP 5-tuple")?;
+        let out_key = key_of(out).ok_or("rewritten output is not IPv4 TCP/UDP")?;
+        let (entry, forward) = match (h.fwd_flow(&key), h.rev_flow(&key)) {
+            (Some(e), _) => (e, true),
+            (None, Some(e)) => (e, false),
+            (None, None) => {
+                return Err("rewritten, but no flow entry has the input's 5-tuple".into());
+            }
+        };
+        let want = FlowKey {
+            src_addr: entry.new_src_addr,
+            dst_addr: entry.new_dst_addr,
+            src_port: entry.new_src_port,
+            dst_port: entry.new_dst_port,
+            ..key
+        };
+        if out_key != want {
+            return Err(format!(
+                "output 5-tuple {out_key:?} is not the entry's rewrite {want:?}"
+            ));
+        }
+        let dst = ip_of(&out_key.dst_addr);
+        if forward {
+            let svc = (
+                ip_of(&key.dst_addr),
+                u16::from_be_bytes(key.dst_port),
+                key.proto,
+            );
+            if !services().contains(&svc) {
+                return Err(format!(
+                    "forwarded a packet to {svc:?}, which is no service"
+                ));
+            }
+            if !in_home(dst) {
+                return Err(format!("forwarded to {dst}, outside the home CIDRs"));
+            }
+        } else {
+            // A reply: it must go to the client of this very flow (its forward entry's key).
+            let peer = FlowKey {
+                src_addr: entry.new_dst_addr,
+                dst_addr: entry.new_src_addr,
+                src_port: entry.new_dst_port,
+                dst_port: entry.new_src_port,
+                ..key
+            };
+            let fwd = h.fwd_flow(&peer).ok_or_else(|| {
+                format!("reply rewritten to {dst}, but no forward entry {peer:?}")
+            })?;
+            if fwd.new_dst_addr != key.src_addr || fwd.new_dst_port != key.src_port {
+                return Err(format!(
+                    "reply from {}:{} rewritten by a flow whose upstream is {}:{}",
+                    ip_of(&key.src_addr),
+                    u16::from_be_bytes(key.src_port),
+                    ip_of(&fwd.new_dst_addr),
+                    u16::from_be_bytes(fwd.new_dst_port)
+                ));
+            }
+        }
+        if matches!(run.action, XDP_TX | XDP_REDIRECT)
+            && out[ETH_HLEN + 8] != input[ETH_HLEN + 8].wrapping_sub(1)
+        {
+            return Err("forwarded without decrementing the TTL by one".into());
+        }
+    } else if matches!(reason, Reason::IcmpTx | Reason::IcmpRedirect) {
+        if input_ok && let Err(e) = verify_checksums(out) {
+            return Err(format!("translated ICMP checksum wrong: {e:#}"));
+        }
+        let dst = Ipv4Addr::new(
+            out[ETH_HLEN + 16],
+            out[ETH_HLEN + 17],
+            out[ETH_HLEN + 18],
+            out[ETH_HLEN + 19],
+        );
+        let client_of_a_flow = h
+            .all_flows(MAP_FLOWS_FWD)
+            .iter()
+            .any(|(k, _)| ip_of(&k.src_addr) == dst);
+        if !(in_home(dst) || client_of_a_flow) {
+            return Err(format!(
+                "ICMP error sent to {dst}: neither home nor a flow's client"
+            ));
+        }
+    } else if run.action == XDP_PASS {
+        if out != input {
+            return Err(format!(
+                "passed ({}) but changed; output:\n{}",
+                reason.name(),
+                hexdump(out)
+            ));
+        }
+    } else if run.action != XDP_DROP {
+        return Err(format!("unexpected action {}", run.action));
+    }
+    Ok(())
+}
+
+/// Every entry in both tables belongs to a configured service and upstream.
+fn check_tables(h: &Harness) -> Result<(usize, usize), String> {
+    let svcs = services();
+    let ups = upstreams();
+    let fwd = h.all_flows(MAP_FLOWS_FWD);
+    for (k, v) in &fwd {
+        let svc = (ip_of(&k.dst_addr), u16::from_be_bytes(k.dst_port), k.proto);
+        if !svcs.contains(&svc) {
+            return Err(format!(
+                "forward entry {k:?} for {svc:?}, which is no service"
+            ));
+        }
+        let up = (ip_of(&v.new_dst_addr), u16::from_be_bytes(v.new_dst_port));
+        if !ups.contains(&up) {
+            return Err(format!(
+                "forward entry {k:?} rewrites to {up:?}, no upstream"
+            ));
+        }
+    }
+    let rev = h.all_flows(MAP_FLOWS_REV);
+    for (k, v) in &rev {
+        let up = (ip_of(&k.src_addr), u16::from_be_bytes(k.src_port));
+        if !ups.contains(&up) {
+            return Err(format!("reverse entry {k:?} from {up:?}, no upstream"));
+        }
+        let svc = (
+            ip_of(&v.new_src_addr),
+            u16::from_be_bytes(v.new_src_port),
+            k.proto,
+        );
+        if !svcs.contains(&svc) {
+            return Err(format!(
+                "reverse entry {k:?} answers as {svc:?}, no service"
+            ));
+        }
+    }
+    Ok((fwd.len(), rev.len()))
+}
+
+/// Point every Maglev slot of the TCP and UDP services at their upstream, and open one TCP and
+/// one UDP flow from `CLIENT_A` with valid packets. Returns their SNAT endpoints.
+fn prepare(h: &mut Harness) -> Known {
+    for slot in 0..MAGLEV_SIZE {
+        h.set_maglev(SVC_TCP_ID, slot, UPS_TCP_ID);
+        h.set_maglev(SVC_UDP_ID, slot, UPS_UDP_ID);
+    }
+    let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).bytes();
+    let r = h.run(&syn, h.client_if);
+    assert_eq!(r.action, XDP_REDIRECT, "setup SYN not forwarded");
+    let udp = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"hello")).bytes();
+    let r = h.run(&udp, h.client_if);
+    assert_eq!(r.action, XDP_REDIRECT, "setup datagram not forwarded");
+    let snat = |t: Tuple| -> SocketAddrV4 {
+        let v: FlowValue = h
+            .fwd_flow(&t.key())
+            .unwrap_or_else(|| panic!("setup flow {t:?} missing"));
+        SocketAddrV4::new(ip_of(&v.new_src_addr), u16::from_be_bytes(v.new_src_port))
+    };
+    Known {
+        tcp_snat: snat(Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP)),
+        udp_snat: snat(Tuple::new(CLIENT_A, SVC_UDP, IPPROTO_UDP)),
+    }
+}
+
+#[test]
+fn fuzzed_packets_never_forward_wrongly() {
+    with_harness(|h| {
+        let known = prepare(h);
+        let bases = bases(known);
+        // Every base as it is first: the oracle must hold for valid packets too.
+        let mut tally = BTreeMap::new();
+        for (desc, frame, client_side) in &bases {
+            let ingress = if *client_side { h.client_if } else { h.home_if };
+            if let Err(e) = check_case(h, frame, ingress, &mut tally) {
+                panic!("base packet {desc:?}: {e}\n{}", hexdump(frame));
+            }
+        }
+        let (mut runner, cases, seed) = runner("XPT_FUZZ_CASES", 4000, 0);
+        let tally = RefCell::new(BTreeMap::new());
+        let ran = Cell::new(0u64);
+        let h: &Harness = h;
+        let result = runner.run(&case_strategy(bases.len()), |c| {
+            let (desc, base, client_side) = &bases[c.base];
+            let input = mutate(base, &c);
+            let ingress = if *client_side != c.swap_ingress {
+                h.client_if
+            } else {
+                h.home_if
+            };
+            ran.set(ran.get() + 1);
+            check_case(h, &input, ingress, &mut tally.borrow_mut()).map_err(|e| {
+                TestCaseError::fail(format!(
+                    "{e}\nbase: {desc}\ncase: {c:?}\ningress: {}\ninput ({} bytes, `xxd -r -p`):\n{}\n{}",
+                    ingress.name,
+                    input.len(),
+                    hex(&input),
+                    hexdump(&input)
+                ))
+            })
+        });
+        if let Err(e) = result {
+            panic!("packet fuzzer (seed {seed:#x}) found a failing case:\n{e}");
+        }
+        let (tally, ran) = (tally.into_inner(), ran.get());
+        let (fwd, rev) = check_tables(h).unwrap_or_else(|e| panic!("flow tables: {e}"));
+        let total: u64 = h.reasons().iter().sum();
+        println!(
+            "packet fuzzer: {cases} cases ({ran} runs with shrinking), seed {seed:#x}; verdicts {tally:?}; \
+             flow tables {fwd} forward / {rev} reverse entries, all of configured services; \
+             {total} packets counted in XP_REASONS"
+        );
+        assert!(
+            tally.len() >= 6,
+            "the fuzzer reached only {} distinct verdicts: {tally:?}",
+            tally.len()
+        );
+        for must in [
+            "fwd_redirect",
+            "rev_redirect",
+            "drop_truncated",
+            "pass_not_service",
+        ] {
+            assert!(
+                tally.contains_key(must),
+                "the fuzzer never reached {must}: {tally:?}"
+            );
+        }
+    });
+}
+
+// =============================================================================================
+// No open relay.
+// =============================================================================================
+
+/// Forwarded reasons (XDP_TX / XDP_REDIRECT / rewritten pass), as indices.
+fn forwarded_total(r: &[u64; REASON_COUNT as usize]) -> u64 {
+    Reason::ALL
+        .iter()
+        .filter(|x| rewritten(**x) || matches!(x, Reason::IcmpTx | Reason::IcmpRedirect))
+        .map(|x| r[*x as usize])
+        .sum()
+}
+
+#[test]
+fn no_open_relay_to_any_other_address_or_port() {
+    with_harness(|h| {
+        let _known = prepare(h);
+        let svcs = services();
+        let flows_before = (
+            h.all_flows(MAP_FLOWS_FWD).len(),
+            h.all_flows(MAP_FLOWS_REV).len(),
+        );
+        let before = h.reasons();
+        let src = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 77), 33_333);
+        let mut sent = 0u64;
+        let mut forwarded_services = 0u64;
+        let mut check = |dst: SocketAddrV4, proto: u8, ingress: Iface| {
+            let p = if proto == IPPROTO_TCP {
+                Packet::tcp(src, dst, TCP_SYN)
+            } else {
+                Packet::udp(src, dst, b"probe")
+            };
+            let frame = from_client(p).bytes();
+            let run = h.run(&frame, ingress);
+            sent += 1;
+            let is_service = svcs.contains(&(*dst.ip(), dst.port(), proto));
+            if is_service {
+                forwarded_services += u64::from(matches!(run.action, XDP_TX | XDP_REDIRECT))
+                    + u64::from(run.action == XDP_PASS && run.output != frame);
+                return;
+            }
+            assert!(
+                run.action == XDP_PASS && run.output == frame || run.action == XDP_DROP,
+                "{proto} to {dst} on {}: action {} (must pass untouched or drop)\n{}",
+                ingress.name,
+                run.action,
+                hex(&frame)
+            );
+        };
+        // Every port of the service address and of the SNAT address, both protocols, arriving
+        // on the client side; the SNAT address's ports also on the home side.
+        for port in 0..=u16::MAX {
+            for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                check(SocketAddrV4::new(SERVICE_IP, port), proto, h.client_if);
+                check(SocketAddrV4::new(SNAT_IP, port), proto, h.client_if);
+                check(SocketAddrV4::new(SNAT_IP, port), proto, h.home_if);
+            }
+        }
+        // Other addresses: the next hops, upstreams themselves, broadcast, multicast,
+        // loopback, unspecified, addresses beyond home.
+        let others = [
+            CLIENT_ROUTER,
+            UPSTREAM_IP,
+            UPSTREAM_NO_NEIGH_IP,
+            UPSTREAM_NO_ROUTE_IP,
+            Ipv4Addr::new(10, 10, 1, 255),
+            Ipv4Addr::new(10, 20, 1, 255),
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::new(10, 20, 9, 9),
+            Ipv4Addr::new(192, 0, 2, 1),
+            Ipv4Addr::new(169, 254, 169, 254),
+        ];
+        for ip in others {
+            for port in [
+                0, 22, 53, 80, 81, 82, 83, 443, 8080, 5353, 9090, 20_000, 29_999,
+            ] {
+                for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+                    check(SocketAddrV4::new(ip, port), proto, h.client_if);
+                    check(SocketAddrV4::new(ip, port), proto, h.home_if);
+                }
+            }
+        }
+        let after = h.reasons();
+        let fwd = forwarded_total(&after) - forwarded_total(&before);
+        println!(
+            "no open relay: {sent} packets to non-service addresses and ports (and the 5 services): \
+             {fwd} forwarded, all to services ({forwarded_services})"
+        );
+        assert_eq!(
+            fwd, forwarded_services,
+            "forwarded packets that were not to a service"
+        );
+        // The services' own probes did make flows; nothing else did.
+        let flows_after = (
+            h.all_flows(MAP_FLOWS_FWD).len(),
+            h.all_flows(MAP_FLOWS_REV).len(),
+        );
+        assert!(
+            flows_after.0 - flows_before.0 <= 4 && flows_after.1 - flows_before.1 <= 4,
+            "flows grew from {flows_before:?} to {flows_after:?}"
+        );
+        check_tables(h).unwrap_or_else(|e| panic!("flow tables: {e}"));
+    });
+}
+
+#[test]
+fn reply_from_outside_home_for_a_snat_port_is_not_forwarded() {
+    with_harness(|h| {
+        let known = prepare(h);
+        let key = Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP).key();
+        let fwd_before = h.fwd_flow(&key).expect("the TCP flow");
+        let rev_key = Tuple::new(UPS_TCP, known.tcp_snat, IPPROTO_TCP).key();
+        let rev_before = h.rev_flow(&rev_key).expect("its reverse entry");
+        let spoofers = [
+            // Outside every home CIDR, with the upstream's port.
+            SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 9), UPS_TCP.port()),
+            SocketAddrV4::new(CLIENT_1, UPS_TCP.port()),
+            SocketAddrV4::new(Ipv4Addr::new(8, 8, 8, 8), UPS_TCP.port()),
+            // Inside home but not this flow's upstream.
+            SocketAddrV4::new(UPSTREAM_NO_NEIGH_IP, UPS_TCP.port()),
+            // The upstream's address with another port.
+            SocketAddrV4::new(UPSTREAM_IP, UPS_TCP.port() + 1),
+        ];
+        let before = h.reasons();
+        for from in spoofers {
+            for (flags, ingress) in [
+                (TCP_ACK | TCP_PSH, h.home_if),
+                (TCP_ACK | TCP_PSH, h.client_if),
+                (TCP_SYN | TCP_ACK, h.home_if),
+            ] {
+                let frame = from_upstream(Packet::tcp(from, known.tcp_snat, flags))
+                    .payload(b"spoofed")
+                    .bytes();
+                let run = h.run(&frame, ingress);
+                assert!(
+                    run.action == XDP_PASS && run.output == frame,
+                    "reply from {from} to {} on {}: action {}, output changed: {}",
+                    known.tcp_snat,
+                    ingress.name,
+                    run.action,
+                    run.output != frame
+                );
+            }
+            // UDP from the same spoofed address (the upstream's own address with its UDP port
+            // would be the real upstream: not a spoofer).
+            if *from.ip() == UPSTREAM_IP {
+                continue;
+            }
+            let udp = from_upstream(Packet::udp(
+                SocketAddrV4::new(*from.ip(), UPS_UDP.port()),
+                known.udp_snat,
+                b"spoofed",
+            ))
+            .bytes();
+            let run = h.run(&udp, h.home_if);
+            assert!(
+                run.action == XDP_PASS && run.output == udp,
+                "UDP reply from {from} to {}: action {}",
+                known.udp_snat,
+                run.action
+            );
+        }
+        let after = h.reasons();
+        assert_eq!(
+            forwarded_total(&after),
+            forwarded_total(&before),
+            "a spoofed reply was forwarded"
+        );
+        let passed =
+            after[Reason::PassNotService as usize] - before[Reason::PassNotService as usize];
+        println!(
+            "spoofed replies to live SNAT ports: {passed} passed untouched (pass_not_service), none forwarded"
+        );
+        let fwd_after = h.fwd_flow(&key).expect("the TCP flow after");
+        let rev_after = h.rev_flow(&rev_key).expect("its reverse entry after");
+        assert_eq!(
+            (
+                fwd_after.packets,
+                fwd_after.flags,
+                rev_after.packets,
+                rev_after.flags
+            ),
+            (
+                fwd_before.packets,
+                fwd_before.flags,
+                rev_before.packets,
+                rev_before.flags
+            ),
+            "spoofed replies changed the flow's entries"
+        );
+    });
+}
+
+// =============================================================================================
+// The config parser.
+// =============================================================================================
+
+const VALID_CONFIG: &str = r#"[datapath]
+interfaces = ["eth0", "eth1"]
+mode = "auto"
+pin_dir = "/sys/fs/bpf/xdp-proxy"
+max_flows = 65536
+
+[nat]
+snat_ipv4 = "10.20.1.1"
+port_range = [10240, 32767]
+home_cidrs = ["10.20.0.0/16", "10.30.0.0/24"]
+
+[admin]
+listen = "127.0.0.1:9100"
+
+[dns]
+servers = ["10.20.0.2:53"]
+interval = "30s"
+timeout = "2s"
+
+[[service]]
+name = "web"
+listen = "10.10.1.1:80"
+protocol = "tcp"
+mode = "l4"
+upstreams = ["10.20.1.2:80", { address = "app.home.example:80", weight = 3, drain = false }]
+[service.health]
+kind = "http"
+path = "/health"
+expect_status = 200
+interval = "5s"
+timeout = "2s"
+rise = 2
+fall = 3
+
+[[service]]
+name = "dns"
+listen = "10.10.1.1:53"
+protocol = "udp"
+upstreams = ["10.20.1.3:53"]
+"#;
+
+/// Hostile values a mutation may put in place of any value.
+const HOSTILE: &[&str] = &[
+    "\"\"",
+    "0",
+    "-1",
+    "4294967296",
+    "18446744073709551616",
+    "1e308",
+    "nan",
+    "inf",
+    "\"999.999.999.999\"",
+    "\"10.20.0.0/99\"",
+    "\"10.20.0.1/16\"",
+    "\"0.0.0.0:0\"",
+    "\"255.255.255.255:65535\"",
+    "\"[::1]:80\"",
+    "\"a:b:c\"",
+    "\"-5ms\"",
+    "\"99999999999999999999h\"",
+    "\"0s\"",
+    "\"\\u0000\"",
+    "[]",
+    "[[]]",
+    "{}",
+    "[65535, 0]",
+    "[1, 2, 3]",
+    "true",
+    "\"x\"",
+    "\"é\u{202e}\"",
+    "{ address = \"\", weight = 99999999 }",
+];
+
+/// The config text after one mutation, chosen by `op` with its parameters.
+fn mutate_config(op: u8, a: usize, b: usize, bytes: &[u8]) -> String {
+    let lines: Vec<&str> = VALID_CONFIG.lines().collect();
+    let n = lines.len();
+    match op % 6 {
+        // Replace a value (right of `=`) by a hostile one.
+        0 => lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| match (i == a % n, l.split_once('=')) {
+                (true, Some((k, _))) => format!("{k}= {}", HOSTILE[b % HOSTILE.len()]),
+                _ => (*l).to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        // Drop a line.
+        1 => lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != a % n)
+            .map(|(_, l)| *l)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        // Duplicate a line elsewhere.
+        2 => {
+            let mut v: Vec<&str> = lines.clone();
+            v.insert(b % (n + 1), lines[a % n]);
+            v.join("\n")
+        }
+        // Overwrite bytes at a position with random ones (lossy UTF-8).
+        3 => {
+            let mut t = VALID_CONFIG.as_bytes().to_vec();
+            let at = a % t.len();
+            for (i, x) in bytes.iter().enumerate() {
+                if let Some(slot) = t.get_mut(at + i) {
+                    *slot = *x;
+                }
+            }
+            String::from_utf8_lossy(&t).into_owned()
+        }
+        // Truncate.
+        4 => VALID_CONFIG[..VALID_CONFIG
+            .char_indices()
+            .map(|(i, _)| i)
+            .nth(a % VALID_CONFIG.len())
+            .unwrap_or(0)]
+            .to_owned(),
+        // Insert random bytes.
+        _ => {
+            let at = a % VALID_CONFIG.len();
+            let (x, y) = VALID_CONFIG.split_at(at);
+            format!("{x}{}{y}", String::from_utf8_lossy(bytes))
+        }
+    }
+}
+
+/// Parse, and when valid, validate with the runtime rules too; never a panic.
+fn parse_never_panics(text: &str) -> Result<bool, TestCaseError> {
+    let path = Path::new("fuzz.toml");
+    let outcome = std::panic::catch_unwind(|| {
+        xdp_proxy::config::Config::parse(text, path).map(|c| {
+            let facts = xdp_proxy::config::RuntimeFacts {
+                ephemeral_ports: (32768, 60999),
+                snat_ipv4: c.nat.snat_ipv4.unwrap_or(Ipv4Addr::new(10, 20, 1, 1)),
+            };
+            // Display every error too: rendering must not panic either.
+            c.validate_runtime(facts).map_err(|e| e.to_string())
+        })
+    });
+    match outcome {
+        Ok(Ok(_)) => Ok(true),
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            if msg.is_empty() {
+                return Err(TestCaseError::fail("an error with an empty message"));
+            }
+            Ok(false)
+        }
+        Err(_) => Err(TestCaseError::fail(format!(
+            "the config parser panicked on:\n{text}"
+        ))),
+    }
+}
+
+#[test]
+fn config_parser_never_panics() {
+    // The valid config is valid: the mutations start from something that parses.
+    assert!(
+        matches!(parse_never_panics(VALID_CONFIG), Ok(true)),
+        "the fuzzer's valid config does not parse: {:?}",
+        xdp_proxy::config::Config::parse(VALID_CONFIG, Path::new("fuzz.toml")).err()
+    );
+    let (mut runner, cases, seed) = runner("XPT_FUZZ_CONFIG_CASES", 3000, 0xc0f1);
+    let valid = Cell::new(0u64);
+    let total = Cell::new(0u64);
+    let strategy = prop_oneof![
+        // Arbitrary bytes.
+        proptest::collection::vec(any::<u8>(), 0..600)
+            .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        // Mutated valid config.
+        (
+            any::<u8>(),
+            any::<usize>(),
+            any::<usize>(),
+            proptest::collection::vec(any::<u8>(), 1..16)
+        )
+            .prop_map(|(op, a, b, bytes)| mutate_config(op, a, b, &bytes)),
+        // Several mutations in a row are covered by mutating a mutated text: two at once.
+        (
+            any::<u8>(),
+            any::<usize>(),
+            any::<usize>(),
+            any::<u8>(),
+            any::<usize>()
+        )
+            .prop_map(|(op, a, b, op2, c)| {
+                let once = mutate_config(op, a, b, b"]]");
+                let lines: Vec<&str> = once.lines().collect();
+                let k = c % lines.len().max(1);
+                let mut v: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+                if let Some(l) = v.get_mut(k)
+                    && let Some((key, _)) = l.clone().split_once('=')
+                {
+                    *l = format!("{key}= {}", HOSTILE[usize::from(op2) % HOSTILE.len()]);
+                }
+                v.join("\n")
+            }),
+    ];
+    let result = runner.run(&strategy, |text| {
+        total.set(total.get() + 1);
+        if parse_never_panics(&text)? {
+            valid.set(valid.get() + 1);
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("config fuzzer (seed {seed:#x}): {e}");
+    }
+    let (valid, total) = (valid.get(), total.get());
+    println!(
+        "config fuzzer: {cases} cases ({total} runs), seed {seed:#x}: {valid} parsed as valid, \
+         the rest refused with an error; no panic"
+    );
+    assert!(
+        valid > 0,
+        "no mutated config was valid: the mutations are too coarse"
+    );
+    assert!(
+        valid < total,
+        "every mutated config was valid: the parser accepts anything"
+    );
+}
