@@ -813,3 +813,77 @@ fn links_of_another_layout_version_are_taken_over() -> Result<()> {
     }
     Ok(())
 }
+
+/// The capabilities `docs/xdp-proxy.service` grants (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, no
+/// CAP_SYS_ADMIN) are enough to start, pin and attach, serve, exit leaving the datapath, adopt
+/// it again and detach.
+#[test]
+fn runs_with_only_the_units_capabilities() -> Result<()> {
+    let _serial = serial();
+    let TwoInterface {
+        mut lab,
+        client,
+        proxy,
+        home,
+    } = TwoInterface::new("caps")?;
+    let upstream = SocketAddr::from((two::HOME, HOME_PORT));
+    let server = HomeServer::start(&home, upstream, None, LIMIT)?;
+    let pin_dir = lab.mount_bpffs()?;
+    let config = lab.write_file("caps.toml", &config(&pin_dir, SNAT_PORTS))?;
+    let bin = netns::daemon_binary()?;
+    let restricted = |lab: &mut Lab, label: &str| -> Result<Daemon> {
+        let args = [
+            "--bounding-set",
+            "-all,+bpf,+perfmon,+net_admin",
+            "--inh-caps",
+            "-all",
+            "--",
+            &bin.to_string_lossy(),
+            "run",
+            "--config",
+            &config.to_string_lossy(),
+        ];
+        let pid = lab.spawn_daemon(label, &proxy, Path::new("/usr/bin/setpriv"), &args)?;
+        Ok(Daemon {
+            pid,
+            bin: bin.clone(),
+            pin_dir: pin_dir.clone(),
+            config: config.clone(),
+        })
+    };
+    let first = restricted(&mut lab, "xdp-proxy-1")?;
+    wait_up(&mut lab, &proxy, &first)?;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", first.pid))?;
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(str::trim)
+        .ok_or_else(|| anyhow!("no CapEff"))?;
+    // CAP_NET_ADMIN (12), CAP_PERFMON (38), CAP_BPF (39).
+    ensure!(
+        u64::from_str_radix(cap_eff, 16)? == (1 << 12) | (1 << 38) | (1 << 39),
+        "daemon runs with CapEff {cap_eff}"
+    );
+    ensure!(
+        pins(&pin_dir, "link_")? == ["link_native_pc", "link_native_ph"],
+        "links not pinned: {:?}",
+        pins(&pin_dir, "")?
+    );
+    client.run(LIMIT, || async { warm_up(tcp_service()).await })?;
+    signal(first.pid, nix::sys::signal::Signal::SIGQUIT)?;
+    wait_exit(&mut lab, first.pid)?;
+    let second = restricted(&mut lab, "xdp-proxy-2")?;
+    wait_up(&mut lab, &proxy, &second)?;
+    let log = std::fs::read_to_string(lab.run_dir().join("xdp-proxy-2.log"))?;
+    ensure!(
+        log.matches("adopted the pinned XDP link").count() == 2,
+        "no adoption:\n{log}"
+    );
+    client.run(LIMIT, || async { warm_up(tcp_service()).await })?;
+    let status = second.stop(&mut lab)?;
+    ensure!(status.success(), "restricted daemon exited with {status}");
+    for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
+        ensure!(!netns::has_xdp(&proxy, dev)?, "XDP on {dev} after SIGTERM");
+    }
+    server.stop()
+}
