@@ -13,6 +13,13 @@
 //!   value size stops the start with an error naming map, field and sizes; nothing attaches.
 //! - `ebpf_log_event_reaches_the_daemon_log`: SNAT exhaustion (one-port range) makes the XDP
 //!   program log a warning, which appears in the daemon's output.
+//! - `link_of_an_interface_dropped_from_the_config_is_released`: a link left by a SIGQUIT exit
+//!   for an interface the next config no longer names is unpinned (detached) at start.
+//! - `links_of_another_layout_version_are_taken_over`: links pinned under another `v<N>` are
+//!   switched to the new program and their pins moved.
+//! - `runs_with_only_the_units_capabilities`: CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (what
+//!   docs/xdp-proxy.service grants) suffice to start, serve, exit leaving the datapath, adopt
+//!   and detach.
 //!
 //! Run as root: `cargo test -p integration-tests --test restart -- --nocapture`.
 
