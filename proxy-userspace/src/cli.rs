@@ -37,7 +37,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the config, load and attach the XDP program, fill its maps, and run until
-    /// SIGINT/SIGTERM (then detach; the pinned maps and their flows stay).
+    /// SIGINT/SIGTERM (then detach; the pinned maps and their flows stay) or SIGQUIT (exit
+    /// leaving the datapath attached and pinned, for a restart or upgrade that adopts it).
     Run {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
