@@ -9,8 +9,10 @@
 //! upstreams = ["10.20.1.2:8080"]      # requests no route matches go here (may be empty: 404)
 //! [service.http]
 //! connect_timeout = "2s"              # upstream TCP connect
-//! header_timeout = "30s"              # client request head, and upstream response head
-//! idle_timeout = "60s"                # pooled upstream connections
+//! header_timeout = "30s"              # client request head (also the longest a client's
+//!                                     # keep-alive connection may sit idle), and upstream
+//!                                     # response head
+//! idle_timeout = "60s"                # pooled (idle, keep-alive) upstream connections
 //! [[service.route]]
 //! host = "api.example.com"            # optional: exact (case-insensitive, port ignored) or "*.example.com"
 //! path_prefix = "/v1/"                # optional, default "/"

@@ -207,3 +207,114 @@ async fn replies(mut t: ReplyTask) {
     tracing::debug!(service = %t.service.chooser.name, client = %t.client, "udp session idle: closed");
     let _ = t.ended.send((t.client, t.generation));
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::l4::{Choice, Chooser, Stats};
+
+    /// An upstream that answers every datagram with "echo:" + the datagram.
+    async fn echo_upstream() -> SocketAddrV4 {
+        let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let addr = match s.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            for _ in 0..1000 {
+                let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+                    return;
+                };
+                let mut out = b"echo:".to_vec();
+                out.extend_from_slice(&buf[..n]);
+                let _ = s.send_to(&out, peer).await;
+            }
+        });
+        addr
+    }
+
+    fn service(upstream: SocketAddrV4, listen: SocketAddrV4) -> Arc<Service> {
+        let svc = crate::plan::PlannedService {
+            name: "u".into(),
+            listen,
+            protocol: Protocol::Udp,
+            key: crate::plan::service_key(listen, Protocol::Udp),
+            value: proxy_common::ServiceValue { id: 1, flags: 0 },
+            table: vec![1; proxy_common::MAGLEV_SIZE as usize],
+        };
+        Arc::new(Service {
+            chooser: Chooser::new(
+                "u".into(),
+                listen,
+                Protocol::Udp,
+                Choice::from_plan(&svc, &[(1, upstream)]),
+            ),
+            source: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            stats: Stats::default(),
+        })
+    }
+
+    async fn ask(client: &UdpSocket, msg: &[u8]) -> Option<Vec<u8>> {
+        client.send(msg).await.ok()?;
+        let mut buf = [0u8; 2048];
+        let n = tokio::time::timeout(Duration::from_millis(500), client.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some(buf[..n].to_vec())
+    }
+
+    /// Replies reach their own client; a session beyond the bound is refused (counted) until
+    /// idle sessions end.
+    #[tokio::test]
+    async fn sessions_are_per_client_bounded_and_expire() {
+        let upstream = echo_upstream().await;
+        let sock = bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let listen = match sock.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let svc = service(upstream, listen);
+        let settings = Settings {
+            udp_idle: Duration::from_millis(300),
+            max_udp_sessions: 2,
+            ..Settings::default()
+        };
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve(sock, Arc::clone(&svc), settings, rx));
+        let mut clients = Vec::new();
+        for _ in 0..3 {
+            let c = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+            c.connect(SocketAddr::V4(listen)).await.unwrap();
+            clients.push(c);
+        }
+        assert_eq!(
+            ask(&clients[0], b"a").await.as_deref(),
+            Some(&b"echo:a"[..])
+        );
+        assert_eq!(
+            ask(&clients[1], b"b").await.as_deref(),
+            Some(&b"echo:b"[..])
+        );
+        // The third client is over the bound: dropped.
+        assert_eq!(ask(&clients[2], b"c").await, None);
+        assert_eq!(svc.stats.udp_sessions_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 2);
+        // Once the first two sessions idled out, the third client gets one (bounded wait).
+        let mut answered = None;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            answered = ask(&clients[2], b"c").await;
+            if answered.is_some() {
+                break;
+            }
+        }
+        assert_eq!(answered.as_deref(), Some(&b"echo:c"[..]));
+        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 3);
+    }
+}
