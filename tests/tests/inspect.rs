@@ -652,20 +652,22 @@ fn error_exit_codes_without_a_daemon() -> Result<()> {
         );
     }
     // Only another layout version's directory.
-    std::fs::create_dir_all(pins.join("v2"))?;
+    let ours = format!("v{}", proxy_common::ABI_VERSION);
+    let other = format!("v{}", proxy_common::ABI_VERSION + 1);
+    std::fs::create_dir_all(pins.join(&other))?;
     let out = cli(&bin, &["inspect", "stats", "--pin-dir", &p], None)?;
     ensure!(
-        out.code == EXIT_LAYOUT && out.stderr.contains("layout v2"),
-        "v2 only: exit {} {}",
+        out.code == EXIT_LAYOUT && out.stderr.contains(&format!("layout {other}")),
+        "{other} only: exit {} {}",
         out.code,
         out.stderr
     );
     // Our version's directory, but without our maps.
-    std::fs::create_dir_all(pins.join("v1"))?;
+    std::fs::create_dir_all(pins.join(&ours))?;
     let out = cli(&bin, &["inspect", "flows", "--pin-dir", &p], None)?;
     ensure!(
-        out.code == EXIT_LAYOUT,
-        "empty v1: exit {} {}",
+        out.code == EXIT_LAYOUT && out.stderr.contains("is missing"),
+        "empty {ours}: exit {} {}",
         out.code,
         out.stderr
     );

@@ -494,11 +494,11 @@ mod tests {
     #[test]
     fn exit_codes() {
         let e = InspectError::NoPinDir {
-            path: "/x/v1".into(),
+            path: "/x/v2".into(),
             others: vec![],
         };
         assert_eq!(e.exit_code(), 3);
-        assert!(e.to_string().contains("/x/v1 does not exist"), "{e}");
+        assert!(e.to_string().contains("/x/v2 does not exist"), "{e}");
         let e = InspectError::LayoutVersion {
             pin_dir: "/x".into(),
             found: vec![format!("v{}", ABI_VERSION + 1)],

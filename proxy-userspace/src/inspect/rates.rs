@@ -26,7 +26,8 @@ pub struct Snapshot {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TrafficRates {
     pub id: u32,
-    /// Service name (from the metadata) or null; for upstreams: null.
+    /// Service name, or for an upstream the services using it (comma-separated), from the
+    /// metadata; null without it.
     pub name: Option<String>,
     /// Listen address (services) or upstream address.
     pub addr: String,
@@ -122,7 +123,8 @@ pub fn rates(before: &Snapshot, now: &Snapshot, names: &Names) -> RatesReport {
                 .iter()
                 .find(|(i, ..)| i == id)
                 .map(|x| &x.2);
-            traffic(*id, None, addr, c, b, secs)
+            let users = names.upstream_users.get(id).filter(|u| !u.is_empty());
+            traffic(*id, users.map(|u| u.join(",")), addr, c, b, secs)
         })
         .collect();
     let reasons = now
@@ -301,6 +303,9 @@ mod tests {
         let (before, now) = snapshots();
         let mut names = Names::default();
         names.services.insert(1, "web".into());
+        names
+            .upstream_users
+            .insert(3, vec!["web".into(), "dns".into()]);
         assert_eq!(
             render(&rates(&before, &now, &names)),
             "\
@@ -309,8 +314,8 @@ SVC  NAME  ADDR          PKT/S FWD  PKT/S REV   BIT/S FWD    BIT/S REV  NEW FLOW
   1  web   10.10.1.1:80      100.0       50.0  1.0 Mbit/s  10.0 Mbit/s         10.0
   2  -     10.10.1.1:53        2.0        2.0  1.6 Kbit/s   1.6 Kbit/s          1.0
 
-UPS  NAME  ADDR          PKT/S FWD  PKT/S REV   BIT/S FWD  BIT/S REV  NEW FLOWS/S
-  3  -     10.20.1.9:80        5.0          0  4.0 Kbit/s    0 bit/s          0.5
+UPS  NAME     ADDR          PKT/S FWD  PKT/S REV   BIT/S FWD  BIT/S REV  NEW FLOWS/S
+  3  web,dns  10.20.1.9:80        5.0          0  4.0 Kbit/s    0 bit/s          0.5
 
 REASON            ACTION  PKT/S
 pass_not_service  pass      2.0
