@@ -1213,8 +1213,16 @@ impl Datapath {
         index: u32,
         wanted: DatapathMode,
     ) -> Result<Option<AttachMode>> {
-        for m in [AttachMode::Native, AttachMode::Generic] {
-            let path = self.dir.join(link_pin_name(m, interface));
+        // This layout's pins first, then links left by a daemon of another layout version (an
+        // upgrade that changed the map layout): those are switched to this program too, so the
+        // interface never goes without one (the old layout's flows cannot carry over).
+        let mut candidates = Vec::new();
+        for dir in self.layout_dirs() {
+            for m in [AttachMode::Native, AttachMode::Generic] {
+                candidates.push((dir.join(link_pin_name(m, interface)), m, dir != self.dir));
+            }
+        }
+        for (path, m, other_layout) in candidates {
             if !path.exists() {
                 continue;
             }
@@ -1254,6 +1262,26 @@ impl Datapath {
                              the mode, stop the daemon with SIGTERM (detaches) and start it again"
                         );
                     }
+                    let (link, path) = if other_layout {
+                        let new_path = self.dir.join(link_pin_name(m, interface));
+                        remove_pin(&new_path)?;
+                        let pinned = link.pin(&new_path).map_err(|source| DatapathError::Pin {
+                            path: new_path.clone(),
+                            source: Box::new(source),
+                        })?;
+                        remove_pin(&path)?;
+                        tracing::warn!(
+                            interface,
+                            old = %path.display(),
+                            new = %new_path.display(),
+                            "adopted an XDP link pinned by a daemon of another map layout: the \
+                             interface kept a program throughout, but flows of the old layout \
+                             are lost; its maps stay in the old directory until removed"
+                        );
+                        (FdLink::from(pinned), new_path)
+                    } else {
+                        (link, path)
+                    };
                     tracing::info!(
                         interface,
                         mode = %m,
@@ -1291,6 +1319,29 @@ impl Datapath {
         Ok(None)
     }
 
+    /// `<pin_dir>/v<ABI_VERSION>` first, then every other `<pin_dir>/v<N>` that exists.
+    fn layout_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.dir.clone()];
+        if let Some(parent) = self.dir.parent()
+            && let Ok(entries) = std::fs::read_dir(parent)
+        {
+            let mut others: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name.strip_prefix('v')
+                        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                        && e.path() != self.dir
+                })
+                .map(|e| e.path())
+                .collect();
+            others.sort();
+            dirs.extend(others);
+        }
+        dirs
+    }
+
     /// Unpin (and so detach) every pinned XDP link under the pin directory that belongs to none
     /// of `interfaces` (an interface dropped from the config since the last start, whose link
     /// was left attached by a SIGQUIT exit or a crash). Call after attaching the configured
@@ -1303,22 +1354,25 @@ impl Datapath {
             .iter()
             .flat_map(|i| [AttachMode::Native, AttachMode::Generic].map(|m| link_pin_name(m, i)))
             .collect();
-        let entries = std::fs::read_dir(&self.dir).map_err(|source| DatapathError::Fs {
-            op: "listing",
-            path: self.dir.clone(),
-            source,
-        })?;
         let mut removed = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("link_") && !keep.contains(&name) {
-                let path = entry.path();
-                remove_pin(&path)?;
-                tracing::info!(
-                    pin = %path.display(),
-                    "XDP link of an interface no longer configured: unpinned (detached)"
-                );
-                removed.push(path);
+        for dir in self.layout_dirs() {
+            let entries = std::fs::read_dir(&dir).map_err(|source| DatapathError::Fs {
+                op: "listing",
+                path: dir.clone(),
+                source,
+            })?;
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // Other layouts' links of configured interfaces were adopted (moved) already.
+                if name.starts_with("link_") && (dir != self.dir || !keep.contains(&name)) {
+                    let path = entry.path();
+                    remove_pin(&path)?;
+                    tracing::info!(
+                        pin = %path.display(),
+                        "XDP link of an interface no longer configured: unpinned (detached)"
+                    );
+                    removed.push(path);
+                }
             }
         }
         Ok(removed)
