@@ -18,6 +18,8 @@
 //! - `http_streams_50_mb_with_bounded_memory`: a 50 MB upload and a 50 MB download through the
 //!   L7 proxy, every byte checked, while the daemon's peak RSS (VmHWM) stays under
 //!   [`RSS_BOUND`].
+//! - `http_alongside_xdp`: an http service served by the daemon while XDP is attached (the
+//!   program passes what is not an l4 service to the kernel).
 //! - `http_websocket_echo`: an Upgrade (WebSocket) request passed through; frames echoed.
 //!
 //! Run as root: `cargo test -p integration-tests --test userspace -- --nocapture`.
@@ -793,6 +795,49 @@ fn http_websocket_echo() -> Result<()> {
         "echoed {echoed:?}"
     );
     let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    echo.stop_and_join()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+#[test]
+fn http_alongside_xdp() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httpxdp")?;
+    let id = topo.lab.id().to_owned();
+    let echo = start_echo(&topo.home, &[("alpha", 8081)])?;
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let interfaces = [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV];
+    let config = format!(
+        "{}{}",
+        base_config("native", &interfaces, &pin_dir),
+        http_service(&[sock(two::HOME, 8081)], "")
+    );
+    let lab = &mut topo.lab;
+    let daemon = Daemon::start(lab, &topo.proxy, &config)?;
+    daemon.wait_log(lab, &["datapath active", "datapath=\"xdp\""], 1, READY)?;
+    daemon.wait_log(lab, &["http proxy listening"], 1, READY)?;
+    for dev in interfaces {
+        ensure!(netns::has_xdp(&topo.proxy, dev)?, "no XDP on {dev}");
+    }
+    let (code, body) = curl(
+        &topo.client,
+        &[
+            "-H",
+            "Host: app.example",
+            &format!("http://{}/", two::PROXY_CLIENT_SIDE),
+        ],
+    )?;
+    ensure!(
+        code == 200 && body.starts_with("name=alpha\n"),
+        "GET / beside XDP: {code} {body}"
+    );
+    ensure!(
+        body.contains(&format!("x-forwarded-for: {}", two::CLIENT)),
+        "no X-Forwarded-For: {body}"
+    );
+    let status = daemon.stop(lab)?;
     ensure!(status.success(), "daemon exited with {status}");
     echo.stop_and_join()?;
     drop(topo);
