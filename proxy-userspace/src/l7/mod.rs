@@ -534,3 +534,62 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{ServiceStatus, UpstreamStatus};
+
+    fn service(group: &[SocketAddrV4], status: SharedStatus) -> Service {
+        Service {
+            name: "app".into(),
+            listen: "10.10.1.1:80".parse().unwrap(),
+            http: HttpConfig::default(),
+            default_group: group.to_vec(),
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            status,
+            next: AtomicUsize::new(0),
+            stats: Stats::default(),
+        }
+    }
+
+    fn report(addr: SocketAddrV4, healthy: bool) -> UpstreamStatus {
+        UpstreamStatus {
+            address: addr.to_string(),
+            resolved: Some(addr),
+            id: Some(1),
+            weight: 1,
+            drain: false,
+            healthy,
+            in_table: healthy,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn round_robin_skips_what_the_control_plane_reports_unhealthy() {
+        let a: SocketAddrV4 = "10.20.1.2:80".parse().unwrap();
+        let b: SocketAddrV4 = "10.20.1.3:80".parse().unwrap();
+        let status = crate::state::shared();
+        let svc = service(&[a, b], status.clone());
+        // Nothing reported: both, rotating.
+        assert_eq!(svc.candidates(&[a, b]), [a, b]);
+        assert_eq!(svc.candidates(&[a, b]), [b, a]);
+        status.write().unwrap().services = vec![ServiceStatus {
+            name: "web".into(),
+            listen: "10.10.1.1:81".parse().unwrap(),
+            protocol: "tcp".into(),
+            mode: "l4".into(),
+            id: Some(1),
+            has_upstreams: true,
+            upstreams: vec![report(a, false), report(b, true)],
+        }];
+        for _ in 0..3 {
+            assert_eq!(svc.candidates(&[a, b]), [b]);
+        }
+        status.write().unwrap().services[0].upstreams[1].healthy = false;
+        // None healthy: no candidate, which the handler answers with 503.
+        assert!(svc.candidates(&[a, b]).is_empty());
+        assert!(svc.candidates(&[]).is_empty());
+    }
+}
