@@ -13,8 +13,9 @@
 //!   sends every new flow to the live one, as the fast path's Maglev table would.
 //! - `http_routes_forwarded_headers_retry_and_503`: `mode = "http"`: routing by Host and by path
 //!   prefix to upstream groups, X-Forwarded-For / X-Forwarded-Proto / Forwarded appended,
-//!   hop-by-hop headers removed, a refused upstream retried on another, a group with no
-//!   upstream accepting connections answered 503, and the access log.
+//!   hop-by-hop headers removed, a refused upstream retried on another, 503 for a group whose
+//!   upstreams the health checks took out and for one whose upstreams refuse connections, 504
+//!   for a silent upstream and an unreachable one, and the access log.
 //! - `http_streams_50_mb_with_bounded_memory`: a 50 MB upload and a 50 MB download through the
 //!   L7 proxy, every byte checked, while the daemon's peak RSS (VmHWM) stays under
 //!   [`RSS_BOUND`].
@@ -549,16 +550,35 @@ upstreams = [\"{silent}\"]
 [[service.route]]
 path_prefix = \"/nowhere/\"
 upstreams = [\"{nowhere}\"]
+
+[[service.route]]
+path_prefix = \"/sick/\"
+upstreams = [\"{sick}\"]
+
+# An l4 service whose health checks cover the /sick/ upstream (http upstreams are not checked
+# on their own): the L7 proxy reads the same health state.
+[[service]]
+name = \"probe\"
+listen = \"{probe}\"
+upstreams = [\"{sick}\"]
+[service.health]
+kind = \"tcp\"
+interval = \"300ms\"
+timeout = \"250ms\"
+fall = 2
 ",
         a = up(8081),
         b = up(8082),
         down = up(8083),
+        sick = up(8086),
+        probe = sock(two::PROXY_CLIENT_SIDE, 81),
         silent = up(8085),
         // In the home subnet, no host: the connect waits for ARP (about 3 s) until the
         // 1 s connect timeout ends it.
         nowhere = sock(std::net::Ipv4Addr::new(10, 200, 0, 99), 80),
     );
     let daemon = start_http_daemon(&mut topo, &http_service(&[up(8084)], &routes))?;
+    let sick = up(8086).to_string();
     let base = format!("http://{}", two::PROXY_CLIENT_SIDE);
     let client = &topo.client;
 
@@ -659,6 +679,19 @@ upstreams = [\"{nowhere}\"]
         READY,
     )?;
     println!("daemon: {}", twice[0]);
+
+    // The health checks took the only upstream of the group out: 503 without trying it.
+    daemon.wait_log(
+        &mut topo.lab,
+        &["upstream unhealthy", sick.as_str()],
+        1,
+        READY,
+    )?;
+    let (code, body) = get("other.example", "/sick/x")?;
+    ensure!(
+        code == 503 && body.contains("no healthy upstream"),
+        "GET /sick/x: {code} {body}"
+    );
 
     // No upstream of the group accepts connections: 503 with a clear body, for GET and POST.
     let (code, body) = get("other.example", "/down/x")?;
