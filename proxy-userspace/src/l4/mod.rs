@@ -34,6 +34,9 @@ pub struct Settings {
     /// Upstreams tried for one TCP connection (the Maglev pick, then the others).
     pub connect_attempts: usize,
     pub max_tcp_connections: usize,
+    /// Idle lifetime of an established TCP connection, and of one after a FIN one way.
+    pub tcp_idle: Duration,
+    pub tcp_half_closed_idle: Duration,
     pub udp_idle: Duration,
     pub max_udp_sessions: usize,
     pub listen_backlog: u32,
@@ -42,12 +45,16 @@ pub struct Settings {
 }
 
 impl Default for Settings {
+    /// Idle lifetimes are the fast path's flow lifetimes (`flows::Lifetimes::default()`).
     fn default() -> Self {
+        let lifetimes = crate::flows::Lifetimes::default();
         Self {
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             max_tcp_connections: 16_384,
-            udp_idle: Duration::from_secs(30),
+            tcp_idle: lifetimes.tcp_established,
+            tcp_half_closed_idle: lifetimes.tcp_half_closed,
+            udp_idle: lifetimes.udp,
             max_udp_sessions: 16_384,
             listen_backlog: 4096,
             refresh_interval: Duration::from_millis(500),

@@ -1,12 +1,16 @@
 //! Userspace TCP: accept on the service address, connect to the chosen upstream from the SNAT
 //! address, copy both ways. Half-close is respected: when one side sends FIN (read returns EOF),
 //! the write half toward the other side is shut down and the other direction keeps flowing
-//! until it ends too.
+//! until it ends too. Idle connections are closed after the fast path's TCP lifetimes
+//! (`flows::Lifetimes`: established, half-closed).
 
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
-    sync::{Arc, atomic::Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -118,7 +122,14 @@ async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: 
     let _ = upstream.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let (up, down) = tokio::join!(pump(cr, uw), pump(ur, cw));
+    let activity = Activity::new();
+    let (up, down) = tokio::select! {
+        r = async { tokio::join!(pump(cr, uw, &activity), pump(ur, cw, &activity)) } => r,
+        idle = activity.idle_out(settings.tcp_idle, settings.tcp_half_closed_idle) => {
+            tracing::debug!(service = %name, client = %peer, upstream = %up_addr, idle = ?idle, "tcp connection idle: closed");
+            (Pumped::default(), Pumped::default())
+        }
+    };
     svc.stats.bytes_up.fetch_add(up.bytes, Ordering::Relaxed);
     svc.stats
         .bytes_down
@@ -135,6 +146,61 @@ async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: 
     );
 }
 
+/// Last activity of a connection, both directions.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: tokio::time::Instant,
+    last_ms: AtomicU64,
+    half_closed: AtomicBool,
+}
+
+impl Activity {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            epoch: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            half_closed: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Resolves once the connection has been idle for `established` (or `half_closed` after
+    /// one direction ended); returns the limit that was reached.
+    pub async fn idle_out(&self, established: Duration, half_closed: Duration) -> Duration {
+        loop {
+            let limit = if self.half_closed.load(Ordering::Relaxed) {
+                half_closed
+            } else {
+                established
+            };
+            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+            let idle = self
+                .now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed));
+            if idle >= limit_ms {
+                return limit;
+            }
+            // Re-checked at least every second, so a half-close shortens the wait.
+            let wait = (limit_ms - idle).min(1000);
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// What one direction carried.
 #[derive(Debug, Default)]
 pub struct Pumped {
@@ -145,7 +211,7 @@ pub struct Pumped {
 /// Copy `from` to `to` until EOF, then shut `to`'s write half down (a FIN toward that side: the
 /// half-close is passed on, the other direction keeps flowing). On an error the write half is
 /// shut down too, which ends the other side's reads.
-pub async fn pump<R, W>(mut from: R, mut to: W) -> Pumped
+pub async fn pump<R, W>(mut from: R, mut to: W, activity: &Activity) -> Pumped
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -166,8 +232,11 @@ where
             break;
         }
         out.bytes += n as u64;
+        activity.touch();
     }
     let _ = to.shutdown().await;
+    activity.half_closed.store(true, Ordering::Relaxed);
+    activity.touch();
     out
 }
 
@@ -208,7 +277,8 @@ mod tests {
             .unwrap();
             let (cr, cw) = c.into_split();
             let (ur, uw) = u.into_split();
-            tokio::join!(pump(cr, uw), pump(ur, cw))
+            let activity = Activity::new();
+            tokio::join!(pump(cr, uw, &activity), pump(ur, cw, &activity))
         });
         let mut c = TcpStream::connect(proxy_addr).await.unwrap();
         c.write_all(&[7u8; 100_000]).await.unwrap();
@@ -219,5 +289,69 @@ mod tests {
         let (up, down) = proxy_task.await.unwrap();
         server_task.await.unwrap();
         assert_eq!((up.bytes, down.bytes), (100_000, 6));
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::l4::{Choice, Chooser, Stats};
+
+    /// A connection nobody uses is closed by the proxy once idle (the client reads EOF).
+    #[tokio::test]
+    async fn idle_connections_are_closed() {
+        let upstream = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
+        let up_addr = match upstream.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let held = tokio::spawn(async move {
+            let (s, _) = upstream.accept().await.unwrap();
+            // Hold it open, silent.
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            drop(s);
+        });
+        let proxy = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
+        let proxy_addr = match proxy.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!(),
+        };
+        let planned = crate::plan::PlannedService {
+            name: "t".into(),
+            listen: proxy_addr,
+            protocol: Protocol::Tcp,
+            key: crate::plan::service_key(proxy_addr, Protocol::Tcp),
+            value: proxy_common::ServiceValue { id: 1, flags: 0 },
+            table: vec![1; proxy_common::MAGLEV_SIZE as usize],
+        };
+        let svc = Arc::new(Service {
+            chooser: Chooser::new(
+                "t".into(),
+                proxy_addr,
+                Protocol::Tcp,
+                Choice::from_plan(&planned, &[(1, up_addr)]),
+            ),
+            source: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            stats: Stats::default(),
+        });
+        let settings = Settings {
+            tcp_idle: Duration::from_millis(300),
+            ..Settings::default()
+        };
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve(proxy, Arc::clone(&svc), settings, rx));
+        let mut c = TcpStream::connect(SocketAddr::V4(proxy_addr))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
+            .await
+            .expect("the proxy never closed the idle connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 1);
+        held.abort();
     }
 }
