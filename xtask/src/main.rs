@@ -1,4 +1,4 @@
-//! `cargo xtask setup|build|run|test|bench`: the project's own entry points.
+//! `cargo xtask setup|build|run|test|bench|soak`: the project's own entry points.
 //!
 //! Everything a fresh machine needs is installed by `setup` (run automatically by `build` when
 //! something is missing), so the README's two commands work on a new machine.
@@ -6,6 +6,7 @@
 mod bench;
 mod docs;
 mod setup;
+mod soak;
 
 use std::{
     ffi::OsString,
@@ -68,6 +69,17 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<OsString>,
     },
+    /// Soak (root; sudo -E when not root): concurrent checksummed TCP flows and UDP sessions
+    /// through the XDP fast path for a bounded time, with SIGHUP reloads, an upstream killed
+    /// and restored, health flapping and kill -9 of the daemon (see RELIABILITY.md).
+    Soak {
+        /// Duration in seconds (default 600).
+        #[arg(long, value_name = "S", default_value_t = 600)]
+        secs: u64,
+        /// Extra arguments for the driver (after `--`), e.g. `--concurrency 500 --no-kill9`.
+        #[arg(last = true)]
+        args: Vec<OsString>,
+    },
     /// Shell completions (bash, zsh, fish, elvish, PowerShell) and man pages generated from
     /// xdp-proxy's command line definitions.
     Docs {
@@ -108,6 +120,10 @@ fn main() -> Result<()> {
         }
         #[cfg(feature = "docs")]
         Cmd::DocsGen { out } => docs::generate_for_xdp_proxy(&out),
+        Cmd::Soak { secs, args } => {
+            setup::run(false)?;
+            soak::run(&root, secs, &args)
+        }
         Cmd::Bench {
             quick,
             rounds,
