@@ -53,7 +53,7 @@ pub enum DatapathMode {
     Native,
     /// Generic (skb) XDP only.
     Generic,
-    /// No XDP: the daemon would proxy L4 services in userspace (not implemented yet).
+    /// No XDP: the daemon proxies every L4 service in userspace (`crate::l4`).
     Userspace,
 }
 
@@ -119,7 +119,7 @@ pub enum ServiceMode {
     /// L4 full NAT in XDP.
     #[default]
     L4,
-    /// HTTP reverse proxy in the daemon (accepted, not served yet).
+    /// HTTP reverse proxy in the daemon (`crate::l7`; routes in `[[service.route]]`).
     Http,
 }
 
