@@ -14,7 +14,7 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::{Config, ConfigError, DatapathMode, Ipv4Cidr, RuntimeFacts, ServiceMode},
+    config::{Config, ConfigError, DatapathMode, Ipv4Cidr, RuntimeFacts},
     control::{self, Controller},
     datapath::{self, Bpffs, Datapath, DatapathError},
     flows::Lifetimes,
@@ -397,6 +397,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             _ = sighup.recv() => {
                 let dp = datapath.as_ref();
                 reconcile_pending = !reload(&mut controller, &opts, dp, &mut tasks, &events_tx).await;
+                l7.reconfigure(controller.config());
             }
             Some(event) = events.recv() => {
                 let changed = match event {
@@ -573,7 +574,6 @@ async fn reload(
         );
     }
     let new = controller.config().with_restart_only_keys_of(new);
-    warn_http_services(&new);
     controller.set_config(new, snat);
     let waits = control::resolve_now(controller, false).await;
     tasks.sync(controller, events_tx, &waits);
@@ -587,18 +587,6 @@ async fn reload(
         "SIGHUP: config reloaded"
     );
     ok
-}
-
-fn warn_http_services(config: &Config) {
-    for (i, s) in config.services.iter().enumerate() {
-        if s.mode == ServiceMode::Http {
-            tracing::warn!(
-                service = %s.name,
-                key = %format!("service[{i}]"),
-                "mode = \"http\" services keep the routes and listeners they started with: a change takes a restart"
-            );
-        }
-    }
 }
 
 async fn expire_once(dp: Arc<Mutex<Datapath>>, lifetimes: Lifetimes, max_scan: usize) {

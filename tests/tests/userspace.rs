@@ -21,6 +21,8 @@
 //!   [`RSS_BOUND`].
 //! - `http_alongside_xdp`: an http service served by the daemon while XDP is attached (the
 //!   program passes what is not an l4 service to the kernel).
+//! - `http_reload_applies_routes`: a SIGHUP with changed routes sends the next requests to the
+//!   new upstream group.
 //! - `http_websocket_echo`: an Upgrade (WebSocket) request passed through; frames echoed.
 //!
 //! Run as root: `cargo test -p integration-tests --test userspace -- --nocapture`.
@@ -870,6 +872,56 @@ fn http_alongside_xdp() -> Result<()> {
         body.contains(&format!("x-forwarded-for: {}", two::CLIENT)),
         "no X-Forwarded-For: {body}"
     );
+    let status = daemon.stop(lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    echo.stop_and_join()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+#[test]
+fn http_reload_applies_routes() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httprl")?;
+    let id = topo.lab.id().to_owned();
+    let echo = start_echo(&topo.home, &[("alpha", 8081), ("beta", 8082)])?;
+    let route = |port: u16| {
+        format!(
+            "[[service.route]]\npath_prefix = \"/r/\"\nupstreams = [\"{}\"]\n",
+            sock(two::HOME, port)
+        )
+    };
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let config = |port| {
+        format!(
+            "{}{}",
+            base_config("userspace", &[], &pin_dir),
+            http_service(&[sock(two::HOME, 8081)], &route(port))
+        )
+    };
+    let lab = &mut topo.lab;
+    let daemon = Daemon::start(lab, &topo.proxy, &config(8081))?;
+    daemon.wait_log(lab, &["http proxy listening"], 1, READY)?;
+    let url = format!("http://{}/r/1", two::PROXY_CLIENT_SIDE);
+    let (code, body) = curl(&topo.client, &[&url])?;
+    ensure!(
+        code == 200 && body.starts_with("name=alpha\n"),
+        "before: {code} {body}"
+    );
+
+    std::fs::write(&daemon.config, config(8082)).context("rewriting the config")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.pid)?),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .context("SIGHUP")?;
+    daemon.wait_log(lab, &["http routes reloaded", "service=app"], 1, READY)?;
+    let (code, body) = curl(&topo.client, &[&url])?;
+    ensure!(
+        code == 200 && body.starts_with("name=beta\n"),
+        "after: {code} {body}"
+    );
+
     let status = daemon.stop(lab)?;
     ensure!(status.success(), "daemon exited with {status}");
     echo.stop_and_join()?;

@@ -58,13 +58,33 @@ pub struct Stats {
     pub upgrades: AtomicU64,
 }
 
+/// What a reload may change: routes, upstreams, header timeout.
+#[derive(Debug, PartialEq, Eq)]
+struct Routing {
+    http: HttpConfig,
+    /// The service's own upstreams: requests no route matches.
+    default_group: Vec<SocketAddrV4>,
+}
+
+impl Routing {
+    fn of(s: &crate::config::ServiceConfig) -> Self {
+        let default_group: Vec<SocketAddrV4> =
+            s.upstreams.iter().filter_map(|u| u.static_addr()).collect();
+        if default_group.len() < s.upstreams.len() {
+            tracing::warn!(service = %s.name, "http services use IPv4 upstream addresses only: DNS upstreams are skipped");
+        }
+        Self {
+            http: s.http.clone().unwrap_or_default(),
+            default_group,
+        }
+    }
+}
+
 /// One served http service.
 pub struct Service {
     pub name: String,
     pub listen: SocketAddrV4,
-    http: HttpConfig,
-    /// The service's own upstreams: requests no route matches.
-    default_group: Vec<SocketAddrV4>,
+    routing: std::sync::RwLock<Arc<Routing>>,
     client: Client<HttpConnector, Body>,
     status: SharedStatus,
     next: AtomicUsize,
@@ -100,6 +120,48 @@ pub struct L7 {
 }
 
 impl L7 {
+    /// Apply a reloaded config: the routes, upstreams and header timeout of every running http
+    /// service (same name and listen address); a new or removed http service, or a changed
+    /// connect or idle timeout, takes a restart (logged).
+    pub fn reconfigure(&self, config: &Config) {
+        for svc in &self.services {
+            let Some(s) = config.services.iter().find(|s| {
+                s.mode == ServiceMode::Http && s.name == svc.name && s.listen == svc.listen
+            }) else {
+                tracing::warn!(service = %svc.name, "http service removed or changed its listen address: it keeps running until a restart");
+                continue;
+            };
+            let next = Routing::of(s);
+            let old = svc.routing();
+            if *old == next {
+                continue;
+            }
+            if next.http.connect_timeout != old.http.connect_timeout
+                || next.http.idle_timeout != old.http.idle_timeout
+            {
+                tracing::warn!(service = %svc.name, "http connect_timeout / idle_timeout changes take a restart");
+            }
+            tracing::info!(service = %svc.name, routes = next.http.routes.len(), upstreams = ?next.default_group, "http routes reloaded");
+            match svc.routing.write() {
+                Ok(mut r) => *r = Arc::new(next),
+                Err(p) => *p.into_inner() = Arc::new(next),
+            }
+        }
+        for s in config
+            .services
+            .iter()
+            .filter(|s| s.mode == ServiceMode::Http)
+        {
+            if !self
+                .services
+                .iter()
+                .any(|x| x.name == s.name && x.listen == s.listen)
+            {
+                tracing::warn!(service = %s.name, listen = %s.listen, "new http service: it is served after a restart");
+            }
+        }
+    }
+
     /// Stop accepting.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
@@ -132,12 +194,8 @@ pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<
         .iter()
         .filter(|s| s.mode == ServiceMode::Http)
     {
-        let http = s.http.clone().unwrap_or_default();
-        let default_group: Vec<SocketAddrV4> =
-            s.upstreams.iter().filter_map(|u| u.static_addr()).collect();
-        if default_group.len() < s.upstreams.len() {
-            tracing::warn!(service = %s.name, "http services use IPv4 upstream addresses only: DNS upstreams are skipped");
-        }
+        let routing = Routing::of(s);
+        let http = routing.http.clone();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(http.connect_timeout));
         connector.set_local_address(Some(IpAddr::V4(source)));
@@ -155,8 +213,7 @@ pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<
         let svc = Arc::new(Service {
             name: s.name.clone(),
             listen: s.listen,
-            http,
-            default_group,
+            routing: std::sync::RwLock::new(Arc::new(routing)),
             client,
             status: status.clone(),
             next: AtomicUsize::new(0),
@@ -165,8 +222,8 @@ pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<
         tracing::info!(
             service = %s.name,
             listen = %s.listen,
-            routes = svc.http.routes.len(),
-            upstreams = ?svc.default_group,
+            routes = http.routes.len(),
+            upstreams = ?svc.routing().default_group,
             "http proxy listening"
         );
         tasks.push(tokio::spawn(accept_loop(
@@ -214,7 +271,7 @@ async fn accept_loop(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(svc.http.header_timeout)
+                .header_read_timeout(svc.routing().http.header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
@@ -255,6 +312,13 @@ enum Failure {
 }
 
 impl Service {
+    fn routing(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(r) => Arc::clone(&r),
+            Err(p) => Arc::clone(&p.into_inner()),
+        }
+    }
+
     /// Whether the control plane reports `addr` unhealthy (an address it does not check
     /// counts as healthy).
     fn unhealthy(&self, addr: SocketAddrV4) -> bool {
@@ -291,7 +355,10 @@ impl Service {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-        let (route, group) = self.http.route(host.as_deref(), &path, &self.default_group);
+        let routing = self.routing();
+        let (route, group) = routing
+            .http
+            .route(host.as_deref(), &path, &routing.default_group);
         let mut upstream = None;
         let mut attempts = 0usize;
         let response = if group.is_empty() {
@@ -421,7 +488,8 @@ impl Service {
     }
 
     async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
-        match tokio::time::timeout(self.http.header_timeout, self.client.request(req)).await {
+        let limit = self.routing().http.header_timeout;
+        match tokio::time::timeout(limit, self.client.request(req)).await {
             Err(_) => Err(Failure::HeadTimeout),
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) if e.is_connect() => Err(Failure::Connect {
@@ -544,8 +612,10 @@ mod tests {
         Service {
             name: "app".into(),
             listen: "10.10.1.1:80".parse().unwrap(),
-            http: HttpConfig::default(),
-            default_group: group.to_vec(),
+            routing: std::sync::RwLock::new(Arc::new(Routing {
+                http: HttpConfig::default(),
+                default_group: group.to_vec(),
+            })),
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             status,
             next: AtomicUsize::new(0),
