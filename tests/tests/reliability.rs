@@ -23,7 +23,7 @@
 //! - `all_upstreams_down_refuses_new_connections_fast`: every upstream's server stops; once
 //!   health checks notice, a new connection is refused with a reset (ECONNREFUSED, well within
 //!   its bound), counted `pass_no_upstream`; an upstream coming back is used again.
-//! - `soak_with_faults`: `integration_tests::soak` for `XPT_SOAK_SECS` (default 30) seconds:
+//! - `soak_with_faults`: `integration_tests::soak` for `XPT_SOAK_SECS` (default 60) seconds:
 //!   hundreds of concurrent checksummed TCP flows (well over 1,000 over the run) and UDP
 //!   sessions, SIGHUP reloads, an upstream killed and restored, health flapping and `kill -9` of
 //!   the daemon with a restart; nothing lost, resources steady.
@@ -797,7 +797,7 @@ fn soak_with_faults() -> Result<()> {
     let secs = std::env::var("XPT_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(60);
     let report = soak::run(&SoakOptions::ci(secs), &|| false)?;
     ensure!(
         report.tcp_flows_ok >= 1000,
