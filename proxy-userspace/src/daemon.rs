@@ -351,7 +351,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         })?;
 
     // Userspace L4: every l4 service served by the daemon, same Maglev choice as the fast path.
-    let l4 = if userspace {
+    let mut l4 = if userspace {
         let plan = controller.plan().map_err(control::ReconcileError::from)?;
         // No maps to write: the plan counts as written, so the status the userspace path
         // follows carries its ids and tables.
@@ -398,6 +398,9 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
                 let dp = datapath.as_ref();
                 reconcile_pending = !reload(&mut controller, &opts, dp, &mut tasks, &events_tx).await;
                 l7.reconfigure(controller.config());
+                if let Some(l4) = &mut l4 {
+                    l4.reconfigure(controller.config()).await;
+                }
             }
             Some(event) = events.recv() => {
                 let changed = match event {

@@ -11,6 +11,8 @@
 //! - `userspace_l4_follows_health`: `mode = "userspace"` with a dead upstream beside a live one:
 //!   once the control plane's health checks take it out, the userspace path (TCP and UDP)
 //!   sends every new flow to the live one, as the fast path's Maglev table would.
+//! - `userspace_l4_reload_adds_and_removes_services`: a SIGHUP that removes the TCP service and
+//!   adds a UDP one: the first stops listening, the second is served.
 //! - `http_routes_forwarded_headers_retry_and_503`: `mode = "http"`: routing by Host and by path
 //!   prefix to upstream groups, X-Forwarded-For / X-Forwarded-Proto / Forwarded appended,
 //!   hop-by-hop headers removed, a refused upstream retried on another, 503 for a group whose
@@ -346,6 +348,61 @@ upstreams = [\"{live}\", \"{dead}\"]
         "{} connects to the dead upstream after it left the table",
         failed_after - failed_before
     );
+    let status = daemon.stop(lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    home.stop()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+#[test]
+fn userspace_l4_reload_adds_and_removes_services() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("usreload")?;
+    let id = topo.lab.id().to_owned();
+    let upstream = sock(two::HOME, HOME_PORT);
+    let home = HomeServer::start(&topo.home, upstream, Some(upstream), CLIENT_LIMIT * 2)?;
+    let tcp_service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let udp_service = sock(two::PROXY_CLIENT_SIDE, 53);
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let web = format!(
+        "[[service]]\nname = \"web\"\nlisten = \"{tcp_service}\"\nupstreams = [\"{upstream}\"]\n"
+    );
+    let dns = format!(
+        "[[service]]\nname = \"dns\"\nlisten = \"{udp_service}\"\nprotocol = \"udp\"\nupstreams = [\"{upstream}\"]\n"
+    );
+    let base = base_config("userspace", &[], &pin_dir);
+    let lab = &mut topo.lab;
+    let daemon = Daemon::start(lab, &topo.proxy, &format!("{base}{web}"))?;
+    daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
+    let body = topo.client.run(
+        CLIENT_LIMIT,
+        move || async move { get_root(tcp_service).await },
+    )?;
+    ensure!(body.contains("hello from home"), "before: {body}");
+
+    std::fs::write(&daemon.config, format!("{base}{dns}")).context("rewriting the config")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(daemon.pid)?),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .context("SIGHUP")?;
+    daemon.wait_log(lab, &["service removed", "service=web"], 1, READY)?;
+    daemon.wait_log(lab, &["userspace L4 listening", "service=dns"], 1, READY)?;
+    let (udp, refused) = topo.client.run(CLIENT_LIMIT, move || async move {
+        let udp = traffic::udp_exchange(udp_service, 2, 2, 3).await?;
+        let refused = Conn::connect(tcp_service, Duration::from_secs(2))
+            .await
+            .is_err();
+        Ok((udp, refused))
+    })?;
+    ensure!(
+        udp.requests == 4,
+        "udp after reload: {} answered",
+        udp.requests
+    );
+    ensure!(refused, "the removed TCP service still accepts connections");
+
     let status = daemon.stop(lab)?;
     ensure!(status.success(), "daemon exited with {status}");
     home.stop()?;

@@ -21,7 +21,7 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    config::{Config, Protocol},
+    config::{Config, Protocol, ServiceConfig},
     plan::Plan,
     state::SharedStatus,
 };
@@ -110,16 +110,80 @@ impl crate::control::MapWriter for NoMaps {
 /// The running userspace L4 path; dropping it (or [`L4::shutdown`]) stops every listener.
 #[derive(Debug)]
 pub struct L4 {
-    pub services: Vec<Arc<Service>>,
+    /// The served services, as the status refresher sees them.
+    services: Arc<std::sync::RwLock<Vec<Arc<Service>>>>,
+    running: Vec<(Arc<Service>, JoinHandle<()>)>,
+    source: SocketAddrV4,
+    settings: Settings,
+    status: SharedStatus,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    refresher: Option<JoinHandle<()>>,
 }
 
 impl L4 {
+    /// The services served now.
+    #[must_use]
+    pub fn services(&self) -> Vec<Arc<Service>> {
+        self.running.iter().map(|(s, _)| Arc::clone(s)).collect()
+    }
+
+    /// Apply a reloaded config: stop serving the l4 services it no longer has (their
+    /// established connections and sessions run on), bind and serve the new ones (a bind
+    /// failure is logged; the rest is applied). Upstream changes reach every service through
+    /// the status.
+    pub async fn reconfigure(&mut self, config: &Config) {
+        let same = |svc: &Service, s: &ServiceConfig| {
+            svc.chooser.name == s.name
+                && svc.chooser.listen == s.listen
+                && svc.chooser.protocol == s.protocol
+        };
+        let wanted: Vec<&ServiceConfig> = config.l4_services().map(|(_, s)| s).collect();
+        let mut kept = Vec::new();
+        for (svc, task) in std::mem::take(&mut self.running) {
+            if wanted.iter().any(|s| same(&svc, s)) {
+                kept.push((svc, task));
+            } else {
+                task.abort();
+                tracing::info!(service = %svc.chooser.name, listen = %svc.chooser.listen, proto = %svc.chooser.protocol, "userspace L4: service removed, no longer listening");
+            }
+        }
+        self.running = kept;
+        let snapshot = read_status(&self.status);
+        for s in wanted {
+            if self.running.iter().any(|(svc, _)| same(svc, s)) {
+                continue;
+            }
+            match serve_one(
+                s,
+                Choice::empty(),
+                self.source,
+                self.settings,
+                self.shutdown.subscribe(),
+            )
+            .await
+            {
+                Ok((svc, task)) => {
+                    svc.chooser.refresh(&snapshot);
+                    log_listening(&svc);
+                    self.running.push((svc, task));
+                }
+                Err(e) => tracing::error!(error = %e, "userspace L4: new service not served"),
+            }
+        }
+        let list = self.services();
+        match self.services.write() {
+            Ok(mut l) => *l = list,
+            Err(p) => *p.into_inner() = list,
+        }
+    }
+
     /// Stop accepting; established TCP connections and UDP sessions end with their tasks.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in std::mem::take(&mut self.tasks) {
+        for (_, t) in std::mem::take(&mut self.running) {
+            let _ = t.await;
+        }
+        if let Some(t) = self.refresher.take() {
             let _ = t.await;
         }
     }
@@ -128,9 +192,61 @@ impl L4 {
 impl Drop for L4 {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        for t in &self.tasks {
+        for (_, t) in &self.running {
             t.abort();
         }
+        if let Some(t) = &self.refresher {
+            t.abort();
+        }
+    }
+}
+
+/// Bind one service and start serving it.
+async fn serve_one(
+    s: &ServiceConfig,
+    choice: Choice,
+    source: SocketAddrV4,
+    settings: Settings,
+    rx: watch::Receiver<bool>,
+) -> Result<(Arc<Service>, JoinHandle<()>), L4Error> {
+    let svc = Arc::new(Service {
+        chooser: Chooser::new(s.name.clone(), s.listen, s.protocol, choice),
+        source,
+        stats: Stats::default(),
+    });
+    let err = |source| L4Error::Listen {
+        name: s.name.clone(),
+        listen: s.listen,
+        protocol: s.protocol,
+        source,
+    };
+    let task = match s.protocol {
+        Protocol::Tcp => {
+            let l = tcp::listen(s.listen, settings.listen_backlog).map_err(err)?;
+            tokio::spawn(tcp::serve(l, Arc::clone(&svc), settings, rx))
+        }
+        Protocol::Udp => {
+            let sock = udp::bind(s.listen).await.map_err(err)?;
+            tokio::spawn(udp::serve(sock, Arc::clone(&svc), settings, rx))
+        }
+    };
+    Ok((svc, task))
+}
+
+fn log_listening(svc: &Service) {
+    tracing::info!(
+        service = %svc.chooser.name,
+        listen = %svc.chooser.listen,
+        proto = %svc.chooser.protocol,
+        upstreams = ?svc.chooser.current().upstreams(),
+        "userspace L4 listening"
+    );
+}
+
+fn read_status(status: &SharedStatus) -> Vec<crate::state::ServiceStatus> {
+    match status.read() {
+        Ok(s) => s.services.clone(),
+        Err(poisoned) => poisoned.into_inner().services.clone(),
     }
 }
 
@@ -147,70 +263,41 @@ pub async fn start(
     settings: Settings,
 ) -> Result<L4, L4Error> {
     let (tx, rx) = watch::channel(false);
-    let mut services = Vec::new();
-    let mut tasks = Vec::new();
+    let source = SocketAddrV4::new(snat, 0);
+    let mut running = Vec::new();
     for (_, s) in config.l4_services() {
         let choice = plan
             .services
             .iter()
             .find(|p| p.listen == s.listen && p.protocol == s.protocol)
             .map_or_else(Choice::empty, |p| Choice::from_plan(p, &plan.upstreams));
-        let svc = Arc::new(Service {
-            chooser: Chooser::new(s.name.clone(), s.listen, s.protocol, choice),
-            source: SocketAddrV4::new(snat, 0),
-            stats: Stats::default(),
-        });
-        let err = |source| L4Error::Listen {
-            name: s.name.clone(),
-            listen: s.listen,
-            protocol: s.protocol,
-            source,
-        };
-        match s.protocol {
-            Protocol::Tcp => {
-                let l = tcp::listen(s.listen, settings.listen_backlog).map_err(err)?;
-                tasks.push(tokio::spawn(tcp::serve(
-                    l,
-                    Arc::clone(&svc),
-                    settings,
-                    rx.clone(),
-                )));
-            }
-            Protocol::Udp => {
-                let sock = udp::bind(s.listen).await.map_err(err)?;
-                tasks.push(tokio::spawn(udp::serve(
-                    sock,
-                    Arc::clone(&svc),
-                    settings,
-                    rx.clone(),
-                )));
-            }
-        }
-        tracing::info!(
-            service = %s.name,
-            listen = %s.listen,
-            proto = %s.protocol,
-            upstreams = ?svc.chooser.current().upstreams(),
-            "userspace L4 listening"
-        );
-        services.push(svc);
+        let (svc, task) = serve_one(s, choice, source, settings, rx.clone()).await?;
+        log_listening(&svc);
+        running.push((svc, task));
     }
-    tasks.push(tokio::spawn(refresh(
-        services.clone(),
-        status,
+    let services = Arc::new(std::sync::RwLock::new(
+        running.iter().map(|(s, _)| Arc::clone(s)).collect(),
+    ));
+    let refresher = tokio::spawn(refresh(
+        Arc::clone(&services),
+        status.clone(),
         settings.refresh_interval,
         rx,
-    )));
+    ));
     Ok(L4 {
         services,
+        running,
+        source,
+        settings,
+        status,
         shutdown: tx,
-        tasks,
+        refresher: Some(refresher),
     })
 }
 
 /// Follow the control plane's status: health, weight, drain and DNS changes reach the choice.
 async fn refresh(
-    services: Vec<Arc<Service>>,
+    services: Arc<std::sync::RwLock<Vec<Arc<Service>>>>,
     status: SharedStatus,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -222,9 +309,10 @@ async fn refresh(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let snapshot = match status.read() {
-            Ok(s) => s.services.clone(),
-            Err(poisoned) => poisoned.into_inner().services.clone(),
+        let snapshot = read_status(&status);
+        let services = match services.read() {
+            Ok(l) => l.clone(),
+            Err(p) => p.into_inner().clone(),
         };
         for s in &services {
             if let Some(next) = s.chooser.refresh(&snapshot) {
