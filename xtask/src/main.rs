@@ -73,7 +73,7 @@ enum Cmd {
     /// through the XDP fast path for a bounded time, with SIGHUP reloads, an upstream killed
     /// and restored, health flapping and kill -9 of the daemon (see RELIABILITY.md).
     Soak {
-        /// Duration in seconds (default 600).
+        /// Duration in seconds.
         #[arg(long, value_name = "S", default_value_t = 600)]
         secs: u64,
         /// Extra arguments for the driver (after `--`), e.g. `--concurrency 500 --no-kill9`.
