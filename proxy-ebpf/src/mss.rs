@@ -38,6 +38,23 @@ struct Walk {
 /// thousand instructions of verification at every call site).
 #[inline(always)]
 pub fn clamp(ctx: &XdpContext, max: u16) {
+    // SAFETY: ctx.ctx is the program's context pointer.
+    unsafe { proxy_mss_clamp(ctx.ctx, u32::from(max)) };
+}
+
+/// `clamp` as a global BPF function (BTF linkage global): the verifier checks it once, on its
+/// own, instead of once for every state the program reaches the call in.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn proxy_mss_clamp(md: *mut xdp_md, max: u32) -> i32 {
+    let ctx = XdpContext::new(md);
+    clamp_inner(&ctx, (max & 0xffff) as u16);
+    0
+}
+
+/// The walk itself (see `clamp`).
+#[inline(always)]
+fn clamp_inner(ctx: &XdpContext, max: u16) {
     let Some(tcp) = ptr_at::<[u8; 20]>(ctx, L4_OFF) else {
         return;
     };
