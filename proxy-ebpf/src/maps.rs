@@ -1,12 +1,18 @@
 //! Every map of the XDP program. Names, sizes and layouts come from `proxy-common`, so the daemon
-//! and the program agree; the `#[map(name = ...)]` attribute takes a string literal, so each name
-//! is checked against its `proxy-common` constant at compile time.
+//! and the program agree; the `#[btf_map(name = ...)]` attribute takes a string literal, so each
+//! name is checked against its `proxy-common` constant at compile time.
+//!
+//! All maps are BTF-defined (`aya_ebpf::btf_maps`, ELF section `.maps`): the object's BTF carries
+//! each map's key and value types, aya creates the maps with `btf_key_type_id`/`btf_value_type_id`,
+//! and `bpftool map dump` on a pinned map prints named fields. Capacities are const generics here;
+//! the daemon still overrides the flow tables' `max_entries` at load time
+//! (`EbpfLoader::map_max_entries`, which aya applies to BTF maps as well).
 //!
 //! None of these maps is pinned by the object: the daemon decides where (and whether) to pin.
 
 use aya_ebpf::{
-    macros::map,
-    maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    macros::btf_map,
 };
 use proxy_common::{
     AclKey, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY,
@@ -17,68 +23,74 @@ use proxy_common::{
     UpstreamValue,
 };
 
+/// Capacities as const generics (the `proxy-common` constants are `u32`).
+const SERVICES: usize = MAX_SERVICES as usize;
+const UPSTREAMS: usize = MAX_UPSTREAMS as usize;
+const MAGLEV_ENTRIES: usize = (MAX_SERVICES * MAGLEV_SIZE) as usize;
+const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
+const INTERFACES: usize = MAX_INTERFACES as usize;
+const REASONS: usize = REASON_COUNT as usize;
+const ACL_ENTRIES: usize = MAX_ACL_ENTRIES as usize;
+const RATE_ENTRIES: usize = MAX_RATE_ENTRIES as usize;
+
 /// Datapath settings: index 0 -> `NatConfig` (SNAT address, port range, ready flag).
-#[map(name = "XP_CONFIG")]
-pub static XP_CONFIG: Array<NatConfig> = Array::with_max_entries(1, 0);
+#[btf_map(name = "XP_CONFIG")]
+pub static XP_CONFIG: Array<NatConfig, 1> = Array::new();
 
 /// Service match: (listen address, port, protocol) -> service id and flags.
-#[map(name = "XP_SERVICES")]
-pub static XP_SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES, 0);
+#[btf_map(name = "XP_SERVICES")]
+pub static XP_SERVICES: HashMap<ServiceKey, ServiceValue, SERVICES> = HashMap::new();
 
 /// Upstream slots by id (slot 0 reserved: "no upstream").
-#[map(name = "XP_UPSTREAMS")]
-pub static XP_UPSTREAMS: Array<UpstreamValue> = Array::with_max_entries(MAX_UPSTREAMS, 0);
+#[btf_map(name = "XP_UPSTREAMS")]
+pub static XP_UPSTREAMS: Array<UpstreamValue, UPSTREAMS> = Array::new();
 
 /// Maglev tables: `service_id * MAGLEV_SIZE + slot` -> upstream id (0 = none).
-#[map(name = "XP_MAGLEV")]
-pub static XP_MAGLEV: Array<u32> = Array::with_max_entries(MAX_SERVICES * MAGLEV_SIZE, 0);
+#[btf_map(name = "XP_MAGLEV")]
+pub static XP_MAGLEV: Array<u32, MAGLEV_ENTRIES> = Array::new();
 
-/// Forward flows, keyed by the client's packet (client -> service).
-#[map(name = "XP_FLOWS_FWD")]
-pub static XP_FLOWS_FWD: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+/// Forward flows, keyed by the client's packet (client -> service). `DEFAULT_MAX_FLOWS` is the
+/// object's default; the daemon sets the real capacity at load time.
+#[btf_map(name = "XP_FLOWS_FWD")]
+pub static XP_FLOWS_FWD: LruHashMap<FlowKey, FlowValue, FLOWS> = LruHashMap::new();
 
 /// Reverse flows, keyed by the upstream's reply (upstream -> SNAT); inserting here with
 /// BPF_NOEXIST is the SNAT port reservation.
-#[map(name = "XP_FLOWS_REV")]
-pub static XP_FLOWS_REV: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+#[btf_map(name = "XP_FLOWS_REV")]
+pub static XP_FLOWS_REV: LruHashMap<FlowKey, FlowValue, FLOWS> = LruHashMap::new();
 
-/// Egress interfaces for XDP_REDIRECT: ifindex -> ifindex.
-#[map(name = "XP_DEVMAP")]
-pub static XP_DEVMAP: DevMapHash = DevMapHash::with_max_entries(MAX_INTERFACES, 0);
+/// Egress interfaces for XDP_REDIRECT: ifindex -> `bpf_devmap_val` (ifindex, no program).
+#[btf_map(name = "XP_DEVMAP")]
+pub static XP_DEVMAP: DevMapHash<INTERFACES> = DevMapHash::new();
 
 /// Per-CPU packet counters indexed by `Reason`, bumped once per packet at exit.
-#[map(name = "XP_REASONS")]
-pub static XP_REASONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(REASON_COUNT, 0);
+#[btf_map(name = "XP_REASONS")]
+pub static XP_REASONS: PerCpuArray<u64, REASONS> = PerCpuArray::new();
 
 /// Per-CPU traffic counters per service id.
-#[map(name = "XP_SVC_STATS")]
-pub static XP_SVC_STATS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_SERVICES, 0);
+#[btf_map(name = "XP_SVC_STATS")]
+pub static XP_SVC_STATS: PerCpuArray<TrafficCounters, SERVICES> = PerCpuArray::new();
 
 /// Per-CPU traffic counters per upstream id.
-#[map(name = "XP_UPS_STATS")]
-pub static XP_UPS_STATS: PerCpuArray<TrafficCounters> =
-    PerCpuArray::with_max_entries(MAX_UPSTREAMS, 0);
+#[btf_map(name = "XP_UPS_STATS")]
+pub static XP_UPS_STATS: PerCpuArray<TrafficCounters, UPSTREAMS> = PerCpuArray::new();
 
 /// Per-service options by service id (MSS clamp, ACL mode, new-flow rate).
-#[map(name = "XP_SVC_OPTS")]
-pub static XP_SVC_OPTS: Array<ServiceOptions> = Array::with_max_entries(MAX_SERVICES, 0);
+#[btf_map(name = "XP_SVC_OPTS")]
+pub static XP_SVC_OPTS: Array<ServiceOptions, SERVICES> = Array::new();
 
-/// Client allow lists: (service id, family, address prefix) -> ACL_HIT.
-#[map(name = "XP_ACL_ALLOW")]
-pub static XP_ACL_ALLOW: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+/// Client allow lists: (service id, family, address prefix) -> ACL_HIT. The trie's flags default
+/// to `BPF_F_NO_PREALLOC` (the kernel requires it), as the legacy declaration's did.
+#[btf_map(name = "XP_ACL_ALLOW")]
+pub static XP_ACL_ALLOW: LpmTrie<AclKey, u32, ACL_ENTRIES> = LpmTrie::new();
 
 /// Client deny lists: (service id, family, address prefix) -> ACL_HIT.
-#[map(name = "XP_ACL_DENY")]
-pub static XP_ACL_DENY: LpmTrie<AclKey, u32> = LpmTrie::with_max_entries(MAX_ACL_ENTRIES, 0);
+#[btf_map(name = "XP_ACL_DENY")]
+pub static XP_ACL_DENY: LpmTrie<AclKey, u32, ACL_ENTRIES> = LpmTrie::new();
 
 /// New-flow token buckets per (service, client address).
-#[map(name = "XP_RATE")]
-pub static XP_RATE: LruHashMap<RateKey, RateState> =
-    LruHashMap::with_max_entries(MAX_RATE_ENTRIES, 0);
+#[btf_map(name = "XP_RATE")]
+pub static XP_RATE: LruHashMap<RateKey, RateState, RATE_ENTRIES> = LruHashMap::new();
 
 /// Compile-time string equality (the map attribute needs a literal; this ties it to the constant).
 const fn same(a: &str, b: &str) -> bool {
