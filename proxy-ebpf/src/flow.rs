@@ -6,7 +6,7 @@ use proxy_common::{
     CONFIG_F_READY, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
     FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason,
     SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
-    hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash},
+    hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
 use crate::{
@@ -92,8 +92,8 @@ pub fn create(
     let ups_port = u16::from_ne_bytes(ups.port);
     let snat_addr = keys::v4(&cfg.snat_v4);
 
-    // SNAT port: probe from a hashed start; the first BPF_NOEXIST insert of the reverse entry
-    // that succeeds is the reservation.
+    // SNAT port: probe the flow's sequence of offsets (proxy_common::hash::snat_probe_offset);
+    // the first BPF_NOEXIST insert of the reverse entry that succeeds is the reservation.
     let port_min = u32::from(cfg.port_min);
     let port_max = u32::from(cfg.port_max);
     if port_max < port_min {
@@ -104,7 +104,7 @@ pub fn create(
     if span == 0 {
         return Err(Reason::Aborted); // unreachable (span is 1..=65536); lets LLVM drop a panic
     }
-    let start = tuple_hash(SEED_SNAT_PORT, pkt) % span;
+    let snat_hash = tuple_hash(SEED_SNAT_PORT, pkt);
     let probes = if span < SNAT_PORT_PROBES {
         span
     } else {
@@ -137,8 +137,8 @@ pub fn create(
         if i >= unsafe { core::ptr::read_volatile(&raw const probes) } {
             break;
         }
-        // start < span and i < 32: no overflow; the port is at most port_max.
-        let port = (port_min + (start + i) % span) as u16;
+        // The offset is below span: the port is at most port_max.
+        let port = (port_min + snat_probe_offset(snat_hash, i, span)) as u16;
         rev_key.dport = u16::from_ne_bytes(port.to_be_bytes());
         if XP_FLOWS_REV
             .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))

@@ -23,7 +23,7 @@ use aya::maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray};
 use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use aya::{Ebpf, EbpfLoader};
 use proxy_common::checksum;
-use proxy_common::hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash};
+use proxy_common::hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset};
 use proxy_common::{
     ACL_HIT, ACL_PREFIX_BASE, AclKey, CONFIG_F_READY, FAMILY_IPV4, FlowKey, FlowValue, IPPROTO_TCP,
     IPPROTO_UDP, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
@@ -486,10 +486,10 @@ impl Tuple {
     #[must_use]
     pub fn snat_probe_ports(&self, cfg: &NatConfig) -> Vec<u16> {
         let span = u32::from(cfg.port_max) - u32::from(cfg.port_min) + 1;
-        let start = self.hash(SEED_SNAT_PORT) % span;
+        let h = self.hash(SEED_SNAT_PORT);
         (0..SNAT_PORT_PROBES.min(span))
             .map(|i| {
-                let off = u16::try_from((start + i) % span).expect("span <= 65536");
+                let off = u16::try_from(snat_probe_offset(h, i, span)).expect("span <= 65536");
                 cfg.port_min + off
             })
             .collect()
