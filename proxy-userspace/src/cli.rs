@@ -1,14 +1,16 @@
-//! Command line: `run`, `check`, `inspect`, `flows`. `main.rs` parses, sets up logging and
+//! Command line: `run`, `check`, `status`, `inspect`, `flows`. `main.rs` parses, sets up logging and
 //! calls [`dispatch`], and exits with [`CliError::exit_code`].
 
 use std::{
     io::IsTerminal as _,
-    net::SocketAddrV4,
+    net::{SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use clap::{Parser, Subcommand};
+
+pub mod status;
 
 use crate::{
     config::{Config, ConfigError, DEFAULT_PIN_DIR, ServiceMode},
@@ -47,6 +49,19 @@ pub enum Command {
     Check {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Ask the running daemon (its admin listener's /status) which datapath is active
+    /// (native, generic or userspace), its interfaces, services and upstream health.
+    Status {
+        /// The admin listener (default: the [admin] listen of --config, else 127.0.0.1:9100).
+        #[arg(long, value_name = "ADDR:PORT")]
+        admin: Option<SocketAddr>,
+        /// Take the admin address from this config file.
+        #[arg(long, value_name = "FILE", conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// Print the /status JSON document unchanged.
+        #[arg(long)]
+        json: bool,
     },
     /// Read the pinned maps (works while the daemon is down; never writes).
     Inspect {
@@ -179,6 +194,8 @@ pub enum CliError {
     Datapath(Box<DatapathError>),
     #[error(transparent)]
     Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Status(#[from] status::StatusError),
 }
 
 impl CliError {
@@ -187,6 +204,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Inspect(e) => e.exit_code(),
+            Self::Status(e) => e.exit_code(),
             _ => inspect::exit::FAILURE,
         }
     }
@@ -217,6 +235,14 @@ pub fn dispatch(cli: Cli) -> Result<(), CliError> {
         )?),
         Command::Check { config } => {
             print!("{}", check(&config)?);
+            Ok(())
+        }
+        Command::Status {
+            admin,
+            config,
+            json,
+        } => {
+            print!("{}", status_cmd(admin, config.as_deref(), json)?);
             Ok(())
         }
         Command::Inspect { what } => inspect_cmd(&what),
@@ -254,6 +280,36 @@ pub fn check(path: &Path) -> Result<String, ConfigError> {
         c.nat.port_max,
         c.datapath.pin_dir.display(),
     ))
+}
+
+/// `status`: the admin address from `--admin`, `--config` or the default; the /status
+/// document as a table (or unchanged with `json`).
+fn status_cmd(
+    admin: Option<SocketAddr>,
+    config: Option<&Path>,
+    json: bool,
+) -> Result<String, CliError> {
+    let addr = match (admin, config) {
+        (Some(a), _) => a,
+        (None, Some(path)) => Config::load(path)?.admin.listen,
+        (None, None) => crate::config::DEFAULT_ADMIN_LISTEN
+            .parse()
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9100))),
+    };
+    let doc = status::fetch(addr)?;
+    if json {
+        let mut doc = doc;
+        if !doc.ends_with('\n') {
+            doc.push('\n');
+        }
+        return Ok(doc);
+    }
+    status::render(&doc).map_err(|e| {
+        CliError::Status(status::StatusError::BadAnswer {
+            addr,
+            what: format!("/status is not JSON: {e}"),
+        })
+    })
 }
 
 fn inspect_cmd(what: &InspectCommand) -> Result<(), CliError> {
@@ -368,6 +424,15 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(Cli::try_parse_from(["xdp-proxy", "run"]).is_err());
+        let cli =
+            Cli::try_parse_from(["xdp-proxy", "status", "--admin", "127.0.0.1:9200"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Status { admin: Some(a), config: None, json: false } if a.port() == 9200
+        ));
+        assert!(
+            Cli::try_parse_from(["xdp-proxy", "status", "--admin", "x", "--config", "/x"]).is_err()
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!   daemon's native attachment (a bpf_link cannot be replaced: EBUSY) and its generic one
 //!   (native and generic XDP cannot be active on one device at once); with `mode = "auto"` the
 //!   daemon says so, undoes the attachment it made on the other interface, and serves the L4
-//!   services in userspace.
+//!   services in userspace; `/status`, `/metrics` and `xdp-proxy status` say so (and `status`
+//!   exits 9 once the daemon is gone).
 //!
 //! - `userspace_l4_follows_health`: `mode = "userspace"` with a dead upstream beside a live one:
 //!   once the control plane's health checks take it out, the userspace path (TCP and UDP)
@@ -201,6 +202,26 @@ upstreams = [\"{upstream}\"]
             .any(|l| l == r#"xdp_proxy_datapath_mode{mode="userspace"} 1"#),
         "/metrics has no xdp_proxy_datapath_mode{{mode=\"userspace\"}} 1"
     );
+    // And so does the CLI (`xdp-proxy status`, default admin address), table and JSON.
+    let table = cli_status(&topo.proxy, &[])?;
+    println!("xdp-proxy status:\n{table}");
+    ensure!(
+        table.lines().next() == Some("datapath:   userspace"),
+        "`status` does not say userspace:\n{table}"
+    );
+    ensure!(
+        table
+            .lines()
+            .any(|l| l.starts_with("web ") && l.contains(&upstream.to_string())),
+        "`status` does not list the service web and its upstream:\n{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cli_status(&topo.proxy, &["--json"])?).context("`status --json`")?;
+    ensure!(
+        json["datapath"]["mode"] == "userspace",
+        "`status --json`: {}",
+        json["datapath"]
+    );
 
     // The daemon left nothing attached; the other program is still the one attached.
     ensure!(
@@ -238,6 +259,19 @@ upstreams = [\"{upstream}\"]
         "daemon exited with {status}\n{}",
         lab.log_tail(daemon.pid, 20)
     );
+    // With the daemon gone, `status` says it cannot reach it, with its own exit code.
+    let out = topo
+        .proxy
+        .command(netns::daemon_binary()?)?
+        .arg("status")
+        .output()
+        .context("running xdp-proxy status")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.code() == Some(9) && stderr.contains("cannot reach"),
+        "`status` without a daemon: {} {stderr}",
+        out.status
+    );
     home.stop()?;
     drop(topo);
     check_cleaned(&id)
@@ -255,6 +289,14 @@ fn admin_get(ns: &Netns, path: &str) -> Result<String> {
             &format!("http://127.0.0.1:9100{path}"),
         ],
     )
+}
+
+/// `xdp-proxy status ARGS` inside `ns` (the admin listener's default address): its stdout.
+fn cli_status(ns: &Netns, args: &[&str]) -> Result<String> {
+    let bin = netns::daemon_binary()?;
+    let mut all = vec!["status"];
+    all.extend_from_slice(args);
+    netns::run_cmd(ns.command(bin)?.args(&all))
 }
 
 /// The XDP program ids `ip -d link` shows on `dev`.
