@@ -46,6 +46,8 @@ pub struct Source {
     pub interfaces: Vec<String>,
     /// `userspace` when no datapath is attached by config.
     pub userspace: bool,
+    /// Counters of the services the daemon serves itself (userspace L4, http).
+    pub counters: crate::l4::counters::Registry,
 }
 
 impl Source {
@@ -64,6 +66,7 @@ impl Source {
             configured_interfaces: self.interfaces.clone(),
             config_loaded: true,
             status,
+            userspace_services: self.counters.read(),
             ..Snapshot::default()
         };
         if self.userspace {

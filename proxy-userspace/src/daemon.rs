@@ -337,11 +337,13 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
 
     // Admin listener (/healthz, /metrics, /status). The status is the control loop's (its
     // first version was published when the plan was written).
+    let counters = crate::l4::counters::Registry::default();
     let admin = crate::admin::Source {
         datapath: datapath.clone(),
         status: status.clone(),
         interfaces: p.config.datapath.interfaces.clone(),
         userspace,
+        counters: counters.clone(),
     };
     crate::admin::spawn(p.config.admin.listen, admin)
         .await
@@ -363,6 +365,10 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     };
     // The http services: served by the daemon's L7 proxy whatever the datapath.
     let l7 = crate::l7::start(&p.config, p.snat, status.clone())?;
+    if let Some(l4) = &l4 {
+        counters.set_l4(l4);
+    }
+    counters.set_l7(&l7);
 
     controller.publish();
     let (events_tx, mut events) = tokio::sync::mpsc::channel(1024);

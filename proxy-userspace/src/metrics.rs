@@ -22,6 +22,21 @@
 //! - `xdp_proxy_flows_active` (forward flows after the last expiry scan), `xdp_proxy_reloads_total`,
 //!   `xdp_proxy_reload_failures_total`, `xdp_proxy_dns_failures_total`.
 //!
+//! - userspace data paths (userspace L4, and the L7 proxy of http services), per service
+//!   `{service,listen,protocol,layer}` (layer = `l4` | `http`):
+//!   `xdp_proxy_userspace_connections_total` (TCP connections connected to an upstream, UDP
+//!   sessions opened, HTTP client connections accepted), `xdp_proxy_userspace_active_connections`,
+//!   `xdp_proxy_userspace_bytes_total{direction}` (payload bytes; for http, bytes of the client
+//!   connection, headers included), `xdp_proxy_userspace_connect_failures_total` (upstream
+//!   connects that failed), `xdp_proxy_userspace_no_upstream_total` (refused: no healthy
+//!   upstream), `xdp_proxy_userspace_dropped_total` (UDP datagrams of new clients beyond the
+//!   session limit), `xdp_proxy_userspace_http_responses_total{class}` (class = `1xx`..`5xx`,
+//!   http only, the proxy's own 502/503/504 included); per service and upstream
+//!   `{service,layer,upstream}`: `xdp_proxy_userspace_upstream_connections_total` (http:
+//!   requests sent), `xdp_proxy_userspace_upstream_active_connections` (l4 only),
+//!   `xdp_proxy_userspace_upstream_bytes_total{direction}` (l4 only),
+//!   `xdp_proxy_userspace_upstream_connect_failures_total`. These count since the daemon started.
+//!
 //! Active flow gauges come from the expiry scan (every second by default), not from a scan per
 //! scrape; they are absent until the first scan.
 
@@ -58,6 +73,40 @@ impl From<proxy_common::TrafficCounters> for Counters {
     }
 }
 
+/// Traffic counters of a userspace service, or of one upstream address of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UserspaceTraffic {
+    /// Connections / sessions opened (per http upstream: requests sent).
+    pub opened: u64,
+    /// Open now.
+    pub active: u64,
+    pub bytes_to_upstream: u64,
+    pub bytes_to_client: u64,
+    pub connect_failures: u64,
+}
+
+/// Counters of one service the daemon serves itself (userspace L4 or http).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct UserspaceService {
+    pub name: String,
+    pub listen: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `l4` or `http`.
+    pub layer: String,
+    #[serde(flatten)]
+    pub traffic: UserspaceTraffic,
+    /// New connections or sessions refused: no healthy upstream (http: requests answered 503
+    /// without trying).
+    pub no_upstream: u64,
+    /// UDP datagrams of new clients dropped at the session limit.
+    pub dropped: u64,
+    /// http responses by class (`1xx`..`5xx`).
+    pub http_responses: BTreeMap<String, u64>,
+    /// Per upstream address (`a.b.c.d:port`).
+    pub upstreams: BTreeMap<String, UserspaceTraffic>,
+}
+
 /// One XDP attachment.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct InterfaceStatus {
@@ -90,6 +139,8 @@ pub struct Snapshot {
     pub upstream_counters: BTreeMap<u32, Counters>,
     /// Forward flows after the last expiry scan: total, per service id, per upstream id.
     pub flows: Option<FlowCounts>,
+    /// Services the daemon serves itself (userspace L4, http), with their counters.
+    pub userspace_services: Vec<UserspaceService>,
 }
 
 /// Active flow counts from the last expiry scan.
@@ -256,6 +307,7 @@ pub fn render_prometheus(s: &Snapshot) -> String {
 
     render_services(o, s);
     render_upstreams(o, s);
+    render_userspace(o, &s.userspace_services);
 
     if let Some(flows) = &s.flows {
         let n = "xdp_proxy_flows_active";
@@ -474,6 +526,159 @@ fn render_upstreams(o: &mut String, s: &Snapshot) {
     }
 }
 
+fn render_userspace(o: &mut String, services: &[UserspaceService]) {
+    if services.is_empty() {
+        return;
+    }
+    let labels = |s: &UserspaceService| -> [(&'static str, String); 4] {
+        [
+            ("service", s.name.clone()),
+            ("listen", s.listen.clone()),
+            ("protocol", s.protocol.clone()),
+            ("layer", s.layer.clone()),
+        ]
+    };
+    let refs = |l: &[(&'static str, String)]| -> Vec<(&'static str, String)> { l.to_vec() };
+    let sample = |f: &mut Family<'_>, n: &str, l: &[(&'static str, String)], v: u64| {
+        let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        f.sample(n, &l, v);
+    };
+    type Pick = fn(&UserspaceService) -> u64;
+    let per_service: [(&str, &str, &str, Pick); 5] = [
+        (
+            "xdp_proxy_userspace_connections_total",
+            "counter",
+            "Connections (UDP: sessions) the daemon opened to an upstream; http: client \
+             connections accepted.",
+            |s| s.traffic.opened,
+        ),
+        (
+            "xdp_proxy_userspace_active_connections",
+            "gauge",
+            "Connections (UDP: sessions) open now.",
+            |s| s.traffic.active,
+        ),
+        (
+            "xdp_proxy_userspace_connect_failures_total",
+            "counter",
+            "Upstream connects that failed.",
+            |s| s.traffic.connect_failures,
+        ),
+        (
+            "xdp_proxy_userspace_no_upstream_total",
+            "counter",
+            "Connections, sessions or requests refused because no upstream was healthy.",
+            |s| s.no_upstream,
+        ),
+        (
+            "xdp_proxy_userspace_dropped_total",
+            "counter",
+            "UDP datagrams of new clients dropped at the session limit.",
+            |s| s.dropped,
+        ),
+    ];
+    for (n, kind, help, pick) in per_service {
+        let mut f = Family::new(o, n, kind, help);
+        for s in services {
+            sample(&mut f, n, &labels(s), pick(s));
+        }
+    }
+    let n = "xdp_proxy_userspace_bytes_total";
+    let mut f = Family::new(
+        o,
+        n,
+        "counter",
+        "Bytes the daemon relayed for the service, by direction (http: client connection bytes).",
+    );
+    for s in services {
+        for (dir, v) in [
+            ("to_upstream", s.traffic.bytes_to_upstream),
+            ("to_client", s.traffic.bytes_to_client),
+        ] {
+            let mut l = refs(&labels(s));
+            l.push(("direction", dir.to_owned()));
+            sample(&mut f, n, &l, v);
+        }
+    }
+    let n = "xdp_proxy_userspace_http_responses_total";
+    let mut f = Family::new(
+        o,
+        n,
+        "counter",
+        "Responses of http services by status class (the proxy's own 502/503/504 included).",
+    );
+    for s in services.iter().filter(|s| s.layer == "http") {
+        for class in ["1xx", "2xx", "3xx", "4xx", "5xx"] {
+            let mut l = refs(&labels(s));
+            l.push(("class", class.to_owned()));
+            sample(
+                &mut f,
+                n,
+                &l,
+                s.http_responses.get(class).copied().unwrap_or(0),
+            );
+        }
+    }
+    let up_labels = |s: &UserspaceService, a: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("service", s.name.clone()),
+            ("layer", s.layer.clone()),
+            ("upstream", a.to_owned()),
+        ]
+    };
+    type UpPick = fn(&UserspaceTraffic) -> u64;
+    let per_upstream: [(&str, &str, &str, bool, UpPick); 3] = [
+        (
+            "xdp_proxy_userspace_upstream_connections_total",
+            "counter",
+            "Connections (UDP: sessions; http: requests) the daemon sent to the upstream.",
+            true,
+            |t| t.opened,
+        ),
+        (
+            "xdp_proxy_userspace_upstream_active_connections",
+            "gauge",
+            "Connections (UDP: sessions) to the upstream open now (l4 only).",
+            false,
+            |t| t.active,
+        ),
+        (
+            "xdp_proxy_userspace_upstream_connect_failures_total",
+            "counter",
+            "Connects to the upstream that failed.",
+            true,
+            |t| t.connect_failures,
+        ),
+    ];
+    for (n, kind, help, http_too, pick) in per_upstream {
+        let mut f = Family::new(o, n, kind, help);
+        for s in services.iter().filter(|s| http_too || s.layer != "http") {
+            for (a, t) in &s.upstreams {
+                sample(&mut f, n, &up_labels(s, a), pick(t));
+            }
+        }
+    }
+    let n = "xdp_proxy_userspace_upstream_bytes_total";
+    let mut f = Family::new(
+        o,
+        n,
+        "counter",
+        "Bytes the daemon relayed to and from the upstream, by direction (l4 only).",
+    );
+    for s in services.iter().filter(|s| s.layer != "http") {
+        for (a, t) in &s.upstreams {
+            for (dir, v) in [
+                ("to_upstream", t.bytes_to_upstream),
+                ("to_client", t.bytes_to_client),
+            ] {
+                let mut l = up_labels(s, a);
+                l.push(("direction", dir.to_owned()));
+                sample(&mut f, n, &l, v);
+            }
+        }
+    }
+}
+
 /// The `/status` document.
 #[must_use]
 pub fn status_json(s: &Snapshot) -> Value {
@@ -553,6 +758,7 @@ pub fn status_json(s: &Snapshot) -> Value {
         "flows": s.flows.as_ref().map(|f| json!({"active": f.total})),
         "reasons": reasons,
         "services": services,
+        "userspace_services": s.userspace_services,
     })
 }
 
@@ -630,7 +836,113 @@ mod tests {
                 per_service: [(1, 4)].into_iter().collect(),
                 per_upstream: [(7, 3), (8, 1)].into_iter().collect(),
             }),
+            userspace_services: Vec::new(),
         }
+    }
+
+    #[test]
+    fn userspace_series() {
+        let mut s = sample();
+        assert!(!render_prometheus(&s).contains("xdp_proxy_userspace_"));
+        let t = |opened, active, up, down, fails| UserspaceTraffic {
+            opened,
+            active,
+            bytes_to_upstream: up,
+            bytes_to_client: down,
+            connect_failures: fails,
+        };
+        s.userspace_services = vec![
+            UserspaceService {
+                name: "dns".to_owned(),
+                listen: "10.0.0.1:53".to_owned(),
+                protocol: "udp".to_owned(),
+                layer: "l4".to_owned(),
+                traffic: t(3, 2, 100, 200, 1),
+                no_upstream: 4,
+                dropped: 5,
+                http_responses: BTreeMap::new(),
+                upstreams: [("10.1.0.2:53".to_owned(), t(3, 2, 100, 200, 1))]
+                    .into_iter()
+                    .collect(),
+            },
+            UserspaceService {
+                name: "api".to_owned(),
+                listen: "10.0.0.1:8080".to_owned(),
+                protocol: "tcp".to_owned(),
+                layer: "http".to_owned(),
+                traffic: t(7, 1, 1000, 9000, 2),
+                no_upstream: 0,
+                dropped: 0,
+                http_responses: [("2xx".to_owned(), 9), ("5xx".to_owned(), 1)]
+                    .into_iter()
+                    .collect(),
+                upstreams: [("10.1.0.3:80".to_owned(), t(10, 0, 0, 0, 2))]
+                    .into_iter()
+                    .collect(),
+            },
+        ];
+        let text = render_prometheus(&s);
+        let got = samples(&text);
+        let dns = r#"service="dns",listen="10.0.0.1:53",protocol="udp",layer="l4""#;
+        let api = r#"service="api",listen="10.0.0.1:8080",protocol="tcp",layer="http""#;
+        for (k, v) in [
+            (format!("xdp_proxy_userspace_connections_total{{{dns}}}"), 3),
+            (format!("xdp_proxy_userspace_active_connections{{{dns}}}"), 2),
+            (format!("xdp_proxy_userspace_connect_failures_total{{{dns}}}"), 1),
+            (format!("xdp_proxy_userspace_no_upstream_total{{{dns}}}"), 4),
+            (format!("xdp_proxy_userspace_dropped_total{{{dns}}}"), 5),
+            (
+                format!("xdp_proxy_userspace_bytes_total{{{dns},direction=\"to_upstream\"}}"),
+                100,
+            ),
+            (
+                format!("xdp_proxy_userspace_bytes_total{{{api},direction=\"to_client\"}}"),
+                9000,
+            ),
+            (
+                format!("xdp_proxy_userspace_http_responses_total{{{api},class=\"2xx\"}}"),
+                9,
+            ),
+            (
+                format!("xdp_proxy_userspace_http_responses_total{{{api},class=\"4xx\"}}"),
+                0,
+            ),
+            (
+                r#"xdp_proxy_userspace_upstream_connections_total{service="api",layer="http",upstream="10.1.0.3:80"}"#.to_owned(),
+                10,
+            ),
+            (
+                r#"xdp_proxy_userspace_upstream_connect_failures_total{service="api",layer="http",upstream="10.1.0.3:80"}"#.to_owned(),
+                2,
+            ),
+            (
+                r#"xdp_proxy_userspace_upstream_bytes_total{service="dns",layer="l4",upstream="10.1.0.2:53",direction="to_client"}"#.to_owned(),
+                200,
+            ),
+            (
+                r#"xdp_proxy_userspace_upstream_active_connections{service="dns",layer="l4",upstream="10.1.0.2:53"}"#.to_owned(),
+                2,
+            ),
+        ] {
+            assert_eq!(got.get(&k), Some(&v), "{k} in\n{text}");
+        }
+        // No http class series for an l4 service; no byte or active series for http upstreams.
+        assert!(!text.contains(r#"http_responses_total{service="dns""#));
+        assert!(!text.contains(r#"upstream_bytes_total{service="api""#));
+        assert!(!text.contains(r#"upstream_active_connections{service="api""#));
+        // Every family's HELP/TYPE once.
+        assert_eq!(
+            text.matches("# TYPE xdp_proxy_userspace_bytes_total counter")
+                .count(),
+            1
+        );
+        let v = status_json(&s);
+        assert_eq!(v["userspace_services"][1]["http_responses"]["5xx"], 1);
+        assert_eq!(v["userspace_services"][0]["opened"], 3);
+        assert_eq!(
+            v["userspace_services"][0]["upstreams"]["10.1.0.2:53"]["bytes_to_client"],
+            200
+        );
     }
 
     /// `name{labels} value` lines of `text`, as a map from the text before the value.

@@ -247,6 +247,42 @@ upstreams = [\"{upstream}\"]
         "home saw another source: {body}"
     );
     ensure!(udp.requests == 6, "udp: {} requests answered", udp.requests);
+    // The userspace counters moved with that traffic (/metrics).
+    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    let web = format!("service=\"web\",listen=\"{tcp_service}\",protocol=\"tcp\",layer=\"l4\"");
+    let dns = format!("service=\"dns\",listen=\"{udp_service}\",protocol=\"udp\",layer=\"l4\"");
+    for (series, at_least) in [
+        (format!("xdp_proxy_userspace_connections_total{{{web}}}"), 1),
+        (
+            format!("xdp_proxy_userspace_bytes_total{{{web},direction=\"to_client\"}}"),
+            body.len() as u64,
+        ),
+        (
+            format!("xdp_proxy_userspace_bytes_total{{{web},direction=\"to_upstream\"}}"),
+            1,
+        ),
+        (format!("xdp_proxy_userspace_connections_total{{{dns}}}"), 1),
+        (
+            format!("xdp_proxy_userspace_bytes_total{{{dns},direction=\"to_client\"}}"),
+            1,
+        ),
+        (
+            format!(
+                "xdp_proxy_userspace_upstream_connections_total{{service=\"web\",layer=\"l4\",upstream=\"{upstream}\"}}"
+            ),
+            1,
+        ),
+    ] {
+        let v = metric(&metrics, &series)?;
+        ensure!(v >= at_least, "{series} = {v}, want at least {at_least}");
+    }
+    ensure!(
+        metric(
+            &metrics,
+            &format!("xdp_proxy_userspace_connect_failures_total{{{web}}}")
+        )? == 0,
+        "connect failures counted without any"
+    );
     ensure!(
         home.stats().peer_ips() == BTreeSet::from([IpAddr::V4(two::PROXY_HOME_SIDE)]),
         "home saw peers {:?}",
@@ -289,6 +325,16 @@ fn admin_get(ns: &Netns, path: &str) -> Result<String> {
             &format!("http://127.0.0.1:9100{path}"),
         ],
     )
+}
+
+/// The value of the sample `series` (name and labels exactly as written) in a /metrics text.
+fn metric(text: &str, series: &str) -> Result<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .ok_or_else(|| anyhow!("/metrics has no {series}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("/metrics value of {series}"))
 }
 
 /// `xdp-proxy status ARGS` inside `ns` (the admin listener's default address): its stdout.
@@ -817,6 +863,56 @@ fall = 2
         code == 504 && body.contains("connect timed out"),
         "GET /nowhere/x: {code} {body}"
     );
+
+    // The L7 counters (/metrics) moved with those requests: answers by class, the refused
+    // upstream's connect failures, requests per upstream, the 503 without trying.
+    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    let app = format!(
+        "service=\"app\",listen=\"{}\",protocol=\"tcp\",layer=\"http\"",
+        sock(two::PROXY_CLIENT_SIDE, 80)
+    );
+    let upstream_series = |name: &str, port| {
+        format!(
+            "{name}{{service=\"app\",layer=\"http\",upstream=\"{}\"}}",
+            up(port)
+        )
+    };
+    for (series, at_least) in [
+        (
+            format!("xdp_proxy_userspace_http_responses_total{{{app},class=\"2xx\"}}"),
+            11,
+        ),
+        (
+            format!("xdp_proxy_userspace_http_responses_total{{{app},class=\"5xx\"}}"),
+            5,
+        ),
+        (
+            format!("xdp_proxy_userspace_connections_total{{{app}}}"),
+            16,
+        ),
+        (
+            format!("xdp_proxy_userspace_bytes_total{{{app},direction=\"to_client\"}}"),
+            1,
+        ),
+        (format!("xdp_proxy_userspace_no_upstream_total{{{app}}}"), 1),
+        // /retry/ (round robin: at least one of the four tried 8083 first), /down/ twice,
+        // /nowhere/ once.
+        (
+            format!("xdp_proxy_userspace_connect_failures_total{{{app}}}"),
+            4,
+        ),
+        (
+            upstream_series("xdp_proxy_userspace_upstream_connect_failures_total", 8083),
+            3,
+        ),
+        (
+            upstream_series("xdp_proxy_userspace_upstream_connections_total", 8081),
+            7,
+        ),
+    ] {
+        let v = metric(&metrics, &series)?;
+        ensure!(v >= at_least, "{series} = {v}, want at least {at_least}");
+    }
 
     let status = daemon.stop(&mut topo.lab)?;
     ensure!(status.success(), "daemon exited with {status}");

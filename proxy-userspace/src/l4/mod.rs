@@ -8,6 +8,7 @@
 //! `nat.port_range`), and packets cross the daemon.
 
 pub mod choice;
+pub mod counters;
 pub mod tcp;
 pub mod udp;
 
@@ -62,17 +63,41 @@ impl Default for Settings {
     }
 }
 
-/// Per-service counters of the userspace path.
+/// Per-service counters of the userspace path (shown in /metrics and /status).
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// TCP connections proxied / UDP sessions opened.
-    pub connections: AtomicU64,
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
+    /// TCP connections proxied / UDP sessions opened, active, bytes, connect failures.
+    pub traffic: Arc<counters::Traffic>,
+    /// The same per upstream address.
+    pub upstreams: counters::PerUpstream,
     /// New flows refused because no upstream is in the table.
     pub no_upstream: AtomicU64,
-    pub connect_failures: AtomicU64,
     pub udp_sessions_refused: AtomicU64,
+}
+
+impl Service {
+    /// The counters as plain data.
+    #[must_use]
+    pub fn counters(&self) -> crate::metrics::UserspaceService {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::UserspaceService {
+            name: self.chooser.name.clone(),
+            listen: self.chooser.listen.to_string(),
+            protocol: self.chooser.protocol.to_string(),
+            layer: "l4".to_owned(),
+            traffic: self.stats.traffic.read(),
+            no_upstream: self.stats.no_upstream.load(Relaxed),
+            dropped: self.stats.udp_sessions_refused.load(Relaxed),
+            http_responses: std::collections::BTreeMap::new(),
+            upstreams: self
+                .stats
+                .upstreams
+                .read()
+                .into_iter()
+                .map(|(a, t)| (a.to_string(), t))
+                .collect(),
+        }
+    }
 }
 
 /// One served service.

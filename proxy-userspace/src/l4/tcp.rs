@@ -109,7 +109,15 @@ async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: 
                 break;
             }
             Err(e) => {
-                svc.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                svc.stats
+                    .traffic
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                svc.stats
+                    .upstreams
+                    .get(*up)
+                    .connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(service = %name, client = %peer, upstream = %up, error = %e, "upstream connect failed");
             }
         }
@@ -117,23 +125,27 @@ async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: 
     let Some((upstream, up_addr)) = upstream else {
         return;
     };
-    svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let up_traffic = svc.stats.upstreams.get(up_addr);
+    let _active = (svc.stats.traffic.open(), up_traffic.open());
+    let to_upstream = [&svc.stats.traffic.bytes_up, &up_traffic.bytes_up];
+    let to_client = [&svc.stats.traffic.bytes_down, &up_traffic.bytes_down];
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
     let activity = Activity::new();
     let (up, down) = tokio::select! {
-        r = async { tokio::join!(pump(cr, uw, &activity), pump(ur, cw, &activity)) } => r,
+        r = async {
+            tokio::join!(
+                pump(cr, uw, &activity, &to_upstream),
+                pump(ur, cw, &activity, &to_client)
+            )
+        } => r,
         idle = activity.idle_out(settings.tcp_idle, settings.tcp_half_closed_idle) => {
             tracing::debug!(service = %name, client = %peer, upstream = %up_addr, idle = ?idle, "tcp connection idle: closed");
             (Pumped::default(), Pumped::default())
         }
     };
-    svc.stats.bytes_up.fetch_add(up.bytes, Ordering::Relaxed);
-    svc.stats
-        .bytes_down
-        .fetch_add(down.bytes, Ordering::Relaxed);
     tracing::debug!(
         service = %name,
         client = %peer,
@@ -210,8 +222,14 @@ pub struct Pumped {
 
 /// Copy `from` to `to` until EOF, then shut `to`'s write half down (a FIN toward that side: the
 /// half-close is passed on, the other direction keeps flowing). On an error the write half is
-/// shut down too, which ends the other side's reads.
-pub async fn pump<R, W>(mut from: R, mut to: W, activity: &Activity) -> Pumped
+/// shut down too, which ends the other side's reads. Every chunk written is added to each of
+/// `counted` as it goes (the metrics move with a long transfer).
+pub async fn pump<R, W>(
+    mut from: R,
+    mut to: W,
+    activity: &Activity,
+    counted: &[&AtomicU64],
+) -> Pumped
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -232,6 +250,9 @@ where
             break;
         }
         out.bytes += n as u64;
+        for c in counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
         activity.touch();
     }
     let _ = to.shutdown().await;
@@ -278,7 +299,7 @@ mod tests {
             let (cr, cw) = c.into_split();
             let (ur, uw) = u.into_split();
             let activity = Activity::new();
-            tokio::join!(pump(cr, uw, &activity), pump(ur, cw, &activity))
+            tokio::join!(pump(cr, uw, &activity, &[]), pump(ur, cw, &activity, &[]))
         });
         let mut c = TcpStream::connect(proxy_addr).await.unwrap();
         c.write_all(&[7u8; 100_000]).await.unwrap();
@@ -351,7 +372,7 @@ mod idle_tests {
             .expect("the proxy never closed the idle connection")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 1);
+        assert_eq!(svc.stats.traffic.opened.load(Ordering::Relaxed), 1);
         held.abort();
     }
 }

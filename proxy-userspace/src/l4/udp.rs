@@ -39,6 +39,10 @@ struct Session {
     upstream: Arc<UdpSocket>,
     /// Milliseconds since `epoch` of the last datagram either way.
     last: Arc<AtomicU64>,
+    /// The counters of its upstream.
+    up_traffic: Arc<super::counters::Traffic>,
+    /// Counted active (service, upstream) while in the table.
+    _active: (super::counters::ActiveGuard, super::counters::ActiveGuard),
 }
 
 fn millis_since(epoch: Instant) -> u64 {
@@ -99,18 +103,28 @@ pub async fn serve(
             let upstream = match open_upstream(svc.source, up).await {
                 Ok(u) => Arc::new(u),
                 Err(e) => {
-                    svc.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    svc.stats
+                        .traffic
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                    svc.stats
+                        .upstreams
+                        .get(up)
+                        .connect_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(service = %name, %client, upstream = %up, error = %e, "udp upstream socket failed");
                     continue;
                 }
             };
             generation += 1;
             let last = Arc::new(AtomicU64::new(millis_since(epoch)));
-            svc.stats.connections.fetch_add(1, Ordering::Relaxed);
+            let up_traffic = svc.stats.upstreams.get(up);
+            let active = (svc.stats.traffic.open(), up_traffic.open());
             tokio::spawn(replies(ReplyTask {
                 service: Arc::clone(&svc),
                 listener: Arc::clone(&sock),
                 upstream: Arc::clone(&upstream),
+                up_traffic: Arc::clone(&up_traffic),
                 client,
                 last: Arc::clone(&last),
                 epoch,
@@ -126,6 +140,8 @@ pub async fn serve(
                     generation,
                     upstream,
                     last,
+                    up_traffic,
+                    _active: active,
                 },
             );
         }
@@ -133,7 +149,11 @@ pub async fn serve(
             s.last.store(millis_since(epoch), Ordering::Relaxed);
             match s.upstream.send(&buf[..n]).await {
                 Ok(_) => {
-                    svc.stats.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+                    svc.stats
+                        .traffic
+                        .bytes_up
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    s.up_traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::debug!(service = %name, %client, error = %e, "udp send upstream failed")
@@ -153,6 +173,7 @@ struct ReplyTask {
     service: Arc<Service>,
     listener: Arc<UdpSocket>,
     upstream: Arc<UdpSocket>,
+    up_traffic: Arc<super::counters::Traffic>,
     client: SocketAddrV4,
     last: Arc<AtomicU64>,
     epoch: Instant,
@@ -188,6 +209,10 @@ async fn replies(mut t: ReplyTask) {
                     Ok(_) => {
                         t.service
                             .stats
+                            .traffic
+                            .bytes_down
+                            .fetch_add(n as u64, Ordering::Relaxed);
+                        t.up_traffic
                             .bytes_down
                             .fetch_add(n as u64, Ordering::Relaxed);
                     }
@@ -304,7 +329,8 @@ mod tests {
         // The third client is over the bound: dropped.
         assert_eq!(ask(&clients[2], b"c").await, None);
         assert_eq!(svc.stats.udp_sessions_refused.load(Ordering::Relaxed), 1);
-        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 2);
+        assert_eq!(svc.stats.traffic.opened.load(Ordering::Relaxed), 2);
+        assert_eq!(svc.counters().upstreams[&upstream.to_string()].opened, 2);
         // Once the first two sessions idled out, the third client gets one (bounded wait).
         let mut answered = None;
         for _ in 0..20 {
@@ -315,6 +341,6 @@ mod tests {
             }
         }
         assert_eq!(answered.as_deref(), Some(&b"echo:c"[..]));
-        assert_eq!(svc.stats.connections.load(Ordering::Relaxed), 3);
+        assert_eq!(svc.stats.traffic.opened.load(Ordering::Relaxed), 3);
     }
 }

@@ -39,6 +39,7 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
     config::{Config, HttpConfig, ServiceMode},
+    l4::counters::{PerUpstream, Traffic},
     state::SharedStatus,
 };
 
@@ -49,13 +50,91 @@ const MAX_ATTEMPTS: usize = 3;
 /// Client connections served at once per service (more wait in the accept queue).
 const MAX_CONNECTIONS: usize = 16_384;
 
-/// Per-service counters.
+/// Per-service counters (shown in /metrics and /status).
 #[derive(Debug, Default)]
 pub struct Stats {
     pub requests: AtomicU64,
     pub responses_5xx: AtomicU64,
     pub retries: AtomicU64,
     pub upgrades: AtomicU64,
+    /// Client connections accepted and open, bytes of them both ways, upstream connect
+    /// failures.
+    pub traffic: Arc<Traffic>,
+    /// Per upstream: requests sent (`opened`) and connect failures.
+    pub upstreams: PerUpstream,
+    /// Requests answered 503 without trying (no healthy upstream).
+    pub no_upstream: AtomicU64,
+    /// Responses by class: 1xx, 2xx, 3xx, 4xx, 5xx.
+    pub classes: [AtomicU64; 5],
+}
+
+/// A client connection whose bytes are counted as they pass (read: toward the upstream;
+/// written: toward the client), upgraded connections included.
+struct Counted<S> {
+    inner: S,
+    traffic: Arc<Traffic>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len().saturating_sub(before);
+        self.traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.traffic
+                .bytes_down
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            self.traffic
+                .bytes_down
+                .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// What a reload may change: routes, upstreams, header timeout.
@@ -264,6 +343,11 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let svc = Arc::clone(&svc);
         tokio::spawn(async move {
+            let _active = svc.stats.traffic.open();
+            let stream = Counted {
+                inner: stream,
+                traffic: Arc::clone(&svc.stats.traffic),
+            };
             let handler = Arc::clone(&svc);
             let service = hyper::service::service_fn(move |req| {
                 let svc = Arc::clone(&handler);
@@ -312,6 +396,32 @@ enum Failure {
 }
 
 impl Service {
+    /// The counters as plain data.
+    #[must_use]
+    pub fn counters(&self) -> crate::metrics::UserspaceService {
+        crate::metrics::UserspaceService {
+            name: self.name.clone(),
+            listen: self.listen.to_string(),
+            protocol: "tcp".to_owned(),
+            layer: "http".to_owned(),
+            traffic: self.stats.traffic.read(),
+            no_upstream: self.stats.no_upstream.load(Ordering::Relaxed),
+            dropped: 0,
+            http_responses: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .iter()
+                .zip(&self.stats.classes)
+                .map(|(c, v)| ((*c).to_owned(), v.load(Ordering::Relaxed)))
+                .collect(),
+            upstreams: self
+                .stats
+                .upstreams
+                .read()
+                .into_iter()
+                .map(|(a, t)| (a.to_string(), t))
+                .collect(),
+        }
+    }
+
     fn routing(&self) -> Arc<Routing> {
         match self.routing.read() {
             Ok(r) => Arc::clone(&r),
@@ -366,6 +476,7 @@ impl Service {
         } else {
             let candidates = self.candidates(group);
             if candidates.is_empty() {
+                self.stats.no_upstream.fetch_add(1, Ordering::Relaxed);
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "503 no healthy upstream for this route",
@@ -389,8 +500,10 @@ impl Service {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
                     let out = self.upstream_request(&parts, b, *up, peer, upgrade.as_ref());
+                    let up_traffic = self.stats.upstreams.get(*up);
                     match self.send(out).await {
                         Ok(resp) => {
+                            up_traffic.opened.fetch_add(1, Ordering::Relaxed);
                             upstream = Some(*up);
                             let resp =
                                 self.upstream_response(resp, client_upgrade, upgrade.as_ref());
@@ -407,6 +520,15 @@ impl Service {
                             );
                         }
                         Err(f) => {
+                            if let Failure::Connect { .. } = f {
+                                self.stats
+                                    .traffic
+                                    .connect_failures
+                                    .fetch_add(1, Ordering::Relaxed);
+                                up_traffic.connect_failures.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                up_traffic.opened.fetch_add(1, Ordering::Relaxed);
+                            }
                             let retry = matches!(f, Failure::Connect { .. }) && replayable;
                             if let Failure::Connect { error, .. } | Failure::Upstream(error) = &f {
                                 tracing::warn!(service = %self.name, upstream = %up, error = %error, retry, "upstream request failed");
@@ -558,6 +680,8 @@ impl Service {
         if status >= 500 {
             self.stats.responses_5xx.fetch_add(1, Ordering::Relaxed);
         }
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.stats.classes[class].fetch_add(1, Ordering::Relaxed);
         tracing::info!(
             target: "xdp_proxy::access",
             service = %self.name,
