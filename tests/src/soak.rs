@@ -65,8 +65,11 @@ const HEALTH_FALL: u64 = 2;
 /// After a victim goes down (or comes back), how long its flows may still fail: detection time
 /// plus slack (a flow that started before the removal lands on the dead victim).
 const FAULT_GRACE: Duration = Duration::from_secs(4);
-/// Flow table capacity configured for the soak.
-pub const MAX_FLOWS: u32 = 65_536;
+/// Flow table capacity of the soak: the daemon's default.
+pub const MAX_FLOWS: u32 = proxy_common::DEFAULT_MAX_FLOWS;
+/// A client whose flow failed waits this long before its next one (as real clients back off),
+/// so a dead upstream's instant refusals do not turn into thousands of new flows a second.
+const FAILURE_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -195,7 +198,6 @@ pub fn config(pin_dir: &Path) -> String {
 interfaces = ["{pc}", "{ph}"]
 mode = "native"
 pin_dir = "{pin}"
-max_flows = {MAX_FLOWS}
 
 [nat]
 snat_ipv4 = "{snat}"
@@ -493,6 +495,7 @@ async fn tcp_clients(
                                 begin - t0
                             ));
                         }
+                        tokio::time::sleep(FAILURE_BACKOFF).await;
                     }
                 }
             });
