@@ -41,7 +41,8 @@ pub struct Resolved {
     pub last_error: Option<String>,
 }
 
-/// A health check target: one address of one upstream of one L4 service.
+/// A health check target: one address of one upstream of one service (l4, or http: its
+/// upstreams and every route's).
 pub type TargetKey = (String, SocketAddrV4);
 
 /// Split DNS answer addresses into those inside a home CIDR and the refused rest.
@@ -100,7 +101,34 @@ fn expand<'a>(
         .collect()
 }
 
-/// The health check targets of the config (L4 services whose check kind is not `none`).
+/// Per `mode = "http"` service (config order): the distinct addresses its L7 proxy may send to
+/// (its static upstreams, then every route's), checked like an l4 service's upstreams (same
+/// `[service.health]`), so the L7 choice skips the unhealthy ones.
+fn http_addresses(config: &Config) -> Vec<(&ServiceConfig, Vec<SocketAddrV4>)> {
+    config
+        .services
+        .iter()
+        .filter(|s| s.mode == ServiceMode::Http)
+        .map(|s| {
+            let mut seen = HashSet::new();
+            let routes = s
+                .http
+                .iter()
+                .flat_map(|h| h.routes.iter().flat_map(|r| r.upstreams.iter().copied()));
+            let addrs = s
+                .upstreams
+                .iter()
+                .filter_map(UpstreamConfig::static_addr)
+                .chain(routes)
+                .filter(|a| seen.insert(*a))
+                .collect();
+            (s, addrs)
+        })
+        .collect()
+}
+
+/// The health check targets of the config (l4 and http services whose check kind is not
+/// `none`).
 #[must_use]
 pub fn health_targets(
     config: &Config,
@@ -115,6 +143,14 @@ pub fn health_targets(
             for a in addrs {
                 out.insert((s.name.clone(), a), s.health.clone());
             }
+        }
+    }
+    for (s, addrs) in http_addresses(config) {
+        if s.health.kind == HealthKind::None {
+            continue;
+        }
+        for a in addrs {
+            out.insert((s.name.clone(), a), s.health.clone());
         }
     }
     out
@@ -361,12 +397,12 @@ impl Controller {
     /// Record a health check result. Returns true when the upstream changed state (the tables
     /// need a reconcile).
     pub fn on_health(&mut self, service: &str, addr: SocketAddrV4, result: &ProbeResult) -> bool {
-        let Some(cfg) = self
+        let Some((cfg, mode)) = self
             .config
             .services
             .iter()
             .find(|s| s.name == service)
-            .map(|s| s.health.clone())
+            .map(|s| (s.health.clone(), s.mode))
         else {
             return false;
         };
@@ -377,6 +413,16 @@ impl Controller {
         let h = self.health.entry(key).or_default();
         let transition = h.record(result, cfg.rise, cfg.fall);
         let changed = match transition {
+            Some(Transition::BecameUnhealthy) if mode == ServiceMode::Http => {
+                tracing::warn!(
+                    service,
+                    upstream = %addr,
+                    error = h.last_error().unwrap_or(""),
+                    fall = cfg.fall,
+                    "upstream unhealthy: the http proxy sends it no new request"
+                );
+                true
+            }
             Some(Transition::BecameUnhealthy) => {
                 tracing::warn!(
                     service,
@@ -385,6 +431,10 @@ impl Controller {
                     fall = cfg.fall,
                     "upstream unhealthy: it leaves the Maglev table (its flows are kept)"
                 );
+                true
+            }
+            Some(Transition::BecameHealthy) if mode == ServiceMode::Http => {
+                tracing::info!(service, upstream = %addr, rise = cfg.rise, "upstream healthy again: the http proxy uses it again");
                 true
             }
             Some(Transition::BecameHealthy) => {
@@ -494,6 +544,7 @@ impl Controller {
 
     fn status_services(&self) -> Vec<ServiceStatus> {
         let expanded = expand(&self.config, &self.resolved);
+        let http = http_addresses(&self.config);
         self.config
             .services
             .iter()
@@ -545,6 +596,24 @@ impl Controller {
                                     .or_else(|| dns_error.clone()),
                             });
                         }
+                    }
+                }
+                // An http service: every address of its upstream groups, with its health (no
+                // id, not in any Maglev table).
+                for (_, addrs) in http.iter().filter(|(c, _)| c.name == s.name) {
+                    for a in addrs {
+                        let h = self.health.get(&(s.name.clone(), *a));
+                        let own = s.upstreams.iter().find(|u| u.static_addr() == Some(*a));
+                        upstreams.push(UpstreamStatus {
+                            address: own.map_or_else(|| a.to_string(), ToString::to_string),
+                            resolved: Some(*a),
+                            id: None,
+                            weight: own.map_or(1, |u| u.weight),
+                            drain: own.is_some_and(|u| u.drain),
+                            healthy: h.is_none_or(Health::healthy),
+                            in_table: false,
+                            last_error: h.and_then(|h| h.last_error().map(str::to_owned)),
+                        });
                     }
                 }
                 ServiceStatus {

@@ -26,6 +26,9 @@
 //!   program passes what is not an l4 service to the kernel).
 //! - `http_reload_applies_routes`: a SIGHUP with changed routes sends the next requests to the
 //!   new upstream group.
+//! - `http_upstream_health_checked`: an http service's upstreams are health checked with its
+//!   `[service.health]`: one of two stopped is taken out after `fall` checks and every later
+//!   request goes to the other (no 502/503 in the access log); started again it is used again.
 //! - `http_websocket_echo`: an Upgrade (WebSocket) request passed through; frames echoed.
 //!
 //! Run as root: `cargo test -p integration-tests --test userspace -- --nocapture`.
@@ -702,8 +705,13 @@ upstreams = [\"{nowhere}\"]
 path_prefix = \"/sick/\"
 upstreams = [\"{sick}\"]
 
-# An l4 service whose health checks cover the /sick/ upstream (http upstreams are not checked
-# on their own): the L7 proxy reads the same health state.
+# The refused and unreachable upstreams must stay in use for the 503/504 checks below: no
+# checks of this service's own upstreams.
+[service.health]
+kind = \"none\"
+
+# An l4 service whose health checks cover the /sick/ upstream: the L7 proxy reads the same
+# health state.
 [[service]]
 name = \"probe\"
 listen = \"{probe}\"
@@ -917,6 +925,110 @@ fall = 2
     let status = daemon.stop(&mut topo.lab)?;
     ensure!(status.success(), "daemon exited with {status}");
     echo.stop_and_join()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+/// Poll `xdp-proxy status --json` (bounded: 100 tries, 100 ms apart) until the health of
+/// `service`'s upstream `addr` is `healthy`.
+fn wait_health(ns: &Netns, service: &str, addr: SocketAddr, healthy: bool) -> Result<()> {
+    let mut last = serde_json::Value::Null;
+    for _ in 0..100 {
+        let doc: serde_json::Value =
+            serde_json::from_str(&cli_status(ns, &["--json"])?).context("`status --json`")?;
+        let ups = doc["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == service))
+            .map(|s| s["upstreams"].clone())
+            .unwrap_or_default();
+        if ups
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|u| u["resolved"] == addr.to_string().as_str() && u["healthy"] == healthy)
+        {
+            return Ok(());
+        }
+        last = ups;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{service} upstream {addr} never became healthy={healthy} in /status: {last}")
+}
+
+/// `mode = "http"` upstreams are health checked like l4 ones (same `[service.health]`): one of
+/// two stops; after `fall` failed checks it is out and every request goes to the other, not
+/// one answered 502/503; started again, it comes back after `rise` good checks.
+#[test]
+fn http_upstream_health_checked() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httphc")?;
+    let id = topo.lab.id().to_owned();
+    let alpha = start_echo(&topo.home, &[("alpha", 8081)])?;
+    let beta = start_echo(&topo.home, &[("beta", 8082)])?;
+    let (a, b) = (sock(two::HOME, 8081), sock(two::HOME, 8082));
+    let health = "[service.health]
+kind = \"tcp\"
+interval = \"300ms\"
+timeout = \"250ms\"
+fall = 2
+rise = 2
+";
+    let daemon = start_http_daemon(&mut topo, &http_service(&[a, b], health))?;
+    let url = format!("http://{}/", two::PROXY_CLIENT_SIDE);
+    let names = |n: usize| -> Result<Vec<String>> {
+        (0..n)
+            .map(|i| {
+                let (code, body) = curl(&topo.client, &[&url])?;
+                ensure!(code == 200, "request {i}: {code} {body}");
+                Ok(body.lines().next().unwrap_or_default().to_owned())
+            })
+            .collect()
+    };
+    let seen: BTreeSet<String> = names(4)?.into_iter().collect();
+    ensure!(
+        seen == BTreeSet::from(["name=alpha".to_owned(), "name=beta".to_owned()]),
+        "round robin over both: {seen:?}"
+    );
+    wait_health(&topo.proxy, "app", b, true)?;
+
+    // beta stops: taken out by the checks, then no request reaches it and none fails.
+    beta.stop_and_join()?;
+    let said = daemon.wait_log(
+        &mut topo.lab,
+        &["upstream unhealthy", "http proxy", &b.to_string()],
+        1,
+        READY,
+    )?;
+    println!("daemon: {}", said[0]);
+    wait_health(&topo.proxy, "app", b, false)?;
+    let after = names(12)?;
+    ensure!(
+        after.iter().all(|n| n == "name=alpha"),
+        "requests after beta was taken out: {after:?}"
+    );
+    let log = topo.lab.log_text(daemon.pid);
+    let bad: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("access") && (l.contains("status=502") || l.contains("status=503")))
+        .collect();
+    ensure!(bad.is_empty(), "502/503 answered: {bad:?}");
+
+    // beta back: healthy again after `rise` checks, and used again.
+    let beta = start_echo(&topo.home, &[("beta", 8082)])?;
+    daemon.wait_log(
+        &mut topo.lab,
+        &["upstream healthy again", &b.to_string()],
+        1,
+        READY,
+    )?;
+    wait_health(&topo.proxy, "app", b, true)?;
+    let back: BTreeSet<String> = names(4)?.into_iter().collect();
+    ensure!(back.contains("name=beta"), "beta not used again: {back:?}");
+
+    let status = daemon.stop(&mut topo.lab)?;
+    ensure!(status.success(), "daemon exited with {status}");
+    alpha.stop_and_join()?;
+    beta.stop_and_join()?;
     drop(topo);
     check_cleaned(&id)
 }

@@ -408,3 +408,65 @@ fn dns_waits() {
     );
     assert_eq!(next_dns_wait(&Err(DnsError::NoServers), i), DNS_RETRY);
 }
+
+#[test]
+fn http_upstreams_are_health_checked_and_reported() {
+    let c = config(
+        r#"
+[[service]]
+name = "app"
+listen = "10.10.0.1:80"
+mode = "http"
+upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80", weight = 3 }]
+[service.health]
+fall = 2
+[[service.route]]
+path_prefix = "/api/"
+upstreams = ["10.20.1.2:80", "10.20.1.3:80"]
+
+[[service]]
+name = "quiet"
+listen = "10.10.0.1:81"
+mode = "http"
+upstreams = ["10.20.1.4:80"]
+[service.health]
+kind = "none"
+"#,
+    );
+    let mut ctl = started(c);
+    // Every distinct address of the default group and the routes, none of the unchecked service.
+    let targets: Vec<TargetKey> = ctl.health_targets().into_keys().collect();
+    assert_eq!(
+        targets,
+        ["10.20.1.1:80", "10.20.1.2:80", "10.20.1.3:80"]
+            .map(|a| ("app".to_owned(), sa(a)))
+            .to_vec()
+    );
+    // Nothing of an http service goes to the maps.
+    assert!(ctl.plan().unwrap().services.is_empty());
+    let fail = ProbeResult::Failed("connect: refused".into());
+    assert!(!ctl.on_health("app", sa("10.20.1.3:80"), &fail));
+    assert!(ctl.on_health("app", sa("10.20.1.3:80"), &fail));
+    ctl.reconcile(&mut crate::l4::NoMaps).unwrap();
+    let st = ctl.status();
+    let app = st.services.iter().find(|s| s.name == "app").unwrap();
+    let row = |a: &str| {
+        app.upstreams
+            .iter()
+            .find(|u| u.resolved == Some(sa(a)))
+            .unwrap()
+    };
+    assert!(row("10.20.1.1:80").healthy && row("10.20.1.2:80").healthy);
+    assert_eq!(row("10.20.1.2:80").weight, 3);
+    assert!(!row("10.20.1.3:80").healthy);
+    assert_eq!(
+        row("10.20.1.3:80").last_error.as_deref(),
+        Some("connect: refused")
+    );
+    assert_eq!(app.upstreams.len(), 3);
+    let quiet = st.services.iter().find(|s| s.name == "quiet").unwrap();
+    assert!(quiet.upstreams.iter().all(|u| u.healthy));
+    // Healthy again after `rise` successes.
+    assert!(!ctl.on_health("app", sa("10.20.1.3:80"), &ProbeResult::Ok));
+    assert!(ctl.on_health("app", sa("10.20.1.3:80"), &ProbeResult::Ok));
+}
