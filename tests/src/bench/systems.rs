@@ -33,16 +33,20 @@ pub enum System {
     NginxStream,
     NginxHttp,
     Haproxy,
+    XdpUserspace,
+    XdpHttp,
 }
 
 impl System {
-    pub const ALL: [System; 6] = [
+    pub const ALL: [System; 8] = [
         System::Direct,
         System::XdpFast,
         System::Nftables,
         System::NginxStream,
         System::NginxHttp,
         System::Haproxy,
+        System::XdpUserspace,
+        System::XdpHttp,
     ];
 
     #[must_use]
@@ -54,6 +58,8 @@ impl System {
             System::NginxStream => "nginx stream",
             System::NginxHttp => "nginx http",
             System::Haproxy => "haproxy tcp",
+            System::XdpUserspace => "xdp-proxy userspace L4",
+            System::XdpHttp => "xdp-proxy L7 (http)",
         }
     }
 
@@ -67,6 +73,8 @@ impl System {
             System::NginxStream => "nginx-stream",
             System::NginxHttp => "nginx-http",
             System::Haproxy => "haproxy",
+            System::XdpUserspace => "xdp-userspace",
+            System::XdpHttp => "xdp-http",
         }
     }
 
@@ -90,13 +98,21 @@ impl System {
                 "nginx http proxy_pass, worker_processes 1, upstream keepalive 64 (HTTP/1.1)"
             }
             System::Haproxy => "haproxy mode tcp, nbthread 1",
+            System::XdpUserspace => {
+                "xdp-proxy daemon (release), datapath mode = \"userspace\": the same l4 services \
+                 proxied by the daemon (tokio, multi-threaded runtime), no XDP"
+            }
+            System::XdpHttp => {
+                "xdp-proxy daemon (release), an http service (hyper reverse proxy, pooled \
+                 keep-alive upstream connections), datapath mode = \"userspace\""
+            }
         }
     }
 
     /// Whether the system carries iperf3 (an HTTP-only proxy does not).
     #[must_use]
     pub const fn carries_bulk(self) -> bool {
-        !matches!(self, System::NginxHttp)
+        !matches!(self, System::NginxHttp | System::XdpHttp)
     }
 
     /// The address the client sends to.
@@ -120,17 +136,9 @@ impl System {
     }
 }
 
-/// Rows of the table for systems the project does not have yet.
-pub const NOT_IMPLEMENTED: [(&str, &str); 2] = [
-    (
-        "xdp-proxy userspace L4",
-        "not implemented yet (daemon refuses mode = \"userspace\")",
-    ),
-    (
-        "xdp-proxy L7 (http mode)",
-        "not implemented yet (http services are not served)",
-    ),
-];
+/// Rows of the table for systems the project does not have yet (none now: the userspace L4
+/// and L7 rows are measured).
+pub const NOT_IMPLEMENTED: [(&str, &str); 0] = [];
 
 /// The bench's lab: the two-interface topology with the upstream and iperf3 running at home.
 pub struct BenchLab {
@@ -330,6 +338,49 @@ impl BenchLab {
                 pid = Some(d.pid);
                 daemon = Some(d);
             }
+            System::XdpUserspace | System::XdpHttp => {
+                let pin_dir = self.topo.lab.mount_bpffs()?;
+                let services = if system == System::XdpHttp {
+                    format!(
+                        "[[service]]\nname = \"web\"\nlisten = \"{svc_ip}:{SERVICE_PORT}\"\nprotocol = \"tcp\"\n\
+                         mode = \"http\"\nupstreams = [\"{home}:{HOME_HTTP_PORT}\"]\n"
+                    )
+                } else {
+                    format!(
+                        "[[service]]\nname = \"web\"\nlisten = \"{svc_ip}:{SERVICE_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
+                         upstreams = [\"{home}:{HOME_HTTP_PORT}\"]\n\n\
+                         [[service]]\nname = \"bulk\"\nlisten = \"{svc_ip}:{BULK_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
+                         upstreams = [\"{home}:{BULK_PORT}\"]\n"
+                    )
+                };
+                let config = format!(
+                    "[datapath]\ninterfaces = [\"{pc}\", \"{ph}\"]\nmode = \"userspace\"\npin_dir = \"{pin}\"\n\n\
+                     [nat]\nsnat_ipv4 = \"{snat}\"\nport_range = [10240, 32767]\nhome_cidrs = [\"{cidr}\"]\n\n\
+                     [admin]\nlisten = \"127.0.0.1:9100\"\n\n{services}",
+                    pc = two::PROXY_CLIENT_DEV,
+                    ph = two::PROXY_HOME_DEV,
+                    pin = pin_dir.display(),
+                    snat = two::PROXY_HOME_SIDE,
+                    cidr = two::HOME_CIDR,
+                );
+                let d = Daemon::start(&mut self.topo.lab, &proxy, &config)?;
+                let d_pid = d.pid;
+                let ports: &[u16] = if system == System::XdpHttp {
+                    &[SERVICE_PORT]
+                } else {
+                    &[SERVICE_PORT, BULK_PORT]
+                };
+                for &port in ports {
+                    wait_until(
+                        "the daemon's userspace listener",
+                        Duration::from_secs(30),
+                        || listening(&proxy, svc_ip, port),
+                    )
+                    .with_context(|| self.topo.lab.log_tail(d_pid, 20))?;
+                }
+                pid = Some(d.pid);
+                daemon = Some(d);
+            }
             System::NginxStream => {
                 let conf = format!(
                     "load_module {NGINX_STREAM_MODULE};\n{common}stream {{\n  \
@@ -430,6 +481,16 @@ impl BenchLab {
                     }
                     ensure!(!has_xdp(&proxy, dev)?, "XDP still attached to {dev}");
                 }
+            }
+            System::XdpUserspace | System::XdpHttp => {
+                if let Some(d) = running.daemon {
+                    let status = d.stop(&mut self.topo.lab)?;
+                    ensure!(status.success(), "the daemon exited with {status}");
+                }
+                let ip = two::PROXY_CLIENT_SIDE;
+                wait_until("proxy port released", Duration::from_secs(10), || {
+                    !listening(&proxy, ip, SERVICE_PORT)
+                })?;
             }
             System::NginxStream | System::NginxHttp | System::Haproxy => {
                 if let Some(pid) = running.pid {
