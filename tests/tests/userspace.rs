@@ -23,7 +23,7 @@
 //!   L7 proxy, every byte checked, while the daemon's peak RSS (VmHWM) stays under
 //!   [`RSS_BOUND`].
 //! - `http_alongside_xdp`: an http service served by the daemon while XDP is attached (the
-//!   program passes what is not an l4 service to the kernel).
+//!   program passes what is not an l4 service to the kernel); `xdp-proxy status` says native.
 //! - `http_reload_applies_routes`: a SIGHUP with changed routes sends the next requests to the
 //!   new upstream group.
 //! - `http_upstream_health_checked`: an http service's upstreams are health checked with its
@@ -1178,6 +1178,26 @@ fn http_alongside_xdp() -> Result<()> {
     ensure!(
         body.contains(&format!("x-forwarded-for: {}", two::CLIENT)),
         "no X-Forwarded-For: {body}"
+    );
+    // `xdp-proxy status` names the XDP mode, both attachments, and the http upstream's health.
+    let table = cli_status(&topo.proxy, &["--admin", "127.0.0.1:9100"])?;
+    println!("xdp-proxy status:\n{table}");
+    ensure!(
+        table.lines().next() == Some("datapath:   native"),
+        "`status` does not say native:\n{table}"
+    );
+    ensure!(
+        interfaces
+            .iter()
+            .all(|d| table.contains(&format!("{d} (native"))),
+        "`status` does not list both attachments:\n{table}"
+    );
+    ensure!(
+        table.lines().any(|l| l.starts_with("app ")
+            && l.contains("http")
+            && l.contains(&sock(two::HOME, 8081).to_string())
+            && l.contains(" yes ")),
+        "`status` does not list the http upstream as healthy:\n{table}"
     );
     let status = daemon.stop(lab)?;
     ensure!(status.success(), "daemon exited with {status}");
