@@ -270,9 +270,9 @@ pub fn check(path: &Path) -> Result<String, ConfigError> {
         |a| a.to_string(),
     );
     Ok(format!(
-        "{}: OK: {} interface(s), mode {}, {l4} l4 service(s), {http} http service(s) (not served \
-         yet), SNAT {snat} ports {}-{}, pin_dir {}\n(run-time checks not done here: the kernel's \
-         ephemeral port range, the SNAT address from the route home, interfaces exist)\n",
+        "{}: OK: {} interface(s), mode {}, {l4} l4 service(s), {http} http service(s), SNAT \
+         {snat} ports {}-{}, pin_dir {}\n(run-time checks not done here: the kernel's ephemeral \
+         port range, the SNAT address from the route home, interfaces exist)\n",
         path.display(),
         c.datapath.interfaces.len(),
         c.datapath.mode,
