@@ -205,6 +205,72 @@ fn snat_exhausted(ctx: &XdpContext, pkt: &Packet) -> Reason {
     Reason::DropSnatExhausted
 }
 
+/// Step 5, second half: a forward hit whose reverse entry is gone. The two tables are separate
+/// LRU maps and each evicts on its own, so a full table can drop one half of a flow; without the
+/// reverse entry every reply would miss and the client's retries would keep the forward entry
+/// alive: a black hole. The reverse entry is put back with BPF_NOEXIST (the same reservation as
+/// at creation). If its SNAT port went to another flow meanwhile (the reverse key exists but
+/// leads to another client), the flow cannot be repaired: the forward entry is removed and the
+/// packet dropped (`DropFlowInsertFailed`), so the client's next attempt starts a fresh flow.
+///
+/// # Safety
+/// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
+#[inline(always)]
+pub unsafe fn ensure_reverse(
+    pkt: &Packet,
+    key: &FlowKeyW,
+    entry: *mut FlowValueW,
+    now: u64,
+) -> Result<(), Reason> {
+    // SAFETY: entry is a live map value pointer (caller contract); copied out at once.
+    let e = unsafe { *entry };
+    if e.direction != FLOW_DIR_FORWARD {
+        return Ok(());
+    }
+    let rev_key = FlowKeyW::v4(
+        e.new_dst[0],
+        e.new_src[0],
+        e.new_dport,
+        e.new_sport,
+        pkt.proto,
+    );
+    if let Some(rev) = XP_FLOWS_REV.get_ptr(rev_key.as_key()) {
+        // SAFETY: non-null value pointer just returned by the map lookup; copied out at once.
+        let r = unsafe { *FlowValueW::from_map(rev.cast_mut()) };
+        if r.new_dst[0] == pkt.src && r.new_dport == pkt.sport && r.new_src[0] == pkt.dst {
+            return Ok(());
+        }
+        // The reverse key now belongs to another flow (its half was evicted and the port
+        // reserved again): this flow is gone.
+        let _ = XP_FLOWS_FWD.remove(key.as_key());
+        return Err(Reason::DropFlowInsertFailed);
+    }
+    let value = FlowValueW {
+        new_src: [pkt.dst, 0, 0, 0],
+        new_dst: [pkt.src, 0, 0, 0],
+        new_sport: pkt.dport,
+        new_dport: pkt.sport,
+        direction: FLOW_DIR_REPLY,
+        pad0: [0; 3],
+        flags: e.flags,
+        service_id: e.service_id,
+        upstream_id: e.upstream_id,
+        pad1: 0,
+        created_ns: e.created_ns,
+        last_seen_ns: now,
+        packets: 0,
+        bytes: 0,
+    };
+    if XP_FLOWS_REV
+        .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let _ = XP_FLOWS_FWD.remove(key.as_key());
+    Err(Reason::DropFlowInsertFailed)
+}
+
 /// Step 8: TCP state flags (kept equal in both entries of a flow) and per-entry accounting.
 ///
 /// # Safety

@@ -45,7 +45,11 @@ fn try_proxy_xdp(ctx: &XdpContext) -> Result<Reason, Reason> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let entry = match flow::lookup(&key) {
-        Some(entry) => entry,
+        Some(entry) => {
+            // SAFETY: entry was just returned by a flow table lookup.
+            unsafe { flow::ensure_reverse(&pkt, &key, entry, now) }?;
+            entry
+        }
         None => flow::create(ctx, &pkt, &key, &cfg, now)?,
     };
     // SAFETY: entry was just returned by a flow table lookup.

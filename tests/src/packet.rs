@@ -1330,6 +1330,16 @@ impl Harness {
             .unwrap_or_else(|e| panic!("XP_FLOWS_REV insert: {e}"));
     }
 
+    /// Delete a reverse flow entry (as the LRU map's own eviction would).
+    pub fn remove_rev_flow(&mut self, key: &FlowKey) {
+        let mut m: HashMap<&mut MapData, FlowKey, FlowValue> = self
+            .map_mut(MAP_FLOWS_REV)
+            .and_then(|m| m.try_into().map_err(map_err(MAP_FLOWS_REV)))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        m.remove(key)
+            .unwrap_or_else(|e| panic!("XP_FLOWS_REV remove: {e}"));
+    }
+
     // ---- map reads --------------------------------------------------------------------------
 
     fn flows(&self, name: &str) -> HashMap<&MapData, FlowKey, FlowValue> {

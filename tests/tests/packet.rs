@@ -489,6 +489,76 @@ fn tcp_established_forward() {
     });
 }
 
+/// The two flow tables are LRU maps that evict on their own, so a full table can drop one half of
+/// a flow. A forward hit whose reverse entry is gone puts it back (same SNAT port, same client:
+/// the flow keeps working); one whose reverse key now leads to another client is forgotten and
+/// the packet dropped, so the client's retry starts a fresh flow. Never a black hole.
+#[test]
+fn half_evicted_flow_is_repaired_or_forgotten() {
+    with_harness(|h| {
+        let flow = open_tcp(h);
+        reply_syn_ack(h, &flow);
+        let rev_key = flow.rev_tuple().key();
+        let rev_before = h
+            .rev_flow(&rev_key)
+            .expect("reverse entry after the SYN-ACK");
+        h.remove_rev_flow(&rev_key);
+        let p = flow
+            .client_tcp(TCP_ACK | TCP_PSH)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .payload(b"after eviction");
+        h.check(&Fixture::new(
+            "data packet, reverse entry evicted: repaired and forwarded",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        let rev = h.rev_flow(&rev_key).expect("reverse entry put back");
+        assert_eq!(
+            FlowValue {
+                last_seen_ns: 0,
+                packets: 0,
+                bytes: 0,
+                ..rev
+            },
+            FlowValue {
+                last_seen_ns: 0,
+                packets: 0,
+                bytes: 0,
+                ..rev_before
+            },
+            "the repaired reverse entry translates replies to the same client"
+        );
+
+        // The port went to another client meanwhile: this flow cannot be repaired.
+        let other = FlowValue {
+            new_dst_addr: proxy_common::addr_v4([10, 100, 0, 99]),
+            ..rev_before
+        };
+        h.remove_rev_flow(&rev_key);
+        h.insert_rev_flow(rev_key, other);
+        h.check(&Fixture::new(
+            "data packet, reverse key now another client's: flow forgotten, dropped",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropFlowInsertFailed,
+            Expect::Unchanged,
+        ));
+        assert!(
+            h.fwd_flow(&flow.fwd_tuple().key()).is_none(),
+            "the forward entry is forgotten"
+        );
+        assert_eq!(
+            h.rev_flow(&rev_key),
+            Some(other),
+            "the other client's entry is untouched"
+        );
+    });
+}
+
 /// FIN from the client sets FLOW_F_FIN_CLIENT in both entries, FIN from the upstream sets
 /// FLOW_F_FIN_UPSTREAM in both; both are forwarded.
 #[test]
