@@ -656,6 +656,19 @@ impl Maps {
                 doomed.push((e.key, flows::peer_key(&e.key, &e.fwd)));
             }
         }
+        // The scan above is a snapshot; by now the datapath may have reused a doomed flow (a
+        // new SYN from a closed flow's client port reuses its entries, docs/datapath.md step 8).
+        // Re-read and decide again right before each delete (a reused entry has a fresh
+        // last_seen and cleared flags, so it is kept), so a live connection is not deleted from
+        // under itself (seen in the long soak as resets when client ports wrapped around after
+        // the TIME_WAIT hold).
+        doomed.retain(|(fwd, rev)| {
+            let Ok(f) = self.flows_fwd.get(fwd, 0) else {
+                return true; // gone already (or unreadable): removing is harmless
+            };
+            let r = self.flows_rev.get(rev, 0).ok();
+            flows::decide(fwd, &f, r.as_ref(), now_ns, lifetimes) == Decision::Expire
+        });
         for (fwd, rev) in &doomed {
             remove_flow(&mut self.flows_fwd, MAP_FLOWS_FWD, fwd)?;
             remove_flow(&mut self.flows_rev, MAP_FLOWS_REV, rev)?;

@@ -12,8 +12,8 @@
 //!   and 40 UDP sessions all succeed (the LRU tables evict), the tables never hold more than 16
 //!   entries, the daemon keeps running; a connection held open while its entries were evicted
 //!   fails fast (the kernel resets it, counted `pass_midflow_no_flow`) instead of hanging.
-//!   New flows are opened one at a time: concurrent new flows in a full table hit a known bug
-//!   (`concurrent_new_flows_in_a_full_table_are_kept`, ignored; /work/coord/bug-lru-half-flows.md).
+//!   New flows are opened one at a time here; concurrent new flows in a full table are
+//!   `concurrent_new_flows_in_a_full_table_are_kept`.
 //! - `snat_ports_exhausted_refuses_new_flows_and_keeps_old_ones`: a 4-port SNAT range; 4
 //!   connections hold every port; further connections are refused (dropped, counted
 //!   `drop_snat_exhausted`; the client's connect fails within its bound), the 4 keep working.
@@ -478,13 +478,11 @@ fn flow_table_full_evicts_without_a_crash() -> Result<()> {
     stop_ok(&mut topo, &daemon)
 }
 
-/// Concurrent new UDP flows through a full 16-entry table. Fails today: see
-/// /work/coord/bug-lru-half-flows.md (each table evicts on its own, so a new flow's fresh
-/// reverse entry is evicted by its neighbours' inserts before the reply comes; the forward entry
-/// survives, so every retry goes out and every reply is passed to the kernel: the flow is a
-/// black hole until its forward entry idles out).
+/// Concurrent new UDP flows through a full 16-entry table. Each table evicts on its own, so a
+/// new flow's fresh reverse entry can be evicted by its neighbours' inserts before the reply
+/// comes; the forward entry survives. Without the datapath's repair (docs/datapath.md,
+/// "Lifetimes") every retry went out and every reply was passed to the kernel: a black hole.
 #[test]
-#[ignore = "known bug: LRU evicts one half of a flow (coord/bug-lru-half-flows.md)"]
 fn concurrent_new_flows_in_a_full_table_are_kept() -> Result<()> {
     let _serial = serial();
     let mut topo = lab("half")?;
