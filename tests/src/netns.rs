@@ -52,6 +52,16 @@ static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
 // Host commands.
 // ---------------------------------------------------------------------------------------------
 
+/// The namespace tests of one test binary run one at a time (the machine has two cores, and
+/// each test drives real traffic): every such test holds this guard. A test that panicked
+/// poisons nothing for the next one.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Run a command to completion and return its stdout; a non-zero exit is an error that names the
 /// command and carries its stderr.
 pub fn run_cmd(cmd: &mut Command) -> Result<String> {

@@ -820,6 +820,36 @@ pub struct Iface {
     pub mac: Mac,
 }
 
+/// Run `ip -batch -` with `batch` on stdin, in this thread's network namespace (a child process
+/// inherits the namespace of the thread that spawns it).
+///
+/// # Errors
+/// When `ip` cannot run or a line of the batch fails (the error shows the batch).
+pub fn ip_batch(batch: &str) -> Result<()> {
+    let mut child = Command::new("ip")
+        .args(["-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run ip")?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("ip: no stdin"))?;
+        stdin
+            .write_all(batch.as_bytes())
+            .context("writing the ip batch")?;
+    }
+    let out = child.wait_with_output().context("waiting for ip")?;
+    ensure!(
+        out.status.success(),
+        "ip -batch failed ({}): {}\nbatch:\n{batch}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Enter a new, nameless network namespace on this thread and build [`topo`] in it.
 fn build_namespace() -> Result<(Iface, Iface)> {
     use topo::*;
@@ -850,28 +880,7 @@ neigh add {UPSTREAM_IP} lladdr {umac} dev {HOME_DEV} nud permanent
         rmac = mac(CLIENT_ROUTER_MAC),
         umac = mac(UPSTREAM_MAC),
     );
-    // A child process inherits the namespace of the thread that spawns it.
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run ip")?;
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("ip: no stdin"))?;
-        stdin
-            .write_all(batch.as_bytes())
-            .context("writing the ip batch")?;
-    }
-    let out = child.wait_with_output().context("waiting for ip")?;
-    ensure!(
-        out.status.success(),
-        "ip -batch failed ({}): {}\nbatch:\n{batch}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ip_batch(&batch)?;
     // /proc/sys/net belongs to the namespace of the thread that opens it.
     for (path, value) in [
         ("/proc/sys/net/ipv4/ip_forward", "1"),

@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::netns::serial;
 use integration_tests::netns::{Daemon, Netns, NsThread, TwoInterface, sock, two};
 use integration_tests::traffic::{Conn, HomeServer, Payload, payload_checksum};
 use serde_json::Value;
@@ -40,14 +41,6 @@ const HOME2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 const HOME3: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 4);
 /// Bound of each client or server thread.
 const LIMIT: Duration = Duration::from_secs(60);
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The two-interface lab with two more home addresses (10.200.0.3, 10.200.0.4).
 fn lab(tag: &str) -> Result<TwoInterface> {

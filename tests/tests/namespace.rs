@@ -19,10 +19,11 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, ensure};
+use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Lab, Netns, OneInterface, TwoInterface, one, two};
 use integration_tests::traffic::{self, Conn, HomeServer, HomeStats, LoadReport, UdpReport};
 use serde_json::Value;
@@ -44,15 +45,6 @@ const SNAT_PORTS: (u16, u16) = (20_000, 29_999);
 const FORW_DATAGRAMS_SLACK: u64 = 16;
 /// Bound of the whole client side of one run.
 const CLIENT_LIMIT: Duration = Duration::from_secs(180);
-
-/// The heavy tests run one at a time: the machine has two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Which datapath a daemon scenario runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

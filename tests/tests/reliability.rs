@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::netns::serial;
 use integration_tests::netns::{Daemon, Netns, NsThread, TwoInterface, run_cmd, sock, two};
 use integration_tests::soak::{self, SoakOptions, admin_get, status};
 use integration_tests::traffic::{Conn, HomeServer, udp_exchange};
@@ -47,15 +48,6 @@ use tokio::net::UdpSocket;
 const HOME_PORT: u16 = 8080;
 const HOME2: Ipv4Addr = Ipv4Addr::new(10, 200, 0, 3);
 const LIMIT: Duration = Duration::from_secs(90);
-
-/// The namespace tests run one at a time: the machine has two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn lab(tag: &str) -> Result<TwoInterface> {
     let topo = TwoInterface::new(tag)?;

@@ -26,12 +26,13 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Lab, Netns, TwoInterface, two};
 use integration_tests::traffic::{self, Conn, HomeServer};
 use serde_json::Value;
@@ -51,15 +52,6 @@ const DOWNLOAD: u64 = 128 << 10;
 const FORW_SLACK: u64 = 16;
 /// Bound of every wait in these tests.
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// The heavy tests run one at a time: the machine has two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn config(pin_dir: &Path, port_range: (u16, u16)) -> String {
     format!(

@@ -35,10 +35,10 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Netns, NsThread, Stop, TwoInterface, sock, two};
 use integration_tests::traffic::{self, Conn, HomeServer};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
@@ -57,15 +57,6 @@ const HOME_PORT: u16 = 8080;
 /// Bound of one test's client side.
 const CLIENT_LIMIT: Duration = Duration::from_secs(120);
 const READY: Duration = Duration::from_secs(30);
-
-/// One test at a time: the machine has two cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The lab's namespaces are gone after the lab was dropped.
 fn check_cleaned(id: &str) -> Result<()> {

@@ -22,7 +22,6 @@
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
@@ -224,27 +223,7 @@ fn build_namespace() -> Result<(u32, u32)> {
             mac(last)
         ));
     }
-    // A child process inherits the namespace of the thread that spawns it.
-    let mut child = Command::new("ip")
-        .args(["-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot run ip")?;
-    {
-        use std::io::Write as _;
-        let mut stdin = child.stdin.take().ok_or_else(|| anyhow!("ip: no stdin"))?;
-        stdin
-            .write_all(batch.as_bytes())
-            .context("writing the ip batch")?;
-    }
-    let out = child.wait_with_output().context("waiting for ip")?;
-    ensure!(
-        out.status.success(),
-        "ip -batch failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::packet::ip_batch(&batch)?;
     // bpf_fib_lookup refuses to forward from an interface without forwarding.
     for path in [
         "/proc/sys/net/ipv4/ip_forward",
