@@ -610,7 +610,13 @@ impl Service {
     }
 
     async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
-        let limit = self.routing().http.header_timeout;
+        // The pooled client connects inside `request`: give the connect its own budget on top
+        // of the response head's, so a connect that hangs ends as the connector's own timeout
+        // ("connect timed out") and a silent upstream as the head timeout, whatever their
+        // relative sizes (with one shared limit, equal timeouts raced and the answer depended on
+        // which timer fired first).
+        let http = &self.routing().http;
+        let limit = http.connect_timeout + http.header_timeout;
         match tokio::time::timeout(limit, self.client.request(req)).await {
             Err(_) => Err(Failure::HeadTimeout),
             Ok(Ok(r)) => Ok(r),
