@@ -739,6 +739,30 @@ impl Conn {
     }
 }
 
+/// `GET /` through `service`, retried (at most 40 attempts, each bounded to 5 s) while the proxy
+/// comes up; the body of the first 200 (the home server names the peer it saw).
+///
+/// # Errors
+/// The last attempt's error when no attempt got a 200.
+pub async fn get_root_until_up(service: SocketAddr) -> Result<String> {
+    let mut last = anyhow!("no attempt");
+    for _ in 0..40 {
+        let attempt = async {
+            let mut c = Conn::connect(service, Duration::from_secs(2)).await?;
+            let (status, body) = c.get_text("/").await?;
+            ensure!(status.contains(" 200 "), "GET /: {status}");
+            Ok(body)
+        };
+        match timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(body)) => return Ok(body),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = anyhow!("GET / timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last.context("GET / never succeeded"))
+}
+
 /// Open `n` connections to `addr` at once; all of them are established when this returns.
 pub async fn connect_all(addr: SocketAddr, n: usize, limit: Duration) -> Result<Vec<Conn>> {
     let mut set = JoinSet::new();

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, ensure};
 use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Lab, Netns, OneInterface, TwoInterface, one, two};
-use integration_tests::traffic::{self, Conn, HomeServer, HomeStats, LoadReport, UdpReport};
+use integration_tests::traffic::{
+    self, HomeServer, HomeStats, LoadReport, UdpReport, get_root_until_up,
+};
 use serde_json::Value;
 
 /// Concurrent TCP connections per run.
@@ -98,7 +100,7 @@ fn run_traffic(
     let forw_before = forw_datagrams(proxy)?;
     let home = Arc::clone(home);
     let (load, udp) = client.run(CLIENT_LIMIT, move || async move {
-        let greeting = warm_up(tcp_service).await?;
+        let greeting = get_root_until_up(tcp_service).await?;
         println!("warm-up: {}", greeting.trim());
 
         let conns = traffic::connect_all(tcp_service, CONNECTIONS, Duration::from_secs(10))
@@ -131,26 +133,6 @@ fn run_traffic(
         forw_after,
         elapsed: start.elapsed(),
     })
-}
-
-/// `GET /` through the service, retried (bounded) while the proxy is coming up.
-async fn warm_up(service: SocketAddr) -> Result<String> {
-    let mut last = anyhow!("no attempt");
-    for _ in 0..40 {
-        let attempt = async {
-            let mut c = Conn::connect(service, Duration::from_secs(2)).await?;
-            let (status, body) = c.get_text("/").await?;
-            ensure!(status.contains(" 200 "), "GET /: {status}");
-            Ok(body)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(body)) => return Ok(body),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = anyhow!("GET / timed out"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Err(last.context("warm-up request never succeeded"))
 }
 
 fn forw_datagrams(ns: &Netns) -> Result<u64> {

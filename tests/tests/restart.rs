@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Lab, Netns, TwoInterface, two};
-use integration_tests::traffic::{self, Conn, HomeServer};
+use integration_tests::traffic::{self, Conn, HomeServer, get_root_until_up};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -234,26 +234,6 @@ fn pins(pin_dir: &Path, prefix: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// `GET /` through the service, retried (bounded) while the proxy comes up.
-async fn warm_up(service: SocketAddr) -> Result<()> {
-    let mut last = anyhow!("no attempt");
-    for _ in 0..40 {
-        let attempt = async {
-            let mut c = Conn::connect(service, Duration::from_secs(2)).await?;
-            let (status, _) = c.get_text("/").await?;
-            ensure!(status.contains(" 200 "), "GET /: {status}");
-            Ok(())
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = anyhow!("GET / timed out"),
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    Err(last.context("warm-up request never succeeded"))
-}
-
 #[test]
 fn kill_9_and_restart_keep_every_transfer() -> Result<()> {
     let _serial = serial();
@@ -277,7 +257,9 @@ fn kill_9_and_restart_keep_every_transfer() -> Result<()> {
     );
 
     // Warm up (neighbours resolved), then the 50 held transfers.
-    client.run(LIMIT, || async { warm_up(tcp_service()).await })?;
+    client.run(LIMIT, || async {
+        get_root_until_up(tcp_service()).await.map(drop)
+    })?;
     let peers_before = server.stats().tcp_peers().len();
     let flows_before = service_stat(&first.stats()?, &tcp_service().to_string(), "new_flows")?;
     let forw_before = forw_datagrams(&proxy)?;
@@ -599,7 +581,7 @@ fn sigquit_leaves_the_datapath_for_the_next_start() -> Result<()> {
     let arrived = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let arrived_c = Arc::clone(&arrived);
     let t = client.spawn(LIMIT * 2, move |_stop| async move {
-        warm_up(tcp_service()).await?;
+        get_root_until_up(tcp_service()).await?;
         let mut c = Conn::connect(tcp_service(), Duration::from_secs(5)).await?;
         let mut phase = go_rx;
         c.put_sink_staged(77, 96 << 10, &mut phase, &arrived_c[..], LIMIT)
@@ -709,7 +691,7 @@ fn ebpf_log_event_reaches_the_daemon_log() -> Result<()> {
     let ifaces = [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV];
     daemon.wait_ready(&mut lab, &proxy, &ifaces, 2, LIMIT, || false)?;
     let second = client.run(LIMIT, || async {
-        warm_up(tcp_service()).await?;
+        get_root_until_up(tcp_service()).await?;
         // The warm-up's flow still holds the one port (TIME_WAIT-long lifetime).
         let r = Conn::connect(tcp_service(), Duration::from_secs(2)).await;
         Ok(r.is_ok())
@@ -868,7 +850,9 @@ fn runs_with_only_the_units_capabilities() -> Result<()> {
         "links not pinned: {:?}",
         pins(&pin_dir, "")?
     );
-    client.run(LIMIT, || async { warm_up(tcp_service()).await })?;
+    client.run(LIMIT, || async {
+        get_root_until_up(tcp_service()).await.map(drop)
+    })?;
     signal(first.pid, nix::sys::signal::Signal::SIGQUIT)?;
     wait_exit(&mut lab, first.pid)?;
     let second = restricted(&mut lab, "xdp-proxy-2")?;
@@ -878,7 +862,9 @@ fn runs_with_only_the_units_capabilities() -> Result<()> {
         log.matches("adopted the pinned XDP link").count() == 2,
         "no adoption:\n{log}"
     );
-    client.run(LIMIT, || async { warm_up(tcp_service()).await })?;
+    client.run(LIMIT, || async {
+        get_root_until_up(tcp_service()).await.map(drop)
+    })?;
     let status = second.stop(&mut lab)?;
     ensure!(status.success(), "restricted daemon exited with {status}");
     for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {

@@ -40,7 +40,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Netns, NsThread, Stop, TwoInterface, sock, two};
-use integration_tests::traffic::{self, Conn, HomeServer};
+use integration_tests::traffic::{self, Conn, HomeServer, get_root_until_up};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -97,27 +97,6 @@ listen = "127.0.0.1:9100"
         snat = two::PROXY_HOME_SIDE,
         cidr = two::HOME_CIDR,
     )
-}
-
-/// `GET /` through `service`, retried (bounded) while the daemon comes up; the body names the
-/// peer the home server saw.
-async fn get_root(service: SocketAddr) -> Result<String> {
-    let mut last = anyhow!("no attempt");
-    for _ in 0..20 {
-        let attempt = async {
-            let mut c = Conn::connect(service, Duration::from_secs(2)).await?;
-            let (status, body) = c.get_text("/").await?;
-            ensure!(status.contains(" 200 "), "GET /: {status}");
-            Ok(body)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-            Ok(Ok(body)) => return Ok(body),
-            Ok(Err(e)) => last = e,
-            Err(_) => last = anyhow!("GET / timed out"),
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    Err(last.context("GET / never succeeded"))
 }
 
 #[test]
@@ -231,7 +210,7 @@ upstreams = [\"{upstream}\"]
 
     // The services answer, through the userspace path: the home host sees the SNAT address.
     let (body, udp) = topo.client.run(CLIENT_LIMIT, move || async move {
-        let body = get_root(tcp_service).await?;
+        let body = get_root_until_up(tcp_service).await?;
         let udp = traffic::udp_exchange(udp_service, 2, 3, 5).await?;
         Ok((body, udp))
     })?;
@@ -457,10 +436,9 @@ fn userspace_l4_reload_adds_and_removes_services() -> Result<()> {
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &format!("{base}{web}"))?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
-    let body = topo.client.run(
-        CLIENT_LIMIT,
-        move || async move { get_root(tcp_service).await },
-    )?;
+    let body = topo.client.run(CLIENT_LIMIT, move || async move {
+        get_root_until_up(tcp_service).await
+    })?;
     ensure!(body.contains("hello from home"), "before: {body}");
 
     std::fs::write(&daemon.config, format!("{base}{dns}")).context("rewriting the config")?;
