@@ -235,6 +235,7 @@ pub fn build_desired(
             port_min: nat.port_min,
             port_max: nat.port_max,
             flags: CONFIG_F_READY,
+            snat_v6: [0; 16],
         },
         upstreams: ups.into_iter().zip(up_ids).map(|(a, id)| (id, a)).collect(),
         services,

@@ -1120,6 +1120,7 @@ impl Harness {
             port_min: PORT_MIN,
             port_max: PORT_MAX,
             flags: CONFIG_F_READY,
+            snat_v6: [0; 16],
         };
         let mut h = Self {
             ebpf,

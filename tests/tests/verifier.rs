@@ -148,6 +148,7 @@ fn configure(ebpf: &mut Ebpf, protos: &[u8]) {
             port_min: PORT_MIN,
             port_max: PORT_MAX,
             flags: CONFIG_F_READY,
+            snat_v6: [0; 16],
         },
         0,
     )

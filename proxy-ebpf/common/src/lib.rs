@@ -14,7 +14,7 @@ pub mod hash;
 
 /// Version of the map layout. Part of the pin directory (`<pin_dir>/v<ABI_VERSION>`), so a daemon
 /// with a different layout never reuses (and misreads) maps pinned by another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 // ---------------------------------------------------------------------------------------------
 // Program and map names (BPF object names: at most 15 characters).
@@ -242,8 +242,11 @@ pub struct NatConfig {
     pub port_max: u16,
     /// `CONFIG_F_*` bits.
     pub flags: u32,
+    /// The SNAT source address for IPv6 flows (all 16 bytes). All zero: no IPv6 SNAT address,
+    /// so no new IPv6 flow is created (the packet is passed and counted). Added in ABI 3.
+    pub snat_v6: Addr,
 }
-const _: () = assert!(core::mem::size_of::<NatConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<NatConfig>() == 40);
 
 /// The config entry has been written by the daemon; until then every packet is passed.
 pub const CONFIG_F_READY: u32 = 1;

@@ -392,6 +392,7 @@ impl Instance {
                 port_min: 1024,
                 port_max: 65_535,
                 flags: CONFIG_F_READY,
+                snat_v6: [0; 16],
             };
             m.set(0, cfg, 0).map_err(map_err("config set"))?;
         }
