@@ -3,7 +3,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -173,7 +173,7 @@ pub enum FlowsCommand {
     /// Delete one flow (both entries): the one from client ADDR:PORT to the service.
     Delete {
         #[arg(long, value_name = "ADDR:PORT")]
-        client: SocketAddrV4,
+        client: SocketAddr,
         #[arg(long, value_name = "NAME|ID")]
         service: ServiceSel,
         /// Do not ask (required when stdin is not a terminal).
@@ -265,10 +265,16 @@ pub fn check(path: &Path) -> Result<String, ConfigError> {
         .iter()
         .filter(|s| s.mode == ServiceMode::Http)
         .count();
-    let snat = c.nat.snat_ipv4.map_or_else(
+    let mut snat = c.nat.snat_ipv4.map_or_else(
         || "from the route home (at run time)".to_owned(),
         |a| a.to_string(),
     );
+    if c.nat.first_home_cidr(true).is_some() || c.nat.snat_ipv6.is_some() {
+        snat.push_str(&c.nat.snat_ipv6.map_or_else(
+            || ", IPv6 SNAT from the IPv6 route home (at run time)".to_owned(),
+            |a| format!(", IPv6 SNAT {a}"),
+        ));
+    }
     Ok(format!(
         "{}: OK: {} interface(s), mode {}, {l4} l4 service(s), {http} http service(s), SNAT \
          {snat} ports {}-{}, pin_dir {}\n(run-time checks not done here: the kernel's ephemeral \
@@ -460,7 +466,7 @@ mod tests {
                 assert_eq!(filter.service, Some(ServiceSel::Name("web".into())));
                 assert_eq!(
                     filter.client,
-                    Some(ClientSel::Cidr([10, 0, 0, 0].into(), 8))
+                    Some(ClientSel::Cidr("10.0.0.0/8".parse().unwrap()))
                 );
                 assert_eq!(filter.upstream.map(|u| u.port), Some(Some(80)));
                 assert_eq!(filter.state, Some(FlowState::Established));

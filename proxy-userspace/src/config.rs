@@ -14,7 +14,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fmt,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -132,72 +132,107 @@ impl fmt::Display for ServiceMode {
     }
 }
 
-/// An IPv4 prefix such as `10.20.0.0/16` (host bits zero).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Cidr {
-    pub network: Ipv4Addr,
+/// An IPv4 or IPv6 prefix such as `10.20.0.0/16` or `fd00:20::/48` (host bits zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpCidr {
+    pub network: IpAddr,
     pub prefix_len: u8,
 }
 
-impl Ipv4Cidr {
-    /// The netmask as an integer.
+/// The old name, from when prefixes were IPv4 only.
+pub type Ipv4Cidr = IpCidr;
+
+impl IpCidr {
+    /// Address bits of the family: 32 or 128.
     #[must_use]
-    pub const fn mask(self) -> u32 {
-        if self.prefix_len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - self.prefix_len as u32)
+    pub const fn max_len(self) -> u8 {
+        match self.network {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
         }
     }
 
-    /// Whether `addr` lies inside this prefix.
     #[must_use]
-    pub fn contains(self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & self.mask() == u32::from(self.network)
+    pub const fn is_ipv6(self) -> bool {
+        self.network.is_ipv6()
+    }
+
+    /// The netmask of an address of the prefix's family, as a 128-bit integer aligned like
+    /// [`addr_bits`].
+    fn mask(self) -> u128 {
+        let bits = u32::from(self.max_len());
+        let len = u32::from(self.prefix_len);
+        if len == 0 {
+            0
+        } else {
+            (u128::MAX << (bits - len)) & (u128::MAX >> (128 - bits))
+        }
+    }
+
+    /// Whether `addr` lies inside this prefix (an address of the other family never does).
+    #[must_use]
+    pub fn contains(self, addr: IpAddr) -> bool {
+        addr.is_ipv6() == self.is_ipv6() && addr_bits(addr) & self.mask() == addr_bits(self.network)
     }
 
     /// An address inside the prefix to route toward (the first host address where there is
     /// one): used to find the source address of the route home.
     #[must_use]
-    pub fn probe_address(self) -> Ipv4Addr {
-        let net = u32::from(self.network);
-        if self.prefix_len >= 31 {
-            self.network
-        } else {
-            Ipv4Addr::from(net + 1)
+    pub fn probe_address(self) -> IpAddr {
+        match self.network {
+            IpAddr::V4(n) if self.prefix_len < 31 => IpAddr::V4(Ipv4Addr::from(u32::from(n) + 1)),
+            IpAddr::V6(n) if self.prefix_len < 127 => IpAddr::V6(Ipv6Addr::from(u128::from(n) + 1)),
+            a => a,
         }
     }
 }
 
-impl fmt::Display for Ipv4Cidr {
+/// An address as an integer (IPv4 in the low 32 bits).
+fn addr_bits(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+impl fmt::Display for IpCidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.network, self.prefix_len)
     }
 }
 
-impl FromStr for Ipv4Cidr {
+impl FromStr for IpCidr {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| format!("`{s}` is not an IPv4 prefix like 10.20.0.0/16"))?;
-        let addr: Ipv4Addr = addr
+        let (addr, len) = s.split_once('/').ok_or_else(|| {
+            format!("`{s}` is not an IP prefix like 10.20.0.0/16 or fd00:20::/48")
+        })?;
+        let network: IpAddr = addr
             .parse()
-            .map_err(|_| format!("`{s}`: `{addr}` is not an IPv4 address"))?;
+            .map_err(|_| format!("`{s}`: `{addr}` is not an IPv4 or IPv6 address"))?;
+        let cidr = Self {
+            network,
+            prefix_len: 0,
+        };
+        let max = cidr.max_len();
         let prefix_len: u8 = len
             .parse()
             .ok()
-            .filter(|l| *l <= 32)
-            .ok_or_else(|| format!("`{s}`: prefix length `{len}` is not in 0..=32"))?;
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("`{s}`: prefix length `{len}` is not in 0..={max}"))?;
         let cidr = Self {
-            network: addr,
+            network,
             prefix_len,
         };
-        let network = Ipv4Addr::from(u32::from(addr) & cidr.mask());
-        if network != addr {
+        let bits = addr_bits(network) & cidr.mask();
+        if bits != addr_bits(network) {
+            let masked = match network {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(u32::try_from(bits).unwrap_or(0))),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(bits)),
+            };
             return Err(format!(
-                "`{s}` has host bits set (did you mean {network}/{prefix_len}?)"
+                "`{s}` has host bits set (did you mean {masked}/{prefix_len}?)"
             ));
         }
         Ok(cidr)
@@ -216,11 +251,16 @@ pub struct DatapathConfig {
 /// `[nat]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NatSettings {
-    /// `None`: the source address of the route toward the first home CIDR, found at run time.
+    /// `None`: the source address of the route toward the first IPv4 home CIDR, found at run
+    /// time.
     pub snat_ipv4: Option<Ipv4Addr>,
+    /// `None`: the source address of the route toward the first IPv6 home CIDR, found at run
+    /// time.
+    pub snat_ipv6: Option<Ipv6Addr>,
     pub port_min: u16,
     pub port_max: u16,
-    pub home_cidrs: Vec<Ipv4Cidr>,
+    /// IPv4 and IPv6 prefixes, in config order.
+    pub home_cidrs: Vec<IpCidr>,
 }
 
 impl NatSettings {
@@ -232,8 +272,18 @@ impl NatSettings {
 
     /// The home CIDR containing `addr`, if any.
     #[must_use]
-    pub fn home_cidr_of(&self, addr: Ipv4Addr) -> Option<Ipv4Cidr> {
+    pub fn home_cidr_of(&self, addr: impl Into<IpAddr>) -> Option<IpCidr> {
+        let addr = addr.into();
         self.home_cidrs.iter().copied().find(|c| c.contains(addr))
+    }
+
+    /// The first home CIDR of a family (the one whose route gives the default SNAT address).
+    #[must_use]
+    pub fn first_home_cidr(&self, ipv6: bool) -> Option<IpCidr> {
+        self.home_cidrs
+            .iter()
+            .copied()
+            .find(|c| c.is_ipv6() == ipv6)
     }
 }
 
@@ -286,11 +336,11 @@ impl Default for DnsConfig {
     }
 }
 
-/// Where an upstream is: a fixed IPv4 address or a DNS name resolved (and re-resolved) at run
-/// time.
+/// Where an upstream is: a fixed IPv4 or IPv6 address or a DNS name resolved (and re-resolved)
+/// at run time.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum UpstreamHost {
-    Ip(Ipv4Addr),
+    Ip(IpAddr),
     /// A DNS name, lower case, without a trailing dot.
     Name(String),
 }
@@ -310,9 +360,10 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     /// A static upstream of weight 1 (tests, simple configs).
     #[must_use]
-    pub fn fixed(addr: SocketAddrV4) -> Self {
+    pub fn fixed(addr: impl Into<SocketAddr>) -> Self {
+        let addr = addr.into();
         Self {
-            host: UpstreamHost::Ip(*addr.ip()),
+            host: UpstreamHost::Ip(addr.ip()),
             port: addr.port(),
             weight: DEFAULT_WEIGHT,
             drain: false,
@@ -321,9 +372,9 @@ impl UpstreamConfig {
 
     /// The address when the host is an IP address.
     #[must_use]
-    pub fn static_addr(&self) -> Option<SocketAddrV4> {
+    pub fn static_addr(&self) -> Option<SocketAddr> {
         match &self.host {
-            UpstreamHost::Ip(ip) => Some(SocketAddrV4::new(*ip, self.port)),
+            UpstreamHost::Ip(ip) => Some(SocketAddr::new(*ip, self.port)),
             UpstreamHost::Name(_) => None,
         }
     }
@@ -347,7 +398,7 @@ impl UpstreamConfig {
 impl fmt::Display for UpstreamConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.host {
-            UpstreamHost::Ip(ip) => write!(f, "{ip}:{}", self.port),
+            UpstreamHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
             UpstreamHost::Name(n) => write!(f, "{n}:{}", self.port),
         }
     }
@@ -405,7 +456,8 @@ impl Default for HealthConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceConfig {
     pub name: String,
-    pub listen: SocketAddrV4,
+    /// IPv4 or IPv6; an l4 service's upstreams are of the same family.
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     pub mode: ServiceMode,
     pub upstreams: Vec<UpstreamConfig>,
@@ -527,6 +579,7 @@ struct RawDatapath {
 #[serde(deny_unknown_fields)]
 struct RawNat {
     snat_ipv4: Option<String>,
+    snat_ipv6: Option<String>,
     port_range: Option<Vec<i64>>,
     home_cidrs: Vec<String>,
 }
@@ -588,13 +641,64 @@ struct RawHealth {
 // Loading and validation.
 // ---------------------------------------------------------------------------------------------
 
+/// The SNAT source addresses in effect, one per family (configured, or the source address of
+/// the route toward the family's first home CIDR). `None`: the family has none (no home CIDR of
+/// that family, or no route to it), so the fast path creates no flow of that family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SnatAddrs {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl SnatAddrs {
+    /// The SNAT address of `addr`'s family.
+    #[must_use]
+    pub fn of_family(&self, addr: IpAddr) -> Option<IpAddr> {
+        match addr {
+            IpAddr::V4(_) => self.v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// The address to bind the daemon's own connections toward `peer` to: the SNAT address of
+    /// its family, else the unspecified address of that family (the kernel picks).
+    #[must_use]
+    pub fn source_for(&self, peer: IpAddr) -> IpAddr {
+        self.of_family(peer).unwrap_or(match peer {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        })
+    }
+}
+
+impl From<Ipv4Addr> for SnatAddrs {
+    fn from(v4: Ipv4Addr) -> Self {
+        Self {
+            v4: Some(v4),
+            v6: None,
+        }
+    }
+}
+
+impl fmt::Display for SnatAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.v4, self.v6) {
+            (Some(a), Some(b)) => write!(f, "{a}, {b}"),
+            (Some(a), None) => write!(f, "{a}"),
+            (None, Some(b)) => write!(f, "{b}"),
+            (None, None) => f.write_str("(none)"),
+        }
+    }
+}
+
 /// Facts read from the running system that some rules need (see [`Config::validate_runtime`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RuntimeFacts {
-    /// `net.ipv4.ip_local_port_range` (inclusive).
+    /// `net.ipv4.ip_local_port_range` (inclusive). Linux has no IPv6 twin: this range is the
+    /// ephemeral range of IPv6 sockets too.
     pub ephemeral_ports: (u16, u16),
-    /// The SNAT address in effect (configured or found from the route home).
-    pub snat_ipv4: Ipv4Addr,
+    /// The SNAT addresses in effect (configured or found from the route home).
+    pub snat: SnatAddrs,
 }
 
 impl Config {
@@ -731,19 +835,54 @@ impl Config {
                 "nat.port_range",
                 format!(
                     "[{lo}, {hi}] overlaps the kernel's ephemeral port range [{eph_lo}, {eph_hi}] \
-                     (net.ipv4.ip_local_port_range), which the daemon's own connections use from \
-                     the same address: {suggestion}{move_kernel}"
+                     (net.ipv4.ip_local_port_range, which covers IPv6 too), which the daemon's own \
+                     connections use from the same address: {suggestion}{move_kernel}"
                 ),
             ));
         }
-        if self.nat.snat_ipv4.is_none() {
+        if self.nat.snat_ipv4.is_none()
+            && let Some(a) = facts.snat.v4
+        {
             check_snat_address(
-                facts.snat_ipv4,
+                IpAddr::V4(a),
                 "nat.snat_ipv4 (from the route home)",
                 &mut problems,
             );
         }
-        check_listen_vs_snat(self, facts.snat_ipv4, &mut problems);
+        if self.nat.snat_ipv6.is_none()
+            && let Some(a) = facts.snat.v6
+        {
+            check_snat_address(
+                IpAddr::V6(a),
+                "nat.snat_ipv6 (from the route home)",
+                &mut problems,
+            );
+        }
+        if facts.snat.v6.is_none() {
+            let home = self.nat.first_home_cidr(true).map_or_else(
+                || "there is no IPv6 home CIDR".to_owned(),
+                |c| format!("no route toward the first IPv6 home CIDR {c} was found"),
+            );
+            for (i, s) in self.l4_services() {
+                if s.listen.is_ipv6() {
+                    problems.push(Problem::new(
+                        format!("service[{i}].listen"),
+                        format!(
+                            "{} is an IPv6 l4 service but there is no IPv6 SNAT address: \
+                             nat.snat_ipv6 is not set and {home}; set nat.snat_ipv6 or add an \
+                             IPv6 route home",
+                            s.listen
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(a) = facts.snat.v4 {
+            check_listen_vs_snat(self, IpAddr::V4(a), &mut problems);
+        }
+        if let Some(a) = facts.snat.v6 {
+            check_listen_vs_snat(self, IpAddr::V6(a), &mut problems);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -755,8 +894,9 @@ impl Config {
     }
 }
 
-fn check_snat_address(addr: Ipv4Addr, key: &str, problems: &mut Vec<Problem>) {
-    if addr.is_unspecified() || addr.is_multicast() || addr.is_broadcast() || addr.is_loopback() {
+fn check_snat_address(addr: IpAddr, key: &str, problems: &mut Vec<Problem>) {
+    let broadcast = matches!(addr, IpAddr::V4(a) if a.is_broadcast());
+    if addr.is_unspecified() || addr.is_multicast() || broadcast || addr.is_loopback() {
         problems.push(Problem::new(
             key,
             format!("{addr} cannot be a SNAT source address (unspecified, loopback, multicast or broadcast)"),
@@ -766,9 +906,9 @@ fn check_snat_address(addr: Ipv4Addr, key: &str, problems: &mut Vec<Problem>) {
 
 /// Services listening on the SNAT address must not use a port of the SNAT range: the datapath
 /// would take a reply to that port for a new flow or the other way round.
-fn check_listen_vs_snat(config: &Config, snat: Ipv4Addr, problems: &mut Vec<Problem>) {
+fn check_listen_vs_snat(config: &Config, snat: IpAddr, problems: &mut Vec<Problem>) {
     for (i, s) in config.services.iter().enumerate() {
-        if *s.listen.ip() == snat && config.nat.in_port_range(s.listen.port()) {
+        if s.listen.ip() == snat && config.nat.in_port_range(s.listen.port()) {
             problems.push(Problem::new(
                 format!("service[{i}].listen"),
                 format!(
@@ -791,38 +931,54 @@ fn parse_port(v: i64, key: &str, problems: &mut Vec<Problem>) -> Option<u16> {
     }
 }
 
-/// Parse "a.b.c.d:port" (IPv4 only), with a specific message for DNS names and IPv6.
-fn parse_v4_endpoint(s: &str, what: &str) -> Result<SocketAddrV4, String> {
-    if let Ok(sa) = s.parse::<SocketAddrV4>() {
+/// Parse "a.b.c.d:port" or "[v6]:port", with a specific message for DNS names and IPv6
+/// addresses without brackets.
+fn parse_endpoint(s: &str, what: &str) -> Result<SocketAddr, String> {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
         if sa.port() == 0 {
             return Err(format!("`{s}`: port 0 is not a valid {what} port"));
         }
         return Ok(sa);
     }
-    if s.parse::<SocketAddr>().is_ok() {
+    if s.parse::<IpAddr>().is_ok() || s.matches(':').count() > 1 && !s.starts_with('[') {
         return Err(format!(
-            "`{s}`: IPv6 is not supported yet; use an IPv4 address:port"
+            "`{s}` has no port or an IPv6 address without brackets: write [address]:port, like [fd00::1]:80"
         ));
     }
     match s.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-            if host.parse::<Ipv4Addr>().is_err()
-                && host
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            {
+            if host.parse::<Ipv4Addr>().is_err() && is_dns_name(host) {
                 Err(format!(
-                    "`{s}`: `{host}` is a DNS name; a {what} address is an IPv4 address:port"
+                    "`{s}`: `{host}` is a DNS name; a {what} address is an IP address:port"
                 ))
             } else {
-                Err(format!(
-                    "`{s}` is not an IPv4 address:port (port 1..=65535)"
-                ))
+                Err(format!("`{s}` is not an IP address:port (port 1..=65535)"))
             }
         }
         _ => Err(format!(
-            "`{s}` is not an IPv4 address:port like 10.20.1.2:80"
+            "`{s}` is not an address:port like 10.20.1.2:80 or [fd00::1]:80"
         )),
+    }
+}
+
+/// Why upstream `up` cannot serve an l4 service listening on `listen`: the fast path rewrites
+/// addresses within one family (no NAT64), so an l4 service's upstreams are of its family.
+fn l4_family_problem(up: &UpstreamConfig, listen: SocketAddr) -> Option<String> {
+    let fam = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
+    match up.static_addr() {
+        Some(sa) if sa.is_ipv6() != listen.is_ipv6() => Some(format!(
+            "{sa} is {} but the service listens on {} {listen}: an l4 service forwards within \
+             one address family (no NAT64); give the {} upstreams a service of their own \
+             (dual stack = one service per family)",
+            fam(sa.is_ipv6()),
+            fam(listen.is_ipv6()),
+            fam(sa.is_ipv6()),
+        )),
+        None if listen.is_ipv6() => Some(format!(
+            "`{up}`: DNS upstreams of an IPv6 l4 service are not supported yet (the resolver \
+             asks for A records only); list the IPv6 addresses"
+        )),
+        _ => None,
     }
 }
 
@@ -898,17 +1054,17 @@ pub fn is_dns_name(name: &str) -> bool {
         && !name.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
 
-/// Parse `host:port` where host is an IPv4 address or a DNS name.
+/// Parse `host:port` where host is an IPv4 address, a bracketed IPv6 address or a DNS name.
 fn parse_upstream_address(s: &str) -> Result<(UpstreamHost, u16), String> {
-    if let Ok(sa) = s.parse::<SocketAddrV4>() {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
         if sa.port() == 0 {
             return Err(format!("`{s}`: port 0 is not a valid upstream port"));
         }
-        return Ok((UpstreamHost::Ip(*sa.ip()), sa.port()));
+        return Ok((UpstreamHost::Ip(sa.ip()), sa.port()));
     }
-    if s.parse::<SocketAddr>().is_ok() {
+    if s.parse::<IpAddr>().is_ok() || s.matches(':').count() > 1 && !s.starts_with('[') {
         return Err(format!(
-            "`{s}`: IPv6 is not supported yet; use an IPv4 address:port or a DNS name:port"
+            "`{s}` has no port or an IPv6 address without brackets: write [address]:port, like [fd00:20::2]:80"
         ));
     }
     let Some((host, port)) = s.rsplit_once(':') else {
@@ -927,7 +1083,7 @@ fn parse_upstream_address(s: &str) -> Result<(UpstreamHost, u16), String> {
         ))
     } else {
         Err(format!(
-            "`{s}`: `{host}` is neither an IPv4 address nor a DNS name"
+            "`{s}`: `{host}` is neither an IP address nor a DNS name"
         ))
     }
 }
@@ -1244,13 +1400,29 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         .as_deref()
         .and_then(|s| match s.parse::<Ipv4Addr>() {
             Ok(a) => {
-                check_snat_address(a, "nat.snat_ipv4", problems);
+                check_snat_address(IpAddr::V4(a), "nat.snat_ipv4", problems);
                 Some(a)
             }
             Err(_) => {
                 problems.push(Problem::new(
                     "nat.snat_ipv4",
                     format!("`{s}` is not an IPv4 address"),
+                ));
+                None
+            }
+        });
+    let snat_ipv6 = nat
+        .snat_ipv6
+        .as_deref()
+        .and_then(|s| match s.parse::<Ipv6Addr>() {
+            Ok(a) => {
+                check_snat_address(IpAddr::V6(a), "nat.snat_ipv6", problems);
+                Some(a)
+            }
+            Err(_) => {
+                problems.push(Problem::new(
+                    "nat.snat_ipv6",
+                    format!("`{s}` is not an IPv6 address (write it without brackets: fd00:20::1)"),
                 ));
                 None
             }
@@ -1279,7 +1451,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     }
     let mut home_cidrs = Vec::new();
     for (i, s) in nat.home_cidrs.iter().enumerate() {
-        match s.parse::<Ipv4Cidr>() {
+        match s.parse::<IpCidr>() {
             Ok(c) => home_cidrs.push(c),
             Err(m) => problems.push(Problem::new(format!("nat.home_cidrs[{i}]"), m)),
         }
@@ -1292,6 +1464,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     }
     let nat = NatSettings {
         snat_ipv4,
+        snat_ipv6,
         port_min,
         port_max,
         home_cidrs,
@@ -1318,7 +1491,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     // [[service]]
     let mut services = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
-    let mut listens: HashMap<(SocketAddrV4, Protocol), usize> = HashMap::new();
+    let mut listens: HashMap<(SocketAddr, Protocol), usize> = HashMap::new();
     let mut l4_count = 0usize;
     let mut upstream_set = HashSet::new();
     for (i, s) in raw.services.into_iter().enumerate() {
@@ -1345,10 +1518,11 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         } else {
             names.insert(s.name.clone(), i);
         }
-        let listen = match parse_v4_endpoint(&s.listen, "listen") {
+        let listen = match parse_endpoint(&s.listen, "listen") {
             Ok(sa) => {
-                let ip = *sa.ip();
-                if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+                let ip = sa.ip();
+                let broadcast = matches!(ip, IpAddr::V4(a) if a.is_broadcast());
+                if ip.is_unspecified() || ip.is_multicast() || broadcast {
                     problems.push(Problem::new(
                         key("listen"),
                         format!("`{}`: a service listens on one unicast address", s.listen),
@@ -1368,7 +1542,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             }
             Err(m) => {
                 problems.push(Problem::new(key("listen"), m));
-                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)
+                SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
             }
         };
         let mut upstreams: Vec<UpstreamConfig> = Vec::new();
@@ -1377,8 +1551,12 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             let Some(up) = parse_upstream(u, &ukey, problems) else {
                 continue;
             };
-            if let Some(sa) = up.static_addr()
-                && nat.home_cidr_of(*sa.ip()).is_none()
+            if s.mode == ServiceMode::L4
+                && let Some(m) = l4_family_problem(&up, listen)
+            {
+                problems.push(Problem::new(ukey, m));
+            } else if let Some(sa) = up.static_addr()
+                && nat.home_cidr_of(sa.ip()).is_none()
                 && !nat.home_cidrs.is_empty()
             {
                 let cidrs: Vec<String> = nat.home_cidrs.iter().map(ToString::to_string).collect();
@@ -1407,6 +1585,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             i,
             s.mode,
             s.protocol,
+            listen.is_ipv6(),
             fastpath::RawFastPath {
                 mss_clamp: s.mss_clamp,
                 allow: s.allow,
@@ -1474,7 +1653,10 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         services,
     };
     if let Some(snat) = config.nat.snat_ipv4 {
-        check_listen_vs_snat(&config, snat, problems);
+        check_listen_vs_snat(&config, IpAddr::V4(snat), problems);
+    }
+    if let Some(snat) = config.nat.snat_ipv6 {
+        check_listen_vs_snat(&config, IpAddr::V6(snat), problems);
     }
     config
 }

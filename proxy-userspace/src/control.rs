@@ -17,14 +17,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use proxy_common::{SERVICE_F_HAS_UPSTREAMS, ServiceKey};
 
 use crate::{
     config::{
-        Config, HealthConfig, HealthKind, NatSettings, ServiceConfig, ServiceMode, UpstreamConfig,
+        Config, HealthConfig, HealthKind, NatSettings, ServiceConfig, ServiceMode, SnatAddrs,
+        UpstreamConfig,
     },
     dns,
     health::{Health, ProbeResult, Transition},
@@ -43,7 +44,7 @@ pub struct Resolved {
 
 /// A health check target: one address of one upstream of one service (l4, or http: its
 /// upstreams and every route's).
-pub type TargetKey = (String, SocketAddrV4);
+pub type TargetKey = (String, SocketAddr);
 
 /// Split DNS answer addresses into those inside a home CIDR and the refused rest.
 #[must_use]
@@ -65,7 +66,7 @@ pub fn dns_names(config: &Config) -> BTreeSet<String> {
 /// (a static address, or its name's last good addresses; an address already given by an
 /// earlier entry of the same service is skipped).
 /// One upstream entry with the addresses it stands for now.
-type Entry<'a> = (&'a UpstreamConfig, Vec<SocketAddrV4>);
+type Entry<'a> = (&'a UpstreamConfig, Vec<SocketAddr>);
 
 fn expand<'a>(
     config: &'a Config,
@@ -79,7 +80,7 @@ fn expand<'a>(
                 .upstreams
                 .iter()
                 .map(|u| {
-                    let addrs: Vec<SocketAddrV4> = match u.static_addr() {
+                    let addrs: Vec<SocketAddr> = match u.static_addr() {
                         Some(a) => vec![a],
                         None => u
                             .dns_name()
@@ -87,7 +88,7 @@ fn expand<'a>(
                             .map(|r| {
                                 r.addrs
                                     .iter()
-                                    .map(|ip| SocketAddrV4::new(*ip, u.port))
+                                    .map(|ip| SocketAddr::new(IpAddr::V4(*ip), u.port))
                                     .collect()
                             })
                             .unwrap_or_default(),
@@ -104,7 +105,7 @@ fn expand<'a>(
 /// Per `mode = "http"` service (config order): the distinct addresses its L7 proxy may send to
 /// (its static upstreams, then every route's), checked like an l4 service's upstreams (same
 /// `[service.health]`), so the L7 choice skips the unhealthy ones.
-fn http_addresses(config: &Config) -> Vec<(&ServiceConfig, Vec<SocketAddrV4>)> {
+fn http_addresses(config: &Config) -> Vec<(&ServiceConfig, Vec<SocketAddr>)> {
     config
         .services
         .iter()
@@ -188,14 +189,14 @@ pub fn desired(
 #[derive(Debug)]
 pub struct Controller {
     config: Config,
-    snat: Ipv4Addr,
+    snat: SnatAddrs,
     resolved: HashMap<String, Resolved>,
     health: HashMap<TargetKey, Health>,
     /// What the maps hold (written by this controller or found at start).
     shadow: Plan,
     /// Services and upstreams removed from the maps whose ids stay reserved.
     retired_services: HashMap<ServiceKey, u32>,
-    retired_upstreams: HashMap<SocketAddrV4, u32>,
+    retired_upstreams: HashMap<SocketAddr, u32>,
     status: SharedStatus,
 }
 
@@ -225,10 +226,10 @@ impl Controller {
     /// A controller for `config` and the SNAT address in effect. `existing_*`: what the
     /// pinned maps hold at start (their ids are kept).
     #[must_use]
-    pub fn new(config: Config, snat: Ipv4Addr, status: SharedStatus) -> Self {
+    pub fn new(config: Config, snat: impl Into<SnatAddrs>, status: SharedStatus) -> Self {
         Self {
             config,
-            snat,
+            snat: snat.into(),
             resolved: HashMap::new(),
             health: HashMap::new(),
             shadow: Plan {
@@ -248,7 +249,7 @@ impl Controller {
     }
 
     #[must_use]
-    pub fn snat(&self) -> Ipv4Addr {
+    pub fn snat(&self) -> SnatAddrs {
         self.snat
     }
 
@@ -283,7 +284,7 @@ impl Controller {
             .map(|s| (s.key, s.value.id))
             .collect();
         existing_services.extend(self.retired_services.iter().map(|(k, id)| (*k, *id)));
-        let mut existing_upstreams: Vec<(SocketAddrV4, u32)> = self
+        let mut existing_upstreams: Vec<(SocketAddr, u32)> = self
             .shadow
             .upstreams
             .iter()
@@ -310,7 +311,7 @@ impl Controller {
     pub fn found_in_maps(
         &mut self,
         existing_services: &[(ServiceKey, u32)],
-        existing_upstreams: &[(SocketAddrV4, u32)],
+        existing_upstreams: &[(SocketAddr, u32)],
     ) {
         self.retired_services
             .extend(existing_services.iter().copied());
@@ -396,7 +397,7 @@ impl Controller {
 
     /// Record a health check result. Returns true when the upstream changed state (the tables
     /// need a reconcile).
-    pub fn on_health(&mut self, service: &str, addr: SocketAddrV4, result: &ProbeResult) -> bool {
+    pub fn on_health(&mut self, service: &str, addr: SocketAddr, result: &ProbeResult) -> bool {
         let Some((cfg, mode)) = self
             .config
             .services
@@ -514,10 +515,10 @@ impl Controller {
 
     /// Replace the config (a reload already validated, restart-only keys already kept). DNS
     /// answers of names still used and health of targets whose check is unchanged carry over.
-    pub fn set_config(&mut self, config: Config, snat: Ipv4Addr) {
+    pub fn set_config(&mut self, config: Config, snat: impl Into<SnatAddrs>) {
         let old_checks = self.health_targets();
         self.config = config;
-        self.snat = snat;
+        self.snat = snat.into();
         let names = self.dns_names();
         self.resolved.retain(|n, _| names.contains(n));
         self.prune_health(&old_checks);
@@ -663,7 +664,7 @@ mod tests;
 pub enum Event {
     Health {
         service: String,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         result: ProbeResult,
     },
     Dns {

@@ -5,7 +5,7 @@
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -14,7 +14,7 @@ use std::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::{Config, ConfigError, DatapathMode, Ipv4Cidr, RuntimeFacts},
+    config::{Config, ConfigError, DatapathMode, IpCidr, RuntimeFacts, SnatAddrs},
     control::{self, Controller},
     datapath::{self, Bpffs, Datapath, DatapathError},
     flows::Lifetimes,
@@ -53,13 +53,13 @@ pub enum DaemonError {
         source: io::Error,
     },
     #[error(
-        "{}: nat.snat_ipv4 is not set and no route toward the first home CIDR {cidr} was found \
-         ({source}): add a route home or set nat.snat_ipv4",
+        "{}: nat.snat_ipv4 is not set and no route toward the first IPv4 home CIDR {cidr} was \
+         found ({source}): add a route home or set nat.snat_ipv4",
         file.display()
     )]
     SnatRoute {
         file: PathBuf,
-        cidr: Ipv4Cidr,
+        cidr: IpCidr,
         #[source]
         source: io::Error,
     },
@@ -98,21 +98,24 @@ impl From<DatapathError> for DaemonError {
     }
 }
 
-/// The source address the kernel picks toward `dst` (UDP connect: no packet is sent).
+/// The source address the kernel picks toward `dst` (UDP connect: no packet is sent), of
+/// `dst`'s family.
 ///
 /// # Errors
 /// No route, or a socket error.
-pub fn route_source(dst: Ipv4Addr) -> io::Result<Ipv4Addr> {
-    let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+pub fn route_source(dst: impl Into<IpAddr>) -> io::Result<IpAddr> {
+    let dst = dst.into();
+    let any: IpAddr = match dst {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind((any, 0))?;
     sock.connect((dst, 9))?;
-    match sock.local_addr()? {
-        std::net::SocketAddr::V4(a) => Ok(*a.ip()),
-        std::net::SocketAddr::V6(a) => Err(io::Error::other(format!("IPv6 source {a}"))),
-    }
+    Ok(sock.local_addr()?.ip())
 }
 
 /// Whether `addr` is assigned to this host (a bind to it succeeds).
-fn is_local(addr: Ipv4Addr) -> bool {
+fn is_local(addr: IpAddr) -> bool {
     UdpSocket::bind((addr, 0)).is_ok()
 }
 
@@ -128,33 +131,64 @@ pub fn monotonic_ns() -> io::Result<u64> {
     Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
-/// The rules that need the running system (ephemeral port range, the SNAT address from the
-/// route home); the SNAT address in effect. Run at start and for every reload.
-fn runtime_checks(config: &Config, opts: &RunOptions) -> Result<Ipv4Addr, DaemonError> {
+/// The rules that need the running system (ephemeral port range, the SNAT addresses from the
+/// routes home); the SNAT addresses in effect. Run at start and for every reload.
+///
+/// IPv4: `nat.snat_ipv4`, else the source of the route toward the first IPv4 home CIDR (no
+/// route: an error). IPv6 mirrors it with `nat.snat_ipv6` and the first IPv6 home CIDR, except
+/// that a missing route is an error only when an l4 service listens on IPv6 (reported by
+/// `validate_runtime`, naming the service).
+fn runtime_checks(config: &Config, opts: &RunOptions) -> Result<SnatAddrs, DaemonError> {
     let ephemeral = sysctl::ephemeral_port_range(&opts.proc_sys).map_err(|source| {
         DaemonError::EphemeralRange {
             path: opts.proc_sys.clone(),
             source,
         }
     })?;
-    let snat = match config.nat.snat_ipv4 {
-        Some(a) => a,
-        None => {
-            // Validation guarantees at least one home CIDR.
-            let cidr = config.nat.home_cidrs[0];
-            let a =
-                route_source(cidr.probe_address()).map_err(|source| DaemonError::SnatRoute {
-                    file: config.source.clone(),
-                    cidr,
-                    source,
-                })?;
+    let v4 = match (config.nat.snat_ipv4, config.nat.first_home_cidr(false)) {
+        (Some(a), _) => Some(a),
+        (None, None) => None,
+        (None, Some(cidr)) => {
+            let a = match route_source(cidr.probe_address()) {
+                Ok(IpAddr::V4(a)) => a,
+                Ok(IpAddr::V6(a)) => {
+                    return Err(DaemonError::SnatRoute {
+                        file: config.source.clone(),
+                        cidr,
+                        source: io::Error::other(format!("IPv6 source {a}")),
+                    });
+                }
+                Err(source) => {
+                    return Err(DaemonError::SnatRoute {
+                        file: config.source.clone(),
+                        cidr,
+                        source,
+                    });
+                }
+            };
             tracing::info!(snat = %a, home = %cidr, "nat.snat_ipv4 not set: using the source address of the route home");
-            a
+            Some(a)
         }
     };
+    let v6 = match (config.nat.snat_ipv6, config.nat.first_home_cidr(true)) {
+        (Some(a), _) => Some(a),
+        (None, None) => None,
+        (None, Some(cidr)) => match route_source(cidr.probe_address()) {
+            Ok(IpAddr::V6(a)) => {
+                tracing::info!(snat = %a, home = %cidr, "nat.snat_ipv6 not set: using the source address of the IPv6 route home");
+                Some(a)
+            }
+            Ok(IpAddr::V4(_)) => None,
+            Err(e) => {
+                tracing::warn!(home = %cidr, error = %e, "nat.snat_ipv6 not set and no IPv6 route home: no IPv6 SNAT address (IPv6 l4 services need one)");
+                None
+            }
+        },
+    };
+    let snat = SnatAddrs { v4, v6 };
     config.validate_runtime(RuntimeFacts {
         ephemeral_ports: ephemeral,
-        snat_ipv4: snat,
+        snat,
     })?;
     Ok(snat)
 }
@@ -162,15 +196,20 @@ fn runtime_checks(config: &Config, opts: &RunOptions) -> Result<Ipv4Addr, Daemon
 /// Everything `run` decides from the config and the system before it changes anything.
 struct Prepared {
     config: Config,
-    snat: Ipv4Addr,
+    snat: SnatAddrs,
     ifindexes: Vec<u32>,
 }
 
 fn prepare(config_path: &Path, opts: &RunOptions) -> Result<Prepared, DaemonError> {
     let config = Config::load(config_path)?;
     let snat = runtime_checks(&config, opts)?;
-    if !is_local(snat) {
-        tracing::warn!(%snat, "the SNAT address is not assigned to this host: replies to it will not reach the proxy unless routed here");
+    for a in [snat.v4.map(IpAddr::V4), snat.v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+    {
+        if !is_local(a) {
+            tracing::warn!(snat = %a, "the SNAT address is not assigned to this host: replies to it will not reach the proxy unless routed here");
+        }
     }
     let mut ifindexes = Vec::new();
     if config.datapath.mode != DatapathMode::Userspace {
@@ -227,7 +266,7 @@ fn start_datapath(
         .into_iter()
         .map(|(k, v)| (k, v.id))
         .collect();
-    let existing_upstreams: Vec<(SocketAddrV4, u32)> = dp
+    let existing_upstreams: Vec<(SocketAddr, u32)> = dp
         .maps
         .upstream_slots()?
         .into_iter()
@@ -644,9 +683,9 @@ mod tests {
     fn route_source_of_loopback() {
         assert_eq!(
             route_source(Ipv4Addr::LOCALHOST).unwrap(),
-            Ipv4Addr::LOCALHOST
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
         );
-        assert!(is_local(Ipv4Addr::LOCALHOST));
+        assert!(is_local(Ipv4Addr::LOCALHOST.into()));
     }
 
     #[test]

@@ -27,12 +27,11 @@ use nix::{
     sys::statfs::{BPF_FS_MAGIC, statfs},
 };
 use proxy_common::{
-    ABI_VERSION, ACL_HIT, ACL_PREFIX_BASE, AclKey, FAMILY_IPV4, FlowKey, FlowValue, MAGLEV_SIZE,
-    MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV,
-    MAP_RATE, MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES,
-    MAP_UPSTREAM_STATS, MAP_UPSTREAMS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_NAME,
-    Reason, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE,
-    UpstreamValue, addr_v4,
+    ABI_VERSION, ACL_HIT, ACL_PREFIX_BASE, AclKey, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW,
+    MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE,
+    MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
+    MAP_UPSTREAMS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_NAME, Reason, ServiceKey,
+    ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue,
 };
 
 use crate::{
@@ -1495,24 +1494,20 @@ impl Maps {
         let mut allow = HashSet::new();
         let mut deny = HashSet::new();
         for (_, s) in config.l4_services() {
-            let key = ServiceKey {
-                addr: addr_v4(s.listen.ip().octets()),
-                port: s.listen.port().to_be_bytes(),
-                proto: s.protocol.number(),
-                family: FAMILY_IPV4,
-            };
+            let key = crate::plan::service_key(s.listen, s.protocol);
             let Some(&id) = ids.get(&key) else { continue };
             let Some(slot) = opts.get_mut(id as usize) else {
                 continue;
             };
             *slot = s.fast.options();
-            let acl_key = |c: &crate::config::Ipv4Cidr| {
+            let acl_key = |c: &crate::config::IpCidr| {
+                let (addr, family) = crate::plan::map_addr(c.network);
                 (
                     ACL_PREFIX_BASE + u32::from(c.prefix_len),
                     AclKey {
                         service_id: id.to_be_bytes(),
-                        family: FAMILY_IPV4,
-                        addr: addr_v4(c.network.octets()),
+                        family,
+                        addr,
                         _pad: [0; 3],
                     },
                 )

@@ -8,7 +8,7 @@
 //!   an unhealthy one healthy again; a result agreeing with the current state resets the count;
 //! - checks also keep every upstream's next hop resolved (docs/datapath.md step 9).
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -95,7 +95,7 @@ impl Health {
 }
 
 /// One check of `upstream` per `cfg` (`HealthKind::None` always succeeds).
-pub async fn probe(upstream: SocketAddrV4, cfg: &HealthConfig) -> ProbeResult {
+pub async fn probe(upstream: SocketAddr, cfg: &HealthConfig) -> ProbeResult {
     let attempt = async {
         match cfg.kind {
             HealthKind::None => Ok(()),
@@ -116,7 +116,7 @@ pub async fn probe(upstream: SocketAddrV4, cfg: &HealthConfig) -> ProbeResult {
 /// Most bytes of a response read to find its status line.
 const MAX_STATUS_LINE: usize = 1024;
 
-async fn http_check(upstream: SocketAddrV4, path: &str, expect: u16) -> Result<(), String> {
+async fn http_check(upstream: SocketAddr, path: &str, expect: u16) -> Result<(), String> {
     let mut s = TcpStream::connect(upstream)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -225,11 +225,19 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn probes_on_loopback() {
+        probes_on("127.0.0.1:0").await;
+    }
+
+    /// The same checks reach an IPv6 upstream (the Host header is `[addr]:port`).
+    #[tokio::test(flavor = "current_thread")]
+    async fn probes_on_ipv6_loopback() {
+        probes_on("[::1]:0").await;
+    }
+
+    async fn probes_on(bind: &str) {
         use tokio::net::TcpListener;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let std::net::SocketAddr::V4(addr) = listener.local_addr().unwrap() else {
-            panic!("v4 expected")
-        };
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let tcp = HealthConfig {
             timeout: Duration::from_secs(1),
             ..HealthConfig::default()
@@ -242,7 +250,9 @@ mod tests {
             for status in ["503 Busy", "200 OK"] {
                 let (mut s, _) = listener.accept().await.unwrap();
                 let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf).await.unwrap();
+                let n = s.read(&mut buf).await.unwrap();
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                assert!(req.contains(&format!("Host: {addr}\r\n")), "{req}");
                 let resp = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
                 s.write_all(resp.as_bytes()).await.unwrap();
             }

@@ -12,7 +12,7 @@
 //! slot counts exactly proportional to weights (within one slot), and a change of the set moves
 //! few slots besides those of the upstream that left or came.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use proxy_common::{MAGLEV_SIZE, addr_v4, hash};
 
@@ -123,34 +123,38 @@ fn hash_identity(s: &str, basis: u64) -> u64 {
     h ^ (h >> 31)
 }
 
-/// The Maglev slot the datapath picks for a new IPv4 flow (client -> service), exactly as
-/// docs/datapath.md step 7 computes it.
+/// The Maglev slot the datapath picks for a new flow (client -> service), exactly as
+/// docs/datapath.md step 7 computes it (addresses as `Addr`: IPv4 in the first 4 bytes, IPv6 in
+/// all 16).
 #[must_use]
 pub fn flow_slot(
-    client: Ipv4Addr,
+    client: impl Into<IpAddr>,
     client_port: u16,
-    service: Ipv4Addr,
+    service: impl Into<IpAddr>,
     service_port: u16,
     proto: u8,
 ) -> u32 {
+    let addr = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => addr_v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    };
     hash::flow_hash(
         hash::SEED_MAGLEV,
-        &addr_v4(client.octets()),
-        &addr_v4(service.octets()),
+        &addr(client.into()),
+        &addr(service.into()),
         client_port.to_be_bytes(),
         service_port.to_be_bytes(),
         proto,
     ) % MAGLEV_SIZE
 }
 
-/// Which upstream id the datapath picks for a new IPv4 flow, given the service's table
-/// (0 = none).
+/// Which upstream id the datapath picks for a new flow, given the service's table (0 = none).
 #[must_use]
 pub fn upstream_for_flow(
     table: &[u32],
-    client: Ipv4Addr,
+    client: impl Into<IpAddr>,
     client_port: u16,
-    service: Ipv4Addr,
+    service: impl Into<IpAddr>,
     service_port: u16,
     proto: u8,
 ) -> u32 {
@@ -285,8 +289,8 @@ mod tests {
 
     #[test]
     fn flow_helper_uses_the_datapath_hash() {
-        let client = Ipv4Addr::new(10, 0, 0, 1);
-        let svc = Ipv4Addr::new(10, 10, 1, 1);
+        let client = std::net::Ipv4Addr::new(10, 0, 0, 1);
+        let svc = std::net::Ipv4Addr::new(10, 10, 1, 1);
         let h = hash::flow_hash(
             hash::SEED_MAGLEV,
             &addr_v4(client.octets()),

@@ -43,7 +43,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
-    net::SocketAddrV4,
+    net::SocketAddr,
 };
 
 use serde::Serialize;
@@ -433,7 +433,7 @@ fn render_services(o: &mut String, s: &Snapshot) {
 
 fn render_upstreams(o: &mut String, s: &Snapshot) {
     // Upstream ids are per address: one series per id, labelled with its address.
-    let mut by_id: BTreeMap<u32, SocketAddrV4> = BTreeMap::new();
+    let mut by_id: BTreeMap<u32, SocketAddr> = BTreeMap::new();
     for svc in &s.status.services {
         for u in &svc.upstreams {
             if let (Some(id), Some(addr)) = (u.id, u.resolved) {

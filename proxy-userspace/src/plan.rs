@@ -8,24 +8,45 @@
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use proxy_common::{
-    CONFIG_F_READY, FAMILY_IPV4, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, SERVICE_F_HAS_UPSTREAMS,
-    ServiceKey, ServiceValue, UPSTREAM_F_ACTIVE, UpstreamValue, addr_v4,
+    Addr, CONFIG_F_READY, FAMILY_IPV4, FAMILY_IPV6, MAX_SERVICES, MAX_UPSTREAMS, NatConfig,
+    SERVICE_F_HAS_UPSTREAMS, ServiceKey, ServiceValue, UPSTREAM_F_ACTIVE, UpstreamValue, addr_v4,
 };
 
 use crate::{
-    config::{Config, NatSettings, Protocol},
+    config::{Config, NatSettings, Protocol, SnatAddrs},
     maglev,
 };
+
+/// An address as map keys and values store it: the `Addr` bytes and the family
+/// (`FAMILY_IPV4`: the first 4 bytes, the rest zero; `FAMILY_IPV6`: all 16 bytes).
+#[must_use]
+pub fn map_addr(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(a) => (addr_v4(a.octets()), FAMILY_IPV4),
+        IpAddr::V6(a) => (a.octets(), FAMILY_IPV6),
+    }
+}
+
+/// The address of a map key or value's `Addr` and family (anything but `FAMILY_IPV6` is read
+/// as IPv4, as the datapath does).
+#[must_use]
+pub fn ip_of(addr: &Addr, family: u8) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(proxy_common::addr_v4_octets(addr)))
+    }
+}
 
 /// One L4 service as it goes into `XP_SERVICES` and `XP_MAGLEV`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PlannedService {
     pub name: String,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     pub key: ServiceKey,
     pub value: ServiceValue,
@@ -39,7 +60,7 @@ pub struct Plan {
     /// `XP_CONFIG[0]`, with `CONFIG_F_READY`.
     pub nat: NatConfig,
     /// Active upstream slots: id -> address.
-    pub upstreams: Vec<(u32, SocketAddrV4)>,
+    pub upstreams: Vec<(u32, SocketAddr)>,
     pub services: Vec<PlannedService>,
 }
 
@@ -51,22 +72,24 @@ pub enum PlanError {
 
 /// The `XP_SERVICES` key of a service.
 #[must_use]
-pub fn service_key(listen: SocketAddrV4, protocol: Protocol) -> ServiceKey {
+pub fn service_key(listen: SocketAddr, protocol: Protocol) -> ServiceKey {
+    let (addr, family) = map_addr(listen.ip());
     ServiceKey {
-        addr: addr_v4(listen.ip().octets()),
+        addr,
         port: listen.port().to_be_bytes(),
         proto: protocol.number(),
-        family: FAMILY_IPV4,
+        family,
     }
 }
 
 /// The `XP_UPSTREAMS` value of an active upstream.
 #[must_use]
-pub fn upstream_value(addr: SocketAddrV4) -> UpstreamValue {
+pub fn upstream_value(addr: SocketAddr) -> UpstreamValue {
+    let (bytes, family) = map_addr(addr.ip());
     UpstreamValue {
-        addr: addr_v4(addr.ip().octets()),
+        addr: bytes,
         port: addr.port().to_be_bytes(),
-        family: FAMILY_IPV4,
+        family,
         _pad0: 0,
         flags: UPSTREAM_F_ACTIVE,
     }
@@ -74,11 +97,8 @@ pub fn upstream_value(addr: SocketAddrV4) -> UpstreamValue {
 
 /// The address of an `XP_UPSTREAMS` value.
 #[must_use]
-pub fn upstream_addr(v: &UpstreamValue) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(proxy_common::addr_v4_octets(&v.addr)),
-        u16::from_be_bytes(v.port),
-    )
+pub fn upstream_addr(v: &UpstreamValue) -> SocketAddr {
+    SocketAddr::new(ip_of(&v.addr, v.family), u16::from_be_bytes(v.port))
 }
 
 /// Assign ids in `1..max` to `desired` keys (in order), keeping the id of every key found in
@@ -101,9 +121,9 @@ pub fn assign_ids<K: Eq + Hash + Clone>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
     pub name: String,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     pub protocol: Protocol,
-    pub upstreams: Vec<(SocketAddrV4, u32)>,
+    pub upstreams: Vec<(SocketAddr, u32)>,
 }
 
 /// The desired services of `config` when every upstream is a healthy static address (names are
@@ -131,13 +151,13 @@ pub fn static_services(config: &Config) -> Vec<DesiredService> {
 /// [`PlanError`] when ids run out.
 pub fn build(
     config: &Config,
-    snat: Ipv4Addr,
+    snat: impl Into<SnatAddrs>,
     existing_services: &[(ServiceKey, u32)],
-    existing_upstreams: &[(SocketAddrV4, u32)],
+    existing_upstreams: &[(SocketAddr, u32)],
 ) -> Result<Plan, PlanError> {
     build_desired(
         &config.nat,
-        snat,
+        snat.into(),
         &static_services(config),
         existing_services,
         existing_upstreams,
@@ -153,7 +173,8 @@ pub struct Reserved {
     pub upstreams: HashSet<u32>,
 }
 
-/// Compute the plan for `services` with the SNAT address in effect, reusing the ids found in
+/// Compute the plan for `services` with the SNAT addresses in effect (a family without one gets
+/// an all-zero address: the datapath creates no flow of that family), reusing the ids found in
 /// the maps (`existing_services`: key -> id; `existing_upstreams`: address -> id) and never
 /// giving a new entry a `reserved` id while another id is free.
 ///
@@ -161,14 +182,14 @@ pub struct Reserved {
 /// [`PlanError`] when ids run out.
 pub fn build_desired(
     nat: &NatSettings,
-    snat: Ipv4Addr,
+    snat: SnatAddrs,
     services: &[DesiredService],
     existing_services: &[(ServiceKey, u32)],
-    existing_upstreams: &[(SocketAddrV4, u32)],
+    existing_upstreams: &[(SocketAddr, u32)],
     reserved: &Reserved,
 ) -> Result<Plan, PlanError> {
     // Distinct upstreams, in order of first appearance.
-    let mut ups: Vec<SocketAddrV4> = Vec::new();
+    let mut ups: Vec<SocketAddr> = Vec::new();
     for s in services {
         for (u, _) in &s.upstreams {
             if !ups.contains(u) {
@@ -183,8 +204,7 @@ pub fn build_desired(
         "upstream",
         &reserved.upstreams,
     )?;
-    let up_id: HashMap<SocketAddrV4, u32> =
-        ups.iter().copied().zip(up_ids.iter().copied()).collect();
+    let up_id: HashMap<SocketAddr, u32> = ups.iter().copied().zip(up_ids.iter().copied()).collect();
 
     let keys: Vec<ServiceKey> = services
         .iter()
@@ -231,11 +251,11 @@ pub fn build_desired(
 
     Ok(Plan {
         nat: NatConfig {
-            snat_v4: addr_v4(snat.octets()),
+            snat_v4: snat.v4.map_or([0; 16], |a| addr_v4(a.octets())),
             port_min: nat.port_min,
             port_max: nat.port_max,
             flags: CONFIG_F_READY,
-            snat_v6: [0; 16],
+            snat_v6: snat.v6.map_or([0; 16], |a| a.octets()),
         },
         upstreams: ups.into_iter().zip(up_ids).map(|(a, id)| (id, a)).collect(),
         services,
@@ -286,7 +306,7 @@ pub enum MapOp {
     /// Write an upstream slot; `fresh`: a new occupant (its counters start from zero).
     SetUpstream {
         id: u32,
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         fresh: bool,
     },
     /// Mark an upstream slot inactive.
@@ -502,7 +522,7 @@ mod tests {
 
     #[test]
     fn upstream_value_round_trip() {
-        let a: SocketAddrV4 = "10.20.1.2:8080".parse().unwrap();
+        let a: SocketAddr = "10.20.1.2:8080".parse().unwrap();
         let v = upstream_value(a);
         assert_eq!(v.port, [0x1f, 0x90]);
         assert_eq!(upstream_addr(&v), a);
@@ -547,6 +567,102 @@ mod tests {
         assert!(ops.iter().any(
             |o| matches!(o, MapOp::SetMaglev { slots, .. } if slots.iter().all(|(_, u)| *u == 0))
         ));
+    }
+
+    #[test]
+    fn dual_stack_plan_writes_family_6_keys_values_and_snat_v6() {
+        let text = include_str!("../tests/fixtures/valid_dualstack.toml");
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        let v6: Ipv6Addr = "fd00:20::1".parse().unwrap();
+        let snat = SnatAddrs {
+            v4: Some(Ipv4Addr::new(10, 20, 0, 1)),
+            v6: Some(v6),
+        };
+        let p = build(&c, snat, &[], &[]).unwrap();
+        assert_eq!(p.nat.snat_v4, addr_v4([10, 20, 0, 1]));
+        assert_eq!(p.nat.snat_v6, v6.octets());
+        // web4, web6, dns6 (the http service gets no XDP entry).
+        assert_eq!(p.services.len(), 3);
+        let web4 = &p.services[0];
+        assert_eq!(web4.key.family, FAMILY_IPV4);
+        assert_eq!(web4.key.addr, addr_v4([10, 10, 1, 1]));
+        let web6 = &p.services[1];
+        let listen: Ipv6Addr = "fd00:10::1".parse().unwrap();
+        assert_eq!(
+            web6.key,
+            ServiceKey {
+                addr: listen.octets(),
+                port: [0, 80],
+                proto: 6,
+                family: FAMILY_IPV6,
+            }
+        );
+        assert_eq!(p.services[2].key.family, FAMILY_IPV6);
+        assert_eq!(p.services[2].key.proto, 17);
+        // Upstream slots carry their family; a family-6 table only points at family-6 slots.
+        let fam: HashMap<u32, u8> = p
+            .upstreams
+            .iter()
+            .map(|(id, a)| (*id, upstream_value(*a).family))
+            .collect();
+        assert_eq!(fam.values().filter(|f| **f == FAMILY_IPV6).count(), 3);
+        for s in &p.services {
+            assert!(
+                s.table.iter().all(|id| fam[id] == s.key.family),
+                "{}",
+                s.name
+            );
+        }
+        // Weights reach the table: [fd00:20::3]:80 has weight 2 against 1.
+        let id3 = p
+            .upstreams
+            .iter()
+            .find(|(_, a)| *a == "[fd00:20::3]:80".parse::<SocketAddr>().unwrap())
+            .unwrap()
+            .0;
+        let share = web6.table.iter().filter(|id| **id == id3).count();
+        assert!(share * 3 > MAGLEV_SIZE as usize * 3 / 2, "{share}");
+        // Restart: an IPv6 service key and upstream found in the maps keep their ids.
+        let p2 = build(
+            &c,
+            snat,
+            &[(web6.key, 9)],
+            &[("[fd00:20::2]:80".parse().unwrap(), 33)],
+        )
+        .unwrap();
+        assert_eq!(p2.services[1].value.id, 9);
+        assert!(
+            p2.upstreams
+                .contains(&(33, "[fd00:20::2]:80".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn no_address_of_a_family_is_written_as_zeros() {
+        let c = Config::parse(TEXT, Path::new("t.toml")).unwrap();
+        let p = build(&c, SnatAddrs::default(), &[], &[]).unwrap();
+        assert_eq!(p.nat.snat_v4, [0; 16]);
+        assert_eq!(p.nat.snat_v6, [0; 16]);
+        let p = build(&c, Ipv4Addr::new(10, 20, 1, 1), &[], &[]).unwrap();
+        assert_eq!(p.nat.snat_v6, [0; 16]);
+    }
+
+    #[test]
+    fn ipv6_map_addresses_round_trip() {
+        let a: SocketAddr = "[fd00:20::2]:8080".parse().unwrap();
+        let v = upstream_value(a);
+        assert_eq!(v.family, FAMILY_IPV6);
+        assert_eq!(v.addr[..2], [0xfd, 0x00]);
+        assert_eq!(v.port, [0x1f, 0x90]);
+        assert_eq!(upstream_addr(&v), a);
+        let (addr, family) = map_addr("10.1.2.3".parse().unwrap());
+        assert_eq!((addr, family), (addr_v4([10, 1, 2, 3]), FAMILY_IPV4));
+        assert_eq!(ip_of(&addr, family).to_string(), "10.1.2.3");
+        let k = service_key("[fd00:10::1]:443".parse().unwrap(), Protocol::Tcp);
+        assert_eq!(
+            crate::inspect::report::service_listen(&k),
+            "[fd00:10::1]:443"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! and health. The control loop is the only writer; readers take the read lock briefly.
 
 use std::{
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{Arc, RwLock},
 };
 
@@ -40,7 +40,7 @@ pub struct Status {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceStatus {
     pub name: String,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     /// `tcp` or `udp`.
     pub protocol: String,
     /// `l4` or `http`.
@@ -59,7 +59,7 @@ pub struct UpstreamStatus {
     /// As written in the config (`name:port` or `a.b.c.d:port`).
     pub address: String,
     /// The address in use.
-    pub resolved: Option<SocketAddrV4>,
+    pub resolved: Option<SocketAddr>,
     /// Datapath upstream id (slot).
     pub id: Option<u32>,
     pub weight: u32,

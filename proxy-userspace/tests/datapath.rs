@@ -48,7 +48,7 @@ fn fixture_config() -> Config {
 /// Ids found in the maps: service key -> id, upstream address -> id.
 type ExistingIds = (
     Vec<(proxy_common::ServiceKey, u32)>,
-    Vec<(std::net::SocketAddrV4, u32)>,
+    Vec<(std::net::SocketAddr, u32)>,
 );
 
 fn existing(maps: &Maps) -> ExistingIds {
@@ -99,7 +99,7 @@ fn load_fill_read_reopen_reload() {
             assert_eq!(table.len(), MAGLEV_SIZE as usize);
             assert_eq!(table, p.table);
         }
-        let slots: Vec<(u32, std::net::SocketAddrV4)> = maps
+        let slots: Vec<(u32, std::net::SocketAddr)> = maps
             .upstream_slots()
             .unwrap()
             .iter()

@@ -935,7 +935,11 @@ fn parse_never_panics(text: &str) -> Result<bool, TestCaseError> {
         xdp_proxy::config::Config::parse(text, path).map(|c| {
             let facts = xdp_proxy::config::RuntimeFacts {
                 ephemeral_ports: (32768, 60999),
-                snat_ipv4: c.nat.snat_ipv4.unwrap_or(Ipv4Addr::new(10, 20, 1, 1)),
+                snat: c
+                    .nat
+                    .snat_ipv4
+                    .unwrap_or(Ipv4Addr::new(10, 20, 1, 1))
+                    .into(),
             };
             // Display every error too: rendering must not panic either.
             c.validate_runtime(facts).map_err(|e| e.to_string())

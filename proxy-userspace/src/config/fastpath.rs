@@ -4,7 +4,7 @@
 
 use proxy_common::{MAX_ACL_ENTRIES, SVC_OPT_F_ALLOW_LIST, ServiceOptions};
 
-use super::{Ipv4Cidr, Problem, Protocol, ServiceMode};
+use super::{IpCidr, Problem, Protocol, ServiceMode};
 
 /// Smallest MSS a clamp may set (Linux refuses to go below 88 bytes of MSS).
 pub const MIN_MSS_CLAMP: u16 = 88;
@@ -15,9 +15,9 @@ pub struct ServiceFastPath {
     /// Largest MSS option of a SYN / SYN-ACK (TCP services); 0: no clamping.
     pub mss_clamp: u16,
     /// Client prefixes allowed to open flows; empty: every client not denied.
-    pub allow: Vec<Ipv4Cidr>,
+    pub allow: Vec<IpCidr>,
     /// Client prefixes never allowed to open flows (wins over `allow`).
-    pub deny: Vec<Ipv4Cidr>,
+    pub deny: Vec<IpCidr>,
     /// New flows per second per client address; 0: no limit.
     pub new_flow_rate: u32,
     /// Token bucket depth (default: one second's worth, `new_flow_rate`).
@@ -52,11 +52,13 @@ pub struct RawFastPath {
     pub new_flow_burst: Option<i64>,
 }
 
-/// Validate service `i`'s fast-path keys.
+/// Validate service `i`'s fast-path keys (`listen_v6`: the service listens on IPv6, so its
+/// clients, and the prefixes of its `allow` and `deny` lists, are IPv6).
 pub fn convert(
     i: usize,
     mode: ServiceMode,
     protocol: Protocol,
+    listen_v6: bool,
     raw: RawFastPath,
     problems: &mut Vec<Problem>,
 ) -> ServiceFastPath {
@@ -96,10 +98,19 @@ pub fn convert(
     let cidrs = |list: &[String], name: &str, problems: &mut Vec<Problem>| {
         let mut out = Vec::new();
         for (j, s) in list.iter().enumerate() {
-            match s.parse::<Ipv4Cidr>() {
+            match s.parse::<IpCidr>() {
                 Ok(c) if out.contains(&c) => problems.push(Problem::new(
                     format!("service[{i}].{name}[{j}]"),
                     format!("{c} is listed twice"),
+                )),
+                Ok(c) if c.is_ipv6() != listen_v6 => problems.push(Problem::new(
+                    format!("service[{i}].{name}[{j}]"),
+                    format!(
+                        "{c} never matches a client: the service listens on {}, so its clients \
+                         are {} (one service per family)",
+                        if listen_v6 { "IPv6" } else { "IPv4" },
+                        if listen_v6 { "IPv6" } else { "IPv4" },
+                    ),
                 )),
                 Ok(c) => out.push(c),
                 Err(m) => problems.push(Problem::new(format!("service[{i}].{name}[{j}]"), m)),
@@ -167,7 +178,7 @@ mod tests {
 
     fn conv(raw: RawFastPath, protocol: Protocol) -> (ServiceFastPath, Vec<Problem>) {
         let mut problems = Vec::new();
-        let f = convert(0, ServiceMode::L4, protocol, raw, &mut problems);
+        let f = convert(0, ServiceMode::L4, protocol, false, raw, &mut problems);
         (f, problems)
     }
 

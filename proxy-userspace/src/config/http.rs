@@ -21,11 +21,11 @@
 //!
 //! Routes are tried in config order; the first whose host and path prefix match wins.
 
-use std::{net::SocketAddrV4, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
-use super::{NatSettings, Problem, ServiceMode, parse_duration, parse_v4_endpoint};
+use super::{NatSettings, Problem, ServiceMode, parse_duration, parse_endpoint};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,7 +90,7 @@ pub fn strip_port(host: &str) -> &str {
 pub struct Route {
     pub host: HostMatch,
     pub path_prefix: String,
-    pub upstreams: Vec<SocketAddrV4>,
+    pub upstreams: Vec<SocketAddr>,
 }
 
 impl Route {
@@ -129,8 +129,8 @@ impl HttpConfig {
         &'a self,
         host: Option<&str>,
         path: &str,
-        default: &'a [SocketAddrV4],
-    ) -> (Option<usize>, &'a [SocketAddrV4]) {
+        default: &'a [SocketAddr],
+    ) -> (Option<usize>, &'a [SocketAddr]) {
         self.routes
             .iter()
             .position(|r| r.matches(host, path))
@@ -261,8 +261,8 @@ pub(super) fn convert(
         let mut upstreams = Vec::new();
         for (k, u) in r.upstreams.iter().enumerate() {
             let ukey = format!("service[{i}].route[{j}].upstreams[{k}]");
-            match parse_v4_endpoint(u, "upstream") {
-                Ok(sa) if nat.home_cidr_of(*sa.ip()).is_none() && !nat.home_cidrs.is_empty() => {
+            match parse_endpoint(u, "upstream") {
+                Ok(sa) if nat.home_cidr_of(sa.ip()).is_none() && !nat.home_cidrs.is_empty() => {
                     problems.push(Problem::new(
                         ukey,
                         format!("{sa} is outside every home CIDR: the proxy only forwards to home addresses"),

@@ -27,7 +27,7 @@ fn has(problems: &[Problem], key: &str, needle: &str) -> bool {
         .any(|p| p.key == key && p.message.contains(needle))
 }
 
-fn sa(s: &str) -> SocketAddrV4 {
+fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
@@ -138,7 +138,7 @@ fn every_problem_of_a_file_is_reported_with_its_key() {
         ),
         (
             "service[1].upstreams[0]",
-            "neither an IPv4 address nor a DNS name",
+            "neither an IP address nor a DNS name",
         ),
         ("service[1].upstreams[1]", "port 0"),
     ];
@@ -290,8 +290,11 @@ fn bad_interface_names_and_ipv6_listen() {
         has(&p, "datapath.interfaces[1]", "longer than 15"),
         "{p:#?}"
     );
+    // An IPv6 listen address is fine; its (absent) upstreams raise nothing.
+    assert!(!p.iter().any(|p| p.key == "service[0].listen"), "{p:#?}");
+    let p = problems(&text.replace("[::1]:80", "::1:80"));
     assert!(
-        has(&p, "service[0].listen", "IPv6 is not supported yet"),
+        has(&p, "service[0].listen", "IPv6 address without brackets"),
         "{p:#?}"
     );
 }
@@ -299,11 +302,11 @@ fn bad_interface_names_and_ipv6_listen() {
 #[test]
 fn cidr_parsing_and_containment() {
     let c: Ipv4Cidr = "10.20.0.0/16".parse().unwrap();
-    assert!(c.contains(Ipv4Addr::new(10, 20, 255, 1)));
-    assert!(!c.contains(Ipv4Addr::new(10, 21, 0, 1)));
+    assert!(c.contains(Ipv4Addr::new(10, 20, 255, 1).into()));
+    assert!(!c.contains(Ipv4Addr::new(10, 21, 0, 1).into()));
     assert_eq!(c.probe_address(), Ipv4Addr::new(10, 20, 0, 1));
     let all: Ipv4Cidr = "0.0.0.0/0".parse().unwrap();
-    assert!(all.contains(Ipv4Addr::new(192, 0, 2, 1)));
+    assert!(all.contains(Ipv4Addr::new(192, 0, 2, 1).into()));
     let host: Ipv4Cidr = "10.1.2.3/32".parse().unwrap();
     assert_eq!(host.probe_address(), Ipv4Addr::new(10, 1, 2, 3));
     assert!("10.0.0.0/33".parse::<Ipv4Cidr>().is_err());
@@ -323,13 +326,13 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
     // Linux default ephemeral range: no overlap with the default SNAT range.
     c.validate_runtime(RuntimeFacts {
         ephemeral_ports: (32768, 60999),
-        snat_ipv4: snat,
+        snat: snat.into(),
     })
     .unwrap();
     let err = c
         .validate_runtime(RuntimeFacts {
             ephemeral_ports: (20000, 60999),
-            snat_ipv4: snat,
+            snat: snat.into(),
         })
         .unwrap_err();
     let p = err.problems();
@@ -348,7 +351,7 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
     let wp = wide
         .validate_runtime(RuntimeFacts {
             ephemeral_ports: (32768, 60999),
-            snat_ipv4: snat,
+            snat: snat.into(),
         })
         .unwrap_err()
         .problems();
@@ -367,7 +370,7 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
     let p = c
         .validate_runtime(RuntimeFacts {
             ephemeral_ports: (32768, 60999),
-            snat_ipv4: snat,
+            snat: snat.into(),
         })
         .unwrap_err()
         .problems();
@@ -378,7 +381,7 @@ fn runtime_rules_ephemeral_overlap_and_default_snat() {
     let p = c
         .validate_runtime(RuntimeFacts {
             ephemeral_ports: (32768, 60999),
-            snat_ipv4: Ipv4Addr::LOCALHOST,
+            snat: Ipv4Addr::LOCALHOST.into(),
         })
         .unwrap_err()
         .problems();
@@ -448,11 +451,11 @@ fn upstream_tables_and_names() {
         ),
         (
             "service[0].upstreams[5]",
-            "neither an IPv4 address nor a DNS name",
+            "neither an IP address nor a DNS name",
         ),
         (
             "service[0].upstreams[6]",
-            "neither an IPv4 address nor a DNS name",
+            "neither an IP address nor a DNS name",
         ),
         ("service[0].upstreams[8]", "listed twice"),
         ("service[0].upstreams[9]", "not an address:port"),
@@ -619,4 +622,238 @@ fn example_config_in_docs_is_valid() {
     assert!(ups.iter().any(|u| u.weight > 1));
     assert!(c.services.iter().any(|s| s.health.kind == HealthKind::Http));
     assert!(c.dns.servers.is_some());
+}
+
+const VALID_DUALSTACK: &str = include_str!("../../tests/fixtures/valid_dualstack.toml");
+const INVALID_DUALSTACK: &str = include_str!("../../tests/fixtures/invalid_dualstack.toml");
+
+#[test]
+fn ipv6_cidrs_parse_contain_and_probe() {
+    let c: IpCidr = "fd00:20::/48".parse().unwrap();
+    assert!(c.is_ipv6());
+    assert!(c.contains("fd00:20:0:ffff::9".parse().unwrap()));
+    assert!(!c.contains("fd00:21::1".parse().unwrap()));
+    // Never across families: ::ffff:10.20.0.1 is not 10.20.0.1, and 10.x is not in ::/0.
+    assert!(!c.contains(Ipv4Addr::new(10, 20, 0, 1).into()));
+    let all6: IpCidr = "::/0".parse().unwrap();
+    assert!(!all6.contains(Ipv4Addr::new(10, 20, 0, 1).into()));
+    assert!(all6.contains("2001:db8::1".parse().unwrap()));
+    assert_eq!(c.probe_address(), "fd00:20::1".parse::<IpAddr>().unwrap());
+    let host: IpCidr = "fd00:20::7/128".parse().unwrap();
+    assert_eq!(
+        host.probe_address(),
+        "fd00:20::7".parse::<IpAddr>().unwrap()
+    );
+    assert!(
+        "fd00::/129"
+            .parse::<IpCidr>()
+            .unwrap_err()
+            .contains("0..=128")
+    );
+    assert!(
+        "fd00:20::1/48"
+            .parse::<IpCidr>()
+            .unwrap_err()
+            .contains("did you mean fd00:20::/48")
+    );
+    assert_eq!(c.to_string(), "fd00:20::/48");
+}
+
+#[test]
+fn dual_stack_config_parses() {
+    let c = parse(VALID_DUALSTACK).unwrap();
+    assert_eq!(c.nat.snat_ipv4, Some(Ipv4Addr::new(10, 20, 0, 1)));
+    assert_eq!(c.nat.snat_ipv6, Some("fd00:20::1".parse().unwrap()));
+    assert_eq!(c.nat.home_cidrs.len(), 2);
+    assert_eq!(
+        c.nat
+            .first_home_cidr(true)
+            .map(|h| h.to_string())
+            .as_deref(),
+        Some("fd00:20::/48")
+    );
+    assert_eq!(
+        c.nat
+            .first_home_cidr(false)
+            .map(|h| h.to_string())
+            .as_deref(),
+        Some("10.20.0.0/16")
+    );
+    let web6 = &c.services[1];
+    assert_eq!(web6.listen, sa("[fd00:10::1]:80"));
+    assert_eq!(web6.listen.to_string(), "[fd00:10::1]:80");
+    assert_eq!(web6.upstreams[0].static_addr(), Some(sa("[fd00:20::2]:80")));
+    assert_eq!(web6.upstreams[1].weight, 2);
+    assert_eq!(web6.upstreams[1].to_string(), "[fd00:20::3]:80");
+    assert_eq!(web6.fast.allow[0].to_string(), "fd00:10::/64");
+    assert_eq!(web6.fast.deny[0].to_string(), "fd00:10::bad/128");
+    assert_eq!(c.services[2].protocol, Protocol::Udp);
+    // http: the daemon's own connections, either family.
+    let app6 = &c.services[3];
+    assert_eq!(app6.mode, ServiceMode::Http);
+    assert_eq!(app6.upstreams.len(), 2);
+    assert_eq!(c.l4_services().count(), 3);
+}
+
+#[test]
+fn dual_stack_problems_name_file_and_key() {
+    let err = parse(INVALID_DUALSTACK).unwrap_err();
+    let p = err.problems();
+    for (key, needle) in [
+        ("nat.snat_ipv6", "not an IPv6 address"),
+        ("nat.home_cidrs[1]", "did you mean fd00:20::/48"),
+        // An IPv4 upstream of an IPv6 l4 service: no NAT64.
+        ("service[0].upstreams[0]", "no NAT64"),
+        ("service[0].upstreams[0]", "10.20.1.2:80 is IPv4"),
+        ("service[0].upstreams[1]", "outside every home CIDR"),
+        (
+            "service[0].upstreams[2]",
+            "DNS upstreams of an IPv6 l4 service",
+        ),
+        ("service[0].allow[0]", "never matches a client"),
+        ("service[1].upstreams[0]", "listens on IPv4 10.10.1.1:80"),
+        ("service[1].upstreams[1]", "without brackets"),
+        ("service[1].deny[0]", "never matches a client"),
+    ] {
+        assert!(
+            has(&p, key, needle),
+            "no `{key}` problem with `{needle}` in {p:#?}"
+        );
+    }
+    assert_eq!(p.len(), 9, "{p:#?}");
+    // The rendered error names the file and each key.
+    let text = err.to_string();
+    assert!(
+        text.contains("fixture.toml: service[0].upstreams[0]: "),
+        "{text}"
+    );
+}
+
+fn facts(v4: Option<&str>, v6: Option<&str>) -> RuntimeFacts {
+    RuntimeFacts {
+        ephemeral_ports: (32768, 60999),
+        snat: SnatAddrs {
+            v4: v4.map(|a| a.parse().unwrap()),
+            v6: v6.map(|a| a.parse().unwrap()),
+        },
+    }
+}
+
+#[test]
+fn ipv6_runtime_rules() {
+    // No snat_ipv6 and no IPv6 route: every IPv6 l4 service is named; IPv4 ones and the http
+    // service are not.
+    let text = VALID_DUALSTACK.replace("snat_ipv6 = \"fd00:20::1\"\n", "");
+    let c = parse(&text).unwrap();
+    assert_eq!(c.nat.snat_ipv6, None);
+    let p = c
+        .validate_runtime(facts(Some("10.20.0.1"), None))
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(&p, "service[1].listen", "no IPv6 SNAT address"),
+        "{p:#?}"
+    );
+    assert!(
+        has(
+            &p,
+            "service[1].listen",
+            "no route toward the first IPv6 home CIDR fd00:20::/48"
+        ),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "service[2].listen", "no IPv6 SNAT address"),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    // With the address from the route home it passes.
+    c.validate_runtime(facts(Some("10.20.0.1"), Some("fd00:20::1")))
+        .unwrap();
+    // A route-derived IPv6 SNAT address that cannot be one.
+    let p = c
+        .validate_runtime(facts(Some("10.20.0.1"), Some("::1")))
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(
+            &p,
+            "nat.snat_ipv6 (from the route home)",
+            "cannot be a SNAT"
+        ),
+        "{p:#?}"
+    );
+    // No IPv6 home CIDR at all: said so.
+    let v6_only_listen = "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = \
+        [\"10.20.0.0/16\"]\n[[service]]\nname = \"w\"\nlisten = \"[fd00:10::1]:80\"\nupstreams = []\n";
+    let p = parse(v6_only_listen)
+        .unwrap()
+        .validate_runtime(facts(Some("10.20.0.1"), None))
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(&p, "service[0].listen", "there is no IPv6 home CIDR"),
+        "{p:#?}"
+    );
+    // An IPv6-only config needs no IPv4 SNAT address.
+    let v6_only = "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nhome_cidrs = \
+        [\"fd00:20::/48\"]\n[[service]]\nname = \"w\"\nlisten = \"[fd00:10::1]:80\"\n\
+        upstreams = [\"[fd00:20::2]:80\"]\n";
+    parse(v6_only)
+        .unwrap()
+        .validate_runtime(facts(None, Some("fd00:20::1")))
+        .unwrap();
+}
+
+#[test]
+fn ipv6_listen_on_the_snat_address_outside_the_port_range() {
+    // Configured snat_ipv6: checked at parse time.
+    let text = VALID_DUALSTACK.replace("\"[fd00:10::1]:80\"", "\"[fd00:20::1]:20000\"");
+    let p = problems(&text);
+    assert!(
+        has(&p, "service[1].listen", "inside nat.port_range"),
+        "{p:#?}"
+    );
+    // From the route home: checked at run time.
+    let text = VALID_DUALSTACK
+        .replace("snat_ipv6 = \"fd00:20::1\"\n", "")
+        .replace("\"[fd00:10::1]:80\"", "\"[fd00:20::1]:20000\"");
+    let c = parse(&text).unwrap();
+    let p = c
+        .validate_runtime(facts(Some("10.20.0.1"), Some("fd00:20::1")))
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(
+            &p,
+            "service[1].listen",
+            "[fd00:20::1]:20000 is on the SNAT address"
+        ),
+        "{p:#?}"
+    );
+}
+
+#[test]
+fn ephemeral_range_message_says_it_covers_ipv6() {
+    let c = parse(VALID_DUALSTACK).unwrap();
+    let mut f = facts(Some("10.20.0.1"), Some("fd00:20::1"));
+    f.ephemeral_ports = (25000, 60999);
+    let p = c.validate_runtime(f).unwrap_err().problems();
+    assert!(has(&p, "nat.port_range", "covers IPv6 too"), "{p:#?}");
+}
+
+#[test]
+fn snat_addrs_pick_the_family() {
+    let s = SnatAddrs {
+        v4: Some(Ipv4Addr::new(10, 20, 0, 1)),
+        v6: None,
+    };
+    let v6peer: IpAddr = "fd00:20::2".parse().unwrap();
+    assert_eq!(s.of_family(v6peer), None);
+    assert_eq!(s.source_for(v6peer), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+    assert_eq!(
+        s.source_for(Ipv4Addr::new(10, 20, 1, 2).into()),
+        IpAddr::V4(Ipv4Addr::new(10, 20, 0, 1))
+    );
+    assert_eq!(s.to_string(), "10.20.0.1");
 }

@@ -41,7 +41,7 @@ impl MapWriter for Recorder {
     }
 }
 
-fn sa(s: &str) -> SocketAddrV4 {
+fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
@@ -211,7 +211,7 @@ fn dns_answers_are_filtered_and_failures_keep_the_last_good_addresses() {
         !ctl.shadow()
             .upstreams
             .iter()
-            .any(|(_, a)| a.ip().octets()[0] == 192)
+            .any(|(_, a)| a.ip().to_string().starts_with("192."))
     );
     let five = id_of(&ctl, "10.20.5.5:80");
     assert!(table_ids(&ctl, "web").contains(&five));

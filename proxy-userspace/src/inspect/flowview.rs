@@ -2,12 +2,12 @@
 //! the filters, and the table (pure).
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     str::FromStr,
 };
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, IPPROTO_TCP, addr_v4_octets,
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, IPPROTO_TCP,
 };
 use serde::Serialize;
 
@@ -72,11 +72,10 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     .collect()
 }
 
-fn ep(addr: &[u8; 16], port: [u8; 2]) -> SocketAddrV4 {
-    SocketAddrV4::new(
-        Ipv4Addr::from(addr_v4_octets(addr)),
-        u16::from_be_bytes(port),
-    )
+/// An endpoint of a flow entry: both entries of a flow and their rewrites are of the key's
+/// family (no NAT64).
+fn ep(addr: &[u8; 16], port: [u8; 2], family: u8) -> SocketAddr {
+    SocketAddr::new(crate::plan::ip_of(addr, family), u16::from_be_bytes(port))
 }
 
 #[expect(clippy::cast_precision_loss, reason = "seconds for display")]
@@ -88,10 +87,10 @@ fn secs(ns: u64) -> f64 {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Flow {
     pub proto: u8,
-    pub client: SocketAddrV4,
-    pub service: SocketAddrV4,
-    pub upstream: SocketAddrV4,
-    pub snat: SocketAddrV4,
+    pub client: SocketAddr,
+    pub service: SocketAddr,
+    pub upstream: SocketAddr,
+    pub snat: SocketAddr,
     pub service_id: u32,
     pub upstream_id: u32,
     pub flags: u32,
@@ -116,10 +115,10 @@ impl Flow {
         let flags = e.fwd.flags | rev_flags;
         Self {
             proto: e.key.proto,
-            client: ep(&e.key.src_addr, e.key.src_port),
-            service: ep(&e.key.dst_addr, e.key.dst_port),
-            upstream: ep(&e.fwd.new_dst_addr, e.fwd.new_dst_port),
-            snat: ep(&e.fwd.new_src_addr, e.fwd.new_src_port),
+            client: ep(&e.key.src_addr, e.key.src_port, e.key.family),
+            service: ep(&e.key.dst_addr, e.key.dst_port, e.key.family),
+            upstream: ep(&e.fwd.new_dst_addr, e.fwd.new_dst_port, e.key.family),
+            snat: ep(&e.fwd.new_src_addr, e.fwd.new_src_port, e.key.family),
             service_id: e.fwd.service_id,
             upstream_id: e.fwd.upstream_id,
             flags,
@@ -202,42 +201,33 @@ impl ServiceSel {
 /// `--client ADDR`, `ADDR:PORT` or `ADDR/PREFIX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientSel {
-    Addr(Ipv4Addr),
-    Exact(SocketAddrV4),
-    Cidr(Ipv4Addr, u8),
+    Addr(IpAddr),
+    Exact(SocketAddr),
+    Cidr(crate::config::IpCidr),
 }
 
 impl FromStr for ClientSel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Some((a, p)) = s.split_once('/') {
-            let addr: Ipv4Addr = a.parse().map_err(|e| format!("`{s}`: {e}"))?;
-            let prefix: u8 = p
-                .parse()
-                .ok()
-                .filter(|p| *p <= 32)
-                .ok_or_else(|| format!("`{s}`: prefix must be 0..=32"))?;
-            return Ok(Self::Cidr(addr, prefix));
+        if s.contains('/') {
+            return s.parse::<crate::config::IpCidr>().map(Self::Cidr);
         }
-        if let Ok(sa) = s.parse::<SocketAddrV4>() {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(Self::Exact(sa));
         }
-        s.parse::<Ipv4Addr>()
+        s.parse::<IpAddr>()
             .map(Self::Addr)
-            .map_err(|_| format!("`{s}`: want an IPv4 ADDR, ADDR:PORT or ADDR/PREFIX"))
+            .map_err(|_| format!("`{s}`: want an ADDR, ADDR:PORT ([v6]:PORT) or ADDR/PREFIX"))
     }
 }
 
 impl ClientSel {
     #[must_use]
-    pub fn matches(&self, c: SocketAddrV4) -> bool {
+    pub fn matches(&self, c: SocketAddr) -> bool {
         match *self {
-            Self::Addr(a) => *c.ip() == a,
+            Self::Addr(a) => c.ip() == a,
             Self::Exact(sa) => c == sa,
-            Self::Cidr(net, prefix) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                u32::from(*c.ip()) & mask == u32::from(net) & mask
-            }
+            Self::Cidr(net) => net.contains(c.ip()),
         }
     }
 }
@@ -245,22 +235,22 @@ impl ClientSel {
 /// `--upstream ADDR[:PORT]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct UpstreamSel {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: Option<u16>,
 }
 
 impl FromStr for UpstreamSel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Ok(sa) = s.parse::<SocketAddrV4>() {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
             return Ok(Self {
-                addr: *sa.ip(),
+                addr: sa.ip(),
                 port: Some(sa.port()),
             });
         }
-        s.parse::<Ipv4Addr>()
+        s.parse::<IpAddr>()
             .map(|addr| Self { addr, port: None })
-            .map_err(|_| format!("`{s}`: want an IPv4 ADDR or ADDR:PORT"))
+            .map_err(|_| format!("`{s}`: want an ADDR or ADDR:PORT ([v6]:PORT)"))
     }
 }
 
@@ -279,7 +269,7 @@ impl FlowFilter {
         self.service_id.is_none_or(|id| f.service_id == id)
             && self.client.is_none_or(|c| c.matches(f.client))
             && self.upstream.is_none_or(|u| {
-                *f.upstream.ip() == u.addr && u.port.is_none_or(|p| f.upstream.port() == p)
+                f.upstream.ip() == u.addr && u.port.is_none_or(|p| f.upstream.port() == p)
             })
             && self.state.is_none_or(|s| f.state == s)
     }
@@ -339,7 +329,7 @@ pub fn build(
         .map(|e| Flow::from_entry(e, now_ns))
         .filter(|f| filter.matches(f))
         .collect();
-    flows.sort_by_key(|f| (f.created_ns, f.client.ip().octets(), f.client.port()));
+    flows.sort_by_key(|f| (f.created_ns, f.client.ip(), f.client.port()));
     let matched = flows.len();
     flows.truncate(limit.unwrap_or(usize::MAX));
     FlowsReport {
@@ -492,7 +482,7 @@ mod tests {
     #[test]
     fn selectors_parse_and_match() {
         let c = |s: &str| s.parse::<ClientSel>().unwrap();
-        let a = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 9), 4000);
+        let a = SocketAddr::from((std::net::Ipv4Addr::new(10, 0, 0, 9), 4000));
         assert!(c("10.0.0.9").matches(a));
         assert!(c("10.0.0.9:4000").matches(a));
         assert!(!c("10.0.0.9:4001").matches(a));
@@ -502,11 +492,26 @@ mod tests {
         assert!(c("10.0.0.9/32").matches(a));
         assert!("10.0.0.0/33".parse::<ClientSel>().is_err());
         assert!("web".parse::<ClientSel>().is_err());
+        // IPv6 clients: [addr]:port, addr, prefix; an IPv4 prefix never matches them.
+        let b: SocketAddr = "[fd00:10::2]:4000".parse().unwrap();
+        assert!(c("[fd00:10::2]:4000").matches(b));
+        assert!(c("fd00:10::2").matches(b));
+        assert!(c("fd00:10::/64").matches(b));
+        assert!(!c("fd00:11::/64").matches(b));
+        assert!(!c("0.0.0.0/0").matches(b));
+        assert!(!c("::/0").matches(a));
         assert_eq!(
             "10.20.1.2".parse::<UpstreamSel>().unwrap(),
             UpstreamSel {
-                addr: Ipv4Addr::new(10, 20, 1, 2),
+                addr: std::net::Ipv4Addr::new(10, 20, 1, 2).into(),
                 port: None
+            }
+        );
+        assert_eq!(
+            "[fd00:20::2]:80".parse::<UpstreamSel>().unwrap(),
+            UpstreamSel {
+                addr: "fd00:20::2".parse().unwrap(),
+                port: Some(80)
             }
         );
         assert_eq!(

@@ -450,7 +450,7 @@ pub fn flush(src: &Source, service: &ServiceSel, yes: bool) -> Result<String> {
 /// See [`InspectError`]; [`InspectError::NoMatch`] when there is no such flow.
 pub fn delete(
     src: &Source,
-    client: std::net::SocketAddrV4,
+    client: std::net::SocketAddr,
     service: &ServiceSel,
     yes: bool,
 ) -> Result<String> {

@@ -1,14 +1,10 @@
 //! `inspect stats|services|upstreams|maps`: reports built from values read out of the pinned
 //! maps, and their tables (pure). JSON shapes: docs/inspect-json.md.
 
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
-};
+use std::collections::BTreeMap;
 
 use proxy_common::{
     Reason, SERVICE_F_HAS_UPSTREAMS, ServiceKey, ServiceValue, TrafficCounters, UpstreamValue,
-    addr_v4_octets,
 };
 use serde::{Serialize, ser::SerializeMap};
 
@@ -103,8 +99,8 @@ fn is_zero(c: &TrafficCounters) -> bool {
 /// `addr:port` of a service key.
 #[must_use]
 pub fn service_listen(k: &ServiceKey) -> String {
-    SocketAddrV4::new(
-        Ipv4Addr::from(addr_v4_octets(&k.addr)),
+    std::net::SocketAddr::new(
+        crate::plan::ip_of(&k.addr, k.family),
         u16::from_be_bytes(k.port),
     )
     .to_string()

@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashSet,
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{Arc, RwLock},
 };
 
@@ -23,7 +23,7 @@ pub struct Choice {
     /// `MAGLEV_SIZE` upstream ids (0 = no upstream), exactly as the fast path holds it.
     table: Vec<u32>,
     /// id -> address of every upstream in the table.
-    upstreams: Vec<(u32, SocketAddrV4)>,
+    upstreams: Vec<(u32, SocketAddr)>,
 }
 
 impl Choice {
@@ -38,7 +38,7 @@ impl Choice {
 
     /// From the plan the fast path would be written with (`plan::build`).
     #[must_use]
-    pub fn from_plan(service: &PlannedService, upstreams: &[(u32, SocketAddrV4)]) -> Self {
+    pub fn from_plan(service: &PlannedService, upstreams: &[(u32, SocketAddr)]) -> Self {
         let ids: HashSet<u32> = service
             .table
             .iter()
@@ -100,15 +100,15 @@ impl Choice {
     #[must_use]
     pub fn candidates(
         &self,
-        client: SocketAddrV4,
-        service: SocketAddrV4,
+        client: SocketAddr,
+        service: SocketAddr,
         protocol: Protocol,
-    ) -> Vec<SocketAddrV4> {
+    ) -> Vec<SocketAddr> {
         let id = maglev::upstream_for_flow(
             &self.table,
-            *client.ip(),
+            client.ip(),
             client.port(),
-            *service.ip(),
+            service.ip(),
             service.port(),
             protocol.number(),
         );
@@ -127,7 +127,7 @@ impl Choice {
 
     /// The upstream addresses in the table.
     #[must_use]
-    pub fn upstreams(&self) -> Vec<SocketAddrV4> {
+    pub fn upstreams(&self) -> Vec<SocketAddr> {
         self.upstreams.iter().map(|(_, a)| *a).collect()
     }
 }
@@ -136,14 +136,14 @@ impl Choice {
 #[derive(Debug)]
 pub struct Chooser {
     pub name: String,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     pub protocol: Protocol,
     current: RwLock<Arc<Choice>>,
 }
 
 impl Chooser {
     #[must_use]
-    pub fn new(name: String, listen: SocketAddrV4, protocol: Protocol, initial: Choice) -> Self {
+    pub fn new(name: String, listen: SocketAddr, protocol: Protocol, initial: Choice) -> Self {
         Self {
             name,
             listen,
@@ -239,15 +239,15 @@ upstreams = ["10.20.1.2:80", "10.20.1.3:80", "10.20.1.4:80"]
         let (p, _) = planned();
         let svc = &p.services[0];
         let choice = Choice::from_plan(svc, &p.upstreams);
-        let listen: SocketAddrV4 = "10.10.1.1:80".parse().unwrap();
+        let listen: SocketAddr = "10.10.1.1:80".parse().unwrap();
         let mut seen = HashSet::new();
         for port in 40_000..40_300 {
-            let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 7), port);
+            let client = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 7), port));
             let want_id = maglev::upstream_for_flow(
                 &svc.table,
-                *client.ip(),
+                client.ip(),
                 port,
-                *listen.ip(),
+                listen.ip(),
                 80,
                 proxy_common::IPPROTO_TCP,
             );
@@ -292,10 +292,10 @@ upstreams = ["10.20.1.2:80", "10.20.1.3:80", "10.20.1.4:80"]
         let down = ups[1].resolved.unwrap();
         let next = chooser.refresh(&[status(ups.clone())]).unwrap();
         assert_eq!(next.upstreams().len(), 2);
-        let client = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 7), 1234);
+        let client = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 7), 1234));
         for port in 1..500 {
             let c = next.candidates(
-                SocketAddrV4::new(*client.ip(), port),
+                SocketAddr::new(client.ip(), port),
                 chooser.listen,
                 Protocol::Tcp,
             );

@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::SocketAddrV4,
+    net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
@@ -60,12 +60,12 @@ impl Drop for ActiveGuard {
 
 /// Per upstream address.
 #[derive(Debug, Default)]
-pub struct PerUpstream(Mutex<BTreeMap<SocketAddrV4, Arc<Traffic>>>);
+pub struct PerUpstream(Mutex<BTreeMap<SocketAddr, Arc<Traffic>>>);
 
 impl PerUpstream {
     /// The counters of `addr` (created at its first use).
     #[must_use]
-    pub fn get(&self, addr: SocketAddrV4) -> Arc<Traffic> {
+    pub fn get(&self, addr: SocketAddr) -> Arc<Traffic> {
         let mut m = self
             .0
             .lock()
@@ -74,7 +74,7 @@ impl PerUpstream {
     }
 
     #[must_use]
-    pub fn read(&self) -> BTreeMap<SocketAddrV4, UserspaceTraffic> {
+    pub fn read(&self) -> BTreeMap<SocketAddr, UserspaceTraffic> {
         let m = self
             .0
             .lock()
@@ -152,8 +152,8 @@ mod tests {
         drop(b);
         assert_eq!(t.read().active, 0);
         let per = PerUpstream::default();
-        let x: SocketAddrV4 = "10.0.0.1:80".parse().unwrap();
-        let y: SocketAddrV4 = "10.0.0.2:80".parse().unwrap();
+        let x: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let y: SocketAddr = "10.0.0.2:80".parse().unwrap();
         per.get(x).connect_failures.fetch_add(1, Ordering::Relaxed);
         let _g = per.get(y).open();
         let r = per.read();

@@ -14,7 +14,7 @@ pub mod udp;
 
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::SocketAddr,
     sync::{Arc, atomic::AtomicU64},
     time::Duration,
 };
@@ -22,7 +22,7 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    config::{Config, Protocol, ServiceConfig},
+    config::{Config, Protocol, ServiceConfig, SnatAddrs},
     plan::Plan,
     state::SharedStatus,
 };
@@ -105,7 +105,7 @@ impl Service {
 pub struct Service {
     pub chooser: Chooser,
     /// Source address of upstream connections (the SNAT address), port 0.
-    pub source: SocketAddrV4,
+    pub source: SocketAddr,
     pub stats: Stats,
 }
 
@@ -114,7 +114,7 @@ pub enum L4Error {
     #[error("service `{name}`: listening on {listen}/{protocol}: {source}")]
     Listen {
         name: String,
-        listen: SocketAddrV4,
+        listen: SocketAddr,
         protocol: Protocol,
         #[source]
         source: io::Error,
@@ -138,7 +138,8 @@ pub struct L4 {
     /// The served services, as the status refresher sees them.
     services: Arc<std::sync::RwLock<Vec<Arc<Service>>>>,
     running: Vec<(Arc<Service>, JoinHandle<()>)>,
-    source: SocketAddrV4,
+    /// Upstream connections come from the SNAT address of the service's family.
+    snat: SnatAddrs,
     settings: Settings,
     status: SharedStatus,
     shutdown: watch::Sender<bool>,
@@ -181,7 +182,7 @@ impl L4 {
             match serve_one(
                 s,
                 Choice::empty(),
-                self.source,
+                source_for(self.snat, s),
                 self.settings,
                 self.shutdown.subscribe(),
             )
@@ -226,11 +227,17 @@ impl Drop for L4 {
     }
 }
 
+/// The source of a service's upstream connections: the SNAT address of its family (an l4
+/// service's upstreams are of its listen family), port chosen by the kernel.
+fn source_for(snat: SnatAddrs, s: &ServiceConfig) -> SocketAddr {
+    SocketAddr::new(snat.source_for(s.listen.ip()), 0)
+}
+
 /// Bind one service and start serving it.
 async fn serve_one(
     s: &ServiceConfig,
     choice: Choice,
-    source: SocketAddrV4,
+    source: SocketAddr,
     settings: Settings,
     rx: watch::Receiver<bool>,
 ) -> Result<(Arc<Service>, JoinHandle<()>), L4Error> {
@@ -283,12 +290,12 @@ fn read_status(status: &SharedStatus) -> Vec<crate::state::ServiceStatus> {
 pub async fn start(
     config: &Config,
     plan: &Plan,
-    snat: Ipv4Addr,
+    snat: impl Into<SnatAddrs>,
     status: SharedStatus,
     settings: Settings,
 ) -> Result<L4, L4Error> {
+    let snat = snat.into();
     let (tx, rx) = watch::channel(false);
-    let source = SocketAddrV4::new(snat, 0);
     let mut running = Vec::new();
     for (_, s) in config.l4_services() {
         let choice = plan
@@ -296,7 +303,7 @@ pub async fn start(
             .iter()
             .find(|p| p.listen == s.listen && p.protocol == s.protocol)
             .map_or_else(Choice::empty, |p| Choice::from_plan(p, &plan.upstreams));
-        let (svc, task) = serve_one(s, choice, source, settings, rx.clone()).await?;
+        let (svc, task) = serve_one(s, choice, source_for(snat, s), settings, rx.clone()).await?;
         log_listening(&svc);
         running.push((svc, task));
     }
@@ -312,7 +319,7 @@ pub async fn start(
     Ok(L4 {
         services,
         running,
-        source,
+        snat,
         settings,
         status,
         shutdown: tx,

@@ -6,7 +6,7 @@
 
 use std::{
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,10 +27,14 @@ use crate::config::Protocol;
 ///
 /// # Errors
 /// Socket, bind or listen failure.
-pub fn listen(listen: SocketAddrV4, backlog: u32) -> io::Result<TcpListener> {
-    let sock = TcpSocket::new_v4()?;
+pub fn listen(listen: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    let sock = if listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
-    sock.bind(SocketAddr::V4(listen))?;
+    sock.bind(listen)?;
     sock.listen(backlog)
 }
 
@@ -39,13 +43,17 @@ pub fn listen(listen: SocketAddrV4, backlog: u32) -> io::Result<TcpListener> {
 /// # Errors
 /// Socket, bind or connect failure, or the timeout.
 pub async fn connect_from(
-    source: SocketAddrV4,
-    upstream: SocketAddrV4,
+    source: SocketAddr,
+    upstream: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::V4(source))?;
-    match tokio::time::timeout(timeout, sock.connect(SocketAddr::V4(upstream))).await {
+    let sock = if upstream.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(source)?;
+    match tokio::time::timeout(timeout, sock.connect(upstream)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -71,15 +79,12 @@ pub async fn serve(
             _ = shutdown.changed() => return,
         };
         match accepted {
-            Ok((stream, SocketAddr::V4(client))) => {
+            Ok((stream, client)) => {
                 let svc = Arc::clone(&svc);
                 tokio::spawn(async move {
                     handle(stream, client, &svc, settings).await;
                     drop(permit);
                 });
-            }
-            Ok((_, peer)) => {
-                tracing::debug!(service = %svc.chooser.name, %peer, "IPv6 client refused")
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -90,7 +95,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddrV4, svc: &Service, settings: Settings) {
+async fn handle(client: TcpStream, peer: SocketAddr, svc: &Service, settings: Settings) {
     let name = &svc.chooser.name;
     let candidates = svc
         .chooser
@@ -270,11 +275,8 @@ mod tests {
     /// The upload ends with a FIN; the reply flows after it (half-close passed on, not a close).
     #[tokio::test]
     async fn half_close_is_passed_on() {
-        let server = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
-        let server_addr = match server.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let server = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
+        let server_addr = server.local_addr().unwrap();
         let server_task = tokio::spawn(async move {
             let (mut s, _) = server.accept().await.unwrap();
             let mut got = Vec::new();
@@ -285,12 +287,12 @@ mod tests {
                 .unwrap();
             s.shutdown().await.unwrap();
         });
-        let proxy = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
+        let proxy = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
         let proxy_task = tokio::spawn(async move {
             let (c, _) = proxy.accept().await.unwrap();
             let u = connect_from(
-                SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
                 server_addr,
                 Duration::from_secs(2),
             )
@@ -323,22 +325,16 @@ mod idle_tests {
     /// A connection nobody uses is closed by the proxy once idle (the client reads EOF).
     #[tokio::test]
     async fn idle_connections_are_closed() {
-        let upstream = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
-        let up_addr = match upstream.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let upstream = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
+        let up_addr = upstream.local_addr().unwrap();
         let held = tokio::spawn(async move {
             let (s, _) = upstream.accept().await.unwrap();
             // Hold it open, silent.
             tokio::time::sleep(Duration::from_secs(20)).await;
             drop(s);
         });
-        let proxy = listen(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), 16).unwrap();
-        let proxy_addr = match proxy.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let proxy = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
         let planned = crate::plan::PlannedService {
             name: "t".into(),
             listen: proxy_addr,
@@ -354,7 +350,7 @@ mod idle_tests {
                 Protocol::Tcp,
                 Choice::from_plan(&planned, &[(1, up_addr)]),
             ),
-            source: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            source: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             stats: Stats::default(),
         });
         let settings = Settings {
@@ -363,9 +359,7 @@ mod idle_tests {
         };
         let (_tx, rx) = watch::channel(false);
         tokio::spawn(serve(proxy, Arc::clone(&svc), settings, rx));
-        let mut c = TcpStream::connect(SocketAddr::V4(proxy_addr))
-            .await
-            .unwrap();
+        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
         let mut buf = [0u8; 16];
         let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf))
             .await

@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     io,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -30,8 +30,8 @@ const MAX_DATAGRAM: usize = 65_535;
 ///
 /// # Errors
 /// Bind failure.
-pub async fn bind(listen: SocketAddrV4) -> io::Result<UdpSocket> {
-    UdpSocket::bind(SocketAddr::V4(listen)).await
+pub async fn bind(listen: SocketAddr) -> io::Result<UdpSocket> {
+    UdpSocket::bind(listen).await
 }
 
 struct Session {
@@ -58,8 +58,8 @@ pub async fn serve(
 ) {
     let sock = Arc::new(sock);
     let epoch = Instant::now();
-    let mut sessions: HashMap<SocketAddrV4, Session> = HashMap::new();
-    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(SocketAddrV4, u64)>();
+    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
+    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel::<(SocketAddr, u64)>();
     let mut generation = 0u64;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let name = svc.chooser.name.clone();
@@ -81,9 +81,7 @@ pub async fn serve(
             }
             _ = shutdown.changed() => return,
         };
-        let SocketAddr::V4(client) = peer else {
-            continue;
-        };
+        let client = peer;
         if !sessions.contains_key(&client) {
             if sessions.len() >= settings.max_udp_sessions {
                 svc.stats
@@ -163,9 +161,9 @@ pub async fn serve(
     }
 }
 
-async fn open_upstream(source: SocketAddrV4, upstream: SocketAddrV4) -> io::Result<UdpSocket> {
-    let s = UdpSocket::bind(SocketAddr::V4(source)).await?;
-    s.connect(SocketAddr::V4(upstream)).await?;
+async fn open_upstream(source: SocketAddr, upstream: SocketAddr) -> io::Result<UdpSocket> {
+    let s = UdpSocket::bind(source).await?;
+    s.connect(upstream).await?;
     Ok(s)
 }
 
@@ -174,11 +172,11 @@ struct ReplyTask {
     listener: Arc<UdpSocket>,
     upstream: Arc<UdpSocket>,
     up_traffic: Arc<super::counters::Traffic>,
-    client: SocketAddrV4,
+    client: SocketAddr,
     last: Arc<AtomicU64>,
     epoch: Instant,
     idle: Duration,
-    ended: mpsc::UnboundedSender<(SocketAddrV4, u64)>,
+    ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
     generation: u64,
     shutdown: watch::Receiver<bool>,
 }
@@ -201,11 +199,7 @@ async fn replies(mut t: ReplyTask) {
             Err(_) => {} // re-check the idle time: the client may have sent meanwhile
             Ok(Ok(n)) => {
                 t.last.store(millis_since(t.epoch), Ordering::Relaxed);
-                match t
-                    .listener
-                    .send_to(&buf[..n], SocketAddr::V4(t.client))
-                    .await
-                {
+                match t.listener.send_to(&buf[..n], t.client).await {
                     Ok(_) => {
                         t.service
                             .stats
@@ -241,12 +235,9 @@ mod tests {
     use crate::l4::{Choice, Chooser, Stats};
 
     /// An upstream that answers every datagram with "echo:" + the datagram.
-    async fn echo_upstream() -> SocketAddrV4 {
+    async fn echo_upstream() -> SocketAddr {
         let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let addr = match s.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let addr = s.local_addr().unwrap();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             for _ in 0..1000 {
@@ -261,7 +252,7 @@ mod tests {
         addr
     }
 
-    fn service(upstream: SocketAddrV4, listen: SocketAddrV4) -> Arc<Service> {
+    fn service(upstream: SocketAddr, listen: SocketAddr) -> Arc<Service> {
         let svc = crate::plan::PlannedService {
             name: "u".into(),
             listen,
@@ -277,7 +268,7 @@ mod tests {
                 Protocol::Udp,
                 Choice::from_plan(&svc, &[(1, upstream)]),
             ),
-            source: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            source: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             stats: Stats::default(),
         })
     }
@@ -297,13 +288,10 @@ mod tests {
     #[tokio::test]
     async fn sessions_are_per_client_bounded_and_expire() {
         let upstream = echo_upstream().await;
-        let sock = bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+        let sock = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
             .unwrap();
-        let listen = match sock.local_addr().unwrap() {
-            SocketAddr::V4(a) => a,
-            SocketAddr::V6(_) => unreachable!(),
-        };
+        let listen = sock.local_addr().unwrap();
         let svc = service(upstream, listen);
         let settings = Settings {
             udp_idle: Duration::from_millis(300),
@@ -315,7 +303,7 @@ mod tests {
         let mut clients = Vec::new();
         for _ in 0..3 {
             let c = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-            c.connect(SocketAddr::V4(listen)).await.unwrap();
+            c.connect(listen).await.unwrap();
             clients.push(c);
         }
         assert_eq!(

@@ -19,7 +19,7 @@ pub mod headers;
 use std::{
     convert::Infallible,
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -142,15 +142,15 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<S> {
 struct Routing {
     http: HttpConfig,
     /// The service's own upstreams: requests no route matches.
-    default_group: Vec<SocketAddrV4>,
+    default_group: Vec<SocketAddr>,
 }
 
 impl Routing {
     fn of(s: &crate::config::ServiceConfig) -> Self {
-        let default_group: Vec<SocketAddrV4> =
+        let default_group: Vec<SocketAddr> =
             s.upstreams.iter().filter_map(|u| u.static_addr()).collect();
         if default_group.len() < s.upstreams.len() {
-            tracing::warn!(service = %s.name, "http services use IPv4 upstream addresses only: DNS upstreams are skipped");
+            tracing::warn!(service = %s.name, "http services use upstream IP addresses only: DNS upstreams are skipped");
         }
         Self {
             http: s.http.clone().unwrap_or_default(),
@@ -162,7 +162,7 @@ impl Routing {
 /// One served http service.
 pub struct Service {
     pub name: String,
-    pub listen: SocketAddrV4,
+    pub listen: SocketAddr,
     routing: std::sync::RwLock<Arc<Routing>>,
     client: Client<HttpConnector, Body>,
     status: SharedStatus,
@@ -184,7 +184,7 @@ pub enum L7Error {
     #[error("service `{name}`: listening on {listen}/tcp: {source}")]
     Listen {
         name: String,
-        listen: SocketAddrV4,
+        listen: SocketAddr,
         #[source]
         source: io::Error,
     },
@@ -260,11 +260,18 @@ impl Drop for L7 {
 }
 
 /// Bind and serve every `mode = "http"` service of `config`; upstream connections come from
-/// `source` (the SNAT address).
+/// the SNAT address of the upstream's family (`snat`; the kernel picks when the family has
+/// none). The listen and upstream families are independent here: the daemon opens its own
+/// connections.
 ///
 /// # Errors
 /// [`L7Error::Listen`] when a listen address cannot be bound.
-pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<L7, L7Error> {
+pub fn start(
+    config: &Config,
+    snat: impl Into<crate::config::SnatAddrs>,
+    status: SharedStatus,
+) -> Result<L7, L7Error> {
+    let snat = snat.into();
     let (tx, rx) = watch::channel(false);
     let mut services = Vec::new();
     let mut tasks = Vec::new();
@@ -277,7 +284,12 @@ pub fn start(config: &Config, source: Ipv4Addr, status: SharedStatus) -> Result<
         let http = routing.http.clone();
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(http.connect_timeout));
-        connector.set_local_address(Some(IpAddr::V4(source)));
+        match (snat.v4, snat.v6) {
+            (Some(v4), Some(v6)) => connector.set_local_addresses(v4, v6),
+            (Some(v4), None) => connector.set_local_address(Some(IpAddr::V4(v4))),
+            (None, Some(v6)) => connector.set_local_address(Some(IpAddr::V6(v6))),
+            (None, None) => {}
+        }
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(http.idle_timeout)
@@ -431,7 +443,7 @@ impl Service {
 
     /// Whether the control plane reports `addr` unhealthy (an address it does not check
     /// counts as healthy).
-    fn unhealthy(&self, addr: SocketAddrV4) -> bool {
+    fn unhealthy(&self, addr: SocketAddr) -> bool {
         let st = match self.status.read() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
@@ -443,7 +455,7 @@ impl Service {
     }
 
     /// The group's usable upstreams, starting at the round-robin position.
-    fn candidates(&self, group: &[SocketAddrV4]) -> Vec<SocketAddrV4> {
+    fn candidates(&self, group: &[SocketAddr]) -> Vec<SocketAddr> {
         if group.is_empty() {
             return Vec::new();
         }
@@ -581,7 +593,7 @@ impl Service {
         &self,
         parts: &http::request::Parts,
         body: Body,
-        up: SocketAddrV4,
+        up: SocketAddr,
         peer: SocketAddr,
         upgrade: Option<&HeaderValue>,
     ) -> Request<Body> {
@@ -678,7 +690,7 @@ impl Service {
         host: Option<&str>,
         route: Option<usize>,
         peer: SocketAddr,
-        upstream: Option<SocketAddrV4>,
+        upstream: Option<SocketAddr>,
         attempts: usize,
         started: Instant,
     ) -> Response<Body> {
@@ -738,7 +750,7 @@ mod tests {
     use super::*;
     use crate::state::{ServiceStatus, UpstreamStatus};
 
-    fn service(group: &[SocketAddrV4], status: SharedStatus) -> Service {
+    fn service(group: &[SocketAddr], status: SharedStatus) -> Service {
         Service {
             name: "app".into(),
             listen: "10.10.1.1:80".parse().unwrap(),
@@ -753,7 +765,7 @@ mod tests {
         }
     }
 
-    fn report(addr: SocketAddrV4, healthy: bool) -> UpstreamStatus {
+    fn report(addr: SocketAddr, healthy: bool) -> UpstreamStatus {
         UpstreamStatus {
             address: addr.to_string(),
             resolved: Some(addr),
@@ -768,8 +780,8 @@ mod tests {
 
     #[test]
     fn round_robin_skips_what_the_control_plane_reports_unhealthy() {
-        let a: SocketAddrV4 = "10.20.1.2:80".parse().unwrap();
-        let b: SocketAddrV4 = "10.20.1.3:80".parse().unwrap();
+        let a: SocketAddr = "10.20.1.2:80".parse().unwrap();
+        let b: SocketAddr = "10.20.1.3:80".parse().unwrap();
         let status = crate::state::shared();
         let svc = service(&[a, b], status.clone());
         // Nothing reported: both, rotating.
