@@ -4,13 +4,14 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use proxy_common::{
-    ACL_PREFIX_BASE, AclKey, FAMILY_IPV4, RATE_TOKEN, RateKey, RateState, Reason,
-    SVC_OPT_F_ALLOW_LIST, ServiceOptions,
+    ACL_PREFIX_BASE, AclKey, RATE_TOKEN, RateKey, RateState, Reason, SVC_OPT_F_ALLOW_LIST,
+    ServiceOptions,
 };
 
 use crate::{
+    family::Ip,
     maps::{XP_ACL_ALLOW, XP_ACL_DENY, XP_RATE, XP_SVC_OPTS},
-    parse::Packet,
+    parse::PacketG,
 };
 
 /// The service's options (all zero when unset or the id is out of range).
@@ -30,16 +31,17 @@ pub fn options(service_id: u32) -> ServiceOptions {
 
 /// Deny list first (a hit drops), then the allow list when the service has one (a miss drops).
 #[inline(always)]
-pub fn check(service_id: u32, opts: &ServiceOptions, pkt: &Packet) -> Result<(), Reason> {
-    let src = pkt.src.to_ne_bytes();
-    let mut addr = [0u8; 16];
-    addr[..4].copy_from_slice(&src);
+pub fn check<A: Ip>(
+    service_id: u32,
+    opts: &ServiceOptions,
+    pkt: &PacketG<A>,
+) -> Result<(), Reason> {
     let key = Key::new(
-        ACL_PREFIX_BASE + 32,
+        ACL_PREFIX_BASE + A::BITS,
         AclKey {
             service_id: service_id.to_be_bytes(),
-            family: FAMILY_IPV4,
-            addr,
+            family: A::FAMILY,
+            addr: pkt.src.to_addr(),
             _pad: [0; 3],
         },
     );
@@ -57,7 +59,12 @@ pub fn check(service_id: u32, opts: &ServiceOptions, pkt: &Packet) -> Result<(),
 /// the burst. Buckets live in an LRU hash; concurrent CPUs may race on one bucket (the limit is
 /// approximate under contention, never unbounded: each CPU still pays for what it admits).
 #[inline(always)]
-pub fn rate(service_id: u32, opts: &ServiceOptions, pkt: &Packet, now: u64) -> Result<(), Reason> {
+pub fn rate<A: Ip>(
+    service_id: u32,
+    opts: &ServiceOptions,
+    pkt: &PacketG<A>,
+    now: u64,
+) -> Result<(), Reason> {
     if opts.new_flow_rate == 0 {
         return Ok(());
     }
@@ -69,13 +76,9 @@ pub fn rate(service_id: u32, opts: &ServiceOptions, pkt: &Packet, now: u64) -> R
     });
     let cap = burst * RATE_TOKEN;
     let key = RateKey {
-        addr: {
-            let mut a = [0u8; 16];
-            a[..4].copy_from_slice(&pkt.src.to_ne_bytes());
-            a
-        },
+        addr: pkt.src.to_addr(),
         service_id,
-        family: FAMILY_IPV4,
+        family: A::FAMILY,
         _pad: [0; 3],
     };
     let Some(bucket) = XP_RATE.get_ptr_mut(&key) else {

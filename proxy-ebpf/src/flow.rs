@@ -3,19 +3,20 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use proxy_common::{
-    CONFIG_F_READY, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
-    FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason,
-    SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
+    CONFIG_F_READY, FAMILY_IPV6, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT,
+    FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS,
+    NatConfig, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
 use crate::{
     acl,
-    keys::{self, FlowKeyW, FlowValueW, ServiceKeyW},
+    family::Ip,
+    keys::{FlowKeyW, FlowValueW, ServiceKeyW},
     maps::{
         XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS, XP_UPSTREAMS,
     },
-    parse::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{PacketG, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
 
@@ -23,6 +24,16 @@ use crate::{
 #[inline(always)]
 pub fn config() -> Result<NatConfig, Reason> {
     let cfg = *XP_CONFIG.get(0).ok_or(Reason::Aborted)?;
+    if cfg.flags & CONFIG_F_READY == 0 {
+        return Err(Reason::PassNotReady);
+    }
+    Ok(cfg)
+}
+
+/// Step 4 without a copy: the settings in the map (valid for the whole program run).
+#[inline(always)]
+pub fn config_ref() -> Result<&'static NatConfig, Reason> {
+    let cfg = XP_CONFIG.get(0).ok_or(Reason::Aborted)?;
     if cfg.flags & CONFIG_F_READY == 0 {
         return Err(Reason::PassNotReady);
     }
@@ -47,33 +58,50 @@ pub fn lookup(key: &FlowKeyW) -> Option<*mut FlowValueW> {
 /// Steps 6-7: match a service and create the flow (reverse entry first: it reserves the SNAT
 /// port). Returns the new forward entry, which the caller then treats like a lookup hit.
 #[inline(always)]
-pub fn create(
+pub fn create<A: Ip>(
     ctx: &XdpContext,
-    pkt: &Packet,
+    pkt: &PacketG<A>,
     fwd_key: &FlowKeyW,
     cfg: &NatConfig,
     now: u64,
 ) -> Result<*mut FlowValueW, Reason> {
     // Step 6: service match.
-    let svc_key = ServiceKeyW::v4(pkt.dst, pkt.dport, pkt.proto);
+    let svc_key = if A::FAMILY == FAMILY_IPV6 {
+        // The address words from memory (`fwd_key` is the packet's tuple): see `value` below.
+        ServiceKeyW {
+            addr: fwd_key.dst,
+            port: pkt.dport,
+            proto: pkt.proto,
+            family: A::FAMILY,
+        }
+    } else {
+        ServiceKeyW::new(pkt.dst, pkt.dport, pkt.proto)
+    };
     // SAFETY: the value is copied out at once; XP_SERVICES is a preallocated HASH, so the
     // pointer stays valid memory even if the daemon deletes the entry concurrently.
     let svc = *unsafe { XP_SERVICES.get(svc_key.as_key()) }.ok_or(Reason::PassNotService)?;
+    if pkt.invalid_udp_check() {
+        return Err(Reason::DropUdpZeroChecksum);
+    }
 
     // Step 7: client ACL (every packet of a would-be flow), then a new flow starts with a TCP
     // SYN (not SYN+ACK) or any UDP packet, then the client's new-flow rate.
     let opts = acl::options(svc.id);
-    acl::check(svc.id, &opts, pkt)?;
+    A::acl_check(svc.id, &opts, pkt)?;
     if pkt.is_tcp() && (pkt.tcp_flags & TCP_SYN == 0 || pkt.tcp_flags & TCP_ACK != 0) {
         return Err(Reason::PassMidflowNoFlow);
     }
     if svc.flags & SERVICE_F_HAS_UPSTREAMS == 0 {
         return Err(Reason::PassNoUpstream);
     }
-    acl::rate(svc.id, &opts, pkt, now)?;
+    // IPv4 always has its SNAT address; IPv6 only when the daemon configured one.
+    if !A::has_snat(cfg) {
+        return Err(Reason::PassNoSnatV6);
+    }
+    A::rate(svc.id, &opts, pkt, now)?;
 
     // Maglev: the upstream for this 5-tuple.
-    let slot = tuple_hash(SEED_MAGLEV, pkt) % MAGLEV_SIZE;
+    let slot = A::tuple_hash(SEED_MAGLEV, pkt) % MAGLEV_SIZE;
     if svc.id >= MAX_SERVICES {
         // The Maglev index would lie outside the array (or wrap into another service's table).
         return Err(Reason::Aborted);
@@ -88,9 +116,13 @@ pub fn create(
     if ups.flags & UPSTREAM_F_ACTIVE == 0 {
         return Err(Reason::DropBadUpstream);
     }
-    let ups_addr = keys::v4(&ups.addr);
+    // An IPv6 flow needs an IPv6 upstream (full NAT keeps the family).
+    if A::FAMILY == FAMILY_IPV6 && ups.family != FAMILY_IPV6 {
+        return Err(Reason::DropBadUpstream);
+    }
+    let ups_addr = A::from_addr(&ups.addr);
     let ups_port = u16::from_ne_bytes(ups.port);
-    let snat_addr = keys::v4(&cfg.snat_v4);
+    let snat_addr = A::snat(cfg);
 
     // SNAT port: probe the flow's sequence of offsets (proxy_common::hash::snat_probe_offset);
     // the first BPF_NOEXIST insert of the reverse entry that succeeds is the reservation.
@@ -104,18 +136,18 @@ pub fn create(
     if span == 0 {
         return Err(Reason::Aborted); // unreachable (span is 1..=65536); lets LLVM drop a panic
     }
-    let snat_hash = tuple_hash(SEED_SNAT_PORT, pkt);
+    let snat_hash = A::tuple_hash(SEED_SNAT_PORT, pkt);
     let probes = if span < SNAT_PORT_PROBES {
         span
     } else {
         SNAT_PORT_PROBES
     };
 
-    let mut rev_key = FlowKeyW::v4(ups_addr, snat_addr, ups_port, 0, pkt.proto);
+    let mut rev_key = FlowKeyW::new(ups_addr, snat_addr, ups_port, 0, pkt.proto);
     // One value buffer: first the reverse entry, then rewritten into the forward entry.
     let mut value = FlowValueW {
-        new_src: [pkt.dst, 0, 0, 0],
-        new_dst: [pkt.src, 0, 0, 0],
+        new_src: pkt.dst.words(),
+        new_dst: pkt.src.words(),
         new_sport: pkt.dport,
         new_dport: pkt.sport,
         direction: FLOW_DIR_REPLY,
@@ -129,6 +161,12 @@ pub fn create(
         packets: 0,
         bytes: 0,
     };
+    if A::FAMILY == FAMILY_IPV6 {
+        // Four-word addresses are taken from memory, never kept live as 8 scalars (the IPv6
+        // path's stack budget).
+        value.new_src = fwd_key.dst;
+        value.new_dst = fwd_key.src;
+    }
     let mut reserved = false;
     for i in 0..SNAT_PORT_PROBES {
         // A volatile read keeps LLVM from rewriting the loop into a countdown from `probes`,
@@ -152,8 +190,15 @@ pub fn create(
         return Err(snat_exhausted(ctx, pkt));
     }
 
-    value.new_src = [snat_addr, 0, 0, 0];
-    value.new_dst = [ups_addr, 0, 0, 0];
+    if A::FAMILY == FAMILY_IPV6 {
+        // The same words, from memory: four-word addresses kept live across the probe loop
+        // would be spilled word by word.
+        value.new_src = rev_key.dst;
+        value.new_dst = rev_key.src;
+    } else {
+        value.new_src = snat_addr.words();
+        value.new_dst = ups_addr.words();
+    }
     value.new_sport = rev_key.dport;
     value.new_dport = ups_port;
     value.direction = FLOW_DIR_FORWARD;
@@ -178,11 +223,9 @@ pub fn create(
 
 /// `flow_hash` of the packet's 5-tuple, exactly as the daemon's simulator computes it.
 #[inline(always)]
-fn tuple_hash(seed: u32, pkt: &Packet) -> u32 {
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src[..4].copy_from_slice(&pkt.src.to_ne_bytes());
-    dst[..4].copy_from_slice(&pkt.dst.to_ne_bytes());
+pub fn tuple_hash<A: Ip>(seed: u32, pkt: &PacketG<A>) -> u32 {
+    let src = pkt.src.to_addr();
+    let dst = pkt.dst.to_addr();
     flow_hash(
         seed,
         &src,
@@ -195,13 +238,21 @@ fn tuple_hash(seed: u32, pkt: &Packet) -> u32 {
 
 /// A rare event worth a log line: the configured SNAT range is full for this upstream.
 #[inline(always)]
-fn snat_exhausted(ctx: &XdpContext, pkt: &Packet) -> Reason {
-    aya_log_ebpf::warn!(
-        ctx,
-        "SNAT ports exhausted: new flow from {:i}:{} dropped",
-        u32::from_be(pkt.src),
-        u16::from_be(pkt.sport)
-    );
+fn snat_exhausted<A: Ip>(ctx: &XdpContext, pkt: &PacketG<A>) -> Reason {
+    if A::FAMILY == FAMILY_IPV6 {
+        aya_log_ebpf::warn!(
+            ctx,
+            "SNAT ports exhausted: new IPv6 flow from port {} dropped",
+            u16::from_be(pkt.sport)
+        );
+    } else {
+        aya_log_ebpf::warn!(
+            ctx,
+            "SNAT ports exhausted: new flow from {:i}:{} dropped",
+            u32::from_be(pkt.src.words()[0]),
+            u16::from_be(pkt.sport)
+        );
+    }
     Reason::DropSnatExhausted
 }
 
@@ -216,28 +267,31 @@ fn snat_exhausted(ctx: &XdpContext, pkt: &Packet) -> Reason {
 /// # Safety
 /// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
 #[inline(always)]
-pub unsafe fn ensure_reverse(
-    pkt: &Packet,
+pub unsafe fn ensure_reverse<A: Ip>(
+    pkt: &PacketG<A>,
     key: &FlowKeyW,
     entry: *mut FlowValueW,
     now: u64,
 ) -> Result<(), Reason> {
     // SAFETY: entry is a live map value pointer (caller contract); copied out at once.
-    let e = unsafe { *entry };
+    let e = unsafe { &*entry };
     if e.direction != FLOW_DIR_FORWARD {
         return Ok(());
     }
-    let rev_key = FlowKeyW::v4(
-        e.new_dst[0],
-        e.new_src[0],
+    let rev_key = FlowKeyW::new(
+        A::from_words(&e.new_dst),
+        A::from_words(&e.new_src),
         e.new_dport,
         e.new_sport,
         pkt.proto,
     );
     if let Some(rev) = XP_FLOWS_REV.get_ptr(rev_key.as_key()) {
         // SAFETY: non-null value pointer just returned by the map lookup; copied out at once.
-        let r = unsafe { *FlowValueW::from_map(rev.cast_mut()) };
-        if r.new_dst[0] == pkt.src && r.new_dport == pkt.sport && r.new_src[0] == pkt.dst {
+        let r = unsafe { &*FlowValueW::from_map(rev.cast_mut()) };
+        if A::from_words(&r.new_dst) == pkt.src
+            && r.new_dport == pkt.sport
+            && A::from_words(&r.new_src) == pkt.dst
+        {
             return Ok(());
         }
         // The reverse key now belongs to another flow (its half was evicted and the port
@@ -246,8 +300,8 @@ pub unsafe fn ensure_reverse(
         return Err(Reason::DropFlowInsertFailed);
     }
     let value = FlowValueW {
-        new_src: [pkt.dst, 0, 0, 0],
-        new_dst: [pkt.src, 0, 0, 0],
+        new_src: pkt.dst.words(),
+        new_dst: pkt.src.words(),
         new_sport: pkt.dport,
         new_dport: pkt.sport,
         direction: FLOW_DIR_REPLY,
@@ -276,7 +330,7 @@ pub unsafe fn ensure_reverse(
 /// # Safety
 /// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
 #[inline(always)]
-pub unsafe fn track(entry: *mut FlowValueW, pkt: &Packet, now: u64) {
+pub unsafe fn track<A: Ip>(entry: *mut FlowValueW, pkt: &PacketG<A>, now: u64) {
     // SAFETY: entry is a live map value pointer (caller contract); LRU hash values are
     // preallocated, so the memory stays valid even if the entry is evicted meanwhile.
     let e = unsafe { &mut *entry };
@@ -285,9 +339,9 @@ pub unsafe fn track(entry: *mut FlowValueW, pkt: &Packet, now: u64) {
         let new = next_flags(old, e.direction, pkt.tcp_flags);
         if new != old {
             e.flags = new;
-            let peer_key = FlowKeyW::v4(
-                e.new_dst[0],
-                e.new_src[0],
+            let peer_key = FlowKeyW::new(
+                A::from_words(&e.new_dst),
+                A::from_words(&e.new_src),
                 e.new_dport,
                 e.new_sport,
                 pkt.proto,

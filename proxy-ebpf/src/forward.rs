@@ -1,4 +1,4 @@
-//! Step 9: TTL check, FIB lookup, rewrite, then XDP_TX, XDP_REDIRECT through `XP_DEVMAP`, or a
+//! Step 9: TTL (hop limit) check, FIB lookup (AF_INET or AF_INET6), rewrite, then XDP_TX, XDP_REDIRECT through `XP_DEVMAP`, or a
 //! pass to the kernel (already rewritten) when the next hop is not ready.
 
 use aya_ebpf::{
@@ -10,11 +10,10 @@ use aya_ebpf::{
 use proxy_common::{FLOW_DIR_FORWARD, Reason};
 
 use crate::{
-    icmp,
+    family::Ip,
     maps::XP_DEVMAP,
-    mss,
-    nat::{self, Rewrite},
-    parse::{Packet, ptr_at},
+    nat::RewriteG,
+    parse::{PacketG, ptr_at},
 };
 
 /// What is being forwarded: a packet of a flow (its entry's `FLOW_DIR_*`), or an ICMP error
@@ -25,41 +24,28 @@ pub enum Kind {
     IcmpError,
 }
 
-/// The rewrite of `kind`.
+/// Forward (or pass) a packet of family `A` whose flow entry matched. `kind` picks the rewrite
+/// and the `Fwd*`/`Rev*`/`Icmp*` reasons. `pkt.ttl` is the IPv6 hop limit for IPv6.
 #[inline(always)]
-fn rewrite(
+pub fn forward<A: Ip>(
     ctx: &XdpContext,
-    pkt: &Packet,
-    rw: &Rewrite,
+    pkt: &PacketG<A>,
+    rw: &RewriteG<A>,
     kind: Kind,
-    dec_ttl: bool,
-) -> Result<(), Reason> {
-    match kind {
-        Kind::Flow(_) => nat::rewrite(ctx, pkt, rw, dec_ttl),
-        Kind::IcmpError => icmp::rewrite(ctx, pkt, rw, dec_ttl),
-    }
-}
-
-/// `AF_INET` for `bpf_fib_lookup`.
-const AF_INET: u8 = 2;
-
-/// Forward (or pass) a packet whose flow entry matched. `kind` picks the rewrite and the
-/// `Fwd*`/`Rev*`/`Icmp*` reasons.
-#[inline(always)]
-pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Result<Reason, Reason> {
+) -> Result<Reason, Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::DropTtlExceeded);
     }
     if let Kind::Flow(_) = kind
         && rw.mss != 0
     {
-        mss::clamp(ctx, rw.mss);
+        A::mss_clamp(ctx, rw.mss);
     }
     let ingress = ctx.ingress_ifindex() as u32;
 
     // SAFETY: bpf_fib_lookup is a plain C struct of integers; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    params.family = AF_INET;
+    A::fib(&mut params, rw.src, rw.dst);
     params.l4_protocol = pkt.proto;
     if let Kind::Flow(_) = kind {
         params.sport = rw.sport;
@@ -67,8 +53,6 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Resu
     }
     params.__bindgen_anon_1.tot_len = pkt.tot_len;
     params.ifindex = ingress;
-    params.__bindgen_anon_3.ipv4_src = rw.src;
-    params.__bindgen_anon_4.ipv4_dst = rw.dst;
     // SAFETY: ctx is the program's context; params is a stack struct of the size passed.
     let rc = unsafe {
         fib_lookup_helper(
@@ -82,7 +66,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Resu
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         // Not forwardable from here: hand the rewritten packet to the kernel (TTL untouched:
         // the kernel decrements it when it forwards).
-        rewrite(ctx, pkt, rw, kind, false)?;
+        A::rewrite(ctx, pkt, rw, kind, false)?;
         return Ok(if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
             Reason::PassNoNeigh
         } else {
@@ -90,7 +74,7 @@ pub fn forward(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, kind: Kind) -> Resu
         });
     }
 
-    rewrite(ctx, pkt, rw, kind, true)?;
+    A::rewrite(ctx, pkt, rw, kind, true)?;
     let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(Reason::DropTruncated)?;
     // SAFETY: ptr_at checked data + 12 <= data_end; byte array, no alignment needed.
     let eth = unsafe { &mut *eth };

@@ -4,12 +4,14 @@
 //! copied field by field, LLVM keeps every byte of every address in its own register or spill
 //! slot and writes them one by one, which overflows the 512-byte BPF stack. The views below have
 //! exactly the same layout (asserted field by field) with addresses as `u32` words, so the
-//! program moves each IPv4 address as one word. Addresses and ports are in wire byte order,
+//! program moves each IPv4 address as one word (and an IPv6 address as four). Addresses and ports are in wire byte order,
 //! held as the integers `from_ne_bytes` reads from the packet.
 
 use core::mem::{align_of, offset_of, size_of};
 
-use proxy_common::{Addr, FAMILY_IPV4, FlowKey, FlowValue, ServiceKey, addr_v4_octets};
+use proxy_common::{Addr, FlowKey, FlowValue, ServiceKey, addr_v4_octets};
+
+use crate::family::Ip;
 
 /// `FlowKey`, as words.
 #[repr(C, align(8))]
@@ -102,18 +104,24 @@ same_layout!(
 );
 
 impl FlowKeyW {
-    /// An IPv4 flow key.
+    /// A flow key of family `A`.
     #[inline(always)]
-    pub fn v4(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+    pub fn new<A: Ip>(src: A, dst: A, sport: u16, dport: u16, proto: u8) -> Self {
         Self {
-            src: [src, 0, 0, 0],
-            dst: [dst, 0, 0, 0],
+            src: src.words(),
+            dst: dst.words(),
             sport,
             dport,
             proto,
-            family: FAMILY_IPV4,
+            family: A::FAMILY,
             pad: 0,
         }
+    }
+
+    /// An IPv4 flow key.
+    #[inline(always)]
+    pub fn v4(src: u32, dst: u32, sport: u16, dport: u16, proto: u8) -> Self {
+        Self::new(src, dst, sport, dport, proto)
     }
 
     /// The same bytes as the `proxy-common` type the maps are declared with.
@@ -126,14 +134,14 @@ impl FlowKeyW {
 }
 
 impl ServiceKeyW {
-    /// An IPv4 service key.
+    /// A service key of family `A`.
     #[inline(always)]
-    pub fn v4(addr: u32, port: u16, proto: u8) -> Self {
+    pub fn new<A: Ip>(addr: A, port: u16, proto: u8) -> Self {
         Self {
-            addr: [addr, 0, 0, 0],
+            addr: addr.words(),
             port,
             proto,
-            family: FAMILY_IPV4,
+            family: A::FAMILY,
         }
     }
 

@@ -6,7 +6,7 @@ use core::ffi::c_void;
 use aya_ebpf::{bindings::xdp_md, helpers::generated::bpf_loop, programs::XdpContext};
 use proxy_common::checksum::update16;
 
-use crate::parse::{L4_OFF, ptr_at};
+use crate::parse::{L4_OFF, L4_OFF6, ptr_at};
 
 /// Most option bytes a TCP header can carry (data offset 15).
 const MAX_OPTIONS: usize = 40;
@@ -14,8 +14,6 @@ const OPT_EOL: u8 = 0;
 const OPT_NOP: u8 = 1;
 const OPT_MSS: u8 = 2;
 const OPT_MSS_LEN: u8 = 4;
-/// Offset of the options from the start of the packet.
-const OPT_OFF: usize = L4_OFF + 20;
 
 /// The state of one option walk, on the caller's stack, shared with `walk_byte`.
 #[repr(C)]
@@ -42,20 +40,35 @@ pub fn clamp(ctx: &XdpContext, max: u16) {
     proxy_mss_clamp(ctx.ctx, u32::from(max));
 }
 
+/// `clamp` for an IPv6 segment (TCP header after the 40-byte IPv6 header).
+#[inline(always)]
+pub fn clamp6(ctx: &XdpContext, max: u16) {
+    proxy_mss_clamp6(ctx.ctx, u32::from(max));
+}
+
 /// `clamp` as a global BPF function (BTF linkage global): the verifier checks it once, on its
 /// own, instead of once for every state the program reaches the call in.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn proxy_mss_clamp(md: *mut xdp_md, max: u32) -> i32 {
     let ctx = XdpContext::new(md);
-    clamp_inner(&ctx, (max & 0xffff) as u16);
+    clamp_inner::<L4_OFF>(&ctx, (max & 0xffff) as u16);
     0
 }
 
-/// The walk itself (see `clamp`).
+/// `proxy_mss_clamp` for IPv6 (a function of its own: the TCP offset stays a constant).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn proxy_mss_clamp6(md: *mut xdp_md, max: u32) -> i32 {
+    let ctx = XdpContext::new(md);
+    clamp_inner::<L4_OFF6>(&ctx, (max & 0xffff) as u16);
+    0
+}
+
+/// The walk itself (see `clamp`), for a TCP header at packet offset `L4`.
 #[inline(always)]
-fn clamp_inner(ctx: &XdpContext, max: u16) {
-    let Some(tcp) = ptr_at::<[u8; 20]>(ctx, L4_OFF) else {
+fn clamp_inner<const L4: usize>(ctx: &XdpContext, max: u16) {
+    let Some(tcp) = ptr_at::<[u8; 20]>(ctx, L4) else {
         return;
     };
     // SAFETY: ptr_at checked the 20 bytes lie within the frame; byte array.
@@ -72,16 +85,19 @@ fn clamp_inner(ctx: &XdpContext, max: u16) {
     unsafe {
         bpf_loop(
             MAX_OPTIONS as u32,
-            walk_byte as *mut c_void,
+            walk_byte::<L4> as *mut c_void,
             (&raw mut walk).cast(),
             0,
         );
     }
 }
 
-/// `bpf_loop` callback: option byte `index`. Returns 1 to stop the walk, 0 to go on.
+/// `bpf_loop` callback: option byte `index` of the options of a TCP header at packet offset
+/// `L4`. Returns 1 to stop the walk, 0 to go on.
 #[inline(never)]
-extern "C" fn walk_byte(index: u64, walk: *mut c_void) -> i64 {
+extern "C" fn walk_byte<const L4: usize>(index: u64, walk: *mut c_void) -> i64 {
+    // Offset of the options from the start of the packet.
+    let opt_off = L4 + 20;
     // SAFETY: bpf_loop passes the `Walk` clamp() gave it.
     let walk = unsafe { &mut *walk.cast::<Walk>() };
     let j = (index & 0x3f) as usize;
@@ -93,7 +109,7 @@ extern "C" fn walk_byte(index: u64, walk: *mut c_void) -> i64 {
     }
     let ctx = XdpContext::new(walk.md);
     let opt_len = walk.opt_len as usize;
-    let Some(kind) = ptr_at::<u8>(&ctx, OPT_OFF + j) else {
+    let Some(kind) = ptr_at::<u8>(&ctx, opt_off + j) else {
         return 1;
     };
     // SAFETY: ptr_at checked the byte lies within the frame.
@@ -105,7 +121,7 @@ extern "C" fn walk_byte(index: u64, walk: *mut c_void) -> i64 {
         walk.next = j as u64 + 1;
         return 0;
     }
-    let Some(len) = ptr_at::<u8>(&ctx, OPT_OFF + j + 1) else {
+    let Some(len) = ptr_at::<u8>(&ctx, opt_off + j + 1) else {
         return 1;
     };
     // SAFETY: as above.
@@ -115,7 +131,7 @@ extern "C" fn walk_byte(index: u64, walk: *mut c_void) -> i64 {
     }
     if kind == OPT_MSS {
         if len == usize::from(OPT_MSS_LEN) {
-            lower(&ctx, j, walk.max as u16);
+            lower::<L4>(&ctx, j, walk.max as u16);
         }
         return 1;
     }
@@ -125,8 +141,8 @@ extern "C" fn walk_byte(index: u64, walk: *mut c_void) -> i64 {
 
 /// Lower the MSS option at option offset `i` to `max`, patching the TCP checksum.
 #[inline(always)]
-fn lower(ctx: &XdpContext, i: usize, max: u16) {
-    let Some(opt) = ptr_at::<[u8; 4]>(ctx, OPT_OFF + i) else {
+fn lower<const L4: usize>(ctx: &XdpContext, i: usize, max: u16) {
+    let Some(opt) = ptr_at::<[u8; 4]>(ctx, L4 + 20 + i) else {
         return;
     };
     // SAFETY: ptr_at checked the 4 bytes lie within the frame; byte array.
@@ -144,7 +160,7 @@ fn lower(ctx: &XdpContext, i: usize, max: u16) {
     } else {
         (old.swap_bytes(), max.swap_bytes())
     };
-    let Some(check) = ptr_at::<[u8; 2]>(ctx, L4_OFF + 16) else {
+    let Some(check) = ptr_at::<[u8; 2]>(ctx, L4 + 16) else {
         return;
     };
     // SAFETY: ptr_at checked the 2 bytes lie within the frame; byte array.

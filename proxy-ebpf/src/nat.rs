@@ -1,26 +1,33 @@
-//! The rewrite of step 9: addresses and ports from the flow entry, optional TTL decrement, and
-//! incremental IPv4 and TCP/UDP checksum updates (RFC 1624 via `proxy_common::checksum`).
+//! The rewrite of step 9: addresses and ports from the flow entry, optional TTL (hop limit)
+//! decrement, and incremental IPv4 and TCP/UDP checksum updates (RFC 1624 via
+//! `proxy_common::checksum`). IPv6 has no header checksum: only the TCP/UDP checksum, whose
+//! pseudo-header holds the 128-bit addresses, is patched.
 
 use aya_ebpf::programs::XdpContext;
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     IPPROTO_TCP, Reason,
-    checksum::{udp_update32, update16, update32},
+    checksum::{add16, fold, udp_update32, update16, update32},
 };
 
-use crate::parse::{IP_OFF, L4_OFF, Packet, ptr_at};
+use crate::parse::{IP_OFF, L4_OFF, L4_OFF6, Packet, Packet6, ptr_at};
 
 /// The new addresses and ports of a packet, taken from its flow entry; wire byte order, held
-/// as `from_ne_bytes` integers like `Packet`'s fields.
+/// as `from_ne_bytes` integers like `PacketG`'s fields.
 #[derive(Clone, Copy)]
-pub struct Rewrite {
-    pub src: u32,
-    pub dst: u32,
+pub struct RewriteG<A> {
+    pub src: A,
+    pub dst: A,
     pub sport: u16,
     pub dport: u16,
     /// MSS clamp for a TCP SYN or SYN-ACK (host byte order); 0: none.
     pub mss: u16,
 }
+
+/// The IPv4 rewrite.
+pub type Rewrite = RewriteG<u32>;
+/// The IPv6 rewrite.
+pub type Rewrite6 = RewriteG<[u32; 4]>;
 
 /// Rewrite the packet's addresses and ports (and TTL when `dec_ttl`), patching both checksums.
 /// Headers are re-derived with fresh bounds checks; `parse` already proved them present, so
@@ -95,4 +102,97 @@ pub fn rewrite_ip(
     ip.check = check.to_be_bytes();
 
     Ok((old_src, old_dst))
+}
+
+/// The one's complement difference (not complemented, unfolded) that changing the IPv6 source
+/// and destination addresses `old` -> `new` adds to any checksum whose pseudo-header covers
+/// them: the sum of `!old` and `new` over all 16 words. Addresses as `[u32; 4]` of wire bytes.
+#[inline(always)]
+pub fn addr6_delta(
+    old_src: &[u8; 16],
+    old_dst: &[u8; 16],
+    new_src: [u32; 4],
+    new_dst: [u32; 4],
+) -> u32 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 16 {
+        sum = add16(sum, !u16::from_be_bytes([old_src[i], old_src[i + 1]]));
+        sum = add16(sum, !u16::from_be_bytes([old_dst[i], old_dst[i + 1]]));
+        i += 2;
+    }
+    let mut w = 0;
+    while w < 4 {
+        let s = new_src[w].to_ne_bytes();
+        let d = new_dst[w].to_ne_bytes();
+        sum = add16(sum, u16::from_be_bytes([s[0], s[1]]));
+        sum = add16(sum, u16::from_be_bytes([s[2], s[3]]));
+        sum = add16(sum, u16::from_be_bytes([d[0], d[1]]));
+        sum = add16(sum, u16::from_be_bytes([d[2], d[3]]));
+        w += 1;
+    }
+    sum
+}
+
+/// Apply a difference from `addr6_delta` (plus anything else added to it) to `check`.
+#[inline(always)]
+pub fn apply_delta(check: u16, delta: u32) -> u16 {
+    !fold(add16(u32::from(!check), fold(delta)))
+}
+
+/// The IPv6 rewrite: addresses and ports from `rw`, hop limit - 1 when `dec_ttl`, the TCP/UDP
+/// checksum patched for the pseudo-header addresses and the ports. UDP checksum 0 never gets
+/// here (`Reason::DropUdpZeroChecksum`); a computed 0 is sent as 0xffff.
+#[inline(always)]
+pub fn rewrite6(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    rw: &Rewrite6,
+    dec_ttl: bool,
+) -> Result<(), Reason> {
+    let ip: *mut [u8; 40] = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 14 + 40 <= data_end; byte array, no alignment needed.
+    let ip = unsafe { &mut *ip };
+    let mut old_src = [0u8; 16];
+    let mut old_dst = [0u8; 16];
+    old_src.copy_from_slice(&ip[8..24]);
+    old_dst.copy_from_slice(&ip[24..40]);
+    let mut delta = addr6_delta(&old_src, &old_dst, rw.src, rw.dst);
+    if dec_ttl {
+        ip[7] = ip[7].wrapping_sub(1);
+    }
+    let mut w = 0;
+    while w < 4 {
+        ip[8 + 4 * w..12 + 4 * w].copy_from_slice(&rw.src[w].to_ne_bytes());
+        ip[24 + 4 * w..28 + 4 * w].copy_from_slice(&rw.dst[w].to_ne_bytes());
+        w += 1;
+    }
+
+    let sport = rw.sport.to_ne_bytes();
+    let dport = rw.dport.to_ne_bytes();
+    if pkt.proto == IPPROTO_TCP {
+        let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
+        // SAFETY: ptr_at checked data + 54 + 20 <= data_end; fields used are byte arrays.
+        let tcp = unsafe { &mut *tcp };
+        delta = add16(delta, !u16::from_be_bytes(tcp.source));
+        delta = add16(delta, !u16::from_be_bytes(tcp.dest));
+        delta = add16(delta, u16::from_be_bytes(sport));
+        delta = add16(delta, u16::from_be_bytes(dport));
+        tcp.check = apply_delta(u16::from_be_bytes(tcp.check), delta).to_be_bytes();
+        tcp.source = sport;
+        tcp.dest = dport;
+    } else {
+        let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
+        // SAFETY: ptr_at checked data + 54 + 8 <= data_end; UdpHdr is all bytes (align 1).
+        let udp = unsafe { &mut *udp };
+        delta = add16(delta, !u16::from_be_bytes(udp.src));
+        delta = add16(delta, !u16::from_be_bytes(udp.dst));
+        delta = add16(delta, u16::from_be_bytes(sport));
+        delta = add16(delta, u16::from_be_bytes(dport));
+        let c = apply_delta(u16::from_be_bytes(udp.check), delta);
+        udp.check = if c == 0 { 0xffff_u16 } else { c }.to_be_bytes();
+        udp.src = sport;
+        udp.dst = dport;
+    }
+    Ok(())
 }

@@ -346,16 +346,18 @@ pub enum Reason {
     RevTx = 2,
     /// Forwarded upstream -> client with XDP_REDIRECT.
     RevRedirect = 3,
-    /// Not IPv4 (ARP, IPv6, VLAN, ...): passed.
+    /// Neither IPv4 nor IPv6 (ARP, VLAN-tagged, ...): passed.
     PassNotIp = 4,
-    /// IPv4 but neither TCP nor UDP, and not an ICMP error the program translates (echo
-    /// requests, other ICMP, GRE, ...): passed.
+    /// IPv4/IPv6 but neither TCP nor UDP, and not an ICMP error the program translates (echo
+    /// requests, NDP, other ICMP/ICMPv6, GRE, ...): passed.
     PassNotTcpUdp = 5,
     /// TCP/UDP but not a configured service and no flow: passed untouched.
     PassNotService = 6,
-    /// IPv4 header with options (IHL > 5): never rewritten, passed.
+    /// IPv4 header with options (IHL > 5), or an IPv6 header followed by an extension header
+    /// other than Fragment (hop-by-hop, routing, destination options, ...): never rewritten,
+    /// passed.
     PassIpOptions = 7,
-    /// IPv4 fragment: never rewritten, passed.
+    /// IPv4 fragment, or IPv6 with a Fragment header: never rewritten, passed.
     PassFragment = 8,
     /// TCP segment without SYN to a service and no flow: passed (the kernel answers RST).
     PassMidflowNoFlow = 9,
@@ -370,7 +372,7 @@ pub enum Reason {
     PassNotReady = 13,
     /// Frame too short for the headers it claims: dropped.
     DropTruncated = 14,
-    /// TTL would reach zero: dropped.
+    /// TTL (IPv6: hop limit) would reach zero: dropped.
     DropTtlExceeded = 15,
     /// No free SNAT port within the probe budget: dropped (never a reused port).
     DropSnatExhausted = 16,
@@ -392,10 +394,16 @@ pub enum Reason {
     DropAclNotAllowed = 24,
     /// A new flow over the client's new-flow rate for the service: dropped.
     DropRateLimited = 25,
+    /// A new IPv6 flow while no IPv6 SNAT address is configured (`NatConfig::snat_v6` all
+    /// zero): passed, no flow created.
+    PassNoSnatV6 = 26,
+    /// An IPv6 UDP datagram with checksum 0 (invalid in IPv6, RFC 8200 section 8.1) that
+    /// belongs to a flow or a service: dropped (its checksum cannot be patched incrementally).
+    DropUdpZeroChecksum = 27,
 }
 
 /// Number of `Reason` values (size of `XP_REASONS`).
-pub const REASON_COUNT: u32 = 26;
+pub const REASON_COUNT: u32 = 28;
 
 impl Reason {
     /// Every reason, in index order.
@@ -426,6 +434,8 @@ impl Reason {
         Reason::DropAclDenied,
         Reason::DropAclNotAllowed,
         Reason::DropRateLimited,
+        Reason::PassNoSnatV6,
+        Reason::DropUdpZeroChecksum,
     ];
 
     /// Stable snake_case name, used as a metric label and in `inspect stats`.
@@ -458,6 +468,8 @@ impl Reason {
             Reason::DropAclDenied => "drop_acl_denied",
             Reason::DropAclNotAllowed => "drop_acl_not_allowed",
             Reason::DropRateLimited => "drop_rate_limited",
+            Reason::PassNoSnatV6 => "pass_no_snat_v6",
+            Reason::DropUdpZeroChecksum => "drop_udp_zero_checksum",
         }
     }
 
@@ -476,7 +488,8 @@ impl Reason {
             | Reason::PassNoUpstream
             | Reason::PassNoNeigh
             | Reason::PassFibFailed
-            | Reason::PassNotReady => XDP_PASS,
+            | Reason::PassNotReady
+            | Reason::PassNoSnatV6 => XDP_PASS,
             Reason::DropTruncated
             | Reason::DropTtlExceeded
             | Reason::DropSnatExhausted
@@ -485,7 +498,8 @@ impl Reason {
             | Reason::DropRedirectFailed
             | Reason::DropAclDenied
             | Reason::DropAclNotAllowed
-            | Reason::DropRateLimited => XDP_DROP,
+            | Reason::DropRateLimited
+            | Reason::DropUdpZeroChecksum => XDP_DROP,
             Reason::Aborted => XDP_ABORTED,
         }
     }
