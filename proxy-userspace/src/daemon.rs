@@ -362,7 +362,13 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     );
     let datapath = if let Some((mut dp, lock)) = started {
         _pin_lock = Some(lock);
-        let settings = sysctl::required(&p.config.datapath.interfaces);
+        let mut settings = sysctl::required(&p.config.datapath.interfaces);
+        // IPv6 forwarding when the config at start has IPv6 (a home CIDR or an l4 service).
+        if p.config.nat.first_home_cidr(true).is_some()
+            || p.config.l4_services().any(|(_, s)| s.listen.is_ipv6())
+        {
+            settings.extend(sysctl::required_ipv6());
+        }
         for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
             tracing::info!(sysctl = %s.name(), value = %s.value, was = %old, "sysctl set");
         }

@@ -1,7 +1,8 @@
 //! The kernel settings the datapath needs in the daemon's network namespace
 //! (docs/datapath.md step 9): forwarding on, and on every datapath interface plus `all`,
 //! `accept_local=1` and `rp_filter=0`, so a packet the program rewrote to the SNAT source and
-//! passed to the kernel is forwarded instead of dropped as a martian.
+//! passed to the kernel is forwarded instead of dropped as a martian; with an IPv6 l4 service,
+//! IPv6 forwarding on too ([`required_ipv6`]).
 
 use std::{
     io,
@@ -51,6 +52,18 @@ pub fn required(interfaces: &[String]) -> Vec<Setting> {
         });
     }
     out
+}
+
+/// The IPv6 setting the datapath needs when a service is IPv6: forwarding on (`all`), without
+/// which the XDP program's `bpf_fib_lookup(AF_INET6)` answers "forwarding disabled" and every
+/// IPv6 packet takes the kernel's path. (IPv6 has no `accept_local` or `rp_filter`; the kernel's
+/// ephemeral port range, `net.ipv4.ip_local_port_range`, covers IPv6 sockets too.)
+#[must_use]
+pub fn required_ipv6() -> Vec<Setting> {
+    vec![Setting {
+        path: "net/ipv6/conf/all/forwarding".into(),
+        value: "1",
+    }]
 }
 
 /// Apply `settings` under `root` (normally `/proc/sys`), returning each old value.

@@ -227,6 +227,15 @@ impl Netns {
         })
     }
 
+    /// The IPv6 counters of this namespace (`/proc/net/snmp6`: `Ip6OutForwDatagrams`, ...).
+    pub fn ip6_snmp(&self) -> Result<HashMap<String, u64>> {
+        self.run_blocking(|| {
+            let text = fs::read_to_string("/proc/thread-self/net/snmp6")
+                .context("cannot read /proc/thread-self/net/snmp6")?;
+            parse_snmp6(&text)
+        })
+    }
+
     /// Run a synchronous closure on a thread that entered this namespace; wait for it.
     pub fn run_blocking<T, F>(&self, f: F) -> Result<T>
     where
@@ -305,6 +314,23 @@ impl Netns {
 
 /// Parse one table (`Ip`, `Tcp`, `Udp`, ...) of `/proc/net/snmp`: a header line of names
 /// followed by a line of values, both starting with `<table>:`.
+/// `/proc/net/snmp6`: one `Name value` pair per line.
+///
+/// # Errors
+/// A line that is not a name and a number.
+pub fn parse_snmp6(text: &str) -> Result<HashMap<String, u64>> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            match (it.next(), it.next().map(str::parse::<u64>)) {
+                (Some(n), Some(Ok(v))) => Ok((n.to_owned(), v)),
+                _ => Err(anyhow!("snmp6: bad line `{l}`")),
+            }
+        })
+        .collect()
+}
+
 pub fn parse_snmp(text: &str, table: &str) -> Result<HashMap<String, u64>> {
     let prefix = format!("{table}:");
     let mut lines = text.lines().filter(|l| l.starts_with(&prefix));
@@ -751,9 +777,36 @@ pub const fn sock(ip: std::net::Ipv4Addr, port: u16) -> std::net::SocketAddr {
     std::net::SocketAddr::V4(std::net::SocketAddrV4::new(ip, port))
 }
 
+/// `[ip]:port` as a socket address.
+#[must_use]
+pub const fn sock6(ip: std::net::Ipv6Addr, port: u16) -> std::net::SocketAddr {
+    std::net::SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, 0))
+}
+
+/// Enable IPv6 on `dev` in `ns` (new namespaces may start with it disabled) and add
+/// `addr/len` without duplicate address detection (usable at once).
+///
+/// # Errors
+/// A sysctl cannot be written or the `ip` command fails.
+pub fn add_addr6(ns: &Netns, dev: &str, addr: std::net::Ipv6Addr, len: u8) -> Result<()> {
+    for scope in ["all", dev] {
+        ns.sysctl(&format!("net/ipv6/conf/{scope}/disable_ipv6"), "0")?;
+    }
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{addr}/{len}"),
+        "dev",
+        dev,
+        "nodad",
+    ])?;
+    Ok(())
+}
+
 /// Addresses of the two-interface shape.
 pub mod two {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 2);
     /// The proxy's client-side address: the service address.
@@ -768,11 +821,20 @@ pub mod two {
     pub const PROXY_CLIENT_DEV: &str = "pc";
     pub const PROXY_HOME_DEV: &str = "ph";
     pub const HOME_DEV: &str = "h0";
+
+    /// IPv6 (ULA) addresses, added by [`super::TwoInterface::with_ipv6`] only.
+    pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 2);
+    /// The proxy's client-side IPv6 address: the IPv6 service address.
+    pub const PROXY_CLIENT_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x100, 0, 0, 0, 0, 0, 1);
+    /// The proxy's home-side IPv6 address: the IPv6 SNAT address.
+    pub const PROXY_HOME_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
+    pub const HOME6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
+    pub const HOME_CIDR6: &str = "fd00:200::/64";
 }
 
 /// Addresses of the one-interface shape (one subnet behind a bridge).
 pub mod one {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 2);
     /// The proxy's only address: service address and SNAT address at once.
@@ -788,6 +850,12 @@ pub mod one {
     pub const BRIDGE_CLIENT_PORT: &str = "bc";
     pub const BRIDGE_PROXY_PORT: &str = "bp";
     pub const BRIDGE_HOME_PORT: &str = "bh";
+
+    /// IPv6 (ULA) addresses, added by [`super::OneInterface::with_ipv6`] only.
+    pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 2);
+    pub const PROXY6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 1);
+    pub const HOME6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 3);
+    pub const CIDR6: &str = "fd00:50::/64";
 }
 
 /// client --veth-- proxy --veth-- home.
@@ -799,6 +867,8 @@ pub mod one {
 /// Transmit checksum offload is off on `c0` and `h0`; GRO is on there too, so frames the proxy
 /// redirects into `pc`/`ph` are delivered. Forwarding on the proxy is left as the kernel's
 /// default (off): the daemon turns it on (or a kernel-routing baseline does).
+///
+/// IPv6 only on request ([`TwoInterface::with_ipv6`]), so IPv4 tests see what they always saw.
 pub struct TwoInterface {
     pub lab: Lab,
     pub client: Netns,
@@ -848,6 +918,30 @@ impl TwoInterface {
             proxy,
             home,
         })
+    }
+
+    /// Dual stack: the same shape plus IPv6 ULA addresses (`two::*6`), added with `nodad`:
+    /// client `fd00:100::2/64` with a default route via the proxy's `fd00:100::1`, proxy
+    /// `fd00:100::1/64` and `fd00:200::1/64`, home `fd00:200::2/64` (no IPv6 route beyond its
+    /// subnet). IPv6 forwarding on the proxy stays off (the daemon turns it on).
+    ///
+    /// # Errors
+    /// An `ip` command fails.
+    pub fn with_ipv6(self) -> Result<Self> {
+        use two::*;
+        add_addr6(&self.client, CLIENT_DEV, CLIENT6, 64)?;
+        add_addr6(&self.proxy, PROXY_CLIENT_DEV, PROXY_CLIENT_SIDE6, 64)?;
+        add_addr6(&self.proxy, PROXY_HOME_DEV, PROXY_HOME_SIDE6, 64)?;
+        add_addr6(&self.home, HOME_DEV, HOME6, 64)?;
+        self.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &PROXY_CLIENT_SIDE6.to_string(),
+        ])?;
+        Ok(self)
     }
 }
 
@@ -903,6 +997,19 @@ impl OneInterface {
             proxy,
             home,
         })
+    }
+
+    /// Dual stack: the same shape plus IPv6 ULA addresses on the one subnet (`one::*6`,
+    /// `fd00:50::/64`), added with `nodad`.
+    ///
+    /// # Errors
+    /// An `ip` command fails.
+    pub fn with_ipv6(self) -> Result<Self> {
+        use one::*;
+        add_addr6(&self.client, CLIENT_DEV, CLIENT6, 64)?;
+        add_addr6(&self.proxy, PROXY_DEV, PROXY6, 64)?;
+        add_addr6(&self.home, HOME_DEV, HOME6, 64)?;
+        Ok(self)
     }
 }
 

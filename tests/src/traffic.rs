@@ -863,7 +863,12 @@ pub async fn udp_exchange(
     let mut set = JoinSet::new();
     for k in 0..sockets {
         set.spawn(async move {
-            let sock = UdpSocket::bind("0.0.0.0:0").await.context("udp bind")?;
+            let any = if service.is_ipv6() {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            };
+            let sock = UdpSocket::bind(any).await.context("udp bind")?;
             sock.connect(service).await.context("udp connect")?;
             let mut retries = 0usize;
             let mut bytes = 0u64;
