@@ -377,6 +377,90 @@ pub struct CpuUse {
     /// Of which the proxy process tree (userspace proxies, and the xdp-proxy daemon's control
     /// plane), microseconds.
     pub proxy_us: Option<f64>,
+    /// The XDP programs' own run time (kernel BPF run-time statistics, summed over the programs
+    /// attached to the proxy's interfaces), microseconds: the fast path's data-path share, which
+    /// runs in softirq and is otherwise charged to whichever process sent the packet.
+    pub xdp_prog_us: Option<f64>,
+    /// Runs of those programs (packets) over the measurement.
+    pub xdp_prog_runs: Option<u64>,
+}
+
+impl CpuUse {
+    /// The proxy's own CPU: its process tree plus, for the fast path, its XDP programs' run time.
+    #[must_use]
+    pub fn proxy_own_us(&self) -> Option<f64> {
+        match (self.proxy_us, self.xdp_prog_us) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0.0) + b.unwrap_or(0.0)),
+        }
+    }
+}
+
+/// Ids of the XDP programs attached to `devs` in `ns` (from `ip -j -d link show`).
+pub fn xdp_prog_ids(ns: &Netns, devs: &[&str]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for dev in devs {
+        let out = ns.ip(&["-j", "-d", "link", "show", "dev", dev])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&out).with_context(|| format!("ip -j link show {dev}: {out}"))?;
+        collect_xdp_ids(&v, false, &mut ids);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Every `prog.id` under an `xdp` object (single attachment: `xdp.prog.id`; several modes:
+/// `xdp.attached[].prog.id`).
+fn collect_xdp_ids(v: &serde_json::Value, in_xdp: bool, ids: &mut Vec<u32>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if in_xdp
+                    && k == "prog"
+                    && let Some(id) = x.get("id").and_then(serde_json::Value::as_u64)
+                    && let Ok(id) = u32::try_from(id)
+                {
+                    ids.push(id);
+                }
+                collect_xdp_ids(x, in_xdp || k == "xdp", ids);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for x in a {
+                collect_xdp_ids(x, in_xdp, ids);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Summed run time (ns) and run count of the loaded BPF programs with these ids. Both only
+/// advance while run-time statistics are on ([`BpfStats`]).
+#[must_use]
+pub fn bpf_run_time(ids: &[u32]) -> (u64, u64) {
+    let mut ns = 0u64;
+    let mut runs = 0u64;
+    for p in aya::programs::loaded_programs().flatten() {
+        if ids.contains(&p.id()) {
+            ns += u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX);
+            runs += p.run_count();
+        }
+    }
+    (ns, runs)
+}
+
+/// Kernel BPF run-time statistics, on while this lives (`BPF_ENABLE_STATS`; off again when the
+/// descriptor closes, also if the bench dies). Every BPF program run then also reads the clock
+/// twice, so it is on only while the fast path is measured.
+pub struct BpfStats(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+impl BpfStats {
+    pub fn enable() -> Result<Self> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime)
+            .map(Self)
+            .context("BPF_ENABLE_STATS (run time)")
+    }
 }
 
 /// Snapshot before a run; [`CpuProbe::finish`] after it.
@@ -385,6 +469,8 @@ pub struct CpuProbe {
     stat: CpuTimes,
     bench: u64,
     proxy: Option<(u32, u64)>,
+    /// XDP program ids and their (run time ns, runs) at the start.
+    xdp: Option<(Vec<u32>, (u64, u64))>,
 }
 
 fn bench_ticks() -> u64 {
@@ -392,12 +478,15 @@ fn bench_ticks() -> u64 {
 }
 
 impl CpuProbe {
-    pub fn start(proxy_pid: Option<u32>) -> Result<Self> {
+    /// `xdp_progs`: ids of the proxy's XDP programs whose run time to attribute (empty: none).
+    pub fn start(proxy_pid: Option<u32>, xdp_progs: &[u32]) -> Result<Self> {
+        let xdp = (!xdp_progs.is_empty()).then(|| (xdp_progs.to_vec(), bpf_run_time(xdp_progs)));
         Ok(Self {
             start: Instant::now(),
             stat: read_proc_stat()?,
             bench: bench_ticks(),
             proxy: proxy_pid.map(|p| (p, tree_ticks(p))),
+            xdp,
         })
     }
 
@@ -411,6 +500,14 @@ impl CpuProbe {
             proxy_us: self
                 .proxy
                 .map(|(pid, t0)| ticks_to_us(tree_ticks(pid).saturating_sub(t0))),
+            xdp_prog_us: self
+                .xdp
+                .as_ref()
+                .map(|(ids, (ns0, _))| bpf_run_time(ids).0.saturating_sub(*ns0) as f64 / 1000.0),
+            xdp_prog_runs: self
+                .xdp
+                .as_ref()
+                .map(|(ids, (_, r0))| bpf_run_time(ids).1.saturating_sub(*r0)),
         })
     }
 }
@@ -460,6 +557,25 @@ mod tests {
         let line = "1234 (ngi nx) worker) S 1 1234 1234 0 -1 4194560 100 0 0 0 37 12 5 3 20 0 1 0";
         assert_eq!(parse_pid_stat(line).unwrap(), (49, 8));
         assert!(parse_pid_stat("1 (x) S 1 2").is_err());
+    }
+
+    #[test]
+    fn xdp_ids_from_ip_json() {
+        let single: serde_json::Value = serde_json::from_str(
+            r#"[{"ifname":"pc","xdp":{"mode":1,"prog":{"id":42,"name":"proxy"}}}]"#,
+        )
+        .unwrap();
+        let mut ids = Vec::new();
+        collect_xdp_ids(&single, false, &mut ids);
+        assert_eq!(ids, [42]);
+        let multi: serde_json::Value = serde_json::from_str(
+            r#"[{"xdp":{"mode":4,"attached":[{"mode":1,"prog":{"id":7}},{"mode":2,"prog":{"id":9}}]},
+                "linkinfo":{"prog":{"id":99}}}]"#,
+        )
+        .unwrap();
+        ids.clear();
+        collect_xdp_ids(&multi, false, &mut ids);
+        assert_eq!(ids, [7, 9]);
     }
 
     #[test]

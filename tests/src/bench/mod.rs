@@ -1,18 +1,21 @@
 //! `cargo xtask bench`: xdp-proxy side by side with direct kernel routing, nftables NAT, NGINX
 //! and HAProxy in one run (see BENCHMARKS.md). The driver is `src/bin/xdp-proxy-bench.rs`;
-//! this module holds its parts: `measure` (wrk, iperf3, CPU accounting), `systems` (setting each
-//! system up and down in the namespace lab), `micro` (BPF_PROG_TEST_RUN per-packet cost and the
-//! 1M-flow table) and `report` (markdown, SVG, JSON).
+//! this module holds its parts: `measure` (wrk, iperf3, CPU accounting), `udp` (the small UDP
+//! request/response client and responder), `systems` (setting each system up and down in the
+//! namespace lab), `micro` (BPF_PROG_TEST_RUN per-packet cost and the 1M-flow table) and
+//! `report` (markdown, SVG, JSON).
 
 pub mod measure;
 pub mod micro;
 pub mod report;
 pub mod systems;
+pub mod udp;
 
 use serde::Serialize;
 
 use measure::{CpuUse, IperfResult, WrkResult};
 use systems::System;
+use udp::UdpResult;
 
 /// Median, minimum and maximum of a set of values (NaN-free).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -60,14 +63,18 @@ pub enum Workload {
     NewConn,
     /// iperf3, one TCP stream.
     Bulk,
+    /// Small UDP request/response (the bench's own client and responder, several requests in
+    /// flight on a few sockets).
+    Udp,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [
+    pub const ALL: [Workload; 5] = [
         Workload::KeepAlive,
         Workload::Latency1,
         Workload::NewConn,
         Workload::Bulk,
+        Workload::Udp,
     ];
 
     #[must_use]
@@ -77,6 +84,7 @@ impl Workload {
             Workload::Latency1 => "latency-1conn",
             Workload::NewConn => "newconn",
             Workload::Bulk => "bulk",
+            Workload::Udp => "udp-rr",
         }
     }
 }
@@ -87,12 +95,14 @@ pub struct LiveSample {
     pub system: System,
     pub workload: Workload,
     pub round: u32,
-    /// Requests/s (keep-alive, latency), connections/s (newconn), Gbit/s (bulk).
+    /// Requests/s (keep-alive, latency, udp), connections/s (newconn), Gbit/s (bulk).
     pub value: f64,
     pub wrk: Option<WrkResult>,
     pub iperf: Option<IperfResult>,
+    pub udp: Option<UdpResult>,
     pub cpu: CpuUse,
-    /// Units of work done: requests, connections, or gigabytes (bulk).
+    /// Units of work done: requests (HTTP or UDP request/response pairs), connections, or
+    /// gigabytes (bulk).
     pub units: f64,
 }
 
@@ -115,9 +125,32 @@ impl LiveSample {
         per(self.cpu.softirq_us, self.units)
     }
 
+    /// Latency percentiles (p50, p99, p99.9) in µs, from wrk or the UDP client.
+    #[must_use]
+    pub fn latency(&self) -> Option<(f64, f64, f64)> {
+        if let Some(w) = &self.wrk {
+            return Some((w.p50_us, w.p99_us, w.p999_us));
+        }
+        self.udp.as_ref().map(|u| (u.p50_us, u.p99_us, u.p999_us))
+    }
+
+    /// wrk's errors, or the UDP client's lost requests and socket errors.
+    #[must_use]
+    pub fn errors(&self) -> u64 {
+        self.wrk.as_ref().map_or(0, |w| w.errors) + self.udp.as_ref().map_or(0, UdpResult::errors)
+    }
+
+    /// The proxy's own CPU per unit: its process tree, plus its XDP programs' run time for the
+    /// fast path (see [`CpuUse::proxy_own_us`]).
     #[must_use]
     pub fn proxy_per_unit(&self) -> Option<f64> {
-        self.cpu.proxy_us.map(|p| per(p, self.units))
+        self.cpu.proxy_own_us().map(|p| per(p, self.units))
+    }
+
+    /// The XDP programs' run time per unit (fast path with run-time statistics on).
+    #[must_use]
+    pub fn xdp_prog_per_unit(&self) -> Option<f64> {
+        self.cpu.xdp_prog_us.map(|p| per(p, self.units))
     }
 }
 

@@ -31,6 +31,14 @@ pub struct Settings {
     pub latency_seconds: u64,
     pub newconn_seconds: u64,
     pub bulk_seconds: u64,
+    pub udp_seconds: u64,
+    /// UDP client: sockets, requests in flight over all of them, request (= response) size.
+    pub udp_sockets: u32,
+    pub udp_in_flight: u32,
+    pub udp_request_bytes: usize,
+    /// Whether the fast path's XDP program run time was measured (BPF run-time statistics on
+    /// while the fast path ran).
+    pub xdp_run_time_stats: bool,
     pub warmup_seconds: u64,
     pub connections: u32,
     pub micro_samples: u32,
@@ -72,6 +80,14 @@ impl Results {
     fn summary(&self, s: System, w: Workload, f: impl Fn(&LiveSample) -> f64) -> Summary {
         let v: Vec<f64> = self.samples(s, w).map(f).collect();
         Summary::of(&v)
+    }
+
+    /// The systems this run was asked to measure.
+    fn systems_run(&self) -> Vec<System> {
+        System::ALL
+            .into_iter()
+            .filter(|s| self.systems.iter().any(|i| i.id == s.id()))
+            .collect()
     }
 
     fn systems_in(&self, w: Workload) -> Vec<System> {
@@ -121,10 +137,10 @@ fn throughput_table(r: &Results, w: Workload, unit: &str, cpu_unit: &str, scale:
     let mut out = String::new();
     let base = r.summary(System::Direct, w, |x| x.value).median;
     let nginx = r.summary(System::NginxStream, w, |x| x.value).median;
-    let with_latency = matches!(w, Workload::KeepAlive);
+    let with_latency = matches!(w, Workload::KeepAlive | Workload::Udp);
     let _ = write!(
         out,
-        "| system | {unit} median (min–max) | vs direct | vs nginx stream | bench CPU {cpu_unit} | proxy process {cpu_unit} | machine CPU {cpu_unit} |"
+        "| system | {unit} median (min–max) | vs direct | vs nginx stream | bench CPU {cpu_unit} | proxy's own CPU {cpu_unit} | machine CPU {cpu_unit} |"
     );
     if with_latency {
         out.push_str(" p50 / p99 / p99.9 µs |");
@@ -139,10 +155,7 @@ fn throughput_table(r: &Results, w: Workload, unit: &str, cpu_unit: &str, scale:
         let cpu = r.summary(s, w, |x| x.cpu_per_unit() * scale);
         let machine = r.summary(s, w, |x| x.machine_per_unit() * scale);
         let proxy = r.summary(s, w, |x| x.proxy_per_unit().unwrap_or(f64::NAN) * scale);
-        let errors: u64 = r
-            .samples(s, w)
-            .map(|x| x.wrk.as_ref().map_or(0, |w| w.errors))
-            .sum();
+        let errors: u64 = r.samples(s, w).map(LiveSample::errors).sum();
         let _ = write!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} |",
@@ -159,21 +172,28 @@ fn throughput_table(r: &Results, w: Workload, unit: &str, cpu_unit: &str, scale:
             fmt_num(machine.median),
         );
         if with_latency {
-            let p = |f: fn(&crate::bench::measure::WrkResult) -> f64| {
-                r.summary(s, w, |x| x.wrk.as_ref().map_or(f64::NAN, f))
-                    .median
+            let p = |f: fn((f64, f64, f64)) -> f64| {
+                r.summary(s, w, |x| x.latency().map_or(f64::NAN, f)).median
             };
             let _ = write!(
                 out,
                 " {} / {} / {} |",
-                fmt_num(p(|w| w.p50_us)),
-                fmt_num(p(|w| w.p99_us)),
-                fmt_num(p(|w| w.p999_us))
+                fmt_num(p(|l| l.0)),
+                fmt_num(p(|l| l.1)),
+                fmt_num(p(|l| l.2))
             );
         }
         let _ = writeln!(out, " {errors} |");
     }
-    if !matches!(w, Workload::Bulk) {
+    if matches!(w, Workload::Udp) {
+        // Systems in the run that carry no UDP: a row saying why, not a silent gap.
+        for s in r.systems_run() {
+            if let Some(why) = s.no_udp_reason() {
+                let _ = writeln!(out, "| {} | {why} | | | | | | | |", s.name());
+            }
+        }
+    }
+    if !matches!(w, Workload::Bulk | Workload::Udp) {
         for (name, why) in NOT_IMPLEMENTED {
             let _ = write!(out, "| {name} | {why} | | | | | |");
             if with_latency {
@@ -393,6 +413,22 @@ pub fn markdown(r: &Results) -> String {
     for (name, why) in &r.not_implemented {
         let _ = writeln!(out, "- **{name}**: {why}");
     }
+    let _ = writeln!(
+        out,
+        "\nCPU columns: *bench CPU* is the CPU time of the bench's own processes (driver with its \
+         UDP client thread, wrk, iperf3, the upstreams, the proxy, all their children) plus the \
+         ksoftirqd threads; softirq work (forwarding, NAT, XDP on veth) is charged to the process \
+         it interrupted, so it is inside. *Proxy's own CPU* is the proxy's process tree; for the \
+         xdp-proxy fast path the daemon (control plane) plus {}. *Machine CPU* is all busy time \
+         in /proc/stat, other people's work included.",
+        if s.xdp_run_time_stats {
+            "its XDP programs' run time from the kernel's BPF run-time statistics (on only while \
+             the fast path is measured; they add two clock reads per program run)"
+        } else {
+            "nothing else (run with BPF run-time statistics off: the XDP programs' share is not \
+             attributed)"
+        }
+    );
     let _ = writeln!(out, "\n## Targets\n\n{}", targets(r));
     let _ = writeln!(
         out,
@@ -419,6 +455,17 @@ pub fn markdown(r: &Results) -> String {
         "## Bulk TCP (iperf3, one stream, {} s per run)\n\n{}",
         s.bulk_seconds,
         throughput_table(r, Workload::Bulk, "Gbit/s", "ms/GB", 1e-3)
+    );
+    let _ = writeln!(
+        out,
+        "## Small UDP request/response ({} sockets, {} requests of {} bytes in flight, {} s per run)\n\n\
+         Request/response pairs per second; latency from send to matching answer; errors = \
+         requests lost (unanswered within the loss timeout) plus socket errors.\n\n{}",
+        s.udp_sockets,
+        s.udp_in_flight,
+        s.udp_request_bytes,
+        s.udp_seconds,
+        throughput_table(r, Workload::Udp, "requests/s", "µs/request", 1.0)
     );
     let _ = writeln!(
         out,
@@ -601,6 +648,18 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<Vec<String>> {
         "Bulk TCP throughput, iperf3 one stream (higher is better)",
         "Gbit/s",
         live(Workload::Bulk, &|x| x.value),
+    )?;
+    chart(
+        "udp-rps.svg",
+        "Small UDP request/response, requests/s (higher is better)",
+        "request/response pairs per second",
+        live(Workload::Udp, &|x| x.value),
+    )?;
+    chart(
+        "udp-cpu.svg",
+        "Bench CPU per UDP request/response (lower is better)",
+        "µs of CPU (bench processes + ksoftirqd) per request",
+        live(Workload::Udp, &LiveSample::cpu_per_unit),
     )?;
     if let Some(m) = &r.micro {
         let mut bars: Vec<(String, Summary)> = m

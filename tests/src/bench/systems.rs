@@ -2,7 +2,7 @@
 //! down again before the next: direct kernel routing (no NAT), the xdp-proxy fast path, nftables
 //! DNAT+SNAT, NGINX stream, NGINX http (upstream keep-alive), HAProxy tcp mode. The upstream
 //! (NGINX, one worker, a fixed 128-byte body) and an iperf3 server run in the home namespace for
-//! the whole bench.
+//! the whole bench; the driver adds the UDP responder there (see `bench::udp`).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ pub const SERVICE_PORT: u16 = 80;
 pub const HOME_HTTP_PORT: u16 = 8080;
 /// iperf3: same port on the proxy and in the home namespace.
 pub const BULK_PORT: u16 = 5201;
+/// Small UDP request/response: same port on the proxy and for the responder at home.
+pub const UDP_PORT: u16 = 5300;
 /// The upstream's response body: 128 bytes.
 pub const BODY: &str = "xdp-proxy bench body: static text served by nginx from memory (return 200), the same for every system...........................";
 const _: () = assert!(BODY.len() == 128);
@@ -88,7 +90,7 @@ impl System {
             }
             System::XdpFast => {
                 "xdp-proxy daemon (release), native XDP on both proxy interfaces, l4 services for \
-                 HTTP and iperf3"
+                 HTTP, iperf3 and UDP"
             }
             System::Nftables => {
                 "nftables DNAT (prerouting) + SNAT (postrouting) with conntrack, kernel forwarding"
@@ -113,6 +115,22 @@ impl System {
     #[must_use]
     pub const fn carries_bulk(self) -> bool {
         !matches!(self, System::NginxHttp | System::XdpHttp)
+    }
+
+    /// Whether the system carries UDP (the HTTP proxies and HAProxy do not).
+    #[must_use]
+    pub const fn carries_udp(self) -> bool {
+        !matches!(self, System::NginxHttp | System::XdpHttp | System::Haproxy)
+    }
+
+    /// Why a system has no UDP row.
+    #[must_use]
+    pub const fn no_udp_reason(self) -> Option<&'static str> {
+        match self {
+            System::Haproxy => Some("HAProxy cannot proxy UDP (TCP and HTTP only)"),
+            System::NginxHttp | System::XdpHttp => Some("n/a: an HTTP (L7) proxy"),
+            _ => None,
+        }
     }
 
     /// The address the client sends to.
@@ -183,6 +201,23 @@ fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> R
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("{what}: not ready after {limit:?}")
+}
+
+/// The l4 service for the UDP request/response workload (daemon config): no health check (the
+/// responder has no TCP port to check).
+fn udp_service() -> String {
+    format!(
+        "[[service]]\nname = \"udp\"\nlisten = \"{svc}:{UDP_PORT}\"\nprotocol = \"udp\"\nmode = \"l4\"\n\
+         upstreams = [\"{home}:{UDP_PORT}\"]\n[service.health]\nkind = \"none\"\n",
+        svc = two::PROXY_CLIENT_SIDE,
+        home = two::HOME,
+    )
+}
+
+/// Whether something in `ns` has a UDP socket bound to `ip:port` (per `ss`).
+pub fn udp_bound(ns: &crate::netns::Netns, ip: std::net::Ipv4Addr, port: u16) -> bool {
+    ns.exec("ss", &["-Hlun", &format!("src {ip}:{port}")])
+        .is_ok_and(|o| !o.trim().is_empty())
 }
 
 /// Whether something in `ns` listens on TCP `ip:port` (per `ss`).
@@ -299,7 +334,8 @@ impl BenchLab {
                 let rules = format!(
                     "table ip {NFT_TABLE} {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
                      ip daddr {svc_ip} tcp dport {SERVICE_PORT} dnat to {home}:{HOME_HTTP_PORT}\n    \
-                     ip daddr {svc_ip} tcp dport {BULK_PORT} dnat to {home}:{BULK_PORT}\n  }}\n  \
+                     ip daddr {svc_ip} tcp dport {BULK_PORT} dnat to {home}:{BULK_PORT}\n    \
+                     ip daddr {svc_ip} udp dport {UDP_PORT} dnat to {home}:{UDP_PORT}\n  }}\n  \
                      chain post {{\n    type nat hook postrouting priority srcnat; policy accept;\n    \
                      ip daddr {home} oifname \"{ph}\" snat to {snat}\n  }}\n}}\n",
                     ph = two::PROXY_HOME_DEV,
@@ -317,7 +353,8 @@ impl BenchLab {
                      [[service]]\nname = \"web\"\nlisten = \"{svc_ip}:{SERVICE_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
                      upstreams = [\"{home}:{HOME_HTTP_PORT}\"]\n\n\
                      [[service]]\nname = \"bulk\"\nlisten = \"{svc_ip}:{BULK_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
-                     upstreams = [\"{home}:{BULK_PORT}\"]\n",
+                     upstreams = [\"{home}:{BULK_PORT}\"]\n\n{udp}",
+                    udp = udp_service(),
                     pc = two::PROXY_CLIENT_DEV,
                     ph = two::PROXY_HOME_DEV,
                     pin = pin_dir.display(),
@@ -350,7 +387,8 @@ impl BenchLab {
                         "[[service]]\nname = \"web\"\nlisten = \"{svc_ip}:{SERVICE_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
                          upstreams = [\"{home}:{HOME_HTTP_PORT}\"]\n\n\
                          [[service]]\nname = \"bulk\"\nlisten = \"{svc_ip}:{BULK_PORT}\"\nprotocol = \"tcp\"\nmode = \"l4\"\n\
-                         upstreams = [\"{home}:{BULK_PORT}\"]\n"
+                         upstreams = [\"{home}:{BULK_PORT}\"]\n\n{udp}",
+                        udp = udp_service(),
                     )
                 };
                 let config = format!(
@@ -378,6 +416,14 @@ impl BenchLab {
                     )
                     .with_context(|| self.topo.lab.log_tail(d_pid, 20))?;
                 }
+                if system.carries_udp() {
+                    wait_until(
+                        "the daemon's userspace UDP socket",
+                        Duration::from_secs(30),
+                        || udp_bound(&proxy, svc_ip, UDP_PORT),
+                    )
+                    .with_context(|| self.topo.lab.log_tail(d_pid, 20))?;
+                }
                 pid = Some(d.pid);
                 daemon = Some(d);
             }
@@ -385,7 +431,8 @@ impl BenchLab {
                 let conf = format!(
                     "load_module {NGINX_STREAM_MODULE};\n{common}stream {{\n  \
                      server {{ listen {svc_ip}:{SERVICE_PORT} backlog=8192; proxy_pass {home}:{HOME_HTTP_PORT}; }}\n  \
-                     server {{ listen {svc_ip}:{BULK_PORT}; proxy_pass {home}:{BULK_PORT}; }}\n}}\n",
+                     server {{ listen {svc_ip}:{BULK_PORT}; proxy_pass {home}:{BULK_PORT}; }}\n  \
+                     server {{ listen {svc_ip}:{UDP_PORT} udp; proxy_pass {home}:{UDP_PORT}; }}\n}}\n",
                     common = nginx_common(&self.dir, "stream"),
                 );
                 pid = Some(self.spawn_nginx("stream", &conf)?);

@@ -3,7 +3,11 @@
 //! and SVG charts into `--out DIR`. See BENCHMARKS.md.
 //!
 //! Usage: xdp-proxy-bench [--quick] [--rounds N] [--out DIR] [--no-micro] [--no-live]
-//!                        [--systems direct,xdp,nftables,nginx-stream,nginx-http,haproxy]
+//!                        [--no-bpf-stats]
+//!                        [--systems direct,xdp,nftables,nginx-stream,nginx-http,haproxy,
+//!                                   xdp-userspace,xdp-http]
+//!                        [--workloads keepalive,latency-1conn,newconn,bulk,udp-rr]
+//!        xdp-proxy-bench --udp-echo IP:PORT   (the UDP responder the bench starts at home)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,12 +16,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use integration_tests::bench::measure::{
-    self, CpuProbe, WRK_SCRIPT, WrkLoad, host_info, loadavg, run_iperf, run_wrk,
+    self, BpfStats, CpuProbe, WRK_SCRIPT, WrkLoad, host_info, loadavg, run_iperf, run_wrk,
+    xdp_prog_ids,
 };
 use integration_tests::bench::report::{self, Machine, Results, Settings, SystemInfo};
-use integration_tests::bench::systems::{BULK_PORT, BenchLab, NOT_IMPLEMENTED, System};
+use integration_tests::bench::systems::{
+    BULK_PORT, BenchLab, NOT_IMPLEMENTED, System, UDP_PORT, udp_bound,
+};
+use integration_tests::bench::udp::{self, UdpLoad};
 use integration_tests::bench::{LiveSample, Workload, micro};
-use integration_tests::netns::daemon_binary;
+use integration_tests::netns::{daemon_binary, two};
 
 /// Set by SIGINT/SIGTERM: the bench stops after the current run and its lab's Drop removes the
 /// namespaces and stops the processes it started.
@@ -55,6 +63,8 @@ struct Args {
     micro: bool,
     live: bool,
     systems: Vec<System>,
+    workloads: Vec<Workload>,
+    bpf_stats: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -65,6 +75,8 @@ fn parse_args() -> Result<Args> {
         micro: true,
         live: true,
         systems: System::ALL.to_vec(),
+        workloads: Workload::ALL.to_vec(),
+        bpf_stats: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,6 +84,7 @@ fn parse_args() -> Result<Args> {
             "--quick" => a.quick = true,
             "--no-micro" => a.micro = false,
             "--no-live" => a.live = false,
+            "--no-bpf-stats" => a.bpf_stats = false,
             "--rounds" => {
                 let v = it.next().context("--rounds needs a number")?;
                 let n: u32 = v.parse().with_context(|| format!("--rounds {v:?}"))?;
@@ -91,10 +104,24 @@ fn parse_args() -> Result<Args> {
                     })
                     .collect::<Result<_>>()?;
             }
+            "--workloads" => {
+                let v = it.next().context("--workloads needs a list")?;
+                a.workloads = v
+                    .split(',')
+                    .map(|id| {
+                        Workload::ALL
+                            .into_iter()
+                            .find(|w| w.id() == id)
+                            .with_context(|| format!("unknown workload {id:?}"))
+                    })
+                    .collect::<Result<_>>()?;
+            }
             "-h" | "--help" => {
                 println!(
                     "xdp-proxy-bench [--quick] [--rounds N] [--out DIR] [--no-micro] [--no-live] \
-                     [--systems direct,xdp,nftables,nginx-stream,nginx-http,haproxy]"
+                     [--no-bpf-stats] \
+                     [--systems direct,xdp,nftables,nginx-stream,nginx-http,haproxy,xdp-userspace,\
+                     xdp-http] [--workloads keepalive,latency-1conn,newconn,bulk,udp-rr]"
                 );
                 std::process::exit(0);
             }
@@ -156,12 +183,24 @@ fn machine() -> Machine {
     }
 }
 
+/// The UDP client: 4 sockets (4 flows / sessions through the proxy), 4 requests in flight on
+/// each: 16 in flight, as wrk's 16 connections.
+const UDP_SOCKETS: u32 = 4;
+const UDP_PER_SOCKET: u32 = 4;
+/// A UDP request unanswered this long is counted lost (and replaced).
+const UDP_LOSS_TIMEOUT: Duration = Duration::from_millis(200);
+/// The responder exits by itself after this long if nobody stopped it.
+const UDP_RESPONDER_LIFETIME: Duration = Duration::from_secs(3 * 3600);
+
 struct Plan {
     rounds: u32,
     keepalive: Duration,
     latency: Duration,
     newconn: Duration,
     bulk: Duration,
+    udp: Duration,
+    udp_sockets: u32,
+    udp_per_socket: u32,
     warmup: Duration,
     connections: u32,
     micro_samples: u32,
@@ -177,6 +216,9 @@ impl Plan {
                 latency: Duration::from_secs(1),
                 newconn: Duration::from_secs(2),
                 bulk: Duration::from_secs(2),
+                udp: Duration::from_secs(2),
+                udp_sockets: UDP_SOCKETS,
+                udp_per_socket: UDP_PER_SOCKET,
                 warmup: Duration::ZERO,
                 connections: 16,
                 micro_samples: 50,
@@ -185,10 +227,15 @@ impl Plan {
         } else {
             Self {
                 rounds: a.rounds.unwrap_or(3),
-                keepalive: Duration::from_secs(8),
-                latency: Duration::from_secs(4),
-                newconn: Duration::from_secs(8),
-                bulk: Duration::from_secs(8),
+                // 6 s per measurement keeps 3 rounds of 8 systems and 5 workloads (about 10
+                // minutes of traffic) plus the micro-benchmarks under 15 minutes on 2 cores.
+                keepalive: Duration::from_secs(6),
+                latency: Duration::from_secs(3),
+                newconn: Duration::from_secs(6),
+                bulk: Duration::from_secs(6),
+                udp: Duration::from_secs(6),
+                udp_sockets: UDP_SOCKETS,
+                udp_per_socket: UDP_PER_SOCKET,
                 warmup: Duration::from_secs(1),
                 connections: 16,
                 micro_samples: 400,
@@ -198,10 +245,16 @@ impl Plan {
     }
 }
 
+/// What CPU to attribute to the proxy: its process, and its XDP programs (fast path).
+struct Own<'a> {
+    pid: Option<u32>,
+    xdp_progs: &'a [u32],
+}
+
 fn measure_one(
     lab: &BenchLab,
     system: System,
-    pid: Option<u32>,
+    own: &Own<'_>,
     workload: Workload,
     round: u32,
     plan: &Plan,
@@ -210,7 +263,7 @@ fn measure_one(
     let client = &lab.topo.client;
     let url = system.http_url();
     let wrk = |connections, duration, close| -> Result<(measure::WrkResult, measure::CpuUse)> {
-        let probe = CpuProbe::start(pid)?;
+        let probe = CpuProbe::start(own.pid, own.xdp_progs)?;
         let r = run_wrk(
             client,
             &url,
@@ -223,7 +276,7 @@ fn measure_one(
         )?;
         Ok((r, probe.finish()?))
     };
-    let (value, units, wrk_r, iperf_r, cpu) = match workload {
+    let (value, units, wrk_r, iperf_r, udp_r, cpu) = match workload {
         Workload::KeepAlive | Workload::Latency1 | Workload::NewConn => {
             let (conns, d, close) = match workload {
                 Workload::KeepAlive => (plan.connections, plan.keepalive, false),
@@ -232,10 +285,10 @@ fn measure_one(
             };
             let (r, cpu) = wrk(conns, d, close)?;
             ensure!(r.requests > 0, "wrk completed no request against {url}");
-            (r.rate(), r.requests as f64, Some(r), None, cpu)
+            (r.rate(), r.requests as f64, Some(r), None, None, cpu)
         }
         Workload::Bulk => {
-            let probe = CpuProbe::start(pid)?;
+            let probe = CpuProbe::start(own.pid, own.xdp_progs)?;
             let r = run_iperf(
                 client,
                 &system.target_ip().to_string(),
@@ -248,8 +301,33 @@ fn measure_one(
                 r.bytes as f64 / 1e9,
                 None,
                 Some(r),
+                None,
                 cpu,
             )
+        }
+        Workload::Udp => {
+            // The same port on the proxy and at home (direct routing targets home).
+            let target = std::net::SocketAddrV4::new(system.target_ip(), UDP_PORT);
+            let load = UdpLoad {
+                sockets: plan.udp_sockets,
+                per_socket: plan.udp_per_socket,
+                duration: plan.udp,
+                loss_timeout: UDP_LOSS_TIMEOUT,
+                // Far above what 2 cores answer in the duration: the duration ends the run.
+                max_requests: 100_000_000,
+            };
+            let probe = CpuProbe::start(own.pid, own.xdp_progs)?;
+            let r = udp::run_client(client, target, &load)?;
+            let cpu = probe.finish()?;
+            ensure!(
+                r.requests > 0,
+                "the UDP client completed no request against {target} ({} sent, {} lost, {} socket \
+                 errors)",
+                r.sent,
+                r.lost,
+                r.socket_errors
+            );
+            (r.rate(), r.requests as f64, None, None, Some(r), cpu)
         }
     };
     Ok(LiveSample {
@@ -259,6 +337,7 @@ fn measure_one(
         value,
         wrk: wrk_r,
         iperf: iperf_r,
+        udp: udp_r,
         cpu,
         units,
     })
@@ -267,11 +346,12 @@ fn measure_one(
 fn describe(s: &LiveSample) -> String {
     match s.workload {
         Workload::KeepAlive => format!(
-            "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, CPU {:.1} µs/req{}",
+            "{:.0} req/s, p50 {:.0} µs, p99 {:.0} µs, CPU {:.1} µs/req{}{}",
             s.value,
             s.wrk.as_ref().map_or(0.0, |w| w.p50_us),
             s.wrk.as_ref().map_or(0.0, |w| w.p99_us),
             s.cpu_per_unit(),
+            xdp_share(s, "µs/req", 1.0),
             errors(s)
         ),
         Workload::Latency1 => format!(
@@ -281,23 +361,53 @@ fn describe(s: &LiveSample) -> String {
             errors(s)
         ),
         Workload::NewConn => format!(
-            "{:.0} conn/s, CPU {:.1} µs/conn{}",
+            "{:.0} conn/s, CPU {:.1} µs/conn{}{}",
             s.value,
             s.cpu_per_unit(),
+            xdp_share(s, "µs/conn", 1.0),
             errors(s)
         ),
         Workload::Bulk => format!(
-            "{:.2} Gbit/s, CPU {:.0} ms/GB",
+            "{:.2} Gbit/s, CPU {:.0} ms/GB{}",
             s.value,
-            s.cpu_per_unit() / 1000.0
+            s.cpu_per_unit() / 1000.0,
+            xdp_share(s, "ms/GB", 1e-3)
         ),
+        Workload::Udp => {
+            let (p50, p99, p999) = s.latency().unwrap_or_default();
+            format!(
+                "{:.0} req/s, p50 {p50:.0} µs, p99 {p99:.0} µs, p99.9 {p999:.0} µs, CPU {:.1} µs/req{}{}",
+                s.value,
+                s.cpu_per_unit(),
+                xdp_share(s, "µs/req", 1.0),
+                errors(s)
+            )
+        }
     }
 }
 
+/// The XDP programs' share, when measured: `, XDP program 0.21 µs/req`.
+fn xdp_share(s: &LiveSample, unit: &str, scale: f64) -> String {
+    s.xdp_prog_per_unit()
+        .map(|v| format!(", XDP program {:.3} {unit}", v * scale))
+        .unwrap_or_default()
+}
+
 fn errors(s: &LiveSample) -> String {
-    match s.wrk.as_ref().map_or(0, |w| w.errors) {
+    match s.errors() {
         0 => String::new(),
+        n if s.udp.is_some() => format!(", {n} lost or failed"),
         n => format!(", {n} errors"),
+    }
+}
+
+/// Whether `system` can carry workload `w` (no bulk through an HTTP proxy, no UDP through
+/// HAProxy or an HTTP proxy).
+fn applies(system: System, w: Workload) -> bool {
+    match w {
+        Workload::Bulk => system.carries_bulk(),
+        Workload::Udp => system.carries_udp(),
+        Workload::KeepAlive | Workload::Latency1 | Workload::NewConn => true,
     }
 }
 
@@ -313,12 +423,18 @@ fn live(
     );
     let mut lab = BenchLab::new(daemon_binary()?)?;
     let script = lab.topo.lab.write_file("wrk-report.lua", WRK_SCRIPT)?;
+    if args.workloads.contains(&Workload::Udp) {
+        start_udp_responder(&mut lab)?;
+    }
     let total = plan.rounds as usize * args.systems.len();
     let mut done = 0;
     for round in 1..=plan.rounds {
         for &system in &args.systems {
             check_interrupted()?;
             done += 1;
+            if !args.workloads.iter().any(|&w| applies(system, w)) {
+                continue;
+            }
             println!(
                 "[{done}/{total}] round {round}/{}: {} (elapsed {:.0} s, load {:?})",
                 plan.rounds,
@@ -341,6 +457,29 @@ fn live(
                     .offloads
                     .push((system.name().to_owned(), lab.offloads()));
             }
+            // The fast path's own data-path share: its XDP programs' run time, from the kernel's
+            // BPF run-time statistics, on only while this system is measured.
+            let (stats, xdp_progs) = if system == System::XdpFast && args.bpf_stats {
+                match (
+                    BpfStats::enable(),
+                    xdp_prog_ids(
+                        &lab.topo.proxy,
+                        &[two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV],
+                    ),
+                ) {
+                    (Ok(st), Ok(ids)) if !ids.is_empty() => (Some(st), ids),
+                    (st, ids) => {
+                        println!(
+                            "  note: XDP program run time not attributed ({:?}, program ids {:?})",
+                            st.err(),
+                            ids
+                        );
+                        (None, Vec::new())
+                    }
+                }
+            } else {
+                (None, Vec::new())
+            };
             if !plan.warmup.is_zero() {
                 let _ = run_wrk(
                     &lab.topo.client,
@@ -353,14 +492,25 @@ fn live(
                     &script,
                 );
             }
-            for w in Workload::ALL {
-                if w == Workload::Bulk && !system.carries_bulk() {
+            for &w in &args.workloads {
+                if !applies(system, w) {
                     continue;
                 }
                 if INTERRUPTED.load(Ordering::Relaxed) {
                     break;
                 }
-                match measure_one(&lab, system, running.pid, w, round, plan, &script) {
+                match measure_one(
+                    &lab,
+                    system,
+                    &Own {
+                        pid: running.pid,
+                        xdp_progs: &xdp_progs,
+                    },
+                    w,
+                    round,
+                    plan,
+                    &script,
+                ) {
                     Ok(s) => {
                         println!("  {:<14} {}", w.id(), describe(&s));
                         results.live.push(s);
@@ -372,6 +522,7 @@ fn live(
                     }
                 }
             }
+            drop(stats);
             lab.stop(running)
                 .with_context(|| format!("tearing down {}", system.name()))?;
         }
@@ -384,6 +535,27 @@ fn live(
         report::write_all(results, out)?;
     }
     Ok(())
+}
+
+/// Start the UDP responder (this binary, `--udp-echo`) in the home namespace; the lab stops it by
+/// PID when it is dropped.
+fn start_udp_responder(lab: &mut BenchLab) -> Result<u32> {
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let addr = format!("{}:{UDP_PORT}", two::HOME);
+    let mut cmd = lab.topo.home.command(&exe)?;
+    cmd.args(["--udp-echo", &addr]);
+    let pid = lab.topo.lab.spawn("udp-responder", cmd)?;
+    let home = lab.topo.home.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !udp_bound(&home, two::HOME, UDP_PORT) {
+        lab.topo.lab.check_running(pid)?;
+        ensure!(
+            Instant::now() < deadline,
+            "the UDP responder did not bind {addr} within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(pid)
 }
 
 fn bench() -> Result<PathBuf> {
@@ -411,19 +583,32 @@ fn bench() -> Result<PathBuf> {
             latency_seconds: plan.latency.as_secs(),
             newconn_seconds: plan.newconn.as_secs(),
             bulk_seconds: plan.bulk.as_secs(),
+            udp_seconds: plan.udp.as_secs(),
+            udp_sockets: plan.udp_sockets,
+            udp_in_flight: plan.udp_sockets * plan.udp_per_socket,
+            udp_request_bytes: udp::REQUEST_BYTES,
+            xdp_run_time_stats: args.bpf_stats,
             warmup_seconds: plan.warmup.as_secs(),
             connections: plan.connections,
             micro_samples: plan.micro_samples,
-            client: "wrk 1 thread (latency percentiles from its Lua done() hook), iperf3 one \
-                     stream, both in the client namespace"
-                .to_owned(),
+            client: format!(
+                "wrk 1 thread (latency percentiles from its Lua done() hook), iperf3 one stream, \
+                 and the bench's own UDP client (one thread of the driver, {} sockets with {} \
+                 requests of {} bytes in flight each, a request unanswered after {} ms counted \
+                 lost), all in the client namespace",
+                plan.udp_sockets,
+                plan.udp_per_socket,
+                udp::REQUEST_BYTES,
+                UDP_LOSS_TIMEOUT.as_millis()
+            ),
             upstream: format!(
                 "nginx, 1 worker, `return 200` of a {}-byte body from memory, keepalive_requests \
-                 10000000; iperf3 server; both in the home namespace",
+                 10000000; iperf3 server; the bench's UDP responder (one thread, answers each \
+                 datagram with its own bytes); all in the home namespace",
                 integration_tests::bench::systems::BODY.len()
             ),
             cpu_pinning: "No CPU pinning: client, proxy and upstream share the machine's CPUs; \
-                          every proxy runs one worker / one thread"
+                          each system's workers / threads are in its description below"
                 .to_owned(),
             offloads: Vec::new(),
         },
@@ -507,6 +692,24 @@ fn bench() -> Result<PathBuf> {
 }
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--udp-echo") {
+        let result = argv
+            .get(2)
+            .context("--udp-echo needs IP:PORT")
+            .and_then(|a| {
+                a.parse::<std::net::SocketAddrV4>()
+                    .with_context(|| format!("--udp-echo {a:?}"))
+            })
+            .and_then(|addr| udp::serve_echo(addr, UDP_RESPONDER_LIFETIME));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xdp-proxy-bench --udp-echo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match bench() {
         Ok(out) => {
             if let Ok(md) = std::fs::read_to_string(out.join("report.md")) {
