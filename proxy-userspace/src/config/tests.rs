@@ -622,6 +622,9 @@ fn example_config_in_docs_is_valid() {
     assert!(ups.iter().any(|u| u.weight > 1));
     assert!(c.services.iter().any(|s| s.health.kind == HealthKind::Http));
     assert!(c.dns.servers.is_some());
+    // And a dual-stack pair: an IPv6 l4 service beside the IPv4 ones.
+    assert!(c.nat.snat_ipv6.is_some());
+    assert!(c.l4_services().any(|(_, s)| s.listen.is_ipv6()));
 }
 
 const VALID_DUALSTACK: &str = include_str!("../../tests/fixtures/valid_dualstack.toml");
