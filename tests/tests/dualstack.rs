@@ -195,6 +195,9 @@ fn home_path_mtu_smaller_than_the_clients() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 const DS_TCP_PORT: u16 = 80;
+/// An http service on the IPv6 service address whose upstream is IPv4 (the L7 proxy opens its
+/// own connections, so the families may differ).
+const DS_HTTP_PORT: u16 = 8081;
 const DS_UDP_PORT: u16 = 53;
 const DS_HOME_TCP: u16 = 8080;
 const DS_HOME_UDP: u16 = 5353;
@@ -215,6 +218,7 @@ fn dual_config(pin_dir: &std::path::Path, xdp: bool) -> String {
     let up4 = netns::sock(HOME, DS_HOME_TCP);
     let up6 = netns::sock6(HOME6, DS_HOME_TCP);
     let udp6 = netns::sock6(HOME6, DS_HOME_UDP);
+    let app6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_HTTP_PORT);
     let mode = if xdp { "native" } else { "userspace" };
     // snat_ipv6 left out on purpose: the source of the route toward fd00:200::/64.
     format!(
@@ -249,6 +253,13 @@ listen = "{dns6}"
 protocol = "udp"
 upstreams = ["{udp6}"]
 health = {{ kind = "none" }}
+
+[[service]]
+name = "app6"
+listen = "{app6}"
+mode = "http"
+upstreams = ["{up4}"]
+health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
 "#,
         pin = pin_dir.display(),
         lo = SNAT_PORTS.0,
@@ -298,6 +309,7 @@ fn dual_stack(xdp: bool) -> Result<()> {
     let web4 = netns::sock(PROXY_CLIENT_SIDE, DS_TCP_PORT);
     let web6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_TCP_PORT);
     let dns6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_UDP_PORT);
+    let app6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_HTTP_PORT);
     let server4 = HomeServer::start(
         &home,
         netns::sock(HOME, DS_HOME_TCP),
@@ -343,6 +355,12 @@ fn dual_stack(xdp: bool) -> Result<()> {
         ensure!(
             body4.contains(&PROXY_HOME_SIDE.to_string()),
             "home saw: {body4}"
+        );
+        // L7 listening on IPv6, sending to an IPv4 upstream from the IPv4 SNAT address.
+        let body_l7 = get_root_until_up(app6).await.context("IPv6 http service")?;
+        ensure!(
+            body_l7.contains(&PROXY_HOME_SIDE.to_string()),
+            "home saw: {body_l7}"
         );
         let conns6 = connect_all(web6, DS_CONNS, Duration::from_secs(5)).await?;
         let conns4 = connect_all(web4, DS_CONNS, Duration::from_secs(5)).await?;
@@ -453,6 +471,36 @@ fn dual_stack(xdp: bool) -> Result<()> {
             field(tcp4, "fwd_bytes")? >= run.v4.bytes_up,
             "IPv4 tcp counters: {tcp4}"
         );
+        // inspect flows shows IPv6 flows as [addr]:port, with the IPv6 SNAT address.
+        let flows = daemon.inspect_json("flows")?;
+        let client6 = format!("[{CLIENT6}]:");
+        let v6_flows: Vec<&Value> = flows
+            .get("flows")
+            .and_then(Value::as_array)
+            .map(|all| {
+                all.iter()
+                    .filter(|f| {
+                        f.get("client")
+                            .and_then(Value::as_str)
+                            .is_some_and(|c| c.starts_with(&client6))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        ensure!(
+            !v6_flows.is_empty(),
+            "no IPv6 flow in inspect flows: {flows}"
+        );
+        for f in &v6_flows {
+            ensure!(
+                f.get("snat").and_then(Value::as_str)
+                    == Some(PROXY_HOME_SIDE6.to_string().as_str())
+                    && f.get("upstream")
+                        .and_then(Value::as_str)
+                        .is_some_and(|u| u.starts_with(&format!("[{HOME6}]:"))),
+                "IPv6 flow: {f}"
+            );
+        }
         for r in ["fwd_redirect", "rev_redirect"] {
             let grew = reason(&after, r)? - reason(&before, r)?;
             let want = run.v6.min_packets_up.min(run.v6.min_packets_down);
