@@ -14,7 +14,7 @@
 //! program.
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -25,13 +25,13 @@ use aya::{Ebpf, EbpfLoader};
 use proxy_common::checksum;
 use proxy_common::hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset};
 use proxy_common::{
-    ACL_HIT, ACL_PREFIX_BASE, AclKey, CONFIG_F_READY, FAMILY_IPV4, FlowKey, FlowValue, IPPROTO_TCP,
-    IPPROTO_UDP, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD,
-    MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS,
-    MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS, NatConfig, PROGRAM_NAME, REASON_COUNT,
-    RateKey, RateState, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, ServiceKey,
-    ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_ABORTED,
-    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4,
+    ACL_HIT, ACL_PREFIX_BASE, AclKey, Addr, CONFIG_F_READY, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
+    FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG,
+    MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS,
+    MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
+    NatConfig, PROGRAM_NAME, REASON_COUNT, RateKey, RateState, Reason, SERVICE_F_HAS_UPSTREAMS,
+    SNAT_PORT_PROBES, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE,
+    UpstreamValue, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4,
 };
 
 pub type Mac = [u8; 6];
@@ -54,6 +54,107 @@ pub const IP_MF: u16 = 0x2000;
 pub const IP_DF: u16 = 0x4000;
 
 pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+// =============================================================================================
+// Address families.
+// =============================================================================================
+
+/// An IP address type of the builder: `Ipv4Addr` or `Ipv6Addr`.
+pub trait IpFam:
+    Copy + std::fmt::Debug + PartialEq + Eq + std::hash::Hash + Send + Sync + 'static
+{
+    /// `FAMILY_IPV4` / `FAMILY_IPV6` (keys).
+    const FAMILY: u8;
+    /// Address bits (a host prefix).
+    const BITS: u32;
+    /// The address in the 16-byte key layout.
+    fn key_addr(&self) -> Addr;
+    /// The address as it appears on the wire (4 or 16 bytes).
+    fn wire(&self) -> Vec<u8>;
+}
+
+impl IpFam for Ipv4Addr {
+    const FAMILY: u8 = FAMILY_IPV4;
+    const BITS: u32 = 32;
+    fn key_addr(&self) -> Addr {
+        addr_v4(self.octets())
+    }
+    fn wire(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+}
+
+impl IpFam for Ipv6Addr {
+    const FAMILY: u8 = FAMILY_IPV6;
+    const BITS: u32 = 128;
+    fn key_addr(&self) -> Addr {
+        self.octets()
+    }
+    fn wire(&self) -> Vec<u8> {
+        self.octets().to_vec()
+    }
+}
+
+/// A socket address type of the builder: `SocketAddrV4` or `SocketAddrV6` (flow info and scope
+/// id are always 0).
+pub trait Sock:
+    Copy + std::fmt::Debug + PartialEq + Eq + std::hash::Hash + Send + Sync + 'static
+{
+    type Ip: IpFam;
+    fn sock(ip: Self::Ip, port: u16) -> Self;
+    fn sock_ip(&self) -> Self::Ip;
+    fn sock_port(&self) -> u16;
+}
+
+impl Sock for SocketAddrV4 {
+    type Ip = Ipv4Addr;
+    fn sock(ip: Ipv4Addr, port: u16) -> Self {
+        SocketAddrV4::new(ip, port)
+    }
+    fn sock_ip(&self) -> Ipv4Addr {
+        *self.ip()
+    }
+    fn sock_port(&self) -> u16 {
+        self.port()
+    }
+}
+
+impl Sock for SocketAddrV6 {
+    type Ip = Ipv6Addr;
+    fn sock(ip: Ipv6Addr, port: u16) -> Self {
+        SocketAddrV6::new(ip, port, 0, 0)
+    }
+    fn sock_ip(&self) -> Ipv6Addr {
+        *self.ip()
+    }
+    fn sock_port(&self) -> u16 {
+        self.port()
+    }
+}
+
+/// Full TCP/UDP checksum over the IPv6 pseudo-header (RFC 8200 section 8.1: source,
+/// destination, upper-layer length as 32 bits, next header) and `segment` (checksum zeroed).
+#[must_use]
+pub fn l4_checksum_v6(src: &[u8; 16], dst: &[u8; 16], proto: u8, segment: &[u8]) -> u16 {
+    let mut sum = checksum::sum_bytes(0, src);
+    sum = checksum::sum_bytes(sum, dst);
+    let len = u32::try_from(segment.len()).unwrap_or(u32::MAX);
+    sum = checksum::sum_bytes(sum, &len.to_be_bytes());
+    sum = checksum::add16(sum, u16::from(proto));
+    sum = checksum::sum_bytes(sum, segment);
+    !checksum::fold(sum)
+}
+
+/// The TCP/UDP checksum of `segment` between wire addresses `src` and `dst` (4 or 16 bytes).
+fn l4_checksum(src: &[u8], dst: &[u8], proto: u8, segment: &[u8]) -> u16 {
+    if let (Ok(s), Ok(d)) = (<[u8; 4]>::try_from(src), <[u8; 4]>::try_from(dst)) {
+        return checksum::l4_checksum_v4(s, d, proto, segment);
+    }
+    let s = <[u8; 16]>::try_from(src).expect("an IPv4 or IPv6 address");
+    let d = <[u8; 16]>::try_from(dst).expect("an IPv4 or IPv6 address");
+    l4_checksum_v6(&s, &d, proto, segment)
+}
 
 // =============================================================================================
 // Building packets.
@@ -92,11 +193,13 @@ pub enum L4 {
     },
 }
 
-/// An Ethernet + IPv4 + TCP/UDP packet. [`Packet::bytes`] fills in every length and checksum
-/// (full computation), so a built packet is always well formed; tests that need malformed input
-/// edit the bytes afterwards (see [`set_u16`], [`fix_ip_checksum`]).
+/// An Ethernet + IPv4 or IPv6 + TCP/UDP packet (`S`: `SocketAddrV4` or `SocketAddrV6`).
+/// [`Packet::bytes`] fills in every length and checksum (full computation), so a built packet
+/// is always well formed; tests that need malformed input edit the bytes afterwards (see
+/// [`set_u16`], [`fix_ip_checksum`]). IPv6: `tos` is the traffic class, `id` the flow label,
+/// `ttl` the hop limit; `frag` and `ip_options` are IPv4-only (ignored).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Packet {
+pub struct Packet<S: Sock = SocketAddrV4> {
     pub eth_dst: Mac,
     pub eth_src: Mac,
     pub tos: u8,
@@ -104,8 +207,8 @@ pub struct Packet {
     /// Flags and fragment offset (`IP_DF`, `IP_MF`, offset in 8-byte units).
     pub frag: u16,
     pub ttl: u8,
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: S::Ip,
+    pub dst: S::Ip,
     /// IPv4 options (a multiple of 4 bytes; IHL grows accordingly).
     pub ip_options: Vec<u8>,
     pub l4: L4,
@@ -113,8 +216,8 @@ pub struct Packet {
     pub trailer: Vec<u8>,
 }
 
-impl Packet {
-    fn base(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
+impl<S: Sock> Packet<S> {
+    fn base(src: S::Ip, dst: S::Ip, l4: L4) -> Self {
         Self {
             eth_dst: [0x02, 0, 0, 0, 0xee, 0x01],
             eth_src: [0x02, 0, 0, 0, 0xee, 0x02],
@@ -132,13 +235,13 @@ impl Packet {
 
     /// A TCP segment `src -> dst` with `flags`, a fixed sequence number and window.
     #[must_use]
-    pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Self {
+    pub fn tcp(src: S, dst: S, flags: u8) -> Self {
         Self::base(
-            *src.ip(),
-            *dst.ip(),
+            src.sock_ip(),
+            dst.sock_ip(),
             L4::Tcp(Tcp {
-                sport: src.port(),
-                dport: dst.port(),
+                sport: src.sock_port(),
+                dport: dst.sock_port(),
                 seq: 0x1000_0001,
                 ack: if flags & TCP_ACK != 0 { 0x2000_0001 } else { 0 },
                 flags,
@@ -151,50 +254,17 @@ impl Packet {
 
     /// A UDP datagram `src -> dst` carrying `payload`, checksum computed.
     #[must_use]
-    pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Self {
+    pub fn udp(src: S, dst: S, payload: &[u8]) -> Self {
         Self::base(
-            *src.ip(),
-            *dst.ip(),
+            src.sock_ip(),
+            dst.sock_ip(),
             L4::Udp(Udp {
-                sport: src.port(),
-                dport: dst.port(),
+                sport: src.sock_port(),
+                dport: dst.sock_port(),
                 payload: payload.to_vec(),
                 zero_checksum: false,
             }),
         )
-    }
-
-    /// An IPv4 packet of another protocol (ICMP, ...) with `bytes` as its payload.
-    #[must_use]
-    pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, bytes: &[u8]) -> Self {
-        Self::base(
-            src,
-            dst,
-            L4::Other {
-                proto,
-                bytes: bytes.to_vec(),
-            },
-        )
-    }
-
-    /// An ICMP message `src -> dst` of `icmp_type`/`code` with the 4 bytes after the checksum
-    /// (`rest`: unused, or the next-hop MTU of "fragmentation needed") and `quote` (the quoted
-    /// IP packet's first bytes) after it; ICMP checksum computed over the whole message.
-    #[must_use]
-    pub fn icmp(
-        src: Ipv4Addr,
-        dst: Ipv4Addr,
-        icmp_type: u8,
-        code: u8,
-        rest: [u8; 4],
-        quote: &[u8],
-    ) -> Self {
-        let mut b = vec![icmp_type, code, 0, 0];
-        b.extend_from_slice(&rest);
-        b.extend_from_slice(quote);
-        let c = checksum::checksum(&b);
-        b[2..4].copy_from_slice(&c.to_be_bytes());
-        Self::other(src, dst, IPPROTO_ICMP, &b)
     }
 
     #[must_use]
@@ -270,17 +340,17 @@ impl Packet {
     /// The same packet with new source and destination address and port: what a NAT rewrite
     /// must produce (the TTL and MACs are the caller's business).
     #[must_use]
-    pub fn endpoints(mut self, src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        self.src = *src.ip();
-        self.dst = *dst.ip();
+    pub fn endpoints(mut self, src: S, dst: S) -> Self {
+        self.src = src.sock_ip();
+        self.dst = dst.sock_ip();
         match &mut self.l4 {
             L4::Tcp(t) => {
-                t.sport = src.port();
-                t.dport = dst.port();
+                t.sport = src.sock_port();
+                t.dport = dst.sock_port();
             }
             L4::Udp(u) => {
-                u.sport = src.port();
-                u.dport = dst.port();
+                u.sport = src.sock_port();
+                u.dport = dst.sock_port();
             }
             L4::Other { .. } => {}
         }
@@ -298,29 +368,38 @@ impl Packet {
 
     /// The 5-tuple as this packet carries it (ports 0 for other protocols).
     #[must_use]
-    pub fn tuple(&self) -> Tuple {
+    pub fn tuple(&self) -> Tuple<S> {
         let (sport, dport) = match &self.l4 {
             L4::Tcp(t) => (t.sport, t.dport),
             L4::Udp(u) => (u.sport, u.dport),
             L4::Other { .. } => (0, 0),
         };
         Tuple {
-            src: SocketAddrV4::new(self.src, sport),
-            dst: SocketAddrV4::new(self.dst, dport),
+            src: S::sock(self.src, sport),
+            dst: S::sock(self.dst, dport),
             proto: self.proto(),
         }
     }
 
-    /// The IP total length this packet will carry.
+    fn is_v6() -> bool {
+        <S::Ip as IpFam>::FAMILY == FAMILY_IPV6
+    }
+
+    /// The IP length this packet will carry: the IPv4 total length, or for IPv6 40 + the
+    /// payload length (what the program counts).
     #[must_use]
     pub fn ip_len(&self) -> u16 {
-        let n = 20 + self.ip_options.len() + self.l4_bytes().len();
+        let n = if Self::is_v6() {
+            40 + self.l4_bytes().len()
+        } else {
+            20 + self.ip_options.len() + self.l4_bytes().len()
+        };
         u16::try_from(n).unwrap_or(u16::MAX)
     }
 
     fn l4_bytes(&self) -> Vec<u8> {
-        let src = self.src.octets();
-        let dst = self.dst.octets();
+        let src = self.src.wire();
+        let dst = self.dst.wire();
         match &self.l4 {
             L4::Tcp(t) => {
                 assert!(
@@ -340,7 +419,7 @@ impl Packet {
                 b.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
                 b.extend_from_slice(&t.options);
                 b.extend_from_slice(&t.payload);
-                let c = checksum::l4_checksum_v4(src, dst, IPPROTO_TCP, &b);
+                let c = l4_checksum(&src, &dst, IPPROTO_TCP, &b);
                 b[16..18].copy_from_slice(&c.to_be_bytes());
                 b
             }
@@ -353,7 +432,7 @@ impl Packet {
                 b.extend_from_slice(&[0, 0]);
                 b.extend_from_slice(&u.payload);
                 if !u.zero_checksum {
-                    let c = match checksum::l4_checksum_v4(src, dst, IPPROTO_UDP, &b) {
+                    let c = match l4_checksum(&src, &dst, IPPROTO_UDP, &b) {
                         0 => 0xffff,
                         c => c,
                     };
@@ -369,6 +448,9 @@ impl Packet {
     /// the pseudo-header), trailer.
     #[must_use]
     pub fn bytes(&self) -> Vec<u8> {
+        if Self::is_v6() {
+            return self.bytes_v6();
+        }
         assert!(
             self.ip_options.len().is_multiple_of(4) && self.ip_options.len() <= 40,
             "IPv4 options must be a multiple of 4 bytes, at most 40"
@@ -389,14 +471,105 @@ impl Packet {
         b.push(self.ttl);
         b.push(self.proto());
         b.extend_from_slice(&[0, 0]);
-        b.extend_from_slice(&self.src.octets());
-        b.extend_from_slice(&self.dst.octets());
+        b.extend_from_slice(&self.src.wire());
+        b.extend_from_slice(&self.dst.wire());
         b.extend_from_slice(&self.ip_options);
         let c = checksum::checksum(&b[ETH_HLEN..]);
         b[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&c.to_be_bytes());
         b.extend_from_slice(&l4);
         b.extend_from_slice(&self.trailer);
         b
+    }
+
+    /// The IPv6 frame: Ethernet, the 40-byte header (version 6, traffic class `tos`, flow
+    /// label `id`, payload length, next header, hop limit `ttl`), L4, trailer.
+    fn bytes_v6(&self) -> Vec<u8> {
+        let l4 = self.l4_bytes();
+        let payload_len = u16::try_from(l4.len()).unwrap_or(u16::MAX);
+        let mut b = Vec::with_capacity(ETH_HLEN + 40 + l4.len() + self.trailer.len());
+        b.extend_from_slice(&self.eth_dst);
+        b.extend_from_slice(&self.eth_src);
+        b.extend_from_slice(&ETH_P_IPV6.to_be_bytes());
+        let first = (6u32 << 28) | (u32::from(self.tos) << 20) | u32::from(self.id);
+        b.extend_from_slice(&first.to_be_bytes());
+        b.extend_from_slice(&payload_len.to_be_bytes());
+        b.push(self.proto());
+        b.push(self.ttl);
+        b.extend_from_slice(&self.src.wire());
+        b.extend_from_slice(&self.dst.wire());
+        b.extend_from_slice(&l4);
+        b.extend_from_slice(&self.trailer);
+        b
+    }
+}
+
+impl Packet<SocketAddrV4> {
+    /// An IPv4 packet of another protocol (ICMP, ...) with `bytes` as its payload.
+    #[must_use]
+    pub fn other(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, bytes: &[u8]) -> Self {
+        Self::base(
+            src,
+            dst,
+            L4::Other {
+                proto,
+                bytes: bytes.to_vec(),
+            },
+        )
+    }
+
+    /// An ICMP message `src -> dst` of `icmp_type`/`code` with the 4 bytes after the checksum
+    /// (`rest`: unused, or the next-hop MTU of "fragmentation needed") and `quote` (the quoted
+    /// IP packet's first bytes) after it; ICMP checksum computed over the whole message.
+    #[must_use]
+    pub fn icmp(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        quote: &[u8],
+    ) -> Self {
+        let mut b = vec![icmp_type, code, 0, 0];
+        b.extend_from_slice(&rest);
+        b.extend_from_slice(quote);
+        let c = checksum::checksum(&b);
+        b[2..4].copy_from_slice(&c.to_be_bytes());
+        Self::other(src, dst, IPPROTO_ICMP, &b)
+    }
+}
+
+impl Packet<SocketAddrV6> {
+    /// An IPv6 packet whose next header is `next` (ICMPv6, an extension header, ...) with
+    /// `bytes` as its payload (no checksum computed).
+    #[must_use]
+    pub fn other6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, bytes: &[u8]) -> Self {
+        Self::base(
+            src,
+            dst,
+            L4::Other {
+                proto: next,
+                bytes: bytes.to_vec(),
+            },
+        )
+    }
+
+    /// An ICMPv6 message `src -> dst` of `icmp_type`/`code` with the 4 bytes after the checksum
+    /// (`rest`) and `body` after it; checksum computed over the pseudo-header and the message.
+    #[must_use]
+    pub fn icmpv6(
+        src: Ipv6Addr,
+        dst: Ipv6Addr,
+        icmp_type: u8,
+        code: u8,
+        rest: [u8; 4],
+        body: &[u8],
+    ) -> Self {
+        let mut b = vec![icmp_type, code, 0, 0];
+        b.extend_from_slice(&rest);
+        b.extend_from_slice(body);
+        let c = l4_checksum_v6(&src.octets(), &dst.octets(), IPPROTO_ICMPV6, &b);
+        b[2..4].copy_from_slice(&c.to_be_bytes());
+        Self::other6(src, dst, IPPROTO_ICMPV6, &b)
     }
 }
 
@@ -431,15 +604,15 @@ pub fn fix_ip_checksum(frame: &mut [u8]) {
 
 /// A 5-tuple as a packet carries it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Tuple {
-    pub src: SocketAddrV4,
-    pub dst: SocketAddrV4,
+pub struct Tuple<S: Sock = SocketAddrV4> {
+    pub src: S,
+    pub dst: S,
     pub proto: u8,
 }
 
-impl Tuple {
+impl<S: Sock> Tuple<S> {
     #[must_use]
-    pub fn new(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> Self {
+    pub fn new(src: S, dst: S, proto: u8) -> Self {
         Self { src, dst, proto }
     }
 
@@ -447,25 +620,26 @@ impl Tuple {
     #[must_use]
     pub fn key(&self) -> FlowKey {
         FlowKey {
-            src_addr: addr_v4(self.src.ip().octets()),
-            dst_addr: addr_v4(self.dst.ip().octets()),
-            src_port: self.src.port().to_be_bytes(),
-            dst_port: self.dst.port().to_be_bytes(),
+            src_addr: self.src.sock_ip().key_addr(),
+            dst_addr: self.dst.sock_ip().key_addr(),
+            src_port: self.src.sock_port().to_be_bytes(),
+            dst_port: self.dst.sock_port().to_be_bytes(),
             proto: self.proto,
-            family: FAMILY_IPV4,
+            family: <S::Ip as IpFam>::FAMILY,
             _pad: [0; 2],
         }
     }
 
-    /// `flow_hash(seed, ...)` over this tuple, as docs/datapath.md step 7 defines it.
+    /// `flow_hash(seed, ...)` over this tuple, as docs/datapath.md step 7 defines it (IPv6:
+    /// over the full 16-byte addresses).
     #[must_use]
     pub fn hash(&self, seed: u32) -> u32 {
         flow_hash(
             seed,
-            &addr_v4(self.src.ip().octets()),
-            &addr_v4(self.dst.ip().octets()),
-            self.src.port().to_be_bytes(),
-            self.dst.port().to_be_bytes(),
+            &self.src.sock_ip().key_addr(),
+            &self.dst.sock_ip().key_addr(),
+            self.src.sock_port().to_be_bytes(),
+            self.dst.sock_port().to_be_bytes(),
             self.proto,
         )
     }
@@ -498,22 +672,22 @@ impl Tuple {
 
 /// A service key for `addr:port` and `proto`.
 #[must_use]
-pub fn service_key(addr: SocketAddrV4, proto: u8) -> ServiceKey {
+pub fn service_key<S: Sock>(addr: S, proto: u8) -> ServiceKey {
     ServiceKey {
-        addr: addr_v4(addr.ip().octets()),
-        port: addr.port().to_be_bytes(),
+        addr: addr.sock_ip().key_addr(),
+        port: addr.sock_port().to_be_bytes(),
         proto,
-        family: FAMILY_IPV4,
+        family: <S::Ip as IpFam>::FAMILY,
     }
 }
 
 /// An active upstream slot for `addr:port`.
 #[must_use]
-pub fn upstream(addr: SocketAddrV4) -> UpstreamValue {
+pub fn upstream<S: Sock>(addr: S) -> UpstreamValue {
     UpstreamValue {
-        addr: addr_v4(addr.ip().octets()),
-        port: addr.port().to_be_bytes(),
-        family: FAMILY_IPV4,
+        addr: addr.sock_ip().key_addr(),
+        port: addr.sock_port().to_be_bytes(),
+        family: <S::Ip as IpFam>::FAMILY,
         _pad0: 0,
         flags: UPSTREAM_F_ACTIVE,
     }
@@ -522,18 +696,18 @@ pub fn upstream(addr: SocketAddrV4) -> UpstreamValue {
 /// A flow value with the rewrite `src -> dst`, no flags, zero counters and timestamps; tests
 /// fill in what they expect.
 #[must_use]
-pub fn flow_value(
-    new_src: SocketAddrV4,
-    new_dst: SocketAddrV4,
+pub fn flow_value<S: Sock>(
+    new_src: S,
+    new_dst: S,
     direction: u8,
     service_id: u32,
     upstream_id: u32,
 ) -> FlowValue {
     FlowValue {
-        new_src_addr: addr_v4(new_src.ip().octets()),
-        new_dst_addr: addr_v4(new_dst.ip().octets()),
-        new_src_port: new_src.port().to_be_bytes(),
-        new_dst_port: new_dst.port().to_be_bytes(),
+        new_src_addr: new_src.sock_ip().key_addr(),
+        new_dst_addr: new_dst.sock_ip().key_addr(),
+        new_src_port: new_src.sock_port().to_be_bytes(),
+        new_dst_port: new_dst.sock_port().to_be_bytes(),
         direction,
         flags: 0,
         service_id,
@@ -585,6 +759,9 @@ pub fn field_at(frame: &[u8], offset: usize) -> String {
     if !name.is_empty() {
         return name.to_owned();
     }
+    if frame.get(12..14) == Some(&ETH_P_IPV6.to_be_bytes()[..]) {
+        return field_at_v6(frame, offset - ETH_HLEN);
+    }
     let ip = offset - ETH_HLEN;
     let ihl = frame
         .get(ETH_HLEN)
@@ -624,6 +801,31 @@ pub fn field_at(frame: &[u8], offset: usize) -> String {
     name.to_owned()
 }
 
+/// Name of the field at `ip` bytes after the Ethernet header of an IPv6 frame.
+fn field_at_v6(frame: &[u8], ip: usize) -> String {
+    let name = match ip {
+        0..=3 => "ip6.version_class_flow",
+        4..=5 => "ip6.payload_len",
+        6 => "ip6.next_header",
+        7 => "ip6.hop_limit",
+        8..=23 => "ip6.src",
+        24..=39 => "ip6.dst",
+        _ => {
+            let next = frame.get(ETH_HLEN + 6).copied().unwrap_or(0);
+            match (next, ip - 40) {
+                (IPPROTO_TCP | IPPROTO_UDP, 0..=1) => "l4.sport",
+                (IPPROTO_TCP | IPPROTO_UDP, 2..=3) => "l4.dport",
+                (IPPROTO_TCP, 16..=17) | (IPPROTO_UDP, 6..=7) => "l4.check",
+                (IPPROTO_TCP, 13) => "tcp.flags",
+                (IPPROTO_TCP, 20..) => "tcp.options/payload",
+                (IPPROTO_ICMPV6, 2..=3) => "icmp6.check",
+                _ => "l4/payload",
+            }
+        }
+    };
+    name.to_owned()
+}
+
 /// Byte-by-byte differences between two frames, named by field; empty when equal.
 #[must_use]
 pub fn diff(expected: &[u8], actual: &[u8]) -> String {
@@ -656,6 +858,9 @@ pub fn diff(expected: &[u8], actual: &[u8]) -> String {
 /// # Errors
 /// A description of the first malformed or wrong field.
 pub fn verify_checksums(frame: &[u8]) -> Result<()> {
+    if frame.get(12..14) == Some(&ETH_P_IPV6.to_be_bytes()[..]) {
+        return verify_checksums_v6(frame);
+    }
     ensure!(frame.len() >= ETH_HLEN + 20, "frame too short for IPv4");
     let ip = &frame[ETH_HLEN..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -705,6 +910,47 @@ pub fn verify_checksums(frame: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// IPv6: the TCP/UDP/ICMPv6 checksum of a frame whose next header is TCP, UDP or ICMPv6, by
+/// full recomputation over the IPv6 pseudo-header. UDP checksum 0 is invalid in IPv6 (RFC 8200
+/// section 8.1) and fails.
+///
+/// # Errors
+/// A description of the first malformed or wrong field.
+pub fn verify_checksums_v6(frame: &[u8]) -> Result<()> {
+    ensure!(frame.len() >= ETH_HLEN + 40, "frame too short for IPv6");
+    let ip = &frame[ETH_HLEN..];
+    let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    ensure!(
+        40 + payload_len <= ip.len(),
+        "IPv6 payload length {payload_len} outside the frame"
+    );
+    let src: [u8; 16] = ip[8..24].try_into()?;
+    let dst: [u8; 16] = ip[24..40].try_into()?;
+    let next = ip[6];
+    let mut seg = ip[40..40 + payload_len].to_vec();
+    let field = match next {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        IPPROTO_ICMPV6 => 2,
+        _ => return Ok(()),
+    };
+    ensure!(seg.len() >= field + 2, "L4 header truncated");
+    let stored = u16::from_be_bytes([seg[field], seg[field + 1]]);
+    ensure!(!(next == IPPROTO_UDP && stored == 0), "IPv6 UDP checksum 0");
+    seg[field] = 0;
+    seg[field + 1] = 0;
+    let mut full = l4_checksum_v6(&src, &dst, next, &seg);
+    if next == IPPROTO_UDP && full == 0 {
+        full = 0xffff;
+    }
+    ensure!(
+        stored == full,
+        "IPv6 next header {next} checksum {stored:#06x} is wrong (full recomputation gives \
+         {full:#06x})"
+    );
+    Ok(())
+}
+
 /// The ICMP checksum over the whole message and, for an error (destination unreachable, time
 /// exceeded) quoting a full IPv4 header, the quoted header's checksum.
 fn verify_icmp(msg: &[u8]) -> Result<()> {
@@ -746,8 +992,14 @@ fn verify_icmp(msg: &[u8]) -> Result<()> {
 ///   10.99.0.0/16: no route
 /// ```
 /// `xpc` and `xph` are veths whose peers (`xpc-peer`, `xph-peer`) stay in the namespace, up.
+///
+/// IPv6 mirrors it in 2001:db8::/32 (`*6` constants): service 2001:db8:10:1::1 on `xpc`,
+/// clients 2001:db8:5100::/48 via router 2001:db8:10:1::fe, SNAT 2001:db8:20:1::1 on `xph`,
+/// upstream 2001:db8:20:1::2 (permanent neighbour, the same MAC as the IPv4 upstream),
+/// 2001:db8:20:1::3 without neighbour, 2001:db8:99::/48 without route; IPv6 forwarding on.
+/// The IPv6 services have the IPv4 services' ids (dual stack); IPv6 upstreams are ids 6-10.
 pub mod topo {
-    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
     use super::Mac;
 
@@ -810,6 +1062,41 @@ pub mod topo {
 
     /// Flow table size for tests (the program's default is far larger).
     pub const TEST_MAX_FLOWS: u32 = 4096;
+
+    const fn v6(a: u16, b: u16, c: u16, d: u16, h: u16) -> Ipv6Addr {
+        Ipv6Addr::new(a, b, c, d, 0, 0, 0, h)
+    }
+    const fn s6(ip: Ipv6Addr, port: u16) -> SocketAddrV6 {
+        SocketAddrV6::new(ip, port, 0, 0)
+    }
+
+    pub const SERVICE_IP6: Ipv6Addr = v6(0x2001, 0xdb8, 0x10, 1, 1);
+    pub const SNAT_IP6: Ipv6Addr = v6(0x2001, 0xdb8, 0x20, 1, 1);
+    pub const CLIENT_ROUTER6: Ipv6Addr = v6(0x2001, 0xdb8, 0x10, 1, 0xfe);
+    pub const CLIENT_NET6: &str = "2001:db8:5100::/48";
+    pub const CLIENT6_1: Ipv6Addr = v6(0x2001, 0xdb8, 0x5100, 0, 7);
+    pub const CLIENT6_2: Ipv6Addr = v6(0x2001, 0xdb8, 0x5100, 0, 8);
+    pub const UPSTREAM_IP6: Ipv6Addr = v6(0x2001, 0xdb8, 0x20, 1, 2);
+    pub const UPSTREAM_NO_NEIGH_IP6: Ipv6Addr = v6(0x2001, 0xdb8, 0x20, 1, 3);
+    pub const UPSTREAM_NO_ROUTE_IP6: Ipv6Addr = v6(0x2001, 0xdb8, 0x99, 0, 5);
+
+    pub const SVC6_TCP: SocketAddrV6 = s6(SERVICE_IP6, 80);
+    pub const SVC6_UDP: SocketAddrV6 = s6(SERVICE_IP6, 53);
+    pub const SVC6_EMPTY: SocketAddrV6 = s6(SERVICE_IP6, 81);
+    pub const SVC6_NO_NEIGH: SocketAddrV6 = s6(SERVICE_IP6, 82);
+    pub const SVC6_NO_ROUTE: SocketAddrV6 = s6(SERVICE_IP6, 83);
+
+    pub const UPS6_TCP: SocketAddrV6 = s6(UPSTREAM_IP6, 8080);
+    pub const UPS6_UDP: SocketAddrV6 = s6(UPSTREAM_IP6, 5353);
+    pub const UPS6_NO_NEIGH: SocketAddrV6 = s6(UPSTREAM_NO_NEIGH_IP6, 8080);
+    pub const UPS6_NO_ROUTE: SocketAddrV6 = s6(UPSTREAM_NO_ROUTE_IP6, 8080);
+    pub const UPS6_TCP_2: SocketAddrV6 = s6(UPSTREAM_IP6, 9090);
+
+    pub const UPS6_TCP_ID: u32 = 6;
+    pub const UPS6_UDP_ID: u32 = 7;
+    pub const UPS6_NO_NEIGH_ID: u32 = 8;
+    pub const UPS6_NO_ROUTE_ID: u32 = 9;
+    pub const UPS6_TCP_2_ID: u32 = 10;
 }
 
 /// An interface of the test namespace.
@@ -874,6 +1161,11 @@ addr add {SNAT_IP}/24 dev {HOME_DEV}
 route add {CLIENT_NET} via {CLIENT_ROUTER} dev {CLIENT_DEV}
 neigh add {CLIENT_ROUTER} lladdr {rmac} dev {CLIENT_DEV} nud permanent
 neigh add {UPSTREAM_IP} lladdr {umac} dev {HOME_DEV} nud permanent
+addr add {SERVICE_IP6}/64 dev {CLIENT_DEV} nodad
+addr add {SNAT_IP6}/64 dev {HOME_DEV} nodad
+route add {CLIENT_NET6} via {CLIENT_ROUTER6} dev {CLIENT_DEV}
+neigh add {CLIENT_ROUTER6} lladdr {rmac} dev {CLIENT_DEV} nud permanent
+neigh add {UPSTREAM_IP6} lladdr {umac} dev {HOME_DEV} nud permanent
 ",
         cmac = mac(CLIENT_DEV_MAC),
         hmac = mac(HOME_DEV_MAC),
@@ -881,10 +1173,12 @@ neigh add {UPSTREAM_IP} lladdr {umac} dev {HOME_DEV} nud permanent
         umac = mac(UPSTREAM_MAC),
     );
     ip_batch(&batch)?;
-    // /proc/sys/net belongs to the namespace of the thread that opens it.
+    // /proc/sys/net belongs to the namespace of the thread that opens it. IPv6 forwarding
+    // (all: every interface) or bpf_fib_lookup answers FWD_DISABLED.
     for (path, value) in [
         ("/proc/sys/net/ipv4/ip_forward", "1"),
         ("/proc/sys/net/ipv4/conf/all/forwarding", "1"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "1"),
     ] {
         std::fs::write(path, value).with_context(|| format!("writing {path}"))?;
         let back = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
@@ -1093,8 +1387,9 @@ fn map_err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> anyhow::Error 
 
 impl Harness {
     /// Build the namespace, load the program, fill the default maps: config (ready, SNAT
-    /// 10.20.1.1, ports 20000-29999), the five services and upstreams of [`topo`], both
-    /// interfaces in the devmap. Maglev tables are left empty: tests steer their flows.
+    /// 10.20.1.1 and 2001:db8:20:1::1, ports 20000-29999), the five services and upstreams of
+    /// [`topo`] in both families, both interfaces in the devmap. Maglev tables are left empty:
+    /// tests steer their flows.
     fn new() -> Result<Self> {
         use topo::*;
         let (client_if, home_if) = build_namespace()?;
@@ -1120,7 +1415,7 @@ impl Harness {
             port_min: PORT_MIN,
             port_max: PORT_MAX,
             flags: CONFIG_F_READY,
-            snat_v6: [0; 16],
+            snat_v6: SNAT_IP6.octets(),
         };
         let mut h = Self {
             ebpf,
@@ -1148,6 +1443,34 @@ impl Harness {
         ];
         for (addr, proto, id, flags) in services {
             h.try_add_service(service_key(addr, proto), ServiceValue { id, flags })?;
+        }
+        for (addr, proto, id, flags) in [
+            (SVC6_TCP, IPPROTO_TCP, SVC_TCP_ID, SERVICE_F_HAS_UPSTREAMS),
+            (SVC6_UDP, IPPROTO_UDP, SVC_UDP_ID, SERVICE_F_HAS_UPSTREAMS),
+            (SVC6_EMPTY, IPPROTO_TCP, SVC_EMPTY_ID, 0),
+            (
+                SVC6_NO_NEIGH,
+                IPPROTO_TCP,
+                SVC_NO_NEIGH_ID,
+                SERVICE_F_HAS_UPSTREAMS,
+            ),
+            (
+                SVC6_NO_ROUTE,
+                IPPROTO_TCP,
+                SVC_NO_ROUTE_ID,
+                SERVICE_F_HAS_UPSTREAMS,
+            ),
+        ] {
+            h.try_add_service(service_key(addr, proto), ServiceValue { id, flags })?;
+        }
+        for (id, addr) in [
+            (UPS6_TCP_ID, UPS6_TCP),
+            (UPS6_UDP_ID, UPS6_UDP),
+            (UPS6_NO_NEIGH_ID, UPS6_NO_NEIGH),
+            (UPS6_NO_ROUTE_ID, UPS6_NO_ROUTE),
+            (UPS6_TCP_2_ID, UPS6_TCP_2),
+        ] {
+            h.try_set_upstream(id, upstream(addr))?;
         }
         for (id, addr) in [
             (UPS_TCP_ID, UPS_TCP),
@@ -1262,7 +1585,7 @@ impl Harness {
 
     /// Make a new flow with `tuple` pick `upstream_id`: write only the Maglev slot that
     /// `flow_hash(SEED_MAGLEV, tuple) % MAGLEV_SIZE` selects. Returns the slot.
-    pub fn steer(&mut self, tuple: &Tuple, service_id: u32, upstream_id: u32) -> u32 {
+    pub fn steer<S: Sock>(&mut self, tuple: &Tuple<S>, service_id: u32, upstream_id: u32) -> u32 {
         let slot = tuple.maglev_slot();
         self.set_maglev(service_id, slot, upstream_id);
         slot
@@ -1279,7 +1602,7 @@ impl Harness {
     }
 
     /// Add `addr/prefix_len` to the allow (`allow = true`) or deny list of `service_id`.
-    pub fn acl_add(&mut self, allow: bool, service_id: u32, addr: Ipv4Addr, prefix_len: u32) {
+    pub fn acl_add<I: IpFam>(&mut self, allow: bool, service_id: u32, addr: I, prefix_len: u32) {
         let name = if allow { MAP_ACL_ALLOW } else { MAP_ACL_DENY };
         let mut m: LpmTrie<&mut MapData, AclKey, u32> = self
             .map_mut(name)
@@ -1289,41 +1612,41 @@ impl Harness {
             ACL_PREFIX_BASE + prefix_len,
             AclKey {
                 service_id: service_id.to_be_bytes(),
-                family: FAMILY_IPV4,
-                addr: addr_v4(addr.octets()),
+                family: I::FAMILY,
+                addr: addr.key_addr(),
                 _pad: [0; 3],
             },
         );
         m.insert(&key, ACL_HIT, 0)
-            .unwrap_or_else(|e| panic!("{name} insert {addr}/{prefix_len}: {e}"));
+            .unwrap_or_else(|e| panic!("{name} insert {addr:?}/{prefix_len}: {e}"));
     }
 
     /// The new-flow token bucket of (`service_id`, `client`), if the program made one.
     #[must_use]
-    pub fn rate_state(&self, service_id: u32, client: Ipv4Addr) -> Option<RateState> {
+    pub fn rate_state<I: IpFam>(&self, service_id: u32, client: I) -> Option<RateState> {
         let m: HashMap<&MapData, RateKey, RateState> = self
             .map(MAP_RATE)
             .try_into()
             .unwrap_or_else(|e| panic!("{MAP_RATE}: {e}"));
         let key = RateKey {
-            addr: addr_v4(client.octets()),
+            addr: client.key_addr(),
             service_id,
-            family: FAMILY_IPV4,
+            family: I::FAMILY,
             _pad: [0; 3],
         };
         m.get(&key, 0).ok()
     }
 
     /// Write the new-flow token bucket of (`service_id`, `client`).
-    pub fn set_rate_state(&mut self, service_id: u32, client: Ipv4Addr, state: RateState) {
+    pub fn set_rate_state<I: IpFam>(&mut self, service_id: u32, client: I, state: RateState) {
         let mut m: HashMap<&mut MapData, RateKey, RateState> = self
             .map_mut(MAP_RATE)
             .and_then(|m| m.try_into().map_err(map_err(MAP_RATE)))
             .unwrap_or_else(|e| panic!("{e:#}"));
         let key = RateKey {
-            addr: addr_v4(client.octets()),
+            addr: client.key_addr(),
             service_id,
-            family: FAMILY_IPV4,
+            family: I::FAMILY,
             _pad: [0; 3],
         };
         m.insert(key, state, 0)

@@ -21,14 +21,14 @@
 //!
 //! Run as root: `cargo test -p integration-tests --test packet`.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 
 use integration_tests::packet::topo::*;
 use integration_tests::packet::{
     ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Expect, Fixture, Harness, IP_DF, IP_MF,
-    IPPROTO_ICMP, Iface, Mac, Packet, RunResult, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
-    Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, mono_ns, raw_frame,
-    set_u16, upstream, with_harness,
+    IPPROTO_ICMP, Iface, IpFam, Mac, Packet, RunResult, Sock, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
+    TCP_SYN, Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, mono_ns,
+    raw_frame, set_u16, upstream, with_harness,
 };
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
@@ -43,26 +43,104 @@ use proxy_common::{
 
 const CLIENT_A: SocketAddrV4 = SocketAddrV4::new(CLIENT_1, 40_000);
 const CLIENT_B: SocketAddrV4 = SocketAddrV4::new(CLIENT_2, 51_515);
+const CLIENT6_A: SocketAddrV6 = SocketAddrV6::new(CLIENT6_1, 40_000, 0, 0);
+const CLIENT6_B: SocketAddrV6 = SocketAddrV6::new(CLIENT6_2, 51_515, 0, 0);
+
+/// The address family a case body runs in: the topology's addresses of that family.
+trait Fam: Sock {
+    const SNAT: Self::Ip;
+    const CLIENT_A: Self;
+    const CLIENT_B: Self;
+    const SVC_TCP: Self;
+    const SVC_UDP: Self;
+    const UPS_TCP: Self;
+    const UPS_UDP: Self;
+    const UPS_TCP_ID: u32;
+    const UPS_UDP_ID: u32;
+    const UPS_TCP_2: Self;
+    const UPS_TCP_2_ID: u32;
+    const SVC_EMPTY: Self;
+    const SVC_NO_NEIGH: Self;
+    const UPS_NO_NEIGH: Self;
+    const UPS_NO_NEIGH_ID: u32;
+    const SVC_NO_ROUTE: Self;
+    const UPS_NO_ROUTE: Self;
+    const UPS_NO_ROUTE_ID: u32;
+    /// A client address no flow of the tests uses.
+    const STRANGER: Self::Ip;
+    /// A client network holding CLIENT_A and CLIENT_B, but not OUTSIDE (routed to the client
+    /// side).
+    const ALLOW_NET: Self::Ip;
+    const ALLOW_LEN: u32;
+    const OUTSIDE: Self::Ip;
+}
+
+impl Fam for SocketAddrV4 {
+    const SNAT: Ipv4Addr = SNAT_IP;
+    const CLIENT_A: Self = CLIENT_A;
+    const CLIENT_B: Self = CLIENT_B;
+    const SVC_TCP: Self = SVC_TCP;
+    const SVC_UDP: Self = SVC_UDP;
+    const UPS_TCP: Self = UPS_TCP;
+    const UPS_UDP: Self = UPS_UDP;
+    const UPS_TCP_ID: u32 = UPS_TCP_ID;
+    const UPS_UDP_ID: u32 = UPS_UDP_ID;
+    const UPS_TCP_2: Self = UPS_TCP_2;
+    const UPS_TCP_2_ID: u32 = UPS_TCP_2_ID;
+    const SVC_EMPTY: Self = SVC_EMPTY;
+    const SVC_NO_NEIGH: Self = SVC_NO_NEIGH;
+    const UPS_NO_NEIGH: Self = UPS_NO_NEIGH;
+    const UPS_NO_NEIGH_ID: u32 = UPS_NO_NEIGH_ID;
+    const SVC_NO_ROUTE: Self = SVC_NO_ROUTE;
+    const UPS_NO_ROUTE: Self = UPS_NO_ROUTE;
+    const UPS_NO_ROUTE_ID: u32 = UPS_NO_ROUTE_ID;
+    const STRANGER: Ipv4Addr = Ipv4Addr::new(10, 100, 0, 99);
+    const ALLOW_NET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+    const ALLOW_LEN: u32 = 25;
+    const OUTSIDE: Ipv4Addr = CLIENT_200;
+}
+
+impl Fam for SocketAddrV6 {
+    const SNAT: Ipv6Addr = SNAT_IP6;
+    const CLIENT_A: Self = CLIENT6_A;
+    const CLIENT_B: Self = CLIENT6_B;
+    const SVC_TCP: Self = SVC6_TCP;
+    const SVC_UDP: Self = SVC6_UDP;
+    const UPS_TCP: Self = UPS6_TCP;
+    const UPS_UDP: Self = UPS6_UDP;
+    const UPS_TCP_ID: u32 = UPS6_TCP_ID;
+    const UPS_UDP_ID: u32 = UPS6_UDP_ID;
+    const UPS_TCP_2: Self = UPS6_TCP_2;
+    const UPS_TCP_2_ID: u32 = UPS6_TCP_2_ID;
+    const SVC_EMPTY: Self = SVC6_EMPTY;
+    const SVC_NO_NEIGH: Self = SVC6_NO_NEIGH;
+    const UPS_NO_NEIGH: Self = UPS6_NO_NEIGH;
+    const UPS_NO_NEIGH_ID: u32 = UPS6_NO_NEIGH_ID;
+    const SVC_NO_ROUTE: Self = SVC6_NO_ROUTE;
+    const UPS_NO_ROUTE: Self = UPS6_NO_ROUTE;
+    const UPS_NO_ROUTE_ID: u32 = UPS6_NO_ROUTE_ID;
+    const STRANGER: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0x99);
+    const ALLOW_NET: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x5100, 0, 0, 0, 0, 0);
+    const ALLOW_LEN: u32 = 65;
+    const OUTSIDE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x5100, 0, 0x8000, 0, 0, 0x200);
+}
+
+type V4 = SocketAddrV4;
+type V6 = SocketAddrV6;
 
 /// A frame as the client-side router delivers it to `xpc`.
-fn from_client(p: Packet) -> Packet {
+fn from_client<S: Sock>(p: Packet<S>) -> Packet<S> {
     p.macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC)
 }
 
 /// A frame as the upstream host delivers it to `xph`.
-fn from_upstream(p: Packet) -> Packet {
+fn from_upstream<S: Sock>(p: Packet<S>) -> Packet<S> {
     p.macs(UPSTREAM_MAC, HOME_DEV_MAC)
 }
 
 /// What a forwarded packet must look like: endpoints rewritten, TTL decremented, MACs from the
 /// FIB lookup (egress interface's own, next hop's), checksums recomputed in full.
-fn forwarded(
-    p: &Packet,
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    egress: Iface,
-    next_hop: Mac,
-) -> Vec<u8> {
+fn forwarded<S: Sock>(p: &Packet<S>, src: S, dst: S, egress: Iface, next_hop: Mac) -> Vec<u8> {
     p.clone()
         .endpoints(src, dst)
         .ttl(p.ttl - 1)
@@ -72,29 +150,29 @@ fn forwarded(
 
 /// What a packet passed after its flow matched must look like (NO_NEIGH, FIB failure):
 /// endpoints rewritten and checksums fixed, TTL and MACs untouched.
-fn rewritten_only(p: &Packet, src: SocketAddrV4, dst: SocketAddrV4) -> Vec<u8> {
+fn rewritten_only<S: Sock>(p: &Packet<S>, src: S, dst: S) -> Vec<u8> {
     p.clone().endpoints(src, dst).bytes()
 }
 
 /// One NATed flow as the tests know it. `snat` always comes from the program's stored forward
 /// entry, so replies are chained through stored state.
 #[derive(Clone, Copy, Debug)]
-struct Flow {
-    client: SocketAddrV4,
-    service: SocketAddrV4,
-    upstream: SocketAddrV4,
-    snat: SocketAddrV4,
+struct Flow<S: Fam = SocketAddrV4> {
+    client: S,
+    service: S,
+    upstream: S,
+    snat: S,
     proto: u8,
     service_id: u32,
     upstream_id: u32,
 }
 
-impl Flow {
-    fn fwd_tuple(&self) -> Tuple {
+impl<S: Fam> Flow<S> {
+    fn fwd_tuple(&self) -> Tuple<S> {
         Tuple::new(self.client, self.service, self.proto)
     }
 
-    fn rev_tuple(&self) -> Tuple {
+    fn rev_tuple(&self) -> Tuple<S> {
         Tuple::new(self.upstream, self.snat, self.proto)
     }
 
@@ -126,32 +204,32 @@ impl Flow {
     }
 
     /// A TCP segment from the client to the service.
-    fn client_tcp(&self, flags: u8) -> Packet {
+    fn client_tcp(&self, flags: u8) -> Packet<S> {
         from_client(Packet::tcp(self.client, self.service, flags))
     }
 
     /// A TCP segment from the upstream to the SNAT address and port.
-    fn upstream_tcp(&self, flags: u8) -> Packet {
+    fn upstream_tcp(&self, flags: u8) -> Packet<S> {
         from_upstream(Packet::tcp(self.upstream, self.snat, flags))
             .seq_ack(0x5000_0001, 0x1000_0002)
     }
 
     /// Expected output of a client packet forwarded out of `egress` to the upstream.
-    fn fwd_out(&self, p: &Packet, egress: Iface) -> Vec<u8> {
+    fn fwd_out(&self, p: &Packet<S>, egress: Iface) -> Vec<u8> {
         forwarded(p, self.snat, self.upstream, egress, UPSTREAM_MAC)
     }
 
     /// Expected output of an upstream packet forwarded out of `egress` to the client router.
-    fn rev_out(&self, p: &Packet, egress: Iface) -> Vec<u8> {
+    fn rev_out(&self, p: &Packet<S>, egress: Iface) -> Vec<u8> {
         forwarded(p, self.service, self.client, egress, CLIENT_ROUTER_MAC)
     }
 }
 
 /// The first SNAT port a new flow with `tuple` to `ups` may take, given the reverse entries
 /// already in the map (docs/datapath.md step 7: probe order, first free reverse key).
-fn expected_snat_port(h: &Harness, tuple: &Tuple, ups: SocketAddrV4) -> Option<u16> {
+fn expected_snat_port<S: Fam>(h: &Harness, tuple: &Tuple<S>, ups: S) -> Option<u16> {
     tuple.snat_probe_ports(&h.config).into_iter().find(|&port| {
-        let key = Tuple::new(ups, SocketAddrV4::new(SNAT_IP, port), tuple.proto).key();
+        let key = Tuple::new(ups, S::sock(S::SNAT, port), tuple.proto).key();
         h.rev_flow(&key).is_none()
     })
 }
@@ -161,18 +239,18 @@ fn expected_snat_port(h: &Harness, tuple: &Tuple, ups: SocketAddrV4) -> Option<u
 /// rewritten output (out of `egress`), reason `reason`, both flow entries, the counters. Returns
 /// the flow with the SNAT port read back from the stored forward entry.
 #[allow(clippy::too_many_arguments)]
-fn open_flow(
+fn open_flow<S: Fam>(
     h: &mut Harness,
     desc: &str,
-    first: Packet,
+    first: Packet<S>,
     service_id: u32,
-    upstream_addr: SocketAddrV4,
+    upstream_addr: S,
     upstream_id: u32,
     ingress: Iface,
     egress: Iface,
     action: u32,
     reason: Reason,
-) -> (Flow, RunResult) {
+) -> (Flow<S>, RunResult) {
     let t = first.tuple();
     h.steer(&t, service_id, upstream_id);
     let port = expected_snat_port(h, &t, upstream_addr)
@@ -181,7 +259,7 @@ fn open_flow(
         client: t.src,
         service: t.dst,
         upstream: upstream_addr,
-        snat: SocketAddrV4::new(SNAT_IP, port),
+        snat: S::sock(S::SNAT, port),
         proto: t.proto,
         service_id,
         upstream_id,
@@ -213,7 +291,7 @@ fn open_flow(
          stored {stored_port}"
     );
     let flow = Flow {
-        snat: SocketAddrV4::new(SNAT_IP, stored_port),
+        snat: S::sock(S::SNAT, stored_port),
         ..expected
     };
     let len = u64::from(first.ip_len());
@@ -265,15 +343,20 @@ fn open_flow(
 /// Open the standard TCP flow CLIENT_A -> service 1 -> upstream 1, SYN arriving on the client
 /// side and redirected to the home side.
 fn open_tcp(h: &mut Harness) -> Flow {
+    open_tcp_in::<V4>(h)
+}
+
+/// `open_tcp` in family `S`.
+fn open_tcp_in<S: Fam>(h: &mut Harness) -> Flow<S> {
     let (ci, hi) = (h.client_if, h.home_if);
-    let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+    let syn = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
     open_flow(
         h,
         "TCP SYN, new flow",
         syn,
         SVC_TCP_ID,
-        UPS_TCP,
-        UPS_TCP_ID,
+        S::UPS_TCP,
+        S::UPS_TCP_ID,
         ci,
         hi,
         XDP_REDIRECT,
@@ -284,7 +367,7 @@ fn open_tcp(h: &mut Harness) -> Flow {
 
 /// Send the upstream's SYN-ACK for `flow` (arriving on the home side, redirected to the client
 /// side) and assert it.
-fn reply_syn_ack(h: &Harness, flow: &Flow) -> RunResult {
+fn reply_syn_ack<S: Fam>(h: &Harness, flow: &Flow<S>) -> RunResult {
     let p = flow.upstream_tcp(TCP_SYN | TCP_ACK);
     h.check(&Fixture::new(
         "TCP SYN-ACK from the upstream (reply path)",
@@ -297,7 +380,7 @@ fn reply_syn_ack(h: &Harness, flow: &Flow) -> RunResult {
 }
 
 /// Assert both entries of `flow` carry `flags` (and their rewrites are intact).
-fn assert_flags(h: &Harness, what: &str, flow: &Flow, flags: u32) {
+fn assert_flags<S: Fam>(h: &Harness, what: &str, flow: &Flow<S>, flags: u32) {
     for (table, actual, expected) in [
         (
             "forward",
@@ -346,11 +429,20 @@ fn assert_no_flows(h: &Harness, what: &str) {
 /// home-side interface through the devmap.
 #[test]
 fn tcp_syn_new_flow() {
+    tcp_syn_new_flow_in::<V4>();
+}
+
+#[test]
+fn tcp_syn_new_flow_v6() {
+    tcp_syn_new_flow_in::<V6>();
+}
+
+fn tcp_syn_new_flow_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         assert_eq!(h.all_flows(MAP_FLOWS_FWD).len(), 1, "one forward entry");
         assert_eq!(h.all_flows(MAP_FLOWS_REV).len(), 1, "one reverse entry");
-        assert_eq!(flow.snat.ip(), &SNAT_IP);
+        assert_eq!(flow.snat.sock_ip(), S::SNAT);
     });
 }
 
@@ -358,16 +450,25 @@ fn tcp_syn_new_flow() {
 /// XDP_TX (egress == ingress), source MAC of that interface.
 #[test]
 fn tcp_syn_same_interface_tx() {
+    tcp_syn_same_interface_tx_in::<V4>();
+}
+
+#[test]
+fn tcp_syn_same_interface_tx_v6() {
+    tcp_syn_same_interface_tx_in::<V6>();
+}
+
+fn tcp_syn_same_interface_tx_in<S: Fam>() {
     with_harness(|h| {
         let hi = h.home_if;
-        let syn = Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN).macs(UPSTREAM_MAC, HOME_DEV_MAC);
+        let syn = Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN).macs(UPSTREAM_MAC, HOME_DEV_MAC);
         open_flow(
             h,
             "TCP SYN arriving on the upstream's interface",
             syn,
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             hi,
             hi,
             XDP_TX,
@@ -381,10 +482,19 @@ fn tcp_syn_same_interface_tx() {
 /// both entries; reverse counters move.
 #[test]
 fn tcp_reply_path() {
+    tcp_reply_path_in::<V4>();
+}
+
+#[test]
+fn tcp_reply_path_v6() {
+    tcp_reply_path_in::<V6>();
+}
+
+fn tcp_reply_path_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         let svc_before = h.svc_stats(SVC_TCP_ID);
-        let ups_before = h.ups_stats(UPS_TCP_ID);
+        let ups_before = h.ups_stats(S::UPS_TCP_ID);
         let p = flow.upstream_tcp(TCP_SYN | TCP_ACK);
         let run = reply_syn_ack(h, &flow);
         let len = u64::from(p.ip_len());
@@ -417,15 +527,24 @@ fn tcp_reply_path() {
             ..c
         };
         assert_eq!(h.svc_stats(SVC_TCP_ID), plus(svc_before), "XP_SVC_STATS");
-        assert_eq!(h.ups_stats(UPS_TCP_ID), plus(ups_before), "XP_UPS_STATS");
+        assert_eq!(h.ups_stats(S::UPS_TCP_ID), plus(ups_before), "XP_UPS_STATS");
     });
 }
 
 /// A reply arriving on the client-side interface goes back out of it: XDP_TX (`RevTx`).
 #[test]
 fn tcp_reply_same_interface_tx() {
+    tcp_reply_same_interface_tx_in::<V4>();
+}
+
+#[test]
+fn tcp_reply_same_interface_tx_v6() {
+    tcp_reply_same_interface_tx_in::<V6>();
+}
+
+fn tcp_reply_same_interface_tx_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         let p = flow
             .upstream_tcp(TCP_SYN | TCP_ACK)
             .macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC);
@@ -444,8 +563,17 @@ fn tcp_reply_same_interface_tx() {
 /// entry and is forwarded with the same upstream and SNAT port; entry counters accumulate.
 #[test]
 fn tcp_established_forward() {
+    tcp_established_forward_in::<V4>();
+}
+
+#[test]
+fn tcp_established_forward_v6() {
+    tcp_established_forward_in::<V6>();
+}
+
+fn tcp_established_forward_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         let svc_before = h.svc_stats(SVC_TCP_ID);
         let fwd_before = h.fwd_flow(&flow.fwd_tuple().key()).unwrap_or_default();
@@ -495,8 +623,17 @@ fn tcp_established_forward() {
 /// the packet dropped, so the client's retry starts a fresh flow. Never a black hole.
 #[test]
 fn half_evicted_flow_is_repaired_or_forgotten() {
+    half_evicted_flow_is_repaired_or_forgotten_in::<V4>();
+}
+
+#[test]
+fn half_evicted_flow_is_repaired_or_forgotten_v6() {
+    half_evicted_flow_is_repaired_or_forgotten_in::<V6>();
+}
+
+fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         let rev_key = flow.rev_tuple().key();
         let rev_before = h
@@ -534,7 +671,7 @@ fn half_evicted_flow_is_repaired_or_forgotten() {
 
         // The port went to another client meanwhile: this flow cannot be repaired.
         let other = FlowValue {
-            new_dst_addr: proxy_common::addr_v4([10, 100, 0, 99]),
+            new_dst_addr: S::STRANGER.key_addr(),
             ..rev_before
         };
         h.remove_rev_flow(&rev_key);
@@ -563,8 +700,17 @@ fn half_evicted_flow_is_repaired_or_forgotten() {
 /// FLOW_F_FIN_UPSTREAM in both; both are forwarded.
 #[test]
 fn tcp_fin() {
+    tcp_fin_in::<V4>();
+}
+
+#[test]
+fn tcp_fin_v6() {
+    tcp_fin_in::<V6>();
+}
+
+fn tcp_fin_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         let p = flow
             .client_tcp(TCP_FIN | TCP_ACK)
@@ -605,8 +751,17 @@ fn tcp_fin() {
 /// entries and is forwarded.
 #[test]
 fn tcp_rst() {
+    tcp_rst_in::<V4>();
+}
+
+#[test]
+fn tcp_rst_v6() {
+    tcp_rst_in::<V6>();
+}
+
+fn tcp_rst_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         let p = flow
             .client_tcp(TCP_RST | TCP_ACK)
@@ -631,10 +786,10 @@ fn tcp_rst() {
         let (flow2, _) = open_flow(
             h,
             "TCP SYN of a second flow",
-            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN)),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -666,8 +821,17 @@ fn tcp_rst() {
 /// Maglev table now points elsewhere), forwarded.
 #[test]
 fn tcp_resyn_after_fin_reuses_flow() {
+    tcp_resyn_after_fin_reuses_flow_in::<V4>();
+}
+
+#[test]
+fn tcp_resyn_after_fin_reuses_flow_v6() {
+    tcp_resyn_after_fin_reuses_flow_in::<V6>();
+}
+
+fn tcp_resyn_after_fin_reuses_flow_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         for (desc, p, ingress, reason) in [
             (
@@ -704,7 +868,7 @@ fn tcp_resyn_after_fin_reuses_flow() {
             FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM,
         );
         // Re-point the flow's Maglev slot: a re-hash would now pick upstream 5.
-        h.steer(&flow.fwd_tuple(), SVC_TCP_ID, UPS_TCP_2_ID);
+        h.steer(&flow.fwd_tuple(), SVC_TCP_ID, S::UPS_TCP_2_ID);
         let p = flow.client_tcp(TCP_SYN).seq_ack(0x7000_0001, 0);
         h.check(&Fixture::new(
             "TCP SYN reusing the client port after FIN",
@@ -732,12 +896,21 @@ fn tcp_resyn_after_fin_reuses_flow() {
 /// (the kernel answers RST), no flow created.
 #[test]
 fn tcp_midflow_without_flow_passes() {
+    tcp_midflow_without_flow_passes_in::<V4>();
+}
+
+#[test]
+fn tcp_midflow_without_flow_passes_v6() {
+    tcp_midflow_without_flow_passes_in::<V6>();
+}
+
+fn tcp_midflow_without_flow_passes_in<S: Fam>() {
     with_harness(|h| {
         // Steer the tuple so a wrongly created flow would have an upstream to go to.
         h.steer(
-            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            &Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP),
             SVC_TCP_ID,
-            UPS_TCP_ID,
+            S::UPS_TCP_ID,
         );
         for (desc, flags) in [
             ("TCP ACK, no flow", TCP_ACK),
@@ -746,7 +919,7 @@ fn tcp_midflow_without_flow_passes() {
             ("TCP FIN+ACK, no flow", TCP_FIN | TCP_ACK),
             ("TCP RST, no flow", TCP_RST),
         ] {
-            let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, flags))
+            let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, flags))
                 .payload(if flags & TCP_PSH != 0 { b"data" } else { b"" });
             h.check(&Fixture::unchanged(
                 desc,
@@ -773,17 +946,30 @@ fn tcp_midflow_without_flow_passes() {
 /// carries Ethernet padding: it must stay, and byte counters count the IP length only.
 #[test]
 fn udp_new_flow() {
+    udp_new_flow_in::<V4>();
+}
+
+#[test]
+fn udp_new_flow_v6() {
+    udp_new_flow_in::<V6>();
+}
+
+fn udp_new_flow_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
-        let p = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"ping")).trailer(&[0; 14]);
-        assert_eq!(p.bytes().len(), 60, "a minimum-size frame with padding");
+        let p = from_client(Packet::udp(S::CLIENT_A, S::SVC_UDP, b"ping")).trailer(&[0; 14]);
+        assert_eq!(
+            p.bytes().len(),
+            ETH_HLEN + usize::from(p.ip_len()) + 14,
+            "a frame with padding (IPv4: the minimum size, 60)"
+        );
         let (flow, _) = open_flow(
             h,
             "UDP, new flow (padded frame)",
             p,
             SVC_UDP_ID,
-            UPS_UDP,
-            UPS_UDP_ID,
+            S::UPS_UDP,
+            S::UPS_UDP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -797,15 +983,24 @@ fn udp_new_flow() {
 /// hitting the forward entry with the same SNAT port.
 #[test]
 fn udp_established() {
+    udp_established_in::<V4>();
+}
+
+#[test]
+fn udp_established_v6() {
+    udp_established_in::<V6>();
+}
+
+fn udp_established_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         let (flow, _) = open_flow(
             h,
             "UDP, new flow",
-            from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 1")),
+            from_client(Packet::udp(S::CLIENT_A, S::SVC_UDP, b"query 1")),
             SVC_UDP_ID,
-            UPS_UDP,
-            UPS_UDP_ID,
+            S::UPS_UDP,
+            S::UPS_UDP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -820,7 +1015,11 @@ fn udp_established() {
             Reason::RevRedirect,
             Expect::Bytes(flow.rev_out(&reply, ci)),
         ));
-        let p = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 2, a little longer"));
+        let p = from_client(Packet::udp(
+            S::CLIENT_A,
+            S::SVC_UDP,
+            b"query 2, a little longer",
+        ));
         let run = h.check(&Fixture::new(
             "UDP, established flow",
             p.bytes(),
@@ -829,7 +1028,8 @@ fn udp_established() {
             Reason::FwdRedirect,
             Expect::Bytes(flow.fwd_out(&p, hi)),
         ));
-        let first_len = u64::from(from_client(Packet::udp(CLIENT_A, SVC_UDP, b"query 1")).ip_len());
+        let first_len =
+            u64::from(from_client(Packet::udp(S::CLIENT_A, S::SVC_UDP, b"query 1")).ip_len());
         let fwd = h.fwd_flow(&flow.fwd_tuple().key());
         // Flag bits are TCP state (docs step 8 "(TCP)"); whether a UDP reply sets
         // FLOW_F_REPLIED is not specified, so that one bit is not asserted here.
@@ -872,7 +1072,7 @@ fn udp_established() {
             },
             "XP_SVC_STATS[UDP]"
         );
-        assert_eq!(h.ups_stats(UPS_UDP_ID), svc, "XP_UPS_STATS[UDP]");
+        assert_eq!(h.ups_stats(S::UPS_UDP_ID), svc, "XP_UPS_STATS[UDP]");
     });
 }
 
@@ -1068,6 +1268,15 @@ fn non_tcp_udp_passes() {
 /// The config entry without CONFIG_F_READY: every packet is passed untouched.
 #[test]
 fn not_ready_config_passes() {
+    not_ready_config_passes_in::<V4>();
+}
+
+#[test]
+fn not_ready_config_passes_v6() {
+    not_ready_config_passes_in::<V6>();
+}
+
+fn not_ready_config_passes_in<S: Fam>() {
     with_harness(|h| {
         let cfg = NatConfig {
             flags: 0,
@@ -1075,11 +1284,11 @@ fn not_ready_config_passes() {
         };
         h.set_config(cfg);
         h.steer(
-            &Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP),
+            &Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP),
             SVC_TCP_ID,
-            UPS_TCP_ID,
+            S::UPS_TCP_ID,
         );
-        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
         h.check(&Fixture::unchanged(
             "TCP SYN to a service, config not ready",
             p.bytes(),
@@ -1512,8 +1721,17 @@ fn tcp_options_carried_unchanged() {
 /// flow (so it is the forwarding step, not flow creation, that decides).
 #[test]
 fn ttl_1_drops() {
+    ttl_1_drops_in::<V4>();
+}
+
+#[test]
+fn ttl_1_drops_v6() {
+    ttl_1_drops_in::<V6>();
+}
+
+fn ttl_1_drops_in<S: Fam>() {
     with_harness(|h| {
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         reply_syn_ack(h, &flow);
         let svc_before = h.svc_stats(SVC_TCP_ID);
         for ttl in [1, 0] {
@@ -1568,9 +1786,9 @@ fn ttl_1_drops() {
         // The SYN of a new flow with TTL 1 is dropped too. Steps 7 and 8 come before step 9, so
         // the flow exists afterwards (with this packet counted in its entry), but no traffic
         // counter moved.
-        let t = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
-        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
-        let p = from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)).ttl(1);
+        let t = Tuple::new(S::CLIENT_B, S::SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
+        let p = from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN)).ttl(1);
         let svc_before = h.svc_stats(SVC_TCP_ID);
         h.check(&Fixture::unchanged(
             "TCP SYN of a new flow with TTL 1",
@@ -1606,24 +1824,36 @@ fn ttl_1_drops() {
 /// nothing written, never a reused port.
 #[test]
 fn snat_ports_exhausted() {
+    snat_ports_exhausted_in::<V4>();
+}
+
+#[test]
+fn snat_ports_exhausted_v6() {
+    snat_ports_exhausted_in::<V6>();
+}
+
+fn snat_ports_exhausted_in<S: Fam>() {
     with_harness(|h| {
-        let occupy = |h: &mut Harness, t: &Tuple, ups: SocketAddrV4| {
+        let occupy = |h: &mut Harness, t: &Tuple<S>, ups: S| {
             for port in t.snat_probe_ports(&h.config) {
-                let other = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), port);
-                let key = Tuple::new(ups, SocketAddrV4::new(SNAT_IP, port), t.proto).key();
+                let other = S::sock(S::STRANGER, port);
+                let key = Tuple::new(ups, S::sock(S::SNAT, port), t.proto).key();
                 h.insert_rev_flow(
                     key,
-                    flow_value(SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_ID),
+                    flow_value(S::SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, S::UPS_TCP_ID),
                 );
             }
         };
         // Default range: the 32 probed ports of this tuple are taken.
-        let t = Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP);
-        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
-        occupy(h, &t, UPS_TCP);
+        let t = Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
+        occupy(h, &t, S::UPS_TCP);
         let rev_before = h.all_flows(MAP_FLOWS_REV);
-        assert_eq!(rev_before.len(), 32);
-        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        // 32 probes; a scattered probe may repeat an earlier one (proxy-common's hash docs).
+        let distinct: std::collections::HashSet<u16> =
+            t.snat_probe_ports(&h.config).into_iter().collect();
+        assert_eq!(rev_before.len(), distinct.len());
+        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
         h.check(&Fixture::unchanged(
             "TCP SYN, all 32 probed SNAT ports taken",
             p.bytes(),
@@ -1637,10 +1867,10 @@ fn snat_ports_exhausted() {
             port_max: 30_003,
             ..h.config
         });
-        let t = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
-        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
-        occupy(h, &t, UPS_TCP);
-        let p = from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN));
+        let t = Tuple::new(S::CLIENT_B, S::SVC_TCP, IPPROTO_TCP);
+        h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
+        occupy(h, &t, S::UPS_TCP);
+        let p = from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN));
         h.check(&Fixture::unchanged(
             "TCP SYN, 4-port range, all taken",
             p.bytes(),
@@ -1654,7 +1884,7 @@ fn snat_ports_exhausted() {
         );
         assert_eq!(
             h.all_flows(MAP_FLOWS_REV).len(),
-            36,
+            distinct.len() + 4,
             "no reverse entry written or removed"
         );
         for (k, v) in rev_before {
@@ -1670,7 +1900,7 @@ fn snat_ports_exhausted() {
             "XP_SVC_STATS"
         );
         assert_eq!(
-            h.ups_stats(UPS_TCP_ID),
+            h.ups_stats(S::UPS_TCP_ID),
             TrafficCounters::default(),
             "XP_UPS_STATS"
         );
@@ -1681,31 +1911,41 @@ fn snat_ports_exhausted() {
 /// new flow gets the 6th. A port taken for another upstream does not count.
 #[test]
 fn snat_probe_skips_taken_ports() {
+    snat_probe_skips_taken_ports_in::<V4>();
+}
+
+#[test]
+fn snat_probe_skips_taken_ports_v6() {
+    snat_probe_skips_taken_ports_in::<V6>();
+}
+
+fn snat_probe_skips_taken_ports_in<S: Fam>() {
     with_harness(|h| {
-        let t = Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP);
+        let t = Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP);
         let probes = t.snat_probe_ports(&h.config);
         for &port in &probes[..5] {
-            let key = Tuple::new(UPS_TCP, SocketAddrV4::new(SNAT_IP, port), IPPROTO_TCP).key();
-            let other = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 200), port);
+            let key = Tuple::new(S::UPS_TCP, S::sock(S::SNAT, port), IPPROTO_TCP).key();
+            let other = S::sock(S::STRANGER, port);
             h.insert_rev_flow(
                 key,
-                flow_value(SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_ID),
+                flow_value(S::SVC_TCP, other, FLOW_DIR_REPLY, SVC_TCP_ID, S::UPS_TCP_ID),
             );
         }
         // The 6th probe is taken, but for upstream 5 (other port): free for upstream 1.
-        let key = Tuple::new(
-            UPS_TCP_2,
-            SocketAddrV4::new(SNAT_IP, probes[5]),
-            IPPROTO_TCP,
-        )
-        .key();
+        let key = Tuple::new(S::UPS_TCP_2, S::sock(S::SNAT, probes[5]), IPPROTO_TCP).key();
         h.insert_rev_flow(
             key,
-            flow_value(SVC_TCP, CLIENT_B, FLOW_DIR_REPLY, SVC_TCP_ID, UPS_TCP_2_ID),
+            flow_value(
+                S::SVC_TCP,
+                S::CLIENT_B,
+                FLOW_DIR_REPLY,
+                SVC_TCP_ID,
+                S::UPS_TCP_2_ID,
+            ),
         );
-        let flow = open_tcp(h);
+        let flow = open_tcp_in::<S>(h);
         assert_eq!(
-            flow.snat.port(),
+            flow.snat.sock_port(),
             probes[5],
             "6th probe (first free for this upstream)"
         );
@@ -1716,21 +1956,30 @@ fn snat_probe_skips_taken_ports() {
 /// each go to theirs.
 #[test]
 fn maglev_slot_selects_upstream() {
+    maglev_slot_selects_upstream_in::<V4>();
+}
+
+#[test]
+fn maglev_slot_selects_upstream_v6() {
+    maglev_slot_selects_upstream_in::<V6>();
+}
+
+fn maglev_slot_selects_upstream_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         let (a, _) = open_flow(
             h,
             "TCP SYN steered to upstream 1",
-            from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN)),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
             Reason::FwdRedirect,
         );
-        let tb = Tuple::new(CLIENT_B, SVC_TCP, IPPROTO_TCP);
+        let tb = Tuple::new(S::CLIENT_B, S::SVC_TCP, IPPROTO_TCP);
         assert_ne!(
             tb.maglev_slot(),
             a.fwd_tuple().maglev_slot(),
@@ -1739,16 +1988,16 @@ fn maglev_slot_selects_upstream() {
         let (b, _) = open_flow(
             h,
             "TCP SYN steered to upstream 5",
-            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN)),
             SVC_TCP_ID,
-            UPS_TCP_2,
-            UPS_TCP_2_ID,
+            S::UPS_TCP_2,
+            S::UPS_TCP_2_ID,
             ci,
             hi,
             XDP_REDIRECT,
             Reason::FwdRedirect,
         );
-        assert_eq!((a.upstream, b.upstream), (UPS_TCP, UPS_TCP_2));
+        assert_eq!((a.upstream, b.upstream), (S::UPS_TCP, S::UPS_TCP_2));
     });
 }
 
@@ -1756,14 +2005,23 @@ fn maglev_slot_selects_upstream() {
 /// beyond MAX_UPSTREAMS. Nothing is written.
 #[test]
 fn maglev_bad_upstream_drops() {
+    maglev_bad_upstream_drops_in::<V4>();
+}
+
+#[test]
+fn maglev_bad_upstream_drops_v6() {
+    maglev_bad_upstream_drops_in::<V6>();
+}
+
+fn maglev_bad_upstream_drops_in<S: Fam>() {
     with_harness(|h| {
-        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
         let t = p.tuple();
         h.set_upstream(
             7,
             UpstreamValue {
                 flags: 0,
-                ..upstream(UPS_TCP)
+                ..upstream(S::UPS_TCP)
             },
         );
         for (desc, id) in [
@@ -1787,9 +2045,18 @@ fn maglev_bad_upstream_drops() {
 /// A service whose upstream flag is unset: new flows are passed untouched.
 #[test]
 fn service_without_upstreams_passes() {
+    service_without_upstreams_passes_in::<V4>();
+}
+
+#[test]
+fn service_without_upstreams_passes_v6() {
+    service_without_upstreams_passes_in::<V6>();
+}
+
+fn service_without_upstreams_passes_in<S: Fam>() {
     with_harness(|h| {
-        let p = from_client(Packet::tcp(CLIENT_A, SVC_EMPTY, TCP_SYN));
-        h.steer(&p.tuple(), SVC_EMPTY_ID, UPS_TCP_ID);
+        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_EMPTY, TCP_SYN));
+        h.steer(&p.tuple(), SVC_EMPTY_ID, S::UPS_TCP_ID);
         h.check(&Fixture::unchanged(
             "TCP SYN to a service without upstreams",
             p.bytes(),
@@ -1806,15 +2073,24 @@ fn service_without_upstreams_passes() {
 /// flow exists, and its next packet takes the same path.
 #[test]
 fn no_neigh_passes_rewritten() {
+    no_neigh_passes_rewritten_in::<V4>();
+}
+
+#[test]
+fn no_neigh_passes_rewritten_v6() {
+    no_neigh_passes_rewritten_in::<V6>();
+}
+
+fn no_neigh_passes_rewritten_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         let (flow, _) = open_flow(
             h,
             "TCP SYN to an upstream without a neighbour entry",
-            from_client(Packet::tcp(CLIENT_A, SVC_NO_NEIGH, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_A, S::SVC_NO_NEIGH, TCP_SYN)),
             SVC_NO_NEIGH_ID,
-            UPS_NO_NEIGH,
-            UPS_NO_NEIGH_ID,
+            S::UPS_NO_NEIGH,
+            S::UPS_NO_NEIGH_ID,
             ci,
             hi,
             XDP_PASS,
@@ -1841,15 +2117,24 @@ fn no_neigh_passes_rewritten() {
 /// passed, counted `PassFibFailed`.
 #[test]
 fn fib_failure_passes_rewritten() {
+    fib_failure_passes_rewritten_in::<V4>();
+}
+
+#[test]
+fn fib_failure_passes_rewritten_v6() {
+    fib_failure_passes_rewritten_in::<V6>();
+}
+
+fn fib_failure_passes_rewritten_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         open_flow(
             h,
             "TCP SYN to an upstream without a route",
-            from_client(Packet::tcp(CLIENT_A, SVC_NO_ROUTE, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_A, S::SVC_NO_ROUTE, TCP_SYN)),
             SVC_NO_ROUTE_ID,
-            UPS_NO_ROUTE,
-            UPS_NO_ROUTE_ID,
+            S::UPS_NO_ROUTE,
+            S::UPS_NO_ROUTE_ID,
             ci,
             hi,
             XDP_PASS,
@@ -1863,20 +2148,23 @@ fn fib_failure_passes_rewritten() {
 /// redirect), so the dropped frame carries it.
 #[test]
 fn redirect_without_devmap_entry_drops() {
+    redirect_without_devmap_entry_drops_in::<V4>();
+}
+
+#[test]
+fn redirect_without_devmap_entry_drops_v6() {
+    redirect_without_devmap_entry_drops_in::<V6>();
+}
+
+fn redirect_without_devmap_entry_drops_in<S: Fam>() {
     with_harness(|h| {
         let hi = h.home_if;
         h.devmap_remove(hi.ifindex);
-        let p = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN));
+        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
         let t = p.tuple();
-        h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
-        let port = expected_snat_port(h, &t, UPS_TCP).unwrap_or_else(|| panic!("no free port"));
-        let out = forwarded(
-            &p,
-            SocketAddrV4::new(SNAT_IP, port),
-            UPS_TCP,
-            hi,
-            UPSTREAM_MAC,
-        );
+        h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
+        let port = expected_snat_port(h, &t, S::UPS_TCP).unwrap_or_else(|| panic!("no free port"));
+        let out = forwarded(&p, S::sock(S::SNAT, port), S::UPS_TCP, hi, UPSTREAM_MAC);
         h.check(&Fixture::new(
             "TCP SYN, egress interface not in the devmap",
             p.bytes(),
@@ -2267,19 +2555,24 @@ fn mss_opt(mss: u16) -> [u8; 4] {
 
 /// Open a TCP flow with `syn` (its client port chosen by the caller) and expect the forwarded
 /// SYN to look like `syn_out` (the same segment with possibly different options).
-fn open_tcp_expecting(h: &mut Harness, desc: &str, syn: &Packet, syn_out: &Packet) -> Flow {
+fn open_tcp_expecting<S: Fam>(
+    h: &mut Harness,
+    desc: &str,
+    syn: &Packet<S>,
+    syn_out: &Packet<S>,
+) -> Flow<S> {
     let t = syn.tuple();
-    h.steer(&t, SVC_TCP_ID, UPS_TCP_ID);
-    let port = expected_snat_port(h, &t, UPS_TCP)
+    h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
+    let port = expected_snat_port(h, &t, S::UPS_TCP)
         .unwrap_or_else(|| panic!("{desc}: every probed SNAT port is taken"));
     let flow = Flow {
         client: t.src,
         service: t.dst,
-        upstream: UPS_TCP,
-        snat: SocketAddrV4::new(SNAT_IP, port),
+        upstream: S::UPS_TCP,
+        snat: S::sock(S::SNAT, port),
         proto: IPPROTO_TCP,
         service_id: SVC_TCP_ID,
-        upstream_id: UPS_TCP_ID,
+        upstream_id: S::UPS_TCP_ID,
     };
     h.check(&Fixture::new(
         desc,
@@ -2298,6 +2591,15 @@ fn open_tcp_expecting(h: &mut Harness, desc: &str, syn: &Packet, syn_out: &Packe
 /// and malformed options are carried unchanged. Checksums are verified in full by `check`.
 #[test]
 fn mss_clamp_syn_and_syn_ack() {
+    mss_clamp_syn_and_syn_ack_in::<V4>();
+}
+
+#[test]
+fn mss_clamp_syn_and_syn_ack_v6() {
+    mss_clamp_syn_and_syn_ack_in::<V6>();
+}
+
+fn mss_clamp_syn_and_syn_ack_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         h.set_service_options(
@@ -2370,10 +2672,10 @@ fn mss_clamp_syn_and_syn_ack() {
         let mut last = None;
         for (i, (desc, opts, out_opts)) in cases.into_iter().enumerate() {
             let port = 41_000 + u16::try_from(i).unwrap_or(0);
-            let client = SocketAddrV4::new(CLIENT_1, port);
-            let syn = from_client(Packet::tcp(client, SVC_TCP, TCP_SYN)).tcp_options(&opts);
-            let out = from_client(Packet::tcp(client, SVC_TCP, TCP_SYN)).tcp_options(&out_opts);
-            last = Some(open_tcp_expecting(h, desc, &syn, &out));
+            let client = S::sock(S::CLIENT_A.sock_ip(), port);
+            let syn = from_client(Packet::tcp(client, S::SVC_TCP, TCP_SYN)).tcp_options(&opts);
+            let out = from_client(Packet::tcp(client, S::SVC_TCP, TCP_SYN)).tcp_options(&out_opts);
+            last = Some(open_tcp_expecting::<S>(h, desc, &syn, &out));
         }
         let flow = last.unwrap_or_else(|| panic!("no case ran"));
 
@@ -2411,9 +2713,19 @@ fn mss_clamp_syn_and_syn_ack() {
 /// `mss_clamp = 0` (the default) clamps nothing: a SYN with MSS 9000 is carried as is.
 #[test]
 fn mss_clamp_off_by_default() {
+    mss_clamp_off_by_default_in::<V4>();
+}
+
+#[test]
+fn mss_clamp_off_by_default_v6() {
+    mss_clamp_off_by_default_in::<V6>();
+}
+
+fn mss_clamp_off_by_default_in<S: Fam>() {
     with_harness(|h| {
-        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).tcp_options(&mss_opt(9000));
-        open_tcp_expecting(h, "SYN, MSS 9000, no clamp configured", &syn, &syn);
+        let syn =
+            from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN)).tcp_options(&mss_opt(9000));
+        open_tcp_expecting::<S>(h, "SYN, MSS 9000, no clamp configured", &syn, &syn);
     });
 }
 
@@ -2429,25 +2741,44 @@ const CLIENT_200: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
 /// not leak into this one; a flow opened before the deny keeps working (the ACL admits flows).
 #[test]
 fn acl_deny_list() {
+    acl_deny_list_in::<V4>();
+}
+
+#[test]
+fn acl_deny_list_v6() {
+    acl_deny_list_in::<V6>();
+}
+
+fn acl_deny_list_in<S: Fam>() {
     with_harness(|h| {
         let ci = h.client_if;
-        let flow = open_tcp(h); // CLIENT_A = CLIENT_1:40000, before any ACL
-        h.acl_add(false, SVC_TCP_ID, CLIENT_1, 32);
-        h.acl_add(false, SVC_UDP_ID, CLIENT_2, 32);
-        let other_port = SocketAddrV4::new(CLIENT_1, 40_001);
-        h.steer(
-            &Tuple::new(other_port, SVC_TCP, IPPROTO_TCP),
+        let flow = open_tcp_in::<S>(h); // S::CLIENT_A = S::CLIENT_A.sock_ip():40000, before any ACL
+        h.acl_add(
+            false,
             SVC_TCP_ID,
-            UPS_TCP_ID,
+            S::CLIENT_A.sock_ip(),
+            <S::Ip as IpFam>::BITS,
+        );
+        h.acl_add(
+            false,
+            SVC_UDP_ID,
+            S::CLIENT_B.sock_ip(),
+            <S::Ip as IpFam>::BITS,
+        );
+        let other_port = S::sock(S::CLIENT_A.sock_ip(), 40_001);
+        h.steer(
+            &Tuple::new(other_port, S::SVC_TCP, IPPROTO_TCP),
+            SVC_TCP_ID,
+            S::UPS_TCP_ID,
         );
         for (desc, p) in [
             (
                 "SYN from a denied client",
-                from_client(Packet::tcp(other_port, SVC_TCP, TCP_SYN)),
+                from_client(Packet::tcp(other_port, S::SVC_TCP, TCP_SYN)),
             ),
             (
                 "ACK without a flow from a denied client (dropped, not passed for a RST)",
-                from_client(Packet::tcp(other_port, SVC_TCP, TCP_ACK)),
+                from_client(Packet::tcp(other_port, S::SVC_TCP, TCP_ACK)),
             ),
         ] {
             h.check(&Fixture::unchanged(
@@ -2458,8 +2789,8 @@ fn acl_deny_list() {
                 Reason::DropAclDenied,
             ));
         }
-        let reason_of = |h: &mut Harness, p: Packet| {
-            h.steer(&p.tuple(), SVC_TCP_ID, UPS_TCP_ID);
+        let reason_of = |h: &mut Harness, p: Packet<S>| {
+            h.steer(&p.tuple(), SVC_TCP_ID, S::UPS_TCP_ID);
             let before = h.reasons();
             let r = h.run(&p.bytes(), ci);
             let after = h.reasons();
@@ -2471,8 +2802,11 @@ fn acl_deny_list() {
                 .collect();
             (r.action, moved)
         };
-        // CLIENT_2 is denied on the UDP service only: its TCP SYN makes a flow.
-        let (action, moved) = reason_of(h, from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)));
+        // S::CLIENT_B.sock_ip() is denied on the UDP service only: its TCP SYN makes a flow.
+        let (action, moved) = reason_of(
+            h,
+            from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN)),
+        );
         assert_eq!(
             (action, moved),
             (XDP_REDIRECT, vec![Reason::FwdRedirect]),
@@ -2495,6 +2829,15 @@ fn acl_deny_list() {
 /// flow, .200 is dropped; a deny inside the allowed prefix wins over the allow.
 #[test]
 fn acl_allow_list() {
+    acl_allow_list_in::<V4>();
+}
+
+#[test]
+fn acl_allow_list_v6() {
+    acl_allow_list_in::<V6>();
+}
+
+fn acl_allow_list_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         h.set_service_options(
@@ -2504,54 +2847,59 @@ fn acl_allow_list() {
                 ..ServiceOptions::default()
             },
         );
-        h.acl_add(true, SVC_UDP_ID, Ipv4Addr::new(198, 51, 100, 0), 25);
-        h.acl_add(false, SVC_UDP_ID, CLIENT_2, 32);
+        h.acl_add(true, SVC_UDP_ID, S::ALLOW_NET, S::ALLOW_LEN);
+        h.acl_add(
+            false,
+            SVC_UDP_ID,
+            S::CLIENT_B.sock_ip(),
+            <S::Ip as IpFam>::BITS,
+        );
         open_flow(
             h,
             "UDP from an allowed client",
-            from_client(Packet::udp(CLIENT_A, SVC_UDP, b"hi")),
+            from_client(Packet::udp(S::CLIENT_A, S::SVC_UDP, b"hi")),
             SVC_UDP_ID,
-            UPS_UDP,
-            UPS_UDP_ID,
+            S::UPS_UDP,
+            S::UPS_UDP_ID,
             ci,
             hi,
             XDP_REDIRECT,
             Reason::FwdRedirect,
         );
-        let outside = SocketAddrV4::new(CLIENT_200, 5000);
+        let outside = S::sock(S::OUTSIDE, 5000);
         h.steer(
-            &Tuple::new(outside, SVC_UDP, IPPROTO_UDP),
+            &Tuple::new(outside, S::SVC_UDP, IPPROTO_UDP),
             SVC_UDP_ID,
-            UPS_UDP_ID,
+            S::UPS_UDP_ID,
         );
         h.check(&Fixture::unchanged(
             "UDP from a client outside the allow list",
-            from_client(Packet::udp(outside, SVC_UDP, b"hi")).bytes(),
+            from_client(Packet::udp(outside, S::SVC_UDP, b"hi")).bytes(),
             ci,
             XDP_DROP,
             Reason::DropAclNotAllowed,
         ));
         h.steer(
-            &Tuple::new(CLIENT_B, SVC_UDP, IPPROTO_UDP),
+            &Tuple::new(S::CLIENT_B, S::SVC_UDP, IPPROTO_UDP),
             SVC_UDP_ID,
-            UPS_UDP_ID,
+            S::UPS_UDP_ID,
         );
         h.check(&Fixture::unchanged(
             "UDP from a client allowed by prefix but denied by /32",
-            from_client(Packet::udp(CLIENT_B, SVC_UDP, b"hi")).bytes(),
+            from_client(Packet::udp(S::CLIENT_B, S::SVC_UDP, b"hi")).bytes(),
             ci,
             XDP_DROP,
             Reason::DropAclDenied,
         ));
         // The TCP service has no allow list: the same outside client is admitted there.
-        let outside_tcp = SocketAddrV4::new(CLIENT_200, 5001);
+        let outside_tcp = S::sock(S::OUTSIDE, 5001);
         open_flow(
             h,
             "TCP SYN from the same client to a service without allow list",
-            from_client(Packet::tcp(outside_tcp, SVC_TCP, TCP_SYN)),
+            from_client(Packet::tcp(outside_tcp, S::SVC_TCP, TCP_SYN)),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -2568,6 +2916,15 @@ fn acl_allow_list() {
 /// runs.
 #[test]
 fn new_flow_rate_limit() {
+    new_flow_rate_limit_in::<V4>();
+}
+
+#[test]
+fn new_flow_rate_limit_v6() {
+    new_flow_rate_limit_in::<V6>();
+}
+
+fn new_flow_rate_limit_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         h.set_service_options(
@@ -2580,8 +2937,8 @@ fn new_flow_rate_limit() {
         );
         let syn = |port: u16| {
             from_client(Packet::tcp(
-                SocketAddrV4::new(CLIENT_1, port),
-                SVC_TCP,
+                S::sock(S::CLIENT_A.sock_ip(), port),
+                S::SVC_TCP,
                 TCP_SYN,
             ))
         };
@@ -2591,8 +2948,8 @@ fn new_flow_rate_limit() {
                 &format!("SYN {} of the burst", port - 41_999),
                 syn(port),
                 SVC_TCP_ID,
-                UPS_TCP,
-                UPS_TCP_ID,
+                S::UPS_TCP,
+                S::UPS_TCP_ID,
                 ci,
                 hi,
                 XDP_REDIRECT,
@@ -2601,7 +2958,7 @@ fn new_flow_rate_limit() {
         };
         burst_syn(h, 42_000);
         let bucket = h
-            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .rate_state(SVC_TCP_ID, S::CLIENT_A.sock_ip())
             .unwrap_or_else(|| panic!("no bucket for the client"));
         assert_eq!(
             bucket.tokens,
@@ -2612,7 +2969,7 @@ fn new_flow_rate_limit() {
         // burst does not depend on the test's speed.
         h.set_rate_state(
             SVC_TCP_ID,
-            CLIENT_1,
+            S::CLIENT_A.sock_ip(),
             RateState {
                 tokens: bucket.tokens,
                 last_ns: u64::MAX / 2,
@@ -2621,10 +2978,10 @@ fn new_flow_rate_limit() {
         burst_syn(h, 42_001);
         burst_syn(h, 42_002);
         let bucket = h
-            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .rate_state(SVC_TCP_ID, S::CLIENT_A.sock_ip())
             .unwrap_or_else(|| panic!("bucket gone"));
         assert_eq!(bucket.tokens, 0, "the burst is spent: {bucket:?}");
-        h.steer(&syn(42_003).tuple(), SVC_TCP_ID, UPS_TCP_ID);
+        h.steer(&syn(42_003).tuple(), SVC_TCP_ID, S::UPS_TCP_ID);
         h.check(&Fixture::unchanged(
             "fourth SYN within the same second",
             syn(42_003).bytes(),
@@ -2640,10 +2997,10 @@ fn new_flow_rate_limit() {
         open_flow(
             h,
             "another client's SYN meanwhile",
-            from_client(Packet::tcp(CLIENT_B, SVC_TCP, TCP_SYN)),
+            from_client(Packet::tcp(S::CLIENT_B, S::SVC_TCP, TCP_SYN)),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -2654,7 +3011,7 @@ fn new_flow_rate_limit() {
         // refill of the microseconds since, < 1 token).
         h.set_rate_state(
             SVC_TCP_ID,
-            CLIENT_1,
+            S::CLIENT_A.sock_ip(),
             RateState {
                 tokens: 0,
                 last_ns: mono_ns() - 2_000_000_000,
@@ -2665,15 +3022,15 @@ fn new_flow_rate_limit() {
             "SYN after 2 s of refill",
             syn(42_004),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
             Reason::FwdRedirect,
         );
         let b = h
-            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .rate_state(SVC_TCP_ID, S::CLIENT_A.sock_ip())
             .unwrap_or_else(|| panic!("bucket gone"));
         assert!(
             b.tokens >= RATE_TOKEN && b.tokens < 2 * RATE_TOKEN,
@@ -2682,7 +3039,7 @@ fn new_flow_rate_limit() {
         // Idle since boot: refilled to the burst exactly, minus the one flow.
         h.set_rate_state(
             SVC_TCP_ID,
-            CLIENT_1,
+            S::CLIENT_A.sock_ip(),
             RateState {
                 tokens: 0,
                 last_ns: 0,
@@ -2693,20 +3050,314 @@ fn new_flow_rate_limit() {
             "SYN after a long idle time",
             syn(42_005),
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
             Reason::FwdRedirect,
         );
         let b = h
-            .rate_state(SVC_TCP_ID, CLIENT_1)
+            .rate_state(SVC_TCP_ID, S::CLIENT_A.sock_ip())
             .unwrap_or_else(|| panic!("bucket gone"));
         assert_eq!(
             b.tokens,
             2 * RATE_TOKEN,
             "refill is capped at the burst (3) minus one"
         );
+    });
+}
+
+// =============================================================================================
+// IPv6 only (docs/datapath.md, "IPv6").
+// =============================================================================================
+
+/// Insert extension header `ext` (type `next_type`, its own next-header byte set to the frame's
+/// upper protocol) between the IPv6 header and the L4 header of `frame`, fixing the payload
+/// length.
+fn with_ext_header(frame: &[u8], next_type: u8, ext_body: &[u8]) -> Vec<u8> {
+    let ip = ETH_HLEN;
+    let upper = frame[ip + 6];
+    let mut ext = vec![upper];
+    ext.extend_from_slice(ext_body);
+    let mut out = frame[..ip + 40].to_vec();
+    out[ip + 6] = next_type;
+    let len = u16::from_be_bytes([out[ip + 4], out[ip + 5]]) + u16::try_from(ext.len()).unwrap();
+    set_u16(&mut out, ip + 4, len);
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[ip + 40..]);
+    out
+}
+
+/// Every IPv6 header shape the parser meets before steps 4-10, each with its one rule: the
+/// Fragment header -> `PassFragment`; any other extension header -> `PassIpOptions` (never
+/// walked, never rewritten); ICMPv6 (echo, NDP) and other protocols -> `PassNotTcpUdp`,
+/// untouched; malformed or truncated -> `DropTruncated`. The tuples are steered, so a wrongly
+/// parsed packet would make a flow.
+#[test]
+fn ipv6_header_shapes() {
+    with_harness(|h| {
+        let ci = h.client_if;
+        let syn = from_client(Packet::tcp(CLIENT6_A, SVC6_TCP, TCP_SYN));
+        let udp = from_client(Packet::udp(CLIENT6_A, SVC6_UDP, b"query"));
+        h.steer(&syn.tuple(), SVC_TCP_ID, UPS6_TCP_ID);
+        h.steer(&udp.tuple(), SVC_UDP_ID, UPS6_UDP_ID);
+        let syn_b = syn.bytes();
+        let udp_b = udp.bytes();
+        // An options header (hop-by-hop, destination options): next, length 0 (8 bytes), PadN.
+        let opts: &[u8] = &[0, 1, 4, 0, 0, 0, 0];
+        // Routing header type 0 ... 8 bytes: next, len 0, type 4, segments left 0, 4 reserved.
+        let routing: &[u8] = &[0, 4, 0, 0, 0, 0, 0];
+        // Fragment header: next, reserved, offset 0 + M, identification.
+        let first_frag: &[u8] = &[0, 0, 1, 0, 0, 0x12, 0x34];
+        let later_frag: &[u8] = &[0, 0, 0x50, 0, 0, 0x12, 0x34];
+        let icmp = |t: u8, body: &[u8]| {
+            from_client(Packet::<V6>::icmpv6(
+                CLIENT6_1,
+                SERVICE_IP6,
+                t,
+                0,
+                [0; 4],
+                body,
+            ))
+            .bytes()
+        };
+        let target = SERVICE_IP6.octets();
+        let mut version4 = syn_b.clone();
+        version4[ETH_HLEN] = 0x40;
+        let mut long_payload = syn_b.clone();
+        set_u16(&mut long_payload, ETH_HLEN + 4, 21);
+        let mut short_tcp_payload = syn_b.clone();
+        set_u16(&mut short_tcp_payload, ETH_HLEN + 4, 19);
+        let mut short_udp_payload = udp_b.clone();
+        set_u16(&mut short_udp_payload, ETH_HLEN + 4, 7);
+        let mut doff4 = syn_b.clone();
+        doff4[ETH_HLEN + 40 + 12] = 0x40;
+        let mut doff15 = syn_b.clone();
+        doff15[ETH_HLEN + 40 + 12] = 0xf0;
+        let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+            (
+                "hop-by-hop options header before TCP",
+                with_ext_header(&syn_b, 0, opts),
+                Reason::PassIpOptions,
+            ),
+            (
+                "destination options header before TCP",
+                with_ext_header(&syn_b, 60, opts),
+                Reason::PassIpOptions,
+            ),
+            (
+                "routing header before UDP",
+                with_ext_header(&udp_b, 43, routing),
+                Reason::PassIpOptions,
+            ),
+            (
+                "AH before TCP",
+                with_ext_header(&syn_b, 51, opts),
+                Reason::PassIpOptions,
+            ),
+            (
+                "first fragment (offset 0, M) of UDP",
+                with_ext_header(&udp_b, 44, first_frag),
+                Reason::PassFragment,
+            ),
+            (
+                "later fragment (offset 10) of UDP",
+                with_ext_header(&udp_b, 44, later_frag),
+                Reason::PassFragment,
+            ),
+            (
+                "ICMPv6 echo request to the service address",
+                icmp(128, &[0, 1, 0, 1, b'p', b'i', b'n', b'g']),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP router solicitation",
+                icmp(133, &[]),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP neighbour solicitation for the service address",
+                icmp(135, &target),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP neighbour advertisement",
+                icmp(136, &target),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "no next header (59)",
+                from_client(Packet::<V6>::other6(CLIENT6_1, SERVICE_IP6, 59, &[])).bytes(),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "SCTP (132)",
+                from_client(Packet::<V6>::other6(CLIENT6_1, SERVICE_IP6, 132, &[0; 12])).bytes(),
+                Reason::PassNotTcpUdp,
+            ),
+            ("EtherType IPv6, version 4", version4, Reason::DropTruncated),
+            (
+                "IPv6 header cut at 39 bytes",
+                syn_b[..ETH_HLEN + 39].to_vec(),
+                Reason::DropTruncated,
+            ),
+            (
+                "payload length one byte past the frame",
+                long_payload,
+                Reason::DropTruncated,
+            ),
+            (
+                "payload length 19 for TCP",
+                short_tcp_payload,
+                Reason::DropTruncated,
+            ),
+            (
+                "payload length 7 for UDP",
+                short_udp_payload,
+                Reason::DropTruncated,
+            ),
+            ("TCP data offset 4", doff4, Reason::DropTruncated),
+            (
+                "TCP data offset 15, options beyond the frame",
+                doff15,
+                Reason::DropTruncated,
+            ),
+            (
+                "UDP header cut at 7 bytes (payload length says 8)",
+                {
+                    let mut b = udp_b[..ETH_HLEN + 47].to_vec();
+                    set_u16(&mut b, ETH_HLEN + 4, 7);
+                    b
+                },
+                Reason::DropTruncated,
+            ),
+        ];
+        for (desc, frame, reason) in cases {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                ci,
+                reason.action(),
+                reason,
+            ));
+        }
+        assert_no_flows(h, "IPv6 header shapes");
+    });
+}
+
+/// UDP checksum 0 is invalid in IPv6 (RFC 8200 section 8.1): to a service or on a flow it is
+/// dropped (`DropUdpZeroChecksum`, nothing created or tracked); to anything else it is passed
+/// untouched like any traffic the proxy does not own.
+#[test]
+fn ipv6_udp_zero_checksum() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let zero =
+            from_client(Packet::udp(CLIENT6_A, SVC6_UDP, b"no checksum")).udp_zero_checksum();
+        assert_eq!(&zero.bytes()[ETH_HLEN + 46..ETH_HLEN + 48], &[0, 0]);
+        h.steer(&zero.tuple(), SVC_UDP_ID, UPS6_UDP_ID);
+        h.check(&Fixture::unchanged(
+            "IPv6 UDP checksum 0 to a service, no flow",
+            zero.bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropUdpZeroChecksum,
+        ));
+        assert_no_flows(h, "checksum 0 creates no flow");
+        let other = from_client(Packet::udp(
+            CLIENT6_A,
+            SocketAddrV6::new(SERVICE_IP6, 5000, 0, 0),
+            b"not ours",
+        ))
+        .udp_zero_checksum();
+        h.check(&Fixture::unchanged(
+            "IPv6 UDP checksum 0 to no service",
+            other.bytes(),
+            ci,
+            XDP_PASS,
+            Reason::PassNotService,
+        ));
+        let (flow, _) = open_flow(
+            h,
+            "IPv6 UDP, new flow",
+            from_client(Packet::udp(CLIENT6_A, SVC6_UDP, b"query")),
+            SVC_UDP_ID,
+            UPS6_UDP,
+            UPS6_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let fwd_before = h.fwd_flow(&flow.fwd_tuple().key());
+        h.check(&Fixture::unchanged(
+            "IPv6 UDP checksum 0 on an existing flow",
+            zero.bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropUdpZeroChecksum,
+        ));
+        assert_eq!(
+            h.fwd_flow(&flow.fwd_tuple().key()),
+            fwd_before,
+            "not tracked"
+        );
+        let reply =
+            from_upstream(Packet::udp(flow.upstream, flow.snat, b"answer")).udp_zero_checksum();
+        h.check(&Fixture::unchanged(
+            "IPv6 UDP reply with checksum 0",
+            reply.bytes(),
+            hi,
+            XDP_DROP,
+            Reason::DropUdpZeroChecksum,
+        ));
+    });
+}
+
+/// Without an IPv6 SNAT address (`snat_v6` all zero) no IPv6 flow is created: the packet is
+/// passed untouched (`PassNoSnatV6`); IPv4 is not affected.
+#[test]
+fn ipv6_without_snat_address_passes() {
+    with_harness(|h| {
+        let cfg = NatConfig {
+            snat_v6: [0; 16],
+            ..h.config
+        };
+        h.set_config(cfg);
+        let syn = from_client(Packet::tcp(CLIENT6_A, SVC6_TCP, TCP_SYN));
+        h.steer(&syn.tuple(), SVC_TCP_ID, UPS6_TCP_ID);
+        let udp = from_client(Packet::udp(CLIENT6_A, SVC6_UDP, b"q"));
+        h.steer(&udp.tuple(), SVC_UDP_ID, UPS6_UDP_ID);
+        for (desc, p) in [("IPv6 TCP SYN", syn), ("IPv6 UDP", udp)] {
+            h.check(&Fixture::unchanged(
+                format!("{desc}, no IPv6 SNAT address"),
+                p.bytes(),
+                h.client_if,
+                XDP_PASS,
+                Reason::PassNoSnatV6,
+            ));
+        }
+        assert_no_flows(h, "no IPv6 SNAT address");
+        assert_eq!(h.svc_stats(SVC_TCP_ID), TrafficCounters::default());
+        open_tcp(h);
+    });
+}
+
+/// Full NAT keeps the family: an IPv6 flow whose Maglev slot holds an IPv4 upstream is
+/// dropped (`DropBadUpstream`), nothing created.
+#[test]
+fn ipv6_flow_to_an_ipv4_upstream_drops() {
+    with_harness(|h| {
+        let syn = from_client(Packet::tcp(CLIENT6_A, SVC6_TCP, TCP_SYN));
+        h.steer(&syn.tuple(), SVC_TCP_ID, UPS_TCP_ID);
+        h.check(&Fixture::unchanged(
+            "IPv6 SYN, slot holds an IPv4 upstream",
+            syn.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropBadUpstream,
+        ));
+        assert_no_flows(h, "cross-family upstream");
     });
 }
