@@ -48,6 +48,8 @@ const CLIENT6_B: SocketAddrV6 = SocketAddrV6::new(CLIENT6_2, 51_515, 0, 0);
 
 /// The address family a case body runs in: the topology's addresses of that family.
 trait Fam: Sock {
+    /// The IP header length (IPv4 without options, IPv6 fixed header).
+    const IP_HLEN: usize;
     const SNAT: Self::Ip;
     const CLIENT_A: Self;
     const CLIENT_B: Self;
@@ -76,6 +78,7 @@ trait Fam: Sock {
 }
 
 impl Fam for SocketAddrV4 {
+    const IP_HLEN: usize = 20;
     const SNAT: Ipv4Addr = SNAT_IP;
     const CLIENT_A: Self = CLIENT_A;
     const CLIENT_B: Self = CLIENT_B;
@@ -101,6 +104,7 @@ impl Fam for SocketAddrV4 {
 }
 
 impl Fam for SocketAddrV6 {
+    const IP_HLEN: usize = 40;
     const SNAT: Ipv6Addr = SNAT_IP6;
     const CLIENT_A: Self = CLIENT6_A;
     const CLIENT_B: Self = CLIENT6_B;
@@ -1126,6 +1130,15 @@ fn udp_zero_checksum_stays_zero() {
 /// their bytes unchanged, and create nothing.
 #[test]
 fn non_service_passes_unchanged() {
+    non_service_passes_unchanged_in::<V4>();
+}
+
+#[test]
+fn non_service_passes_unchanged_v6() {
+    non_service_passes_unchanged_in::<V6>();
+}
+
+fn non_service_passes_unchanged_in<S: Fam>() {
     with_harness(|h| {
         let ci = h.client_if;
         let hi = h.home_if;
@@ -1133,8 +1146,8 @@ fn non_service_passes_unchanged() {
             (
                 "TCP SYN to the service address, port 22",
                 from_client(Packet::tcp(
-                    CLIENT_A,
-                    SocketAddrV4::new(SERVICE_IP, 22),
+                    S::CLIENT_A,
+                    S::sock(S::SVC_TCP.sock_ip(), 22),
                     TCP_SYN,
                 )),
                 ci,
@@ -1142,42 +1155,34 @@ fn non_service_passes_unchanged() {
             (
                 "UDP to the TCP service's port",
                 from_client(Packet::udp(
-                    CLIENT_A,
-                    SocketAddrV4::new(SERVICE_IP, 80),
+                    S::CLIENT_A,
+                    S::sock(S::SVC_TCP.sock_ip(), 80),
                     b"x",
                 )),
                 ci,
             ),
             (
                 "TCP SYN to the UDP service's port",
-                from_client(Packet::tcp(CLIENT_A, SVC_UDP, TCP_SYN)),
+                from_client(Packet::tcp(S::CLIENT_A, S::SVC_UDP, TCP_SYN)),
                 ci,
             ),
             (
                 "TCP SYN to another address, port 80",
-                from_client(Packet::tcp(
-                    CLIENT_A,
-                    SocketAddrV4::new(Ipv4Addr::new(10, 10, 1, 9), 80),
-                    TCP_SYN,
-                )),
+                from_client(Packet::tcp(S::CLIENT_A, S::sock(S::STRANGER, 80), TCP_SYN)),
                 ci,
             ),
             (
                 "reply to a SNAT port without a flow (health-check reply)",
                 from_upstream(Packet::tcp(
-                    UPS_TCP,
-                    SocketAddrV4::new(SNAT_IP, 20_001),
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, 20_001),
                     TCP_SYN | TCP_ACK,
                 )),
                 hi,
             ),
             (
                 "UDP from an upstream to the SNAT address, no flow",
-                from_upstream(Packet::udp(
-                    UPS_UDP,
-                    SocketAddrV4::new(SNAT_IP, 25_000),
-                    b"late",
-                )),
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 25_000), b"late")),
                 hi,
             ),
         ];
@@ -1651,6 +1656,15 @@ fn header_shape_precedence() {
 /// wrong TCP checksum stays exactly as wrong (never verified, only updated).
 #[test]
 fn tcp_options_carried_unchanged() {
+    tcp_options_carried_unchanged_in::<V4>();
+}
+
+#[test]
+fn tcp_options_carried_unchanged_v6() {
+    tcp_options_carried_unchanged_in::<V6>();
+}
+
+fn tcp_options_carried_unchanged_in<S: Fam>() {
     with_harness(|h| {
         let (ci, hi) = (h.client_if, h.home_if);
         let opts = [
@@ -1660,15 +1674,19 @@ fn tcp_options_carried_unchanged() {
             1, // NOP
             3, 3, 7, // window scale 7
         ];
-        let syn = from_client(Packet::tcp(CLIENT_A, SVC_TCP, TCP_SYN)).tcp_options(&opts);
-        assert_eq!(syn.bytes()[ETH_HLEN + 20 + 12], 0xa0, "data offset 10");
+        let syn = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN)).tcp_options(&opts);
+        assert_eq!(
+            syn.bytes()[ETH_HLEN + S::IP_HLEN + 12],
+            0xa0,
+            "data offset 10"
+        );
         let (flow, _) = open_flow(
             h,
             "TCP SYN with 20 bytes of options, new flow",
             syn,
             SVC_TCP_ID,
-            UPS_TCP,
-            UPS_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
             ci,
             hi,
             XDP_REDIRECT,
@@ -1687,7 +1705,7 @@ fn tcp_options_carried_unchanged() {
         // A corrupt checksum (off by one): the output's checksum is off by exactly as much.
         let ack = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
         let mut input = ack.bytes();
-        let csum = ETH_HLEN + 20 + 16;
+        let csum = ETH_HLEN + S::IP_HLEN + 16;
         let bad = u16::from_be_bytes([input[csum], input[csum + 1]]).wrapping_add(1);
         set_u16(&mut input, csum, bad);
         let r = h.run(&input, ci);
@@ -3233,6 +3251,29 @@ fn ipv6_header_shapes() {
                 Reason::DropTruncated,
             ),
         ];
+        // Precedence: the next-header rows decide before any length check.
+        let past_frame = |mut b: Vec<u8>| {
+            set_u16(&mut b, ETH_HLEN + 4, 1000);
+            b
+        };
+        let mut cases = cases;
+        cases.extend([
+            (
+                "hop-by-hop header, payload length past the frame",
+                past_frame(with_ext_header(&syn_b, 0, opts)),
+                Reason::PassIpOptions,
+            ),
+            (
+                "fragment header, payload length past the frame",
+                past_frame(with_ext_header(&udp_b, 44, first_frag)),
+                Reason::PassFragment,
+            ),
+            (
+                "ICMPv6 echo, payload length past the frame",
+                past_frame(icmp(128, &[0, 1, 0, 1])),
+                Reason::PassNotTcpUdp,
+            ),
+        ]);
         for (desc, frame, reason) in cases {
             h.check(&Fixture::unchanged(
                 desc,
