@@ -962,7 +962,8 @@ fn parse_endpoint(s: &str, what: &str) -> Result<SocketAddr, String> {
 }
 
 /// Why upstream `up` cannot serve an l4 service listening on `listen`: the fast path rewrites
-/// addresses within one family (no NAT64), so an l4 service's upstreams are of its family.
+/// addresses within one family (no NAT64), so an l4 service's upstreams are of its family (a
+/// DNS name is asked for the records of that family: A or AAAA).
 fn l4_family_problem(up: &UpstreamConfig, listen: SocketAddr) -> Option<String> {
     let fam = |v6: bool| if v6 { "IPv6" } else { "IPv4" };
     match up.static_addr() {
@@ -973,10 +974,6 @@ fn l4_family_problem(up: &UpstreamConfig, listen: SocketAddr) -> Option<String> 
             fam(sa.is_ipv6()),
             fam(listen.is_ipv6()),
             fam(sa.is_ipv6()),
-        )),
-        None if listen.is_ipv6() => Some(format!(
-            "`{up}`: DNS upstreams of an IPv6 l4 service are not supported yet (the resolver \
-             asks for A records only); list the IPv6 addresses"
         )),
         _ => None,
     }

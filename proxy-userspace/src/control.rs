@@ -17,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use proxy_common::{SERVICE_F_HAS_UPSTREAMS, ServiceKey};
@@ -36,8 +36,9 @@ use crate::{
 /// What a DNS name resolved to.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Resolved {
-    /// The last good addresses (empty until the first good answer).
-    pub addrs: Vec<Ipv4Addr>,
+    /// The last good addresses (empty until the first good answer): A and AAAA records, each
+    /// service taking those of its listen family.
+    pub addrs: Vec<IpAddr>,
     /// The last failure, cleared by a good answer.
     pub last_error: Option<String>,
 }
@@ -48,7 +49,7 @@ pub type TargetKey = (String, SocketAddr);
 
 /// Split DNS answer addresses into those inside a home CIDR and the refused rest.
 #[must_use]
-pub fn filter_home(nat: &NatSettings, addrs: &[Ipv4Addr]) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+pub fn filter_home(nat: &NatSettings, addrs: &[IpAddr]) -> (Vec<IpAddr>, Vec<IpAddr>) {
     addrs.iter().partition(|a| nat.home_cidr_of(**a).is_some())
 }
 
@@ -60,6 +61,23 @@ pub fn dns_names(config: &Config) -> BTreeSet<String> {
         .flat_map(|(_, s)| s.upstreams.iter().filter_map(|u| u.dns_name()))
         .map(str::to_owned)
         .collect()
+}
+
+/// Which records `name` is asked for: A when an IPv4 l4 service uses it, AAAA when an IPv6 one
+/// does (an l4 service takes only addresses of its listen family).
+#[must_use]
+pub fn dns_families(config: &Config, name: &str) -> dns::Families {
+    let mut f = dns::Families::default();
+    for (_, s) in config.l4_services() {
+        if s.upstreams.iter().any(|u| u.dns_name() == Some(name)) {
+            if s.listen.is_ipv6() {
+                f.v6 = true;
+            } else {
+                f.v4 = true;
+            }
+        }
+    }
+    f
 }
 
 /// Per L4 service (config order): each upstream entry with the addresses it stands for now
@@ -88,7 +106,8 @@ fn expand<'a>(
                             .map(|r| {
                                 r.addrs
                                     .iter()
-                                    .map(|ip| SocketAddr::new(IpAddr::V4(*ip), u.port))
+                                    .filter(|ip| ip.is_ipv6() == s.listen.is_ipv6())
+                                    .map(|ip| SocketAddr::new(*ip, u.port))
                                     .collect()
                             })
                             .unwrap_or_default(),
@@ -269,6 +288,12 @@ impl Controller {
     #[must_use]
     pub fn dns_names(&self) -> BTreeSet<String> {
         dns_names(&self.config)
+    }
+
+    /// The record types `name` is asked for.
+    #[must_use]
+    pub fn dns_families(&self, name: &str) -> dns::Families {
+        dns_families(&self.config, name)
     }
 
     /// The plan for the current desired state, keeping the ids of the maps and never giving a
@@ -720,8 +745,9 @@ pub async fn resolve_now(
             continue;
         }
         let servers = servers.clone();
+        let families = controller.dns_families(&name);
         set.spawn(async move {
-            let r = dns::resolve(&name, &servers, cfg.timeout).await;
+            let r = dns::resolve(&name, &servers, cfg.timeout, families).await;
             (name, r)
         });
     }
@@ -738,7 +764,14 @@ pub async fn resolve_now(
 #[derive(Debug, Default)]
 pub struct Tasks {
     health: HashMap<TargetKey, (HealthConfig, tokio::task::JoinHandle<()>)>,
-    dns: HashMap<String, (crate::config::DnsConfig, tokio::task::JoinHandle<()>)>,
+    dns: HashMap<
+        String,
+        (
+            crate::config::DnsConfig,
+            dns::Families,
+            tokio::task::JoinHandle<()>,
+        ),
+    >,
 }
 
 impl Tasks {
@@ -787,8 +820,9 @@ impl Tasks {
 
         let dns_cfg = controller.config().dns.clone();
         let names = controller.dns_names();
-        self.dns.retain(|n, (cfg, handle)| {
-            let keep = names.contains(n) && *cfg == dns_cfg;
+        self.dns.retain(|n, (cfg, families, handle)| {
+            let keep =
+                names.contains(n) && *cfg == dns_cfg && *families == controller.dns_families(n);
             if !keep {
                 handle.abort();
             }
@@ -802,12 +836,13 @@ impl Tasks {
             let cfg = dns_cfg.clone();
             let first = first_waits.get(&name).copied().unwrap_or(cfg.interval);
             let servers = dns_servers(controller.config());
+            let families = controller.dns_families(&name);
             let n = name.clone();
             let handle = tokio::spawn(async move {
                 let mut wait = first;
                 loop {
                     tokio::time::sleep(wait).await;
-                    let result = dns::resolve(&n, &servers, cfg.timeout).await;
+                    let result = dns::resolve(&n, &servers, cfg.timeout, families).await;
                     wait = next_dns_wait(&result, cfg.interval);
                     let ev = Event::Dns {
                         name: n.clone(),
@@ -818,7 +853,7 @@ impl Tasks {
                     }
                 }
             });
-            self.dns.insert(name, (dns_cfg.clone(), handle));
+            self.dns.insert(name, (dns_cfg.clone(), families, handle));
         }
     }
 
@@ -827,7 +862,7 @@ impl Tasks {
         for (_, (_, h)) in self.health.drain() {
             h.abort();
         }
-        for (_, (_, h)) in self.dns.drain() {
+        for (_, (_, _, h)) in self.dns.drain() {
             h.abort();
         }
     }

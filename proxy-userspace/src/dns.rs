@@ -1,14 +1,16 @@
-//! A small stub resolver for DNS upstreams: one A query over UDP to the configured servers (or
-//! the `nameserver` lines of /etc/resolv.conf), tried in order; the answer's A records and their
-//! smallest TTL. Pure encoding and parsing, unit-tested; the network part is one function.
+//! A small stub resolver for DNS upstreams: an A query (names of IPv4 services) and/or an AAAA
+//! query (names of IPv6 services) over UDP to the configured servers (or the `nameserver` lines
+//! of /etc/resolv.conf), tried in order; the answers' A/AAAA records and their smallest TTL.
+//! Pure encoding and parsing, unit-tested; the network part is two functions.
 //!
-//! Limits (documented in docs/xdp-proxy.example.toml): IPv4 (A records) only; names are asked as
-//! written (absolute, no search domains); a truncated answer is used as it is (no TCP retry);
-//! every A record of the answer section counts (CNAME chains as the recursive server resolved
-//! them).
+//! Limits (documented in docs/xdp-proxy.example.toml): names are asked as written (absolute, no
+//! search domains); a truncated answer is used as it is (no TCP retry); every A/AAAA record of
+//! the answer section counts (CNAME chains as the recursive server resolved them). With both
+//! families asked, a family without records is fine when the other has some; any other failure
+//! of either query fails the resolution (the last good addresses stay).
 
 use std::{
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
@@ -19,6 +21,7 @@ use tokio::net::UdpSocket;
 pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 
 const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
 const CLASS_IN: u16 = 1;
 const HEADER_LEN: usize = 12;
 /// Largest UDP answer read (EDNS is not asked for, so servers send at most 512 bytes).
@@ -27,8 +30,8 @@ const MAX_ANSWER: usize = 4096;
 /// What a successful resolution gives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
-    /// Distinct addresses in answer order.
-    pub addrs: Vec<Ipv4Addr>,
+    /// Distinct addresses in answer order (A records, then AAAA records when both were asked).
+    pub addrs: Vec<IpAddr>,
     /// The smallest TTL of those records.
     pub ttl: Option<Duration>,
 }
@@ -50,7 +53,7 @@ pub enum DnsError {
     Rcode { rcode: u8 },
     #[error("malformed answer: {0}")]
     Malformed(&'static str),
-    #[error("`{name}` has no A record")]
+    #[error("`{name}` has no A/AAAA record")]
     NoAddress { name: String },
 }
 
@@ -71,11 +74,35 @@ pub fn resolv_conf_servers(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
+/// Which record types a name is asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Families {
+    /// A records (the name is an upstream of an IPv4 service).
+    pub v4: bool,
+    /// AAAA records (the name is an upstream of an IPv6 service).
+    pub v6: bool,
+}
+
+impl Families {
+    pub const V4: Self = Self {
+        v4: true,
+        v6: false,
+    };
+}
+
 /// An A query for `name` with id `id`, recursion desired.
 ///
 /// # Errors
 /// [`DnsError::Malformed`] when `name` has an empty or too long label.
 pub fn build_query(id: u16, name: &str) -> Result<Vec<u8>, DnsError> {
+    build_query_type(id, name, false)
+}
+
+/// An A (`aaaa` false) or AAAA query for `name` with id `id`, recursion desired.
+///
+/// # Errors
+/// [`DnsError::Malformed`] when `name` has an empty or too long label.
+pub fn build_query_type(id: u16, name: &str, aaaa: bool) -> Result<Vec<u8>, DnsError> {
     let mut q = Vec::with_capacity(HEADER_LEN + name.len() + 6);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&0x0100u16.to_be_bytes()); // RD
@@ -90,7 +117,7 @@ pub fn build_query(id: u16, name: &str) -> Result<Vec<u8>, DnsError> {
         q.extend_from_slice(label.as_bytes());
     }
     q.push(0);
-    q.extend_from_slice(&TYPE_A.to_be_bytes());
+    q.extend_from_slice(&(if aaaa { TYPE_AAAA } else { TYPE_A }).to_be_bytes());
     q.extend_from_slice(&CLASS_IN.to_be_bytes());
     Ok(q)
 }
@@ -120,10 +147,10 @@ fn skip_name(buf: &[u8], mut at: usize) -> Result<usize, DnsError> {
     Err(DnsError::Malformed("name too long"))
 }
 
-/// Parse the answer to query `id` for `name`.
+/// Parse the answer to query `id` for `name` (its A and AAAA records).
 ///
 /// # Errors
-/// Wrong id, not a response, an error code, or a malformed message; no A record.
+/// Wrong id, not a response, an error code, or a malformed message; no A/AAAA record.
 pub fn parse_response(id: u16, name: &str, buf: &[u8]) -> Result<Answer, DnsError> {
     if buf.len() < HEADER_LEN {
         return Err(DnsError::Malformed("shorter than a header"));
@@ -166,11 +193,22 @@ pub fn parse_response(id: u16, name: &str, buf: &[u8]) -> Result<Answer, DnsErro
             .get(at + 10..at + 10 + rdlen)
             .ok_or(DnsError::Malformed("truncated record data"))?;
         at += 10 + rdlen;
-        if rtype == TYPE_A && class == CLASS_IN {
-            let octets: [u8; 4] = rdata
-                .try_into()
-                .map_err(|_| DnsError::Malformed("A record is not 4 bytes"))?;
-            let a = Ipv4Addr::from(octets);
+        let addr = match (rtype, class) {
+            (TYPE_A, CLASS_IN) => {
+                let octets: [u8; 4] = rdata
+                    .try_into()
+                    .map_err(|_| DnsError::Malformed("A record is not 4 bytes"))?;
+                Some(IpAddr::V4(Ipv4Addr::from(octets)))
+            }
+            (TYPE_AAAA, CLASS_IN) => {
+                let octets: [u8; 16] = rdata
+                    .try_into()
+                    .map_err(|_| DnsError::Malformed("AAAA record is not 16 bytes"))?;
+                Some(IpAddr::V6(Ipv6Addr::from(octets)))
+            }
+            _ => None,
+        };
+        if let Some(a) = addr {
             if !addrs.contains(&a) {
                 addrs.push(a);
             }
@@ -197,19 +235,79 @@ fn query_id() -> u16 {
     (nanos as u16) ^ NEXT_ID.fetch_add(0x9e37, Ordering::Relaxed)
 }
 
-/// Resolve `name` (A records) asking `servers` in order; the first answer wins (NXDOMAIN and
-/// "no A record" are answers too). Each server gets `timeout`.
+/// Resolve `name` for `families` (A and/or AAAA queries, one after the other) and merge the
+/// answers ([`merge`]).
 ///
 /// # Errors
-/// The last server's error.
+/// See [`merge`].
 pub async fn resolve(
     name: &str,
     servers: &[SocketAddr],
     timeout: Duration,
+    families: Families,
+) -> Result<Answer, DnsError> {
+    let v4 = if families.v4 {
+        Some(resolve_type(name, servers, timeout, false).await)
+    } else {
+        None
+    };
+    let v6 = if families.v6 {
+        Some(resolve_type(name, servers, timeout, true).await)
+    } else {
+        None
+    };
+    merge(name, v4, v6)
+}
+
+/// One answer from the A and AAAA results (`None`: not asked): addresses of both, smallest
+/// TTL. A family with no record is fine when the other has some.
+///
+/// # Errors
+/// Any other error of either query (the first), or no record in any family asked.
+pub fn merge(
+    name: &str,
+    v4: Option<Result<Answer, DnsError>>,
+    v6: Option<Result<Answer, DnsError>>,
+) -> Result<Answer, DnsError> {
+    let mut out = Answer {
+        addrs: Vec::new(),
+        ttl: None,
+    };
+    for r in [v4, v6].into_iter().flatten() {
+        match r {
+            Ok(a) => {
+                out.addrs.extend(a.addrs);
+                out.ttl = match (out.ttl, a.ttl) {
+                    (Some(x), Some(y)) => Some(x.min(y)),
+                    (x, y) => x.or(y),
+                };
+            }
+            Err(DnsError::NoAddress { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if out.addrs.is_empty() {
+        return Err(DnsError::NoAddress {
+            name: name.to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// Resolve `name` (A records, or AAAA when `aaaa`) asking `servers` in order; the first answer
+/// wins (NXDOMAIN and "no record" are answers too). Each server gets `timeout`.
+///
+/// # Errors
+/// The last server's error.
+async fn resolve_type(
+    name: &str,
+    servers: &[SocketAddr],
+    timeout: Duration,
+    aaaa: bool,
 ) -> Result<Answer, DnsError> {
     let mut last = DnsError::NoServers;
     for server in servers {
-        match ask(name, *server, timeout).await {
+        match ask(name, *server, timeout, aaaa).await {
             Ok(a) => return Ok(a),
             Err(e @ (DnsError::NxDomain { .. } | DnsError::NoAddress { .. })) => return Err(e),
             Err(e) => last = e,
@@ -218,13 +316,18 @@ pub async fn resolve(
     Err(last)
 }
 
-async fn ask(name: &str, server: SocketAddr, timeout: Duration) -> Result<Answer, DnsError> {
+async fn ask(
+    name: &str,
+    server: SocketAddr,
+    timeout: Duration,
+    aaaa: bool,
+) -> Result<Answer, DnsError> {
     let io = |e: std::io::Error| DnsError::Io {
         server,
         message: e.to_string(),
     };
     let id = query_id();
-    let query = build_query(id, name)?;
+    let query = build_query_type(id, name, aaaa)?;
     let bind: SocketAddr = if server.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -297,7 +400,10 @@ mod tests {
         let a = parse_response(7, "alb.home", &r).unwrap();
         assert_eq!(
             a.addrs,
-            [Ipv4Addr::new(10, 20, 1, 2), Ipv4Addr::new(10, 20, 1, 3)]
+            [
+                IpAddr::V4(Ipv4Addr::new(10, 20, 1, 2)),
+                IpAddr::V4(Ipv4Addr::new(10, 20, 1, 3))
+            ]
         );
         assert_eq!(a.ttl, Some(Duration::from_secs(30)));
     }
@@ -341,6 +447,66 @@ mod tests {
     }
 
     #[test]
+    fn aaaa_query_and_records() {
+        let q = build_query_type(9, "app.home", true).unwrap();
+        assert_eq!(&q[q.len() - 4..], &[0, 28, 0, 1]);
+        let v6: Ipv6Addr = "fd00:20::2".parse().unwrap();
+        let r = response(
+            9,
+            0,
+            "app.home",
+            &[
+                (TYPE_AAAA, 40, v6.octets().to_vec()),
+                (TYPE_AAAA, 20, v6.octets().to_vec()),
+            ],
+        );
+        let a = parse_response(9, "app.home", &r).unwrap();
+        assert_eq!(a.addrs, [IpAddr::V6(v6)]);
+        assert_eq!(a.ttl, Some(Duration::from_secs(20)));
+        let short = response(9, 0, "app.home", &[(TYPE_AAAA, 40, vec![0; 4])]);
+        assert_eq!(
+            parse_response(9, "app.home", &short),
+            Err(DnsError::Malformed("AAAA record is not 16 bytes"))
+        );
+    }
+
+    #[test]
+    fn merging_a_and_aaaa_answers() {
+        let v4 = || {
+            Ok(Answer {
+                addrs: vec![IpAddr::V4(Ipv4Addr::new(10, 20, 0, 9))],
+                ttl: Some(Duration::from_secs(30)),
+            })
+        };
+        let v6 = || {
+            Ok(Answer {
+                addrs: vec!["fd00:20::9".parse().unwrap()],
+                ttl: Some(Duration::from_secs(10)),
+            })
+        };
+        let none = || {
+            Err(DnsError::NoAddress {
+                name: "n".to_owned(),
+            })
+        };
+        let m = merge("n", Some(v4()), Some(v6())).unwrap();
+        assert_eq!(m.addrs.len(), 2);
+        assert_eq!(m.ttl, Some(Duration::from_secs(10)));
+        // No AAAA record while A has some: fine (an IPv6 service just gets none).
+        assert_eq!(merge("n", Some(v4()), Some(none())).unwrap().addrs.len(), 1);
+        assert_eq!(merge("n", None, Some(v6())).unwrap().addrs.len(), 1);
+        // No record at all, or any other failure: the resolution fails (last good kept).
+        assert!(matches!(
+            merge("n", Some(none()), Some(none())),
+            Err(DnsError::NoAddress { .. })
+        ));
+        assert_eq!(
+            merge("n", Some(v4()), Some(Err(DnsError::Rcode { rcode: 2 }))),
+            Err(DnsError::Rcode { rcode: 2 })
+        );
+    }
+
+    #[test]
     fn resolv_conf() {
         let text =
             "# comment\nsearch home\nnameserver 10.0.0.2\nnameserver ::1\nnameserver bogus\n";
@@ -357,18 +523,35 @@ mod tests {
     async fn resolves_against_a_loopback_server() {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
+        // Answers the A query and then the AAAA query, each with its own record type.
         let task = tokio::spawn(async move {
-            let mut buf = [0u8; 512];
-            let (n, peer) = server.recv_from(&mut buf).await.unwrap();
-            let id = u16::from_be_bytes([buf[0], buf[1]]);
-            assert_eq!(&buf[12..n - 4], b"\x03app\x04home\x00");
-            let r = response(id, 0, "app.home", &[(TYPE_A, 5, vec![10, 20, 0, 9])]);
-            server.send_to(&r, peer).await.unwrap();
+            for _ in 0..2 {
+                let mut buf = [0u8; 512];
+                let (n, peer) = server.recv_from(&mut buf).await.unwrap();
+                let id = u16::from_be_bytes([buf[0], buf[1]]);
+                assert_eq!(&buf[12..n - 4], b"\x03app\x04home\x00");
+                let qtype = u16::from_be_bytes([buf[n - 4], buf[n - 3]]);
+                let record = if qtype == TYPE_AAAA {
+                    let v6: Ipv6Addr = "fd00:20::9".parse().unwrap();
+                    (TYPE_AAAA, 7, v6.octets().to_vec())
+                } else {
+                    (TYPE_A, 5, vec![10, 20, 0, 9])
+                };
+                let r = response(id, 0, "app.home", &[record]);
+                server.send_to(&r, peer).await.unwrap();
+            }
         });
-        let a = resolve("app.home", &[addr], Duration::from_secs(2))
+        let both = Families { v4: true, v6: true };
+        let a = resolve("app.home", &[addr], Duration::from_secs(2), both)
             .await
             .unwrap();
-        assert_eq!(a.addrs, [Ipv4Addr::new(10, 20, 0, 9)]);
+        assert_eq!(
+            a.addrs,
+            [
+                IpAddr::V4(Ipv4Addr::new(10, 20, 0, 9)),
+                "fd00:20::9".parse::<IpAddr>().unwrap()
+            ]
+        );
         assert_eq!(a.ttl, Some(Duration::from_secs(5)));
         task.await.unwrap();
         // Nobody answers: a timeout naming the server.
@@ -377,12 +560,13 @@ mod tests {
             "app.home",
             &[silent.local_addr().unwrap()],
             Duration::from_millis(100),
+            Families::V4,
         )
         .await
         .unwrap_err();
         assert!(matches!(e, DnsError::Timeout { .. }), "{e:?}");
         assert_eq!(
-            resolve("x", &[], Duration::from_millis(1)).await,
+            resolve("x", &[], Duration::from_millis(1), Families::V4).await,
             Err(DnsError::NoServers)
         );
     }

@@ -1,4 +1,8 @@
-use std::{path::Path, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Duration,
+};
 
 use proxy_common::MAGLEV_SIZE;
 
@@ -47,7 +51,10 @@ fn sa(s: &str) -> SocketAddr {
 
 fn answer(addrs: &[[u8; 4]]) -> Result<Answer, DnsError> {
     Ok(Answer {
-        addrs: addrs.iter().map(|o| Ipv4Addr::from(*o)).collect(),
+        addrs: addrs
+            .iter()
+            .map(|o| IpAddr::from(Ipv4Addr::from(*o)))
+            .collect(),
         ttl: Some(Duration::from_secs(60)),
     })
 }
@@ -84,10 +91,13 @@ fn home_filter_splits_answers() {
     let c = config("");
     let (ok, refused) = filter_home(
         &c.nat,
-        &[Ipv4Addr::new(10, 20, 3, 4), Ipv4Addr::new(192, 0, 2, 1)],
+        &[
+            Ipv4Addr::new(10, 20, 3, 4).into(),
+            Ipv4Addr::new(192, 0, 2, 1).into(),
+        ],
     );
-    assert_eq!(ok, [Ipv4Addr::new(10, 20, 3, 4)]);
-    assert_eq!(refused, [Ipv4Addr::new(192, 0, 2, 1)]);
+    assert_eq!(ok, [IpAddr::from(Ipv4Addr::new(10, 20, 3, 4))]);
+    assert_eq!(refused, [IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]);
 }
 
 #[test]
@@ -112,7 +122,10 @@ upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80", drain = true },
         "app.home".to_owned(),
         Resolved {
             // 10.20.1.1 is also a static upstream: counted once.
-            addrs: vec![Ipv4Addr::new(10, 20, 1, 9), Ipv4Addr::new(10, 20, 1, 1)],
+            addrs: vec![
+                Ipv4Addr::new(10, 20, 1, 9).into(),
+                Ipv4Addr::new(10, 20, 1, 1).into(),
+            ],
             last_error: None,
         },
     );
@@ -469,4 +482,60 @@ kind = "none"
     // Healthy again after `rise` successes.
     assert!(!ctl.on_health("app", sa("10.20.1.3:80"), &ProbeResult::Ok));
     assert!(ctl.on_health("app", sa("10.20.1.3:80"), &ProbeResult::Ok));
+}
+
+/// A name used by an IPv4 and an IPv6 service is asked for A and AAAA; each service takes the
+/// addresses of its own family (no NAT64), inside a home CIDR of that family.
+#[test]
+fn dns_names_of_ipv6_services_take_aaaa_records() {
+    let text = r#"
+[datapath]
+interfaces = ["eth0"]
+[nat]
+snat_ipv4 = "10.20.0.1"
+snat_ipv6 = "fd00:20::1"
+home_cidrs = ["10.20.0.0/16", "fd00:20::/48"]
+[[service]]
+name = "web4"
+listen = "10.10.0.1:80"
+upstreams = ["app.home:80"]
+[[service]]
+name = "web6"
+listen = "[fd00:10::1]:80"
+upstreams = ["app.home:80", "only6.home:80"]
+"#;
+    let c = Config::parse(text, Path::new("t.toml")).unwrap();
+    assert_eq!(
+        dns_families(&c, "app.home"),
+        dns::Families { v4: true, v6: true }
+    );
+    assert_eq!(
+        dns_families(&c, "only6.home"),
+        dns::Families {
+            v4: false,
+            v6: true
+        }
+    );
+    let mut ctl = started(c);
+    let v6: IpAddr = "fd00:20::7".parse().unwrap();
+    let outside6: IpAddr = "fd00:99::7".parse().unwrap();
+    assert!(ctl.on_dns(
+        "app.home",
+        Ok(Answer {
+            addrs: vec![Ipv4Addr::new(10, 20, 5, 5).into(), v6, outside6],
+            ttl: None,
+        })
+    ));
+    // The address outside every home CIDR is refused and counted.
+    assert_eq!(ctl.status().dns_refused_addresses, 1);
+    ctl.reconcile(&mut Recorder::default()).unwrap();
+    let four = id_of(&ctl, "10.20.5.5:80");
+    let six = id_of(&ctl, "[fd00:20::7]:80");
+    assert_eq!(table_ids(&ctl, "web4"), BTreeSet::from([four]));
+    assert_eq!(table_ids(&ctl, "web6"), BTreeSet::from([six]));
+    // Health checks: each service checks its own family's address.
+    let targets = ctl.health_targets();
+    assert!(targets.contains_key(&("web6".to_owned(), sa("[fd00:20::7]:80"))));
+    assert!(!targets.contains_key(&("web6".to_owned(), sa("10.20.5.5:80"))));
+    assert!(!targets.contains_key(&("web4".to_owned(), sa("[fd00:20::7]:80"))));
 }
