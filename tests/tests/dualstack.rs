@@ -198,6 +198,11 @@ const DS_TCP_PORT: u16 = 80;
 /// An http service on the IPv6 service address whose upstream is IPv4 (the L7 proxy opens its
 /// own connections, so the families may differ).
 const DS_HTTP_PORT: u16 = 8081;
+/// A service per family whose upstream is the DNS name [`DS_NAME`]: the IPv4 one takes its A
+/// record, the IPv6 one its AAAA record.
+const DS_NAMED_PORT: u16 = 82;
+const DS_NAME: &str = "app.home";
+const DS_DNS_PORT: u16 = 53;
 const DS_UDP_PORT: u16 = 53;
 const DS_HOME_TCP: u16 = 8080;
 const DS_HOME_UDP: u16 = 5353;
@@ -219,6 +224,9 @@ fn dual_config(pin_dir: &std::path::Path, xdp: bool) -> String {
     let up6 = netns::sock6(HOME6, DS_HOME_TCP);
     let udp6 = netns::sock6(HOME6, DS_HOME_UDP);
     let app6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_HTTP_PORT);
+    let named4 = netns::sock(PROXY_CLIENT_SIDE, DS_NAMED_PORT);
+    let named6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_NAMED_PORT);
+    let dns = netns::sock(HOME, DS_DNS_PORT);
     let mode = if xdp { "native" } else { "userspace" };
     // snat_ipv6 left out on purpose: the source of the route toward fd00:200::/64.
     format!(
@@ -234,6 +242,11 @@ home_cidrs = ["{HOME_CIDR}", "{HOME_CIDR6}"]
 
 [admin]
 listen = "127.0.0.1:9100"
+
+[dns]
+servers = ["{dns}"]
+interval = "1s"
+timeout = "500ms"
 
 [[service]]
 name = "web4"
@@ -259,6 +272,18 @@ name = "app6"
 listen = "{app6}"
 mode = "http"
 upstreams = ["{up4}"]
+health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
+
+[[service]]
+name = "named4"
+listen = "{named4}"
+upstreams = ["{DS_NAME}:{DS_HOME_TCP}"]
+health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
+
+[[service]]
+name = "named6"
+listen = "{named6}"
+upstreams = ["{DS_NAME}:{DS_HOME_TCP}"]
 health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
 "#,
         pin = pin_dir.display(),
@@ -288,6 +313,77 @@ fn field(v: &Value, key: &str) -> Result<u64> {
     v.get(key)
         .and_then(Value::as_u64)
         .ok_or_else(|| anyhow!("no {key} in {v}"))
+}
+
+/// Answer A and AAAA queries for [`DS_NAME`] on `addr` (UDP): 10.200.0.2 and fd00:200::2, TTL
+/// 1; NXDOMAIN for other names. Returns the queries answered per type (A, AAAA).
+fn start_dns(ns: &netns::Netns, addr: SocketAddr) -> Result<netns::NsThread<(u64, u64)>> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = ns.spawn(CLIENT_LIMIT * 2, move |mut stop| async move {
+        let sock = tokio::net::UdpSocket::bind(addr).await?;
+        let _ = ready_tx.send(());
+        let mut buf = [0u8; 512];
+        let mut answered = (0, 0);
+        loop {
+            tokio::select! {
+                () = stop.wait() => return Ok(answered),
+                r = sock.recv_from(&mut buf) => {
+                    let (n, peer) = r?;
+                    if let Some((reply, qtype)) = dns_reply(&buf[..n]) {
+                        sock.send_to(&reply, peer).await?;
+                        match qtype {
+                            1 => answered.0 += 1,
+                            28 => answered.1 += 1,
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("DNS responder did not start"))?;
+    Ok(thread)
+}
+
+/// The answer to one query (one question) and its type, or None for garbage.
+fn dns_reply(q: &[u8]) -> Option<(Vec<u8>, u16)> {
+    if q.len() < 12 || q[4..6] != [0, 1] {
+        return None;
+    }
+    let mut at = 12;
+    let mut labels = Vec::new();
+    // Bounded: a name has at most 128 labels.
+    for _ in 0..128 {
+        let len = usize::from(*q.get(at)?);
+        at += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(q.get(at..at + len)?).to_ascii_lowercase());
+        at += len;
+    }
+    let question_end = at + 4;
+    let qtype = u16::from_be_bytes([*q.get(at)?, *q.get(at + 1)?]);
+    let known = labels.join(".") == DS_NAME;
+    let mut r = q.get(..question_end)?.to_vec();
+    r[2..4].copy_from_slice(&(0x8180u16 | if known { 0 } else { 3 }).to_be_bytes());
+    let data: Option<Vec<u8>> = match qtype {
+        1 if known => Some(two::HOME.octets().to_vec()),
+        28 if known => Some(two::HOME6.octets().to_vec()),
+        _ => None,
+    };
+    r[6..8].copy_from_slice(&[0, u8::from(data.is_some())]);
+    r[8..12].copy_from_slice(&[0; 4]);
+    if let Some(d) = data {
+        r.extend_from_slice(&[0xc0, 12]);
+        r.extend_from_slice(&qtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1, 0, 0, 0, 1]);
+        r.extend_from_slice(&u16::try_from(d.len()).ok()?.to_be_bytes());
+        r.extend_from_slice(&d);
+    }
+    Some((r, qtype))
 }
 
 /// What the client side measured.
@@ -322,6 +418,9 @@ fn dual_stack(xdp: bool) -> Result<()> {
         Some(netns::sock6(HOME6, DS_HOME_UDP)),
         CLIENT_LIMIT * 2,
     )?;
+    let named4 = netns::sock(PROXY_CLIENT_SIDE, DS_NAMED_PORT);
+    let named6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_NAMED_PORT);
+    let dns = start_dns(&home, netns::sock(HOME, DS_DNS_PORT))?;
     let pin_dir = lab.mount_bpffs()?;
     let daemon = Daemon::start(&mut lab, &proxy, &dual_config(&pin_dir, xdp))?;
     if xdp {
@@ -355,6 +454,22 @@ fn dual_stack(xdp: bool) -> Result<()> {
         ensure!(
             body4.contains(&PROXY_HOME_SIDE.to_string()),
             "home saw: {body4}"
+        );
+        // One DNS name, two families: the IPv6 service reaches the AAAA address (the IPv6 home
+        // server, from the IPv6 SNAT address), the IPv4 one the A address.
+        let named_6 = get_root_until_up(named6)
+            .await
+            .context("IPv6 service by name")?;
+        ensure!(
+            named_6.contains(&PROXY_HOME_SIDE6.to_string()),
+            "home saw: {named_6}"
+        );
+        let named_4 = get_root_until_up(named4)
+            .await
+            .context("IPv4 service by name")?;
+        ensure!(
+            named_4.contains(&PROXY_HOME_SIDE.to_string()),
+            "home saw: {named_4}"
         );
         // L7 listening on IPv6, sending to an IPv4 upstream from the IPv4 SNAT address.
         let body_l7 = get_root_until_up(app6).await.context("IPv6 http service")?;
@@ -511,6 +626,11 @@ fn dual_stack(xdp: bool) -> Result<()> {
     ensure!(status.success(), "daemon exit: {status}");
     server4.stop()?;
     server6.stop()?;
+    let (a, aaaa) = dns.stop_and_join()?;
+    ensure!(
+        a > 0 && aaaa > 0,
+        "DNS queries answered: {a} A, {aaaa} AAAA"
+    );
     Ok(())
 }
 
