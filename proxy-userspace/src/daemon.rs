@@ -131,6 +131,13 @@ pub fn monotonic_ns() -> io::Result<u64> {
     Ok(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }
 
+/// Whether the datapath needs IPv6 forwarding: the config has an IPv6 home CIDR or an IPv6 l4
+/// service.
+fn wants_ipv6(config: &Config) -> bool {
+    config.nat.first_home_cidr(true).is_some()
+        || config.l4_services().any(|(_, s)| s.listen.is_ipv6())
+}
+
 /// The rules that need the running system (ephemeral port range, the SNAT addresses from the
 /// routes home); the SNAT addresses in effect. Run at start and for every reload.
 ///
@@ -363,10 +370,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     let datapath = if let Some((mut dp, lock)) = started {
         _pin_lock = Some(lock);
         let mut settings = sysctl::required(&p.config.datapath.interfaces);
-        // IPv6 forwarding when the config at start has IPv6 (a home CIDR or an l4 service).
-        if p.config.nat.first_home_cidr(true).is_some()
-            || p.config.l4_services().any(|(_, s)| s.listen.is_ipv6())
-        {
+        if wants_ipv6(&p.config) {
             settings.extend(sysctl::required_ipv6());
         }
         for (s, old) in sysctl::apply(&opts.proc_sys, &settings)? {
@@ -628,6 +632,21 @@ async fn reload(
         );
     }
     let new = controller.config().with_restart_only_keys_of(new);
+    // A reload that brings IPv6 to an XDP datapath needs IPv6 forwarding too.
+    if datapath.is_some() && wants_ipv6(&new) {
+        match sysctl::apply(&opts.proc_sys, &sysctl::required_ipv6()) {
+            Ok(set) => {
+                for (s, old) in set {
+                    if old != s.value {
+                        tracing::info!(sysctl = %s.name(), value = %s.value, was = %old, "sysctl set");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: IPv6 forwarding could not be turned on: IPv6 flows take the kernel's path")
+            }
+        }
+    }
     controller.set_config(new, snat);
     let waits = control::resolve_now(controller, false).await;
     tasks.sync(controller, events_tx, &waits);
