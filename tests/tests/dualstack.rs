@@ -21,7 +21,10 @@
 //! - `dual_stack_xdp`: the same through XDP (`mode = "native"`), and the IPv6 packets took the
 //!   fast path: the IPv6 services' XDP counters (`inspect stats`) count the packets and bytes
 //!   and the redirect reasons grew, while the kernel's `Ip6OutForwDatagrams` in the proxy
-//!   namespace did not.
+//!   namespace did not. Both also serve an http service on the IPv6 address with an IPv4
+//!   upstream, and a service per family behind one DNS name (A and AAAA records).
+//! - `one_interface_ipv6_xdp`: the one-interface shape, IPv6 only (no IPv4 home CIDR, so no
+//!   IPv4 SNAT address), `snat_ipv6` set to the proxy's address: XDP_TX both ways.
 //!
 //! Run as root: `cargo test -p integration-tests --test dualstack`.
 
@@ -642,4 +645,127 @@ fn dual_stack_userspace() -> Result<()> {
 #[test]
 fn dual_stack_xdp() -> Result<()> {
     dual_stack(true)
+}
+
+/// One interface, IPv6 only (`home_cidrs` has no IPv4 prefix, so no IPv4 SNAT address is
+/// needed), `snat_ipv6` set explicitly to the proxy's only IPv6 address (also the service
+/// address): XDP_TX both ways, checksummed TCP transfers and UDP over IPv6, the home server sees
+/// only the SNAT address, `fwd_tx`/`rev_tx` grew and the kernel forwarded no IPv6 packet.
+#[test]
+fn one_interface_ipv6_xdp() -> Result<()> {
+    use netns::one::*;
+    let _serial = serial();
+    let netns::OneInterface {
+        mut lab,
+        bridge: _bridge,
+        client,
+        proxy,
+        home,
+    } = netns::OneInterface::new("ds1")?.with_ipv6()?;
+    let svc = netns::sock6(PROXY6, DS_TCP_PORT);
+    let udp_svc = netns::sock6(PROXY6, DS_UDP_PORT);
+    let server = HomeServer::start(
+        &home,
+        netns::sock6(HOME6, DS_HOME_TCP),
+        Some(netns::sock6(HOME6, DS_HOME_UDP)),
+        CLIENT_LIMIT * 2,
+    )?;
+    let pin_dir = lab.mount_bpffs()?;
+    let config = format!(
+        r#"[datapath]
+interfaces = ["{PROXY_DEV}"]
+mode = "native"
+pin_dir = "{pin}"
+
+[nat]
+snat_ipv6 = "{PROXY6}"
+port_range = [{lo}, {hi}]
+home_cidrs = ["{CIDR6}"]
+
+[[service]]
+name = "web6"
+listen = "{svc}"
+upstreams = ["{up}"]
+health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
+
+[[service]]
+name = "dns6"
+listen = "{udp_svc}"
+protocol = "udp"
+upstreams = ["{udp_up}"]
+health = {{ kind = "none" }}
+"#,
+        pin = pin_dir.display(),
+        lo = SNAT_PORTS.0,
+        hi = SNAT_PORTS.1,
+        up = netns::sock6(HOME6, DS_HOME_TCP),
+        udp_up = netns::sock6(HOME6, DS_HOME_UDP),
+    );
+    let daemon = Daemon::start(&mut lab, &proxy, &config)?;
+    daemon.wait_ready(
+        &mut lab,
+        &proxy,
+        &[PROXY_DEV],
+        2,
+        Duration::from_secs(30),
+        || false,
+    )?;
+    let before = proxy.ip6_snmp()?;
+    let stats_before = daemon.stats()?;
+    let result = client.run(CLIENT_LIMIT, move || async move {
+        let body = get_root_until_up(svc).await.context("IPv6 service")?;
+        ensure!(body.contains(&PROXY6.to_string()), "home saw: {body}");
+        let conns = connect_all(svc, DS_CONNS, Duration::from_secs(5)).await?;
+        let (tcp, udp) = tokio::join!(
+            transfer_all(conns, 700),
+            udp_exchange(udp_svc, DS_UDP_SOCKETS, DS_UDP_REQUESTS, 77),
+        );
+        let tcp = tcp.context("IPv6 transfers")?;
+        let udp = udp.context("IPv6 UDP exchange")?;
+        ensure!(
+            udp.requests == DS_UDP_SOCKETS * DS_UDP_REQUESTS,
+            "udp answered {}",
+            udp.requests
+        );
+        Ok(tcp)
+    });
+    let after = proxy.ip6_snmp()?;
+    let stats = daemon.stats()?;
+    let tcp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return Err(e.context(format!(
+                "stats: {stats}\n--- daemon log ---\n{}",
+                lab.log_tail(daemon.pid, 60)
+            )));
+        }
+    };
+    let peers = server.stats().peer_ips();
+    ensure!(
+        peers == BTreeSet::from([IpAddr::V6(PROXY6)]),
+        "home saw {peers:?}"
+    );
+    let fwd = |m: &std::collections::HashMap<String, u64>| {
+        m.get("Ip6OutForwDatagrams").copied().unwrap_or(0)
+    };
+    let kernel_fwd = fwd(&after).saturating_sub(fwd(&before));
+    ensure!(
+        kernel_fwd <= DS_KERNEL_FORWARD_SLACK,
+        "the proxy's kernel forwarded {kernel_fwd} IPv6 packets"
+    );
+    let tcp6 = service_stats(&stats, svc, "tcp")?;
+    let tcp6_before = service_stats(&stats_before, svc, "tcp")?;
+    for (key, want) in [("fwd_bytes", tcp.bytes_up), ("rev_bytes", tcp.bytes_down)] {
+        let got = field(tcp6, key)? - field(tcp6_before, key)?;
+        ensure!(got >= want, "IPv6 tcp {key} grew by {got}, want >= {want}");
+    }
+    for r in ["fwd_tx", "rev_tx"] {
+        let grew = reason(&stats, r)? - reason(&stats_before, r)?;
+        let want = tcp.min_packets_up.min(tcp.min_packets_down);
+        ensure!(grew >= want, "{r} grew by {grew}, want >= {want}: {stats}");
+    }
+    let status = daemon.stop(&mut lab)?;
+    ensure!(status.success(), "daemon exit: {status}");
+    server.stop()?;
+    Ok(())
 }
