@@ -238,8 +238,7 @@ impl Ip for [u32; 4] {
     ) -> Result<(), Reason> {
         match kind {
             Kind::Flow(_) => nat::rewrite6(ctx, pkt, rw, dec_ttl),
-            // ICMPv6 errors are not translated: the IPv6 path never forwards with this kind.
-            Kind::IcmpError => Err(Reason::Aborted),
+            Kind::IcmpError => icmp::rewrite6(ctx, pkt, rw, dec_ttl),
         }
     }
 

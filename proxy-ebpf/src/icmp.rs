@@ -3,16 +3,16 @@
 //! a packet of the flow direction the quote answers: the outer header gets that flow entry's
 //! new addresses, the quoted header the inverse, and every checksum is patched incrementally.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_csum_diff, programs::XdpContext};
 use proxy_common::{
     IPPROTO_TCP, IPPROTO_UDP, Reason,
-    checksum::{udp_update32, update16, update32},
+    checksum::{add16, fold, udp_update32, update16, update32},
 };
 
 use crate::{
     keys::FlowKeyW,
-    nat::{Rewrite, rewrite_ip},
-    parse::{L4_OFF, Packet, ptr_at},
+    nat::{Rewrite, Rewrite6, apply_delta, rewrite_ip},
+    parse::{IP_OFF, L4_OFF, L4_OFF6, Packet, Packet6, ptr_at},
 };
 
 /// ICMP types translated; every other type is passed (`PassNotTcpUdp`).
@@ -150,5 +150,189 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, dec_ttl: bool) -> R
         let icmp = update16(u16::from_be_bytes([h[2], h[3]]), old, c);
         h[2..4].copy_from_slice(&icmp.to_be_bytes());
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// ICMPv6 (docs/datapath.md, "IPv6", "ICMPv6 errors").
+// ---------------------------------------------------------------------------------------------
+
+/// ICMPv6 types translated; every other type (echo 128/129, NDP 133-137, parameter problem,
+/// ...) is passed (`PassNotTcpUdp`), untouched.
+const ICMP6_DEST_UNREACH: u8 = 1;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+const ICMP6_TIME_EXCEEDED: u8 = 3;
+
+/// What the program reads of an ICMPv6 error, from its header on: ICMPv6 header (8), quoted
+/// IPv6 header (40), the first 8 bytes of the quoted TCP/UDP header.
+const QUOTE6_LEN: usize = 8 + 40 + 8;
+const Q6_IP: usize = 8;
+const Q6_L4: usize = Q6_IP + 40;
+const Q6_UDP_CHECK: usize = Q6_L4 + 6;
+/// Offset of the quoted TCP checksum, and the ICMPv6 message length from which the quote
+/// contains it.
+const Q6_TCP_CHECK: usize = Q6_L4 + 16;
+const TCP_CHECK_MIN_MSG6: u16 = (Q6_TCP_CHECK + 2) as u16;
+
+/// The quoted IPv6 packet's 5-tuple, wire byte order.
+#[derive(Clone, Copy)]
+pub struct Quote6 {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl Quote6 {
+    /// The key of the flow entry the quoted packet answers: the quote reversed (as `Quote`).
+    #[inline(always)]
+    pub fn answer_key(&self) -> FlowKeyW {
+        FlowKeyW::new(self.dst, self.src, self.dport, self.sport, self.proto)
+    }
+}
+
+/// The 16 bytes at `b[i..i + 16]` as four wire-order words, through a stack copy (read
+/// straight into words, LLVM keeps each byte in a register of its own: see `parse::parse6`).
+#[inline(always)]
+fn words16(b: &[u8], i: usize) -> [u32; 4] {
+    let mut a = [0u32; 4];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size; u8 has no alignment requirement.
+    unsafe { &mut *a.as_mut_ptr().cast::<[u8; 16]>() }.copy_from_slice(&b[i..i + 16]);
+    // SAFETY: reads of an initialised local; volatile so the copy above really is a copy.
+    let w = |j: usize| unsafe { core::ptr::read_volatile(&raw const a[j]) };
+    [w(0), w(1), w(2), w(3)]
+}
+
+/// Classify an ICMPv6 packet (`pkt.tot_len` = 40 + payload length, within the frame): `Ok` for
+/// a destination unreachable, packet too big or time exceeded whose quote is a TCP/UDP packet
+/// (no extension header) sent by the address the error is addressed to; otherwise the packet's
+/// final reason.
+#[inline(always)]
+pub fn quote6(ctx: &XdpContext, pkt: &Packet6) -> Result<Quote6, Reason> {
+    if (pkt.tot_len as usize) < 40 + QUOTE6_LEN {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let b: *const [u8; QUOTE6_LEN] = ptr_at(ctx, L4_OFF6).ok_or(Reason::PassNotTcpUdp)?;
+    // SAFETY: ptr_at checked data + 54 + 56 <= data_end; byte array, no alignment needed.
+    let b = unsafe { &*b };
+    if b[0] != ICMP6_DEST_UNREACH && b[0] != ICMP6_PACKET_TOO_BIG && b[0] != ICMP6_TIME_EXCEEDED {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let proto = b[Q6_IP + 6];
+    if b[Q6_IP] >> 4 != 6 || (proto != IPPROTO_TCP && proto != IPPROTO_UDP) {
+        return Err(Reason::PassNotTcpUdp);
+    }
+    let q = Quote6 {
+        src: words16(b, Q6_IP + 8),
+        dst: words16(b, Q6_IP + 24),
+        sport: u16::from_ne_bytes([b[Q6_L4], b[Q6_L4 + 1]]),
+        dport: u16::from_ne_bytes([b[Q6_L4 + 2], b[Q6_L4 + 3]]),
+        proto,
+    };
+    let ip: *const [u8; 40] = ptr_at(ctx, IP_OFF).ok_or(Reason::PassNotTcpUdp)?;
+    // SAFETY: ptr_at checked data + 14 + 40 <= data_end; byte array.
+    let outer_dst = words16(unsafe { &*ip }, 24);
+    if q.src != outer_dst {
+        return Err(Reason::PassNotService);
+    }
+    Ok(q)
+}
+
+/// `bpf_csum_diff` of 32 bytes: the one's complement sum of the big-endian 16-bit words of
+/// `!old` and `new` (as `nat::addr6_delta`, unfolded is not needed: folded to 16 bits).
+/// `old` may point into the packet (bounds already checked by the caller), `new` is a stack
+/// buffer. The helper sums little-endian words; a one's complement sum of byte-swapped words
+/// is the byte-swapped sum, so the result is swapped back.
+#[inline(always)]
+fn csum_diff32(old: *const [u8; 32], new: &mut [u32; 8]) -> u32 {
+    // SAFETY: both buffers are 32 readable bytes (the helper only reads them); the verifier
+    // checks the packet range of `old`.
+    let d = unsafe { bpf_csum_diff(old.cast_mut().cast::<u32>(), 32, new.as_mut_ptr(), 32, 0) };
+    // The helper returns a 32-bit sum; fold it to 16 bits, then swap to network order.
+    u32::from(fold(d as u32).swap_bytes())
+}
+
+/// Rewrite an ICMPv6 error with the answering flow entry's `rw`, as `rewrite` does for ICMP:
+/// outer addresses -> (rw.src, rw.dst) (hop limit - 1 when `dec_ttl`); quoted addresses ->
+/// (rw.dst, rw.src), ports -> (rw.dport, rw.sport); the quoted UDP checksum, the quoted TCP
+/// checksum when the quote contains it, and the ICMPv6 checksum (which also covers the outer
+/// addresses through the IPv6 pseudo-header) patched incrementally. The address sums use
+/// `bpf_csum_diff` (32 bytes each) to keep this within the BPF stack.
+#[inline(always)]
+pub fn rewrite6(
+    ctx: &XdpContext,
+    pkt: &Packet6,
+    rw: &Rewrite6,
+    dec_ttl: bool,
+) -> Result<(), Reason> {
+    // Outer header: the new (src, dst) and their pseudo-header difference.
+    let mut new = [
+        rw.src[0], rw.src[1], rw.src[2], rw.src[3], rw.dst[0], rw.dst[1], rw.dst[2], rw.dst[3],
+    ];
+    let ip: *mut [u8; 40] = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 14 + 40 <= data_end; byte array.
+    let ip = unsafe { &mut *ip };
+    let old: *const [u8; 32] = (&raw const ip[8]).cast();
+    let mut icmp_delta = csum_diff32(old, &mut new);
+    if dec_ttl {
+        ip[7] = ip[7].wrapping_sub(1);
+    }
+    // SAFETY: [u32; 8] is 32 plain bytes.
+    ip[8..40].copy_from_slice(unsafe { &*new.as_ptr().cast::<[u8; 32]>() });
+
+    // The quoted packet went (new_dst -> new_src) of the entry; the quote's ports likewise.
+    let mut new = [
+        rw.dst[0], rw.dst[1], rw.dst[2], rw.dst[3], rw.src[0], rw.src[1], rw.src[2], rw.src[3],
+    ];
+    let b: *mut [u8; QUOTE6_LEN] = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 54 + 56 <= data_end; byte array.
+    let b = unsafe { &mut *b };
+    let old: *const [u8; 32] = (&raw const b[Q6_IP + 8]).cast();
+    let mut quote_delta = csum_diff32(old, &mut new);
+    let sport = rw.dport.to_ne_bytes();
+    let dport = rw.sport.to_ne_bytes();
+    quote_delta = add16(quote_delta, !u16::from_be_bytes([b[Q6_L4], b[Q6_L4 + 1]]));
+    quote_delta = add16(
+        quote_delta,
+        !u16::from_be_bytes([b[Q6_L4 + 2], b[Q6_L4 + 3]]),
+    );
+    quote_delta = add16(quote_delta, u16::from_be_bytes(sport));
+    quote_delta = add16(quote_delta, u16::from_be_bytes(dport));
+    // Everything in `quote_delta` is also inside the ICMPv6 message.
+    icmp_delta = add16(icmp_delta, fold(quote_delta));
+    // SAFETY: as above.
+    b[Q6_IP + 8..Q6_IP + 40].copy_from_slice(unsafe { &*new.as_ptr().cast::<[u8; 32]>() });
+    b[Q6_L4..Q6_L4 + 2].copy_from_slice(&sport);
+    b[Q6_L4 + 2..Q6_L4 + 4].copy_from_slice(&dport);
+
+    if b[Q6_IP + 6] == IPPROTO_UDP {
+        let old = u16::from_be_bytes([b[Q6_UDP_CHECK], b[Q6_UDP_CHECK + 1]]);
+        // 0 stays 0 (never sent by the proxy in IPv6; carried as it is).
+        if old != 0 {
+            let c = apply_delta(old, quote_delta);
+            let c = if c == 0 { 0xffff } else { c };
+            icmp_delta = add16(icmp_delta, !old);
+            icmp_delta = add16(icmp_delta, c);
+            b[Q6_UDP_CHECK..Q6_UDP_CHECK + 2].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    let msg_len = pkt.tot_len - 40;
+    if b[Q6_IP + 6] == IPPROTO_TCP && msg_len >= TCP_CHECK_MIN_MSG6 {
+        let t: *mut [u8; 2] = ptr_at(ctx, L4_OFF6 + Q6_TCP_CHECK).ok_or(Reason::DropTruncated)?;
+        // SAFETY: ptr_at checked the two bytes lie within the frame; byte array.
+        let t = unsafe { &mut *t };
+        let old = u16::from_be_bytes(*t);
+        let c = apply_delta(old, quote_delta);
+        icmp_delta = add16(icmp_delta, !old);
+        icmp_delta = add16(icmp_delta, c);
+        *t = c.to_be_bytes();
+    }
+    let h: *mut [u8; 4] = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked the 4 bytes lie within the frame (re-derived: the packet pointer
+    // was used since).
+    let h = unsafe { &mut *h };
+    let c = apply_delta(u16::from_be_bytes([h[2], h[3]]), icmp_delta);
+    h[2..4].copy_from_slice(&c.to_be_bytes());
     Ok(())
 }

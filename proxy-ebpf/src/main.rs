@@ -27,7 +27,7 @@ use crate::{
     forward::Kind,
     keys::FlowValueW,
     nat::{Rewrite, RewriteG},
-    parse::{PacketG, TCP_SYN},
+    parse::{IPPROTO_ICMPV6, PacketG, TCP_SYN},
 };
 
 #[xdp]
@@ -64,6 +64,9 @@ fn proxy_v4(md: *mut xdp_md) -> Reason {
 #[inline(always)]
 fn proxy_v6(md: *mut xdp_md) -> Reason {
     let mut step = proxy_v6_track(md);
+    if step == STEP_ICMP {
+        return reason_from(proxy_v6_icmp(md));
+    }
     if step == STEP_MISS {
         let created = proxy_v6_create(md);
         if created != STEP_FORWARD {
@@ -83,6 +86,8 @@ fn proxy_v6(md: *mut xdp_md) -> Reason {
 /// IPv6 phase results besides a `Reason` index: no flow (create one), or go on (forward).
 const STEP_MISS: u32 = 0x100;
 const STEP_FORWARD: u32 = 0x101;
+/// An ICMPv6 message: `proxy_v6_icmp`.
+const STEP_ICMP: u32 = 0x102;
 
 /// The `Reason` with index `n` (`Aborted` for anything else).
 #[inline(always)]
@@ -106,6 +111,9 @@ pub extern "C" fn proxy_v6_track(md: *mut xdp_md) -> u32 {
         Ok(pkt) => pkt,
         Err(reason) => return reason as u32,
     };
+    if pkt.proto == IPPROTO_ICMPV6 {
+        return STEP_ICMP;
+    }
     if let Err(reason) = flow::config() {
         return reason as u32;
     }
@@ -148,6 +156,35 @@ pub extern "C" fn proxy_v6_create(md: *mut xdp_md) -> u32 {
         Ok(_) => STEP_FORWARD,
         Err(reason) => reason as u32,
     }
+}
+
+/// An ICMPv6 message (docs/datapath.md, "ICMPv6 errors"): translated when it is an error
+/// quoting one of our flows, else passed. Flow entries and traffic counters are not touched.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn proxy_v6_icmp(md: *mut xdp_md) -> u32 {
+    let ctx = XdpContext::new(md);
+    match icmp_error6(&ctx) {
+        Ok(reason) | Err(reason) => reason as u32,
+    }
+}
+
+#[inline(always)]
+fn icmp_error6(ctx: &XdpContext) -> Result<Reason, Reason> {
+    let pkt = parse::parse6(ctx)?;
+    let quote = icmp::quote6(ctx, &pkt)?;
+    flow::config()?;
+    let entry = flow::lookup(&quote.answer_key()).ok_or(Reason::PassNotService)?;
+    // SAFETY: a flow table value pointer; copied out at once.
+    let e = unsafe { &*entry };
+    let rw = RewriteG {
+        src: e.new_src,
+        dst: e.new_dst,
+        sport: e.new_sport,
+        dport: e.new_dport,
+        mss: 0,
+    };
+    forward::forward(ctx, &pkt, &rw, Kind::IcmpError)
 }
 
 /// Steps 9-10 of a tracked IPv6 flow packet: the final reason.

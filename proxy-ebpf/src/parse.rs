@@ -221,8 +221,26 @@ pub fn parse6(ctx: &XdpContext) -> Result<Packet6, Reason> {
     let l4_min = match next {
         IPPROTO_TCP => TcpHdr::LEN,
         IPPROTO_UDP => UdpHdr::LEN,
-        // ICMPv6 (echo, NDP, errors) is the kernel's, untouched: NDP must always work.
-        IPPROTO_ICMPV6 => return Err(Reason::PassNotTcpUdp),
+        IPPROTO_ICMPV6 => {
+            // `icmp::quote6` decides whether it is an error quoting one of our flows; every
+            // other ICMPv6 message (echo, NDP, ...) is `PassNotTcpUdp`, untouched.
+            let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            if IPV6_HLEN + payload_len > ctx.data_end() - ctx.data() - IP_OFF {
+                return Err(Reason::PassNotTcpUdp);
+            }
+            return Ok(Packet6 {
+                src: [0; 4],
+                dst: [0; 4],
+                sport: 0,
+                dport: 0,
+                proto: IPPROTO_ICMPV6,
+                ttl: ip[7],
+                tcp_flags: 0,
+                // At most the frame's length, far below 64 KiB in XDP.
+                tot_len: (IPV6_HLEN + payload_len) as u16,
+                udp_zero_check: false,
+            });
+        }
         _ => return Err(Reason::PassNotTcpUdp),
     };
     let payload_len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));

@@ -3402,3 +3402,297 @@ fn ipv6_flow_to_an_ipv4_upstream_drops() {
         assert_no_flows(h, "cross-family upstream");
     });
 }
+
+// =============================================================================================
+// ICMPv6 errors (docs/datapath.md, "IPv6", "ICMPv6 errors").
+// =============================================================================================
+
+const HOME_ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 0xfe);
+/// The MTU field of "packet too big": 1280.
+const MTU6_1280: [u8; 4] = [0, 0, 0x05, 0x00];
+
+/// An ICMPv6 error from `src` to `dst` quoting `quote`, as a frame arriving on `from`'s link.
+fn icmp6_err(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    t: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Packet<V6> {
+    Packet::<V6>::icmpv6(src, dst, t, code, rest, quote)
+}
+
+/// A home-side error quoting (SNAT -> upstream), as the proxy forwarded a client segment or
+/// datagram, goes to the client as (service -> client) quoting (client -> service): outer and
+/// quoted addresses, quoted ports, the quoted TCP/UDP checksum when quoted, the ICMPv6 checksum
+/// (pseudo-header included), the outer hop limit; the MTU of "packet too big" is kept. Flow
+/// entries are not touched.
+#[test]
+fn icmpv6_error_from_home_side() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let flow = open_tcp_in::<V6>(h);
+        reply_syn_ack(h, &flow);
+        let data = flow
+            .client_tcp(TCP_ACK | TCP_PSH)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .payload(&[0x61; 100]);
+        let sent = flow.fwd_out(&data, hi);
+        // The client's segment as the quote must show it: as the proxy sent it (hop limit - 1),
+        // with the client's endpoints back.
+        let as_client = data.clone().ttl(data.ttl - 1).bytes();
+        let (udp_flow, _) = open_flow(
+            h,
+            "IPv6 UDP, new flow",
+            from_client(Packet::udp(CLIENT6_B, SVC6_UDP, b"query")),
+            SVC_UDP_ID,
+            UPS6_UDP,
+            UPS6_UDP_ID,
+            ci,
+            hi,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+        );
+        let udp_in = from_client(Packet::udp(CLIENT6_B, SVC6_UDP, b"query"));
+        let udp_sent = udp_flow.fwd_out(&udp_in, hi);
+        let udp_as_client = udp_in.clone().ttl(udp_in.ttl - 1).bytes();
+        let fwd_before = h.all_flows(MAP_FLOWS_FWD);
+        let rev_before = h.all_flows(MAP_FLOWS_REV);
+        // (description, type, code, rest, frame sent, its quote as the client sees it, quote
+        // length, client).
+        type Case<'a> = (
+            &'a str,
+            u8,
+            u8,
+            [u8; 4],
+            &'a [u8],
+            &'a [u8],
+            usize,
+            Ipv6Addr,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "packet too big (MTU 1280) quoting the IPv6 + TCP header + 8 bytes",
+                2,
+                0,
+                MTU6_1280,
+                &sent,
+                &as_client,
+                40 + 28,
+                CLIENT6_1,
+            ),
+            (
+                "destination unreachable (port) quoting IPv6 + 8 TCP bytes (no checksum)",
+                1,
+                4,
+                [0; 4],
+                &sent,
+                &as_client,
+                48,
+                CLIENT6_1,
+            ),
+            (
+                "time exceeded quoting the whole segment",
+                3,
+                0,
+                [0; 4],
+                &sent,
+                &as_client,
+                sent.len() - ETH_HLEN,
+                CLIENT6_1,
+            ),
+            (
+                "destination unreachable (address) quoting a UDP datagram",
+                1,
+                3,
+                [0; 4],
+                &udp_sent,
+                &udp_as_client,
+                48,
+                CLIENT6_2,
+            ),
+        ];
+        for (desc, t, code, rest, quoted, as_client, n, client) in cases {
+            let input = from_upstream(icmp6_err(
+                HOME_ROUTER6,
+                SNAT_IP6,
+                t,
+                code,
+                rest,
+                &quoted[ETH_HLEN..ETH_HLEN + n],
+            ));
+            let expected = icmp6_err(
+                SERVICE_IP6,
+                client,
+                t,
+                code,
+                rest,
+                &as_client[ETH_HLEN..ETH_HLEN + n],
+            )
+            .ttl(input.ttl - 1)
+            .macs(ci.mac, CLIENT_ROUTER_MAC);
+            h.check(&Fixture::new(
+                desc,
+                input.bytes(),
+                hi,
+                XDP_REDIRECT,
+                Reason::IcmpRedirect,
+                Expect::Bytes(expected.bytes()),
+            ));
+        }
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_FWD),
+            fwd_before,
+            "forward entries untouched"
+        );
+        assert_eq!(
+            h.all_flows(MAP_FLOWS_REV),
+            rev_before,
+            "reverse entries untouched"
+        );
+    });
+}
+
+/// A client-side error quoting (service -> client), as the proxy delivered a reply, goes to the
+/// upstream as (SNAT -> upstream) quoting (upstream -> SNAT).
+#[test]
+fn icmpv6_error_from_client_side() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let flow = open_tcp_in::<V6>(h);
+        let reply = flow.upstream_tcp(TCP_SYN | TCP_ACK);
+        let delivered = flow.rev_out(&reply, ci);
+        let as_upstream = reply.clone().ttl(reply.ttl - 1).bytes();
+        for (desc, n) in [
+            ("quoting IPv6 + 8 TCP bytes", 48),
+            ("quoting the whole segment", delivered.len() - ETH_HLEN),
+        ] {
+            let input = from_client(icmp6_err(
+                CLIENT_ROUTER6,
+                SERVICE_IP6,
+                1,
+                1,
+                [0; 4],
+                &delivered[ETH_HLEN..ETH_HLEN + n],
+            ));
+            let expected = icmp6_err(
+                SNAT_IP6,
+                UPSTREAM_IP6,
+                1,
+                1,
+                [0; 4],
+                &as_upstream[ETH_HLEN..ETH_HLEN + n],
+            )
+            .ttl(input.ttl - 1)
+            .macs(hi.mac, UPSTREAM_MAC);
+            h.check(&Fixture::new(
+                format!("destination unreachable from the client side, {desc}"),
+                input.bytes(),
+                ci,
+                XDP_REDIRECT,
+                Reason::IcmpRedirect,
+                Expect::Bytes(expected.bytes()),
+            ));
+        }
+        // Hop limit 1: not forwarded.
+        let input = from_client(icmp6_err(
+            CLIENT_ROUTER6,
+            SERVICE_IP6,
+            1,
+            1,
+            [0; 4],
+            &delivered[ETH_HLEN..ETH_HLEN + 48],
+        ))
+        .ttl(1);
+        h.check(&Fixture::unchanged(
+            "ICMPv6 error with hop limit 1",
+            input.bytes(),
+            ci,
+            XDP_DROP,
+            Reason::DropTtlExceeded,
+        ));
+    });
+}
+
+/// ICMPv6 that is not a translatable error about one of our flows is passed untouched: echo,
+/// NDP, parameter problem, errors quoting no flow, errors addressed to someone other than the
+/// quoted source, quotes with an extension header or shorter than IPv6 + 8 bytes.
+#[test]
+fn icmpv6_not_translated() {
+    with_harness(|h| {
+        let hi = h.home_if;
+        let flow = open_tcp_in::<V6>(h);
+        let syn = flow.client_tcp(TCP_SYN);
+        let sent = flow.fwd_out(&syn, hi);
+        let quote = &sent[ETH_HLEN..ETH_HLEN + 48];
+        let mut no_flow = quote.to_vec();
+        no_flow[40..42].copy_from_slice(&1234u16.to_be_bytes());
+        let ext = with_ext_header(&sent, 0, &[0, 1, 4, 0, 0, 0, 0]);
+        let ext_quote = &ext[ETH_HLEN..ETH_HLEN + 56];
+        let err = |t: u8, dst: Ipv6Addr, q: &[u8]| {
+            from_upstream(icmp6_err(HOME_ROUTER6, dst, t, 0, [0; 4], q)).bytes()
+        };
+        let cases: Vec<(&str, Vec<u8>, Reason)> = vec![
+            (
+                "echo request to the SNAT address",
+                err(128, SNAT_IP6, &[0, 1, 0, 1]),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "echo reply to the SNAT address",
+                err(129, SNAT_IP6, &[0, 1, 0, 1]),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP neighbour solicitation for the SNAT address",
+                err(135, SNAT_IP6, &SNAT_IP6.octets()),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP router advertisement",
+                err(134, SNAT_IP6, &[0; 8]),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "NDP redirect (137) quoting a flow packet",
+                err(137, SNAT_IP6, quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "parameter problem (4) quoting a flow packet",
+                err(4, SNAT_IP6, quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "destination unreachable quoting a SNAT port without a flow",
+                err(1, SNAT_IP6, &no_flow),
+                Reason::PassNotService,
+            ),
+            (
+                "error addressed to someone else than the quoted source",
+                err(1, SERVICE_IP6, quote),
+                Reason::PassNotService,
+            ),
+            (
+                "quote with a hop-by-hop header",
+                err(1, SNAT_IP6, ext_quote),
+                Reason::PassNotTcpUdp,
+            ),
+            (
+                "quote shorter than IPv6 + 8 bytes",
+                err(1, SNAT_IP6, &quote[..47]),
+                Reason::PassNotTcpUdp,
+            ),
+        ];
+        for (desc, frame, reason) in cases {
+            h.check(&Fixture::unchanged(
+                desc,
+                frame,
+                hi,
+                reason.action(),
+                reason,
+            ));
+        }
+    });
+}
