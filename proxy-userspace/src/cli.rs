@@ -265,10 +265,11 @@ pub fn check(path: &Path) -> Result<String, ConfigError> {
         .iter()
         .filter(|s| s.mode == ServiceMode::Http)
         .count();
-    let mut snat = c.nat.snat_ipv4.map_or_else(
-        || "from the route home (at run time)".to_owned(),
-        |a| a.to_string(),
-    );
+    let mut snat = match (c.nat.snat_ipv4, c.nat.first_home_cidr(false)) {
+        (Some(a), _) => a.to_string(),
+        (None, Some(_)) => "from the route home (at run time)".to_owned(),
+        (None, None) => "none (no IPv4 home CIDR)".to_owned(),
+    };
     if c.nat.first_home_cidr(true).is_some() || c.nat.snat_ipv6.is_some() {
         snat.push_str(&c.nat.snat_ipv6.map_or_else(
             || ", IPv6 SNAT from the IPv6 route home (at run time)".to_owned(),
@@ -548,6 +549,11 @@ mod tests {
         assert!(
             ok.contains("OK: 2 interface(s), mode native, 2 l4 service(s), 1 http"),
             "{ok}"
+        );
+        let ds = check(&dir.join("valid_dualstack.toml")).unwrap();
+        assert!(
+            ds.contains("3 l4 service(s), 1 http service(s), SNAT 10.20.0.1, IPv6 SNAT fd00:20::1"),
+            "{ds}"
         );
         let err = check(&dir.join("invalid_many.toml"))
             .unwrap_err()
