@@ -528,6 +528,56 @@ fn dual_stack(xdp: bool) -> Result<()> {
         }
     };
 
+    // /status and /metrics name the IPv6 service and upstream as [addr]:port.
+    let status_text = proxy.exec(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9100/status",
+        ],
+    )?;
+    let status: Value = serde_json::from_str(&status_text).context("/status is not JSON")?;
+    let web6_status = status
+        .get("services")
+        .and_then(Value::as_array)
+        .and_then(|all| {
+            all.iter()
+                .find(|s| s.get("name").and_then(Value::as_str) == Some("web6"))
+        })
+        .ok_or_else(|| anyhow!("/status has no web6: {status_text}"))?;
+    ensure!(
+        web6_status.get("listen").and_then(Value::as_str) == Some(web6.to_string().as_str()),
+        "/status web6: {web6_status}"
+    );
+    let up6 = netns::sock6(HOME6, DS_HOME_TCP).to_string();
+    ensure!(
+        web6_status
+            .get("upstreams")
+            .and_then(Value::as_array)
+            .is_some_and(|u| u.iter().any(|u| {
+                u.get("resolved").and_then(Value::as_str) == Some(up6.as_str())
+                    && u.get("healthy").and_then(Value::as_bool) == Some(true)
+            })),
+        "/status web6 upstreams: {web6_status}"
+    );
+    let metrics = proxy.exec(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            "http://127.0.0.1:9100/metrics",
+        ],
+    )?;
+    ensure!(
+        metrics.contains(&format!("listen=\"{web6}\"")),
+        "/metrics has no series of {web6}"
+    );
+
     // The home servers saw only the SNAT address of their family.
     let peers4: BTreeSet<IpAddr> = server4.stats().peer_ips();
     let peers6: BTreeSet<IpAddr> = server6.stats().peer_ips();
