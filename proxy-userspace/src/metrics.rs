@@ -103,7 +103,7 @@ pub struct UserspaceService {
     pub dropped: u64,
     /// http responses by class (`1xx`..`5xx`).
     pub http_responses: BTreeMap<String, u64>,
-    /// Per upstream address (`a.b.c.d:port`).
+    /// Per upstream address (`a.b.c.d:port` or `[v6]:port`).
     pub upstreams: BTreeMap<String, UserspaceTraffic>,
 }
 

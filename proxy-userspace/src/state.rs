@@ -56,7 +56,7 @@ pub struct ServiceStatus {
 /// one entry with `resolved = None` while it has none).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct UpstreamStatus {
-    /// As written in the config (`name:port` or `a.b.c.d:port`).
+    /// As written in the config (`name:port`, `a.b.c.d:port` or `[v6]:port`).
     pub address: String,
     /// The address in use.
     pub resolved: Option<SocketAddr>,
