@@ -4,7 +4,9 @@
 //!
 //! - `fuzzed_packets_never_forward_wrongly`: valid service packets (new TCP and UDP flows,
 //!   packets of existing flows in both directions, FIN, TCP options, non-service packets, an
-//!   ICMP error quoting a NATed packet) built with `integration_tests::packet`, then mutated
+//!   ICMP error quoting a NATed packet; the same in IPv6, with an ICMPv6 error; the IPv6 TCP
+//!   and UDP services get service ids of their own) built with `integration_tests::packet`,
+//!   then mutated
 //!   (random bytes of the headers XORed, optionally the IP header checksum fixed again so the
 //!   mutation gets past it) and truncated, arriving on either interface. Every verdict must be
 //!   one of the program's reasons with exactly that one reason counter bumped by one and its
@@ -33,19 +35,20 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::path::Path;
 
 use integration_tests::packet::topo::*;
 use integration_tests::packet::{
-    ETH_HLEN, Harness, IPPROTO_ICMP, Iface, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, Tuple,
-    XdpMd, fix_ip_checksum, hex, hexdump, verify_checksums, with_harness,
+    ETH_HLEN, Harness, IPPROTO_ICMP, Iface, Packet, Sock, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN,
+    Tuple, XdpMd, fix_ip_checksum, hex, hexdump, service_key, verify_checksums, with_harness,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config as PtConfig, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use proxy_common::{
-    FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_FLOWS_FWD, MAP_FLOWS_REV,
-    REASON_COUNT, Reason, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4_octets,
+    FAMILY_IPV6, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_FLOWS_FWD,
+    MAP_FLOWS_REV, REASON_COUNT, Reason, SERVICE_F_HAS_UPSTREAMS, ServiceValue, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, XDP_TX, addr_v4_octets,
 };
 
 /// Default fixed seed (32 bytes for ChaCha): the same cases on every run unless overridden.
@@ -87,41 +90,96 @@ const CLIENT_A: SocketAddrV4 = SocketAddrV4::new(CLIENT_1, 40_000);
 const CLIENT_B: SocketAddrV4 = SocketAddrV4::new(CLIENT_2, 51_515);
 
 /// Addresses the daemon would accept as upstreams (every upstream of the harness): the home
-/// side (10.20.0.0/16) and the harness's no-route upstream's network (10.99.0.0/16).
-fn in_home(ip: Ipv4Addr) -> bool {
-    let o = ip.octets();
-    o[0] == 10 && (o[1] == 20 || o[1] == 99)
+/// side (10.20.0.0/16, 2001:db8:20::/48) and the harness's no-route upstream's network
+/// (10.99.0.0/16, 2001:db8:99::/48).
+fn in_home(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => {
+            let o = ip.octets();
+            o[0] == 10 && (o[1] == 20 || o[1] == 99)
+        }
+        IpAddr::V6(ip) => {
+            let s = ip.segments();
+            s[0] == 0x2001 && s[1] == 0xdb8 && (s[2] == 0x20 || s[2] == 0x99)
+        }
+    }
 }
 
-/// Every configured (service address, port, protocol) of the harness.
-fn services() -> HashSet<(Ipv4Addr, u16, u8)> {
-    [
+/// Every configured (service address, port, protocol) of the harness, both families.
+fn services() -> HashSet<(IpAddr, u16, u8)> {
+    let v4 = [
         (SVC_TCP, IPPROTO_TCP),
         (SVC_UDP, IPPROTO_UDP),
         (SVC_EMPTY, IPPROTO_TCP),
         (SVC_NO_NEIGH, IPPROTO_TCP),
         (SVC_NO_ROUTE, IPPROTO_TCP),
     ]
-    .into_iter()
-    .map(|(a, p)| (*a.ip(), a.port(), p))
-    .collect()
+    .map(|(a, p)| (IpAddr::V4(*a.ip()), a.port(), p));
+    let v6 = [
+        (SVC6_TCP, IPPROTO_TCP),
+        (SVC6_UDP, IPPROTO_UDP),
+        (SVC6_EMPTY, IPPROTO_TCP),
+        (SVC6_NO_NEIGH, IPPROTO_TCP),
+        (SVC6_NO_ROUTE, IPPROTO_TCP),
+    ]
+    .map(|(a, p)| (IpAddr::V6(*a.ip()), a.port(), p));
+    v4.into_iter().chain(v6).collect()
 }
 
-/// Every configured upstream (address, port) of the harness.
-fn upstreams() -> HashSet<(Ipv4Addr, u16)> {
-    [UPS_TCP, UPS_UDP, UPS_NO_NEIGH, UPS_NO_ROUTE, UPS_TCP_2]
-        .into_iter()
-        .map(|a| (*a.ip(), a.port()))
-        .collect()
+/// Every configured upstream (address, port) of the harness, both families.
+fn upstreams() -> HashSet<(IpAddr, u16)> {
+    let v4 = [UPS_TCP, UPS_UDP, UPS_NO_NEIGH, UPS_NO_ROUTE, UPS_TCP_2]
+        .map(|a| (IpAddr::V4(*a.ip()), a.port()));
+    let v6 = [UPS6_TCP, UPS6_UDP, UPS6_NO_NEIGH, UPS6_NO_ROUTE, UPS6_TCP_2]
+        .map(|a| (IpAddr::V6(*a.ip()), a.port()));
+    v4.into_iter().chain(v6).collect()
 }
 
-fn ip_of(a: &proxy_common::Addr) -> Ipv4Addr {
-    Ipv4Addr::from(addr_v4_octets(a))
+/// The address of a key or value of family `family`.
+fn ip_of(a: &proxy_common::Addr, family: u8) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*a))
+    } else {
+        IpAddr::V4(Ipv4Addr::from(addr_v4_octets(a)))
+    }
+}
+
+fn is_v6(frame: &[u8]) -> bool {
+    frame.len() >= ETH_HLEN && frame[12..14] == [0x86, 0xdd]
+}
+
+/// Offset of the TTL / hop limit.
+fn ttl_offset(frame: &[u8]) -> usize {
+    if is_v6(frame) {
+        ETH_HLEN + 7
+    } else {
+        ETH_HLEN + 8
+    }
 }
 
 /// The flow key of an Ethernet + IPv4 + TCP/UDP frame, parsed independently of the program
 /// (only what the key needs; `None` when the frame does not carry one).
 fn key_of(frame: &[u8]) -> Option<FlowKey> {
+    if is_v6(frame) {
+        let ip = frame.get(ETH_HLEN..)?;
+        let next = *ip.get(6)?;
+        if !(next == IPPROTO_TCP || next == IPPROTO_UDP) || ip.len() < 44 {
+            return None;
+        }
+        let addr = |i: usize| -> Option<Ipv6Addr> {
+            Some(Ipv6Addr::from(
+                <[u8; 16]>::try_from(ip.get(i..i + 16)?).ok()?,
+            ))
+        };
+        return Some(
+            Tuple::new(
+                SocketAddrV6::new(addr(8)?, u16::from_be_bytes([ip[40], ip[41]]), 0, 0),
+                SocketAddrV6::new(addr(24)?, u16::from_be_bytes([ip[42], ip[43]]), 0, 0),
+                next,
+            )
+            .key(),
+        );
+    }
     if frame.len() < ETH_HLEN + 20 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -153,15 +211,24 @@ fn key_of(frame: &[u8]) -> Option<FlowKey> {
 struct Known {
     tcp_snat: SocketAddrV4,
     udp_snat: SocketAddrV4,
+    tcp6_snat: SocketAddrV6,
+    udp6_snat: SocketAddrV6,
 }
 
-fn from_client(p: Packet) -> Packet {
+fn from_client<S: Sock>(p: Packet<S>) -> Packet<S> {
     p.macs(CLIENT_ROUTER_MAC, CLIENT_DEV_MAC)
 }
 
-fn from_upstream(p: Packet) -> Packet {
+fn from_upstream<S: Sock>(p: Packet<S>) -> Packet<S> {
     p.macs(UPSTREAM_MAC, HOME_DEV_MAC)
 }
+
+const CLIENT6_A: SocketAddrV6 = SocketAddrV6::new(CLIENT6_1, 40_000, 0, 0);
+const CLIENT6_B: SocketAddrV6 = SocketAddrV6::new(CLIENT6_2, 51_515, 0, 0);
+/// Service ids of the IPv6 TCP and UDP services in the fuzzer (their own Maglev tables, as the
+/// daemon gives each family's service its own id).
+const SVC6_TCP_FUZZ_ID: u32 = 11;
+const SVC6_UDP_FUZZ_ID: u32 = 12;
 
 /// The valid packets the fuzzer starts from, with the interface each normally arrives on
 /// (`true`: client side).
@@ -244,6 +311,62 @@ fn bases(k: Known) -> Vec<(&'static str, Vec<u8>, bool)> {
         (
             "ICMP host unreachable quoting the TCP flow's packet",
             from_upstream(Packet::icmp(UPSTREAM_IP, SNAT_IP, 3, 1, [0; 4], &quote)).bytes(),
+            false,
+        ),
+        (
+            "IPv6: new TCP flow (SYN)",
+            from_client(Packet::tcp(CLIENT6_B, SVC6_TCP, TCP_SYN)).bytes(),
+            true,
+        ),
+        (
+            "IPv6: data on an existing TCP flow",
+            from_client(Packet::tcp(CLIENT6_A, SVC6_TCP, TCP_ACK | TCP_PSH))
+                .payload(&payload)
+                .bytes(),
+            true,
+        ),
+        (
+            "IPv6: reply on an existing TCP flow",
+            from_upstream(Packet::tcp(UPS6_TCP, k.tcp6_snat, TCP_ACK | TCP_PSH))
+                .payload(&payload)
+                .bytes(),
+            false,
+        ),
+        (
+            "IPv6: datagram on an existing UDP flow",
+            from_client(Packet::udp(CLIENT6_A, SVC6_UDP, &payload)).bytes(),
+            true,
+        ),
+        (
+            "IPv6: reply on an existing UDP flow",
+            from_upstream(Packet::udp(UPS6_UDP, k.udp6_snat, &payload)).bytes(),
+            false,
+        ),
+        (
+            "IPv6: TCP to a port that is no service",
+            from_client(Packet::tcp(
+                CLIENT6_A,
+                SocketAddrV6::new(SERVICE_IP6, 22, 0, 0),
+                TCP_SYN,
+            ))
+            .bytes(),
+            true,
+        ),
+        (
+            "IPv6: ICMPv6 destination unreachable quoting the TCP flow's packet",
+            {
+                let sent = Packet::tcp(k.tcp6_snat, UPS6_TCP, TCP_ACK).ttl(63).bytes();
+                let quote = &sent[ETH_HLEN..ETH_HLEN + 60];
+                from_upstream(Packet::<SocketAddrV6>::icmpv6(
+                    UPSTREAM_IP6,
+                    SNAT_IP6,
+                    1,
+                    3,
+                    [0; 4],
+                    quote,
+                ))
+                .bytes()
+            },
             false,
         ),
     ]
@@ -357,9 +480,10 @@ fn check_case(
     let out = &run.output;
     // An ICMP error translated for a flow: `icmp_*`, or passed after the rewrite when the FIB
     // lookup could not forward it (the same `pass_no_neigh` / `pass_fib_failed` as TCP/UDP).
-    let icmp_input = input.len() >= ETH_HLEN + 20
+    let icmp_input = (input.len() >= ETH_HLEN + 20
         && input[12..14] == [0x08, 0x00]
-        && input[ETH_HLEN + 9] == IPPROTO_ICMP;
+        && input[ETH_HLEN + 9] == IPPROTO_ICMP)
+        || (is_v6(input) && input.len() >= ETH_HLEN + 40 && input[ETH_HLEN + 6] == 58);
     let icmp_translated = matches!(reason, Reason::IcmpTx | Reason::IcmpRedirect)
         || (icmp_input && matches!(reason, Reason::PassNoNeigh | Reason::PassFibFailed));
     if rewritten(reason) && !icmp_translated {
@@ -394,10 +518,10 @@ fn check_case(
                 "output 5-tuple {out_key:?} is not the entry's rewrite {want:?}"
             ));
         }
-        let dst = ip_of(&out_key.dst_addr);
+        let dst = ip_of(&out_key.dst_addr, out_key.family);
         if forward {
             let svc = (
-                ip_of(&key.dst_addr),
+                ip_of(&key.dst_addr, key.family),
                 u16::from_be_bytes(key.dst_port),
                 key.proto,
             );
@@ -424,32 +548,37 @@ fn check_case(
             if fwd.new_dst_addr != key.src_addr || fwd.new_dst_port != key.src_port {
                 return Err(format!(
                     "reply from {}:{} rewritten by a flow whose upstream is {}:{}",
-                    ip_of(&key.src_addr),
+                    ip_of(&key.src_addr, key.family),
                     u16::from_be_bytes(key.src_port),
-                    ip_of(&fwd.new_dst_addr),
+                    ip_of(&fwd.new_dst_addr, key.family),
                     u16::from_be_bytes(fwd.new_dst_port)
                 ));
             }
         }
-        if matches!(run.action, XDP_TX | XDP_REDIRECT)
-            && out[ETH_HLEN + 8] != input[ETH_HLEN + 8].wrapping_sub(1)
-        {
+        let ttl = ttl_offset(input);
+        if matches!(run.action, XDP_TX | XDP_REDIRECT) && out[ttl] != input[ttl].wrapping_sub(1) {
             return Err("forwarded without decrementing the TTL by one".into());
         }
     } else if icmp_translated {
         if input_ok && let Err(e) = verify_checksums(out) {
             return Err(format!("translated ICMP checksum wrong: {e:#}"));
         }
-        let dst = Ipv4Addr::new(
-            out[ETH_HLEN + 16],
-            out[ETH_HLEN + 17],
-            out[ETH_HLEN + 18],
-            out[ETH_HLEN + 19],
-        );
+        let dst = if is_v6(out) {
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&out[ETH_HLEN + 24..ETH_HLEN + 40]);
+            IpAddr::V6(Ipv6Addr::from(a))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(
+                out[ETH_HLEN + 16],
+                out[ETH_HLEN + 17],
+                out[ETH_HLEN + 18],
+                out[ETH_HLEN + 19],
+            ))
+        };
         let client_of_a_flow = h
             .all_flows(MAP_FLOWS_FWD)
             .iter()
-            .any(|(k, _)| ip_of(&k.src_addr) == dst);
+            .any(|(k, _)| ip_of(&k.src_addr, k.family) == dst);
         if !(in_home(dst) || client_of_a_flow) {
             return Err(format!(
                 "ICMP error sent to {dst}: neither home nor a flow's client"
@@ -475,13 +604,20 @@ fn check_tables(h: &Harness) -> Result<(usize, usize), String> {
     let ups = upstreams();
     let fwd = h.all_flows(MAP_FLOWS_FWD);
     for (k, v) in &fwd {
-        let svc = (ip_of(&k.dst_addr), u16::from_be_bytes(k.dst_port), k.proto);
+        let svc = (
+            ip_of(&k.dst_addr, k.family),
+            u16::from_be_bytes(k.dst_port),
+            k.proto,
+        );
         if !svcs.contains(&svc) {
             return Err(format!(
                 "forward entry {k:?} for {svc:?}, which is no service"
             ));
         }
-        let up = (ip_of(&v.new_dst_addr), u16::from_be_bytes(v.new_dst_port));
+        let up = (
+            ip_of(&v.new_dst_addr, k.family),
+            u16::from_be_bytes(v.new_dst_port),
+        );
         if !ups.contains(&up) {
             return Err(format!(
                 "forward entry {k:?} rewrites to {up:?}, no upstream"
@@ -490,12 +626,12 @@ fn check_tables(h: &Harness) -> Result<(usize, usize), String> {
     }
     let rev = h.all_flows(MAP_FLOWS_REV);
     for (k, v) in &rev {
-        let up = (ip_of(&k.src_addr), u16::from_be_bytes(k.src_port));
+        let up = (ip_of(&k.src_addr, k.family), u16::from_be_bytes(k.src_port));
         if !ups.contains(&up) {
             return Err(format!("reverse entry {k:?} from {up:?}, no upstream"));
         }
         let svc = (
-            ip_of(&v.new_src_addr),
+            ip_of(&v.new_src_addr, k.family),
             u16::from_be_bytes(v.new_src_port),
             k.proto,
         );
@@ -521,15 +657,51 @@ fn prepare(h: &mut Harness) -> Known {
     let udp = from_client(Packet::udp(CLIENT_A, SVC_UDP, b"hello")).bytes();
     let r = h.run(&udp, h.client_if);
     assert_eq!(r.action, XDP_REDIRECT, "setup datagram not forwarded");
-    let snat = |t: Tuple| -> SocketAddrV4 {
+    // IPv6: the TCP and UDP services get ids of their own, every slot on their upstream.
+    for (svc, proto, id, ups) in [
+        (SVC6_TCP, IPPROTO_TCP, SVC6_TCP_FUZZ_ID, UPS6_TCP_ID),
+        (SVC6_UDP, IPPROTO_UDP, SVC6_UDP_FUZZ_ID, UPS6_UDP_ID),
+    ] {
+        h.add_service(
+            service_key(svc, proto),
+            ServiceValue {
+                id,
+                flags: SERVICE_F_HAS_UPSTREAMS,
+            },
+        );
+        for slot in 0..MAGLEV_SIZE {
+            h.set_maglev(id, slot, ups);
+        }
+    }
+    for frame in [
+        from_client(Packet::tcp(CLIENT6_A, SVC6_TCP, TCP_SYN)).bytes(),
+        from_client(Packet::udp(CLIENT6_A, SVC6_UDP, b"hello")).bytes(),
+    ] {
+        let r = h.run(&frame, h.client_if);
+        assert_eq!(r.action, XDP_REDIRECT, "IPv6 setup packet not forwarded");
+    }
+    let snat = |key: FlowKey| -> (IpAddr, u16) {
         let v: FlowValue = h
-            .fwd_flow(&t.key())
-            .unwrap_or_else(|| panic!("setup flow {t:?} missing"));
-        SocketAddrV4::new(ip_of(&v.new_src_addr), u16::from_be_bytes(v.new_src_port))
+            .fwd_flow(&key)
+            .unwrap_or_else(|| panic!("setup flow {key:?} missing"));
+        (
+            ip_of(&v.new_src_addr, key.family),
+            u16::from_be_bytes(v.new_src_port),
+        )
+    };
+    let v4 = |key| match snat(key) {
+        (IpAddr::V4(ip), port) => SocketAddrV4::new(ip, port),
+        other => panic!("IPv4 flow with SNAT {other:?}"),
+    };
+    let v6 = |key| match snat(key) {
+        (IpAddr::V6(ip), port) => SocketAddrV6::new(ip, port, 0, 0),
+        other => panic!("IPv6 flow with SNAT {other:?}"),
     };
     Known {
-        tcp_snat: snat(Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP)),
-        udp_snat: snat(Tuple::new(CLIENT_A, SVC_UDP, IPPROTO_UDP)),
+        tcp_snat: v4(Tuple::new(CLIENT_A, SVC_TCP, IPPROTO_TCP).key()),
+        udp_snat: v4(Tuple::new(CLIENT_A, SVC_UDP, IPPROTO_UDP).key()),
+        tcp6_snat: v6(Tuple::new(CLIENT6_A, SVC6_TCP, IPPROTO_TCP).key()),
+        udp6_snat: v6(Tuple::new(CLIENT6_A, SVC6_UDP, IPPROTO_UDP).key()),
     }
 }
 
@@ -634,7 +806,7 @@ fn no_open_relay_to_any_other_address_or_port() {
             let frame = from_client(p).bytes();
             let run = h.run(&frame, ingress);
             sent += 1;
-            let is_service = svcs.contains(&(*dst.ip(), dst.port(), proto));
+            let is_service = svcs.contains(&(IpAddr::V4(*dst.ip()), dst.port(), proto));
             if is_service {
                 forwarded_services += u64::from(matches!(run.action, XDP_TX | XDP_REDIRECT))
                     + u64::from(run.action == XDP_PASS && run.output != frame);
