@@ -1963,6 +1963,40 @@ mod tests {
     }
 
     #[test]
+    fn known_ipv6_frames_match_an_independent_encoder() {
+        // Expected frames produced by a separate encoder (Python struct + its own RFC 1071
+        // checksum over the RFC 8200 pseudo-header); flow label = the builder's `id`.
+        let c = SocketAddrV6::new("2001:db8::1".parse().expect("address"), 1234, 0, 0);
+        let s = SocketAddrV6::new("2001:db8::2".parse().expect("address"), 80, 0, 0);
+        assert_eq!(
+            hex(&Packet::tcp(c, s, TCP_SYN).bytes()),
+            "02000000ee0102000000ee0286dd60004d2c0014064020010db8000000000000000000000001\
+             20010db800000000000000000000000204d2005010000001000000005002faf0445a0000"
+        );
+        assert_eq!(
+            hex(&Packet::udp(c, s, b"odd").bytes()),
+            "02000000ee0102000000ee0286dd60004d2c000b114020010db8000000000000000000000001\
+             20010db800000000000000000000000204d20050000bcbdc6f6464"
+        );
+        for p in [
+            Packet::tcp(c, s, TCP_SYN).tcp_options(&[2, 4, 5, 0xb4]),
+            Packet::udp(c, s, b"x"),
+        ] {
+            let b = p.bytes();
+            verify_checksums(&b).unwrap_or_else(|e| panic!("{e:#}: {}", hex(&b)));
+            assert_eq!(b.len(), ETH_HLEN + usize::from(p.ip_len()));
+        }
+        let mut b = Packet::udp(c, s, b"x").bytes();
+        b[ETH_HLEN + 40 + 6] ^= 1;
+        assert!(verify_checksums(&b).is_err(), "a wrong IPv6 UDP checksum");
+        let zero = Packet::udp(c, s, b"x").udp_zero_checksum().bytes();
+        assert!(
+            verify_checksums(&zero).is_err(),
+            "IPv6 UDP checksum 0 is invalid"
+        );
+    }
+
+    #[test]
     fn verify_detects_a_wrong_l4_checksum() {
         let c = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 1234);
         let s = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 80);
