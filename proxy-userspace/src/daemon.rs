@@ -437,6 +437,7 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         None => p.config.datapath.max_flows,
     };
     let max_scan = capacity as usize * 2;
+    drop_capabilities(datapath.as_ref(), l4.is_some()).await;
     tracing::info!(config = %p.config.source.display(), "xdp-proxy running");
 
     let mut leave_attached = false;
@@ -511,6 +512,30 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     l7.shutdown().await;
     tracing::info!("xdp-proxy stopped");
     Ok(())
+}
+
+/// Attached, pinned, first plan written, listeners bound: keep only the capabilities run time
+/// needs (`privs`), on every thread. A failure is logged, not fatal: the daemon then runs as it
+/// was started.
+async fn drop_capabilities(datapath: Option<&Arc<Mutex<Datapath>>>, userspace_l4: bool) {
+    let netlink = datapath.is_some_and(|dp| {
+        dp.lock()
+            .map(|dp| dp.attachments().iter().any(|a| a.pin_path().is_none()))
+            .unwrap_or(true)
+    });
+    match crate::privs::drop_on_every_thread(&crate::privs::runtime_needs(userspace_l4, netlink))
+        .await
+    {
+        Ok(d) => tracing::info!(
+            kept = %crate::privs::names(d.caps.permitted),
+            bounding = %crate::privs::names(d.caps.bounding),
+            threads = d.threads,
+            "capabilities dropped on every thread"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "dropping capabilities failed: the daemon keeps those it was started with")
+        }
+    }
 }
 
 /// Whether a failure to start the datapath means XDP is not available here (attach refused,

@@ -4,7 +4,8 @@
 //! ids), `maglev` (weighted consistent hashing), `flows` (lifetimes), `health` (upstream
 //! probes), `sysctl` (kernel settings), `datapath` (the only module using aya maps and
 //! programs), `daemon` (the run loop), `inspect` (reports), `cli` (commands), `admin` (the /healthz /metrics /status
-//! listener), `metrics` (its renderings), `logging` (tracing and the eBPF log bridge).
+//! listener), `metrics` (its renderings), `logging` (tracing and the eBPF log bridge), `privs` (dropping capabilities once
+//! attached).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -23,5 +24,6 @@ pub mod logging;
 pub mod maglev;
 pub mod metrics;
 pub mod plan;
+pub mod privs;
 pub mod state;
 pub mod sysctl;

@@ -23,6 +23,13 @@
 //! - `all_upstreams_down_refuses_new_connections_fast`: every upstream's server stops; once
 //!   health checks notice, a new connection is refused with a reset (ECONNREFUSED, well within
 //!   its bound), counted `pass_no_upstream`; an upstream coming back is used again.
+//! - `daemon_drops_every_capability_once_attached`: a daemon started as root (every
+//!   capability) on the XDP path holds none on any of its threads once it runs (CapPrm, CapEff,
+//!   CapInh, CapAmb and CapBnd all 0, NoNewPrivs 1, read from `/proc/PID/task/*/status`); a
+//!   SIGHUP reload that moves the service to another upstream is applied and forwarded, the
+//!   threads started since hold nothing either, and SIGTERM detaches and unpins.
+//! - `userspace_daemon_keeps_only_net_bind_service`: on the userspace L4 path every thread
+//!   keeps CAP_NET_BIND_SERVICE only, which a reload needs to bind a new service on port 81.
 //! - `soak_with_faults`: `integration_tests::soak` for `XPT_SOAK_SECS` (default 60) seconds:
 //!   hundreds of concurrent checksummed TCP flows (well over 1,000 over the run) and UDP
 //!   sessions, SIGHUP reloads, an upstream killed and restored, health flapping and `kill -9` of
@@ -39,9 +46,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use integration_tests::netns::serial;
-use integration_tests::netns::{Daemon, Netns, NsThread, TwoInterface, run_cmd, sock, two};
+use integration_tests::netns::{self, Daemon, Netns, NsThread, TwoInterface, run_cmd, sock, two};
 use integration_tests::soak::{self, SoakOptions, admin_get, status};
-use integration_tests::traffic::{Conn, HomeServer, udp_exchange};
+use integration_tests::traffic::{Conn, HomeServer, get_root_until_up, udp_exchange};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
@@ -775,6 +782,217 @@ fn all_upstreams_down_refuses_new_connections_fast() -> Result<()> {
     );
     ha.stop()?;
     stop_ok(&mut topo, &daemon)
+}
+
+// =============================================================================================
+// Capabilities of the running daemon.
+// =============================================================================================
+
+/// CapInh, CapPrm, CapEff, CapBnd, CapAmb and NoNewPrivs of every thread of `pid`.
+fn thread_caps(pid: u32) -> Result<BTreeMap<u32, [u64; 6]>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let mut v = [0u64; 6];
+        for (i, name) in [
+            "CapInh:",
+            "CapPrm:",
+            "CapEff:",
+            "CapBnd:",
+            "CapAmb:",
+            "NoNewPrivs:",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let field = text
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .ok_or_else(|| anyhow!("thread {tid}: no {name}"))?;
+            v[i] = u64::from_str_radix(field.trim(), 16)?;
+        }
+        out.insert(tid, v);
+    }
+    Ok(out)
+}
+
+/// Every thread of `pid` holds exactly `caps` (permitted, effective, bounding), nothing
+/// inheritable or ambient, and has no-new-privs set. Returns the number of threads.
+fn only_caps(pid: u32, caps: u64, when: &str) -> Result<usize> {
+    let threads = thread_caps(pid)?;
+    let want = [0, caps, caps, caps, 0, 1];
+    let wrong: Vec<String> = threads
+        .iter()
+        .filter(|(_, v)| **v != want)
+        .map(|(tid, v)| format!("thread {tid}: {v:x?}"))
+        .collect();
+    ensure!(
+        wrong.is_empty(),
+        "{when}: threads holding other capabilities than {caps:#x} \
+         ([CapInh, CapPrm, CapEff, CapBnd, CapAmb, NoNewPrivs], want {want:x?}):\n{}",
+        wrong.join("\n")
+    );
+    Ok(threads.len())
+}
+
+#[test]
+fn daemon_drops_every_capability_once_attached() -> Result<()> {
+    let _serial = serial();
+    let mut topo = lab("caps")?;
+    let (a, b) = (sock(two::HOME, HOME_PORT), sock(HOME2, HOME_PORT));
+    let ha = HomeServer::start(&topo.home, a, None, LIMIT)?;
+    let hb = HomeServer::start(&topo.home, b, None, LIMIT)?;
+    let health =
+        "[service.health]\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 2\n";
+    let daemon = start(
+        &mut topo,
+        |p| config(p, (20000, 29999), "", &web_service(&[a], health)),
+        1,
+    )?;
+    daemon.wait_log(
+        &mut topo.lab,
+        &["xdp-proxy running"],
+        1,
+        Duration::from_secs(30),
+    )?;
+    let root = thread_caps(std::process::id())?;
+    ensure!(
+        root.values().all(|v| v[2] & (1 << 39) != 0),
+        "this test must run as root with CAP_BPF: {root:x?}"
+    );
+    let started = only_caps(daemon.pid, 0, "after start")?;
+    ensure!(
+        started >= 3,
+        "{started} threads: main and 2 workers expected"
+    );
+    daemon.wait_log(
+        &mut topo.lab,
+        &["capabilities dropped on every thread", "kept=none"],
+        1,
+        Duration::from_secs(5),
+    )?;
+    let body = topo
+        .client
+        .run(LIMIT, || async { greeting(service_addr(80)).await })?;
+    ensure!(body.contains(&a.to_string()), "served by {body}");
+
+    // Reload: the service moves to the other upstream (map writes, health checkers started).
+    let text = config(
+        &daemon.pin_dir,
+        (20000, 29999),
+        "",
+        &web_service(&[b], health),
+    );
+    topo.lab.write_file("xdp-proxy.toml", &text)?;
+    run_cmd(Command::new("kill").args(["-HUP", &daemon.pid.to_string()]))?;
+    wait_status(
+        &topo.proxy,
+        Duration::from_secs(10),
+        "the reload applied",
+        |st| st["reloads"] == 1 && soak::in_table(st, "web", b) && !soak::in_table(st, "web", a),
+    )?;
+    let body = topo
+        .client
+        .run(LIMIT, || async { greeting(service_addr(80)).await })?;
+    ensure!(
+        body.contains(&b.to_string()),
+        "after the reload served by {body}"
+    );
+    let (code, metrics) = admin_get(&topo.proxy, "/metrics")?;
+    ensure!(
+        code == 200 && metrics.contains("xdp_proxy"),
+        "/metrics: {code}"
+    );
+    // Expiry scans (every second, on blocking threads) and admin requests ran since.
+    std::thread::sleep(Duration::from_secs(2));
+    let later = only_caps(daemon.pid, 0, "after a reload, traffic and expiry")?;
+    let log = std::fs::read_to_string(topo.lab.run_dir().join("xdp-proxy.log"))?;
+    ensure!(
+        !log.contains("ERROR") && !log.contains("Operation not permitted"),
+        "errors after dropping capabilities:\n{log}"
+    );
+    stop_ok(&mut topo, &daemon)?;
+    for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
+        ensure!(
+            !netns::has_xdp(&topo.proxy, dev)?,
+            "XDP on {dev} after SIGTERM"
+        );
+    }
+    let pins: Vec<String> = std::fs::read_dir(
+        daemon
+            .pin_dir
+            .join(format!("v{}", proxy_common::ABI_VERSION)),
+    )?
+    .flatten()
+    .map(|e| e.file_name().to_string_lossy().into_owned())
+    .filter(|n| n.starts_with("link_") || n.starts_with("prog_"))
+    .collect();
+    ensure!(pins.is_empty(), "pins left after SIGTERM: {pins:?}");
+    println!(
+        "capabilities: {started} threads after start and {later} after a reload, traffic and \
+         expiry all hold none (CapPrm/CapEff/CapBnd/CapInh/CapAmb 0, NoNewPrivs 1); reload \
+         applied and forwarded; SIGTERM detached and unpinned"
+    );
+    ha.stop()?;
+    hb.stop()
+}
+
+#[test]
+fn userspace_daemon_keeps_only_net_bind_service() -> Result<()> {
+    let _serial = serial();
+    let mut topo = lab("capsus")?;
+    let a = sock(two::HOME, HOME_PORT);
+    let ha = HomeServer::start(&topo.home, a, None, LIMIT)?;
+    let web = |port: u16| {
+        format!(
+            "[[service]]\nname = \"web{port}\"\nlisten = \"{}\"\nupstreams = [\"{a}\"]\n",
+            service_addr(port)
+        )
+    };
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let text = |services: &str| {
+        config(&pin_dir, (20000, 29999), "", services)
+            .replace("mode = \"native\"", "mode = \"userspace\"")
+    };
+    let daemon = Daemon::start(&mut topo.lab, &topo.proxy, &text(&web(80)))?;
+    daemon.wait_log(
+        &mut topo.lab,
+        &["xdp-proxy running"],
+        1,
+        Duration::from_secs(30),
+    )?;
+    let net_bind_service = 1 << 10;
+    let started = only_caps(daemon.pid, net_bind_service, "after start")?;
+    topo.client.run(LIMIT, || async {
+        get_root_until_up(service_addr(80)).await.map(drop)
+    })?;
+    // A reload adds a service on port 81: bound with the one capability kept.
+    topo.lab
+        .write_file("xdp-proxy.toml", &text(&format!("{}{}", web(80), web(81))))?;
+    run_cmd(Command::new("kill").args(["-HUP", &daemon.pid.to_string()]))?;
+    daemon.wait_log(
+        &mut topo.lab,
+        &["userspace L4 listening", "web81"],
+        1,
+        Duration::from_secs(10),
+    )?;
+    let body = topo.client.run(LIMIT, || async {
+        get_root_until_up(service_addr(81)).await
+    })?;
+    ensure!(body.contains(&a.to_string()), "port 81 served by {body}");
+    let later = only_caps(daemon.pid, net_bind_service, "after a reload")?;
+    println!(
+        "capabilities (userspace path): {started} threads after start, {later} after a reload \
+         that bound port 81: CAP_NET_BIND_SERVICE only"
+    );
+    stop_ok(&mut topo, &daemon)?;
+    ha.stop()
 }
 
 // =============================================================================================
