@@ -21,6 +21,12 @@
 //! a loss and fails the soak. UDP: sockets each run a series of checked request/answer
 //! exchanges (datagrams retried on loss, as `traffic::udp_exchange` does).
 //!
+//! The client has one address and the service one address and port, so every TCP flow needs
+//! a client port of its own, and a port the client closed first stays in TIME_WAIT for 60 s.
+//! New flows are paced to [`flow_rate_budget`] (90 % of the ephemeral ports, less those in
+//! flight, per 60 s: 419 flows/s with 300 at once) so the client never runs out; a connect that
+//! still finds no local port (EADDRNOTAVAIL: nothing was sent) is counted apart, not as a flow.
+//!
 //! Faults (fractions of each cycle): `kill -9` of the daemon and a new daemon adopting the
 //! pinned XDP links at 0.08 of the first cycle (once, so the last daemon runs for most of the
 //! soak and its resources are compared over that time); victim down at 0.15, up at 0.35;
@@ -71,6 +77,11 @@ pub const MAX_FLOWS: u32 = proxy_common::DEFAULT_MAX_FLOWS;
 /// A client whose flow failed waits this long before its next one (as real clients back off),
 /// so a dead upstream's instant refusals do not turn into thousands of new flows a second.
 const FAILURE_BACKOFF: Duration = Duration::from_millis(100);
+/// How long Linux keeps a closed connection's port in TIME_WAIT (`TCP_TIMEWAIT_LEN`, not
+/// tunable): the side that closes first holds its port this long.
+const TIME_WAIT: Duration = Duration::from_secs(60);
+/// Share of the client's port budget the soak may use (see [`flow_rate_budget`]).
+const PORT_BUDGET_SHARE: f64 = 0.9;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -133,6 +144,15 @@ pub struct SoakReport {
     pub end_daemon_first: Sample,
     /// Flows created in the last expiry period (bound of the table at the end).
     pub recent_flows: u64,
+    /// New TCP flows per second the client may open (its port budget, [`flow_rate_budget`]).
+    pub flow_rate_cap: f64,
+    /// The client's ephemeral ports (`ip_local_port_range` of its namespace).
+    pub client_ports: u32,
+    /// Connects that failed in the client's own kernel with EADDRNOTAVAIL (no local port free:
+    /// nothing was sent, so not a flow); retried after a back-off. 0 when the budget holds.
+    pub client_port_waits: u64,
+    /// The datapath's non-zero `XP_REASONS` counters at the end (pinned: the whole soak).
+    pub reasons: BTreeMap<String, u64>,
     /// Bytes corrupted or lost on flows not on the killed upstream: always 0 for a passing soak.
     pub losses: u64,
 }
@@ -168,6 +188,12 @@ impl std::fmt::Display for SoakReport {
             self.udp_bytes >> 10,
             self.udp_retries
         )?;
+        writeln!(
+            f,
+            "  client: {} ephemeral ports, new TCP flows paced at <= {:.0}/s, {} connects found no \
+             free local port",
+            self.client_ports, self.flow_rate_cap, self.client_port_waits
+        )?;
         writeln!(f, "  faults injected: {:?}", self.faults)?;
         writeln!(
             f,
@@ -187,6 +213,7 @@ impl std::fmt::Display for SoakReport {
             "  daemon at end:   pid {} VmRSS {} KiB, {} fds, {} flows (flows of the last expiry period: {})",
             self.end.pid, self.end.rss_kib, self.end.fds, self.end.flows, self.recent_flows
         )?;
+        writeln!(f, "  datapath reasons: {:?}", self.reasons)?;
         write!(f, "  bytes lost or corrupted: {}", self.losses)
     }
 }
@@ -413,6 +440,12 @@ impl FaultWindows {
 #[derive(Debug, Default)]
 struct Counters {
     ok: AtomicU64,
+    /// Connects refused by the client's own kernel for want of a local port (EADDRNOTAVAIL).
+    port_waits: AtomicU64,
+    /// Client port -> (start, end, upstream, ok) of the last flow that used it.
+    #[allow(clippy::type_complexity, reason = "a diagnostic record")]
+    port_last:
+        Mutex<std::collections::HashMap<u16, (Duration, Duration, Option<SocketAddr>, bool)>>,
     failed_on_victim: AtomicU64,
     bytes: AtomicU64,
     slowest_failure_ms: AtomicU64,
@@ -424,10 +457,15 @@ struct Counters {
 }
 
 /// One TCP flow: greet (learn the upstream), upload, download, close.
-async fn one_flow(service: SocketAddr, seed: u64) -> (Option<SocketAddr>, Result<u64>) {
+async fn one_flow(
+    service: SocketAddr,
+    seed: u64,
+    local: &AtomicU64,
+) -> (Option<SocketAddr>, Result<u64>) {
     let mut upstream = None;
     let r = async {
         let mut c = Conn::connect(service, Duration::from_secs(3)).await?;
+        local.store(u64::from(c.local_addr().port()), Ordering::Relaxed);
         let (status, body) = c.get_text("/").await?;
         ensure!(status.contains(" 200 "), "GET /: {status}");
         upstream = body
@@ -448,7 +486,39 @@ async fn one_flow(service: SocketAddr, seed: u64) -> (Option<SocketAddr>, Result
     (upstream, r)
 }
 
-/// Run TCP flows, `concurrency` at a time, until `stop`.
+/// The ephemeral ports of the calling thread's network namespace (`ip_local_port_range`).
+fn ephemeral_ports() -> Result<u32> {
+    let path = "/proc/sys/net/ipv4/ip_local_port_range";
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let mut it = text.split_whitespace().map(str::parse::<u32>);
+    match (it.next(), it.next()) {
+        (Some(Ok(lo)), Some(Ok(hi))) if hi >= lo => Ok(hi - lo + 1),
+        _ => bail!("{path}: unexpected {text:?}"),
+    }
+}
+
+/// New TCP flows per second a client with `ports` ephemeral ports toward one service address
+/// can open without running out of them: every flow the client closes first holds its port in
+/// TIME_WAIT for 60 s (refused and reset connects hold none), `concurrency` more are in use, and
+/// only [`PORT_BUDGET_SHARE`] of the rest is used. 28,232 ports (32768-60999), 300 at once:
+/// 0.9 x 27,932 / 60 s = 419 flows/s.
+#[must_use]
+pub fn flow_rate_budget(ports: u32, concurrency: usize) -> f64 {
+    let free = f64::from(ports) - concurrency as f64;
+    (PORT_BUDGET_SHARE * free / TIME_WAIT.as_secs_f64()).max(1.0)
+}
+
+/// Whether `e` is the client's own connect() finding no free local port (EADDRNOTAVAIL):
+/// nothing was sent, so it is no flow through the proxy.
+fn no_local_port(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrNotAvailable)
+    })
+}
+
+/// Run TCP flows, `concurrency` at a time and at most the client's port budget per second
+/// ([`flow_rate_budget`]), until `stop`. Returns (ephemeral ports, flows/s cap).
 async fn tcp_clients(
     concurrency: usize,
     seed: u64,
@@ -456,13 +526,24 @@ async fn tcp_clients(
     windows: Arc<FaultWindows>,
     counters: Arc<Counters>,
     t0: Instant,
-) -> Result<()> {
+) -> Result<(u32, f64)> {
     let service = sock(two::PROXY_CLIENT_SIDE, TCP_PORT);
     let victim = sock(VICTIM, HOME_PORT);
+    let ports = ephemeral_ports()?;
+    let rate = flow_rate_budget(ports, concurrency);
+    let gap = Duration::from_secs_f64(1.0 / rate);
+    // Paced start times; a slow stretch may be made up for at most one second's worth.
+    let mut next_start = tokio::time::Instant::now();
     let mut set = JoinSet::new();
     let mut next = 0u64;
     loop {
         while set.len() < concurrency && !stop.load(Ordering::Relaxed) {
+            let now = tokio::time::Instant::now();
+            if next_start > now {
+                tokio::time::sleep_until(next_start).await;
+            }
+            next_start =
+                next_start.max(now.checked_sub(Duration::from_secs(1)).unwrap_or(now)) + gap;
             let flow_seed = seed.wrapping_mul(1_000_003).wrapping_add(next);
             next += 1;
             let (windows, counters) = (Arc::clone(&windows), Arc::clone(&counters));
@@ -473,13 +554,27 @@ async fn tcp_clients(
                 }
                 let active = counters.active.fetch_add(1, Ordering::Relaxed) + 1;
                 counters.max_active.fetch_max(active, Ordering::Relaxed);
-                let (upstream, r) = one_flow(service, flow_seed).await;
+                let local = AtomicU64::new(0);
+                let (upstream, r) = one_flow(service, flow_seed, &local).await;
                 counters.active.fetch_sub(1, Ordering::Relaxed);
                 let end = Instant::now();
+                // The flow that used this client port before (for a loss: was the port reused
+                // right after that flow's TIME_WAIT?).
+                let port = u16::try_from(local.load(Ordering::Relaxed)).unwrap_or(0);
+                let previous = counters.port_last.lock().ok().and_then(|mut m| {
+                    if port == 0 {
+                        return None;
+                    }
+                    m.insert(port, (begin - t0, end - t0, upstream, r.is_ok()))
+                });
                 match r {
                     Ok(bytes) => {
                         counters.ok.fetch_add(1, Ordering::Relaxed);
                         counters.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(e) if no_local_port(&e) => {
+                        counters.port_waits.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(FAILURE_BACKOFF).await;
                     }
                     Err(e) => {
                         let took = end - begin;
@@ -491,8 +586,20 @@ async fn tcp_clients(
                         if on_victim && windows.overlaps(begin, end) && took < FLOW_LIMIT {
                             counters.failed_on_victim.fetch_add(1, Ordering::Relaxed);
                         } else if let Ok(mut l) = counters.losses.lock() {
+                            let before = previous.map_or_else(
+                                || "first use of the port".to_owned(),
+                                |(b, e, u, ok)| {
+                                    format!(
+                                        "port used before by a flow from {b:.3?} to {e:.3?} on \
+                                         {u:?} ({}), {:.3?} before this one began",
+                                        if ok { "ok" } else { "failed" },
+                                        (begin - t0).saturating_sub(e)
+                                    )
+                                },
+                            );
                             l.push(format!(
-                                "flow {flow_seed} on {upstream:?} ({:.1?} after start, took {took:.1?}): {e:#}",
+                                "flow {flow_seed} from port {port} on {upstream:?} ({:.3?} after \
+                                 start, took {took:.1?}): {e:#}; {before}",
                                 begin - t0
                             ));
                         }
@@ -502,7 +609,7 @@ async fn tcp_clients(
             });
         }
         if set.is_empty() {
-            return Ok(());
+            return Ok((ports, rate));
         }
         set.join_next().await;
     }
@@ -689,12 +796,23 @@ pub fn run(opts: &SoakOptions, abort: &(dyn Fn() -> bool + Sync)) -> Result<Soak
     }
     stop.store(true, Ordering::Relaxed);
     result?;
-    tcp.join().context("the TCP clients")?;
+    let (client_ports, flow_rate_cap) = tcp.join().context("the TCP clients")?;
     let (udp_sessions, udp_requests, udp_retries, udp_bytes) =
         udp.join().context("the UDP clients")?;
     let elapsed = t0.elapsed();
     let end = sample(&daemon, t0)?;
     lab.check_running(daemon.pid)?;
+    let reasons = daemon.stats().map_or_else(
+        |_| BTreeMap::new(),
+        |st| {
+            st["reasons"].as_object().map_or_else(BTreeMap::new, |r| {
+                r.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .filter(|(_, v)| *v > 0)
+                    .collect()
+            })
+        },
+    );
 
     let expiry_period = Duration::from_secs(130);
     let recent_flows = counters.started.lock().map_or(0, |s| {
@@ -724,16 +842,20 @@ pub fn run(opts: &SoakOptions, abort: &(dyn Fn() -> bool + Sync)) -> Result<Soak
         end,
         end_daemon_first,
         recent_flows,
+        flow_rate_cap,
+        client_ports,
+        client_port_waits: counters.port_waits.load(Ordering::Relaxed),
+        reasons,
         losses: losses.len() as u64,
     };
     println!("{report}");
     ensure!(
         losses.is_empty(),
-        "{} flows not on the killed upstream failed (first 5):\n{}",
+        "{} flows not on the killed upstream failed (first 10):\n{}",
         losses.len(),
         losses
             .iter()
-            .take(5)
+            .take(10)
             .cloned()
             .collect::<Vec<_>>()
             .join("\n")
