@@ -13,6 +13,18 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// The hop-by-hop headers every message loses (besides those `Connection` names).
+const HOP_BY_HOP_COUNT: usize = 7;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+    PROXY_CONNECTION,
+];
+
 /// The protocol a message asks to upgrade to (`Connection: upgrade` and an `Upgrade` header),
 /// read before the hop-by-hop headers are removed.
 #[must_use]
@@ -30,26 +42,38 @@ pub fn upgrade_request(h: &HeaderMap) -> Option<HeaderValue> {
 /// `Trailer`, `Transfer-Encoding`, `Upgrade` and `Proxy-Connection`. With `upgrade`, the
 /// upgrade is passed on (`Connection: upgrade`, `Upgrade: <upgrade>`).
 pub fn remove_hop_by_hop(h: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
-    let named: Vec<HeaderName> = h
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        h.remove(name);
+    // One pass over the names: which hop-by-hop headers are there (most messages carry none,
+    // or only `Connection: keep-alive`), instead of a removal (a hash lookup) per name.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            present[i] = true;
+        }
     }
-    for name in [
-        CONNECTION,
-        KEEP_ALIVE,
-        TE,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-        PROXY_CONNECTION,
-    ] {
-        h.remove(name);
+    if present[0] {
+        // Headers `Connection` names, besides the ones removed anyway (and `close`).
+        let named: Vec<HeaderName> = h
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| {
+                !t.eq_ignore_ascii_case("close")
+                    && !HOP_BY_HOP
+                        .iter()
+                        .any(|n| t.eq_ignore_ascii_case(n.as_str()))
+            })
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            h.remove(name);
+        }
+    }
+    for (name, there) in HOP_BY_HOP.iter().zip(present) {
+        if there {
+            h.remove(name);
+        }
     }
     if let Some(u) = upgrade {
         h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
@@ -58,7 +82,13 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap, upgrade: Option<&HeaderValue>) {
 }
 
 /// Every value of `name` joined with ", " (a list header sent as several lines), then `item`.
-fn append_list(h: &mut HeaderMap, name: &HeaderName, item: &str) {
+fn append_list(h: &mut HeaderMap, name: &HeaderName, item: HeaderValue) {
+    if !h.contains_key(name) {
+        // The usual case: the first proxy on the way.
+        h.insert(name, item);
+        return;
+    }
+    let Ok(item) = item.to_str() else { return };
     let mut all: Vec<String> = h
         .get_all(name)
         .iter()
@@ -80,40 +110,102 @@ fn node(ip: IpAddr) -> String {
     }
 }
 
-/// A token, or a quoted string when it is not one.
-fn token_or_quoted(v: &str) -> String {
-    let is_token = !v.is_empty()
+/// Whether `v` is an RFC 9110 token.
+fn is_token(v: &str) -> bool {
+    !v.is_empty()
         && v.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-    if is_token {
-        v.to_owned()
-    } else {
-        let escaped: String = v
-            .chars()
-            .filter(|c| !c.is_control())
-            .flat_map(|c| {
-                if c == '"' || c == '\\' {
-                    vec!['\\', c]
-                } else {
-                    vec![c]
-                }
-            })
-            .collect();
-        format!("\"{escaped}\"")
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// `v` as a quoted string (control characters dropped, `"` and `\` escaped).
+fn quoted(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars().filter(|c| !c.is_control()) {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// The client of one connection as the forwarding headers show it, formatted once per
+/// connection instead of once per request.
+#[derive(Debug)]
+pub struct Client {
+    /// The address as `X-Forwarded-For` lists it.
+    xff: HeaderValue,
+    /// `for=<node>;proto=<proto>`: the start of this client's `Forwarded` element.
+    forwarded: String,
+    /// The last Host and the `Forwarded` element made with it (a connection's requests
+    /// usually name the same host).
+    last: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
+}
+
+impl Client {
+    #[must_use]
+    pub fn new(ip: IpAddr, proto: &'static str) -> Self {
+        let text = ip.to_string();
+        let xff = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"));
+        Self {
+            xff,
+            forwarded: format!("for={};proto={proto}", node(ip)),
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// This client's `Forwarded` element for a request with `host` (its Host header).
+    fn forwarded(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let Some(host) = host else {
+            return HeaderValue::try_from(self.forwarded.clone()).ok();
+        };
+        if let Ok(last) = self.last.lock()
+            && let Some((h, fwd)) = last.as_ref()
+            && h == host
+        {
+            return Some(fwd.clone());
+        }
+        let text = host.to_str().ok()?;
+        let mut fwd = String::with_capacity(self.forwarded.len() + 8 + text.len());
+        fwd.push_str(&self.forwarded);
+        fwd.push_str(";host=");
+        if is_token(text) {
+            fwd.push_str(text);
+        } else {
+            fwd.push_str(&quoted(text));
+        }
+        let fwd = HeaderValue::try_from(fwd).ok()?;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((host.clone(), fwd.clone()));
+        }
+        Some(fwd)
     }
 }
 
 /// Append the client to `X-Forwarded-For` and `Forwarded` (`for=...;proto=...;host=...`), and
 /// set `X-Forwarded-Proto`.
 pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &'static str, host: Option<&str>) {
-    append_list(h, &X_FORWARDED_FOR, &client.to_string());
+    let host = host.and_then(|v| HeaderValue::from_str(v).ok());
+    add_forwarded_for(h, &Client::new(client, proto), proto, host.as_ref());
+}
+
+/// [`add_forwarded`] with the client's part already formatted (`client` made with the same
+/// `proto`); `host` is the request's Host header (used only when it is visible ASCII).
+pub fn add_forwarded_for(
+    h: &mut HeaderMap,
+    client: &Client,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    h.reserve(3);
+    append_list(h, &X_FORWARDED_FOR, client.xff.clone());
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let mut fwd = format!("for={};proto={proto}", node(client));
-    if let Some(host) = host {
-        fwd.push_str(";host=");
-        fwd.push_str(&token_or_quoted(host));
+    let host = host.filter(|v| v.to_str().is_ok());
+    if let Some(fwd) = client.forwarded(host) {
+        append_list(h, &FORWARDED, fwd);
     }
-    append_list(h, &FORWARDED, &fwd);
 }
 
 #[cfg(test)]
@@ -168,6 +260,47 @@ mod tests {
         assert_eq!(h.get(UPGRADE).unwrap(), "websocket");
         // An Upgrade header without Connection: upgrade is not an upgrade.
         assert!(upgrade_request(&map(&[("upgrade", "websocket")])).is_none());
+    }
+
+    #[test]
+    fn a_connection_client_reuses_its_forwarded_element_per_host() {
+        let client = Client::new(IpAddr::V4(Ipv4Addr::new(10, 100, 0, 2)), "http");
+        let a = HeaderValue::from_static("a.example");
+        let b = HeaderValue::from_static("b example");
+        for (host, want) in [
+            (Some(&a), "for=10.100.0.2;proto=http;host=a.example"),
+            (Some(&a), "for=10.100.0.2;proto=http;host=a.example"),
+            (Some(&b), "for=10.100.0.2;proto=http;host=\"b example\""),
+            (None, "for=10.100.0.2;proto=http"),
+            (Some(&a), "for=10.100.0.2;proto=http;host=a.example"),
+        ] {
+            let mut h = HeaderMap::new();
+            add_forwarded_for(&mut h, &client, "http", host);
+            assert_eq!(h["forwarded"], want);
+            assert_eq!(h["x-forwarded-for"], "10.100.0.2");
+            assert_eq!(h["x-forwarded-proto"], "http");
+        }
+        // A Host that is not visible ASCII is left out of Forwarded.
+        let mut h = HeaderMap::new();
+        let odd = HeaderValue::from_bytes(b"caf\xc3\xa9.example").unwrap();
+        add_forwarded_for(&mut h, &client, "http", Some(&odd));
+        assert_eq!(h["forwarded"], "for=10.100.0.2;proto=http");
+    }
+
+    #[test]
+    fn connection_keep_alive_alone_is_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive"),
+            ("content-length", "5"),
+            ("x-a", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, None);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-length", "x-a"]);
+        let mut none = map(&[("x-a", "1")]);
+        remove_hop_by_hop(&mut none, None);
+        assert_eq!(none.len(), 1);
     }
 
     #[test]

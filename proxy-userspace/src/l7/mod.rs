@@ -28,7 +28,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
+    uri::{Authority, Scheme},
+};
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::{
@@ -84,7 +87,9 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<S> {
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len().saturating_sub(before);
-        self.traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+        if n > 0 {
+            self.traffic.bytes_up.fetch_add(n as u64, Ordering::Relaxed);
+        }
         r
     }
 }
@@ -143,6 +148,9 @@ struct Routing {
     http: HttpConfig,
     /// The service's own upstreams: requests no route matches.
     default_group: Vec<SocketAddr>,
+    /// The URI authority of every upstream of the default group and the routes, made once
+    /// (the pooled client wants absolute URIs).
+    authorities: Vec<(SocketAddr, Authority)>,
 }
 
 impl Routing {
@@ -152,9 +160,30 @@ impl Routing {
         if default_group.len() < s.upstreams.len() {
             tracing::warn!(service = %s.name, "http services use upstream IP addresses only: DNS upstreams are skipped");
         }
+        let http = s.http.clone().unwrap_or_default();
+        let mut authorities: Vec<(SocketAddr, Authority)> = Vec::new();
+        for up in default_group
+            .iter()
+            .chain(http.routes.iter().flat_map(|r| r.upstreams.iter()))
+        {
+            if !authorities.iter().any(|(a, _)| a == up)
+                && let Ok(auth) = Authority::try_from(up.to_string())
+            {
+                authorities.push((*up, auth));
+            }
+        }
         Self {
-            http: s.http.clone().unwrap_or_default(),
+            http,
             default_group,
+            authorities,
+        }
+    }
+
+    /// `up` as a URI authority (`ip:port`, `[ip6]:port`).
+    fn authority(&self, up: SocketAddr) -> Option<Authority> {
+        match self.authorities.iter().find(|(a, _)| *a == up) {
+            Some((_, auth)) => Some(auth.clone()),
+            None => Authority::try_from(up.to_string()).ok(),
         }
     }
 }
@@ -361,9 +390,12 @@ async fn accept_loop(
                 traffic: Arc::clone(&svc.stats.traffic),
             };
             let handler = Arc::clone(&svc);
+            // The client's forwarding headers, formatted once for the connection.
+            let client = Arc::new(headers::Client::new(peer.ip(), "http"));
             let service = hyper::service::service_fn(move |req| {
                 let svc = Arc::clone(&handler);
-                async move { Ok::<_, Infallible>(svc.handle(req, peer).await) }
+                let client = Arc::clone(&client);
+                async move { Ok::<_, Infallible>(svc.handle(req, peer, &client).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -377,6 +409,45 @@ async fn accept_loop(
             drop(permit);
         });
     }
+}
+
+/// The client's request headers as they go upstream: hop-by-hop headers removed (the upgrade
+/// passed on when there is one), the client appended to the forwarding headers (with the
+/// client's own Host).
+fn forward_headers(
+    mut h: HeaderMap,
+    client: &headers::Client,
+    upgrade: Option<&HeaderValue>,
+) -> HeaderMap {
+    let host = h.get(header::HOST).cloned();
+    headers::remove_hop_by_hop(&mut h, upgrade);
+    headers::add_forwarded_for(&mut h, client, "http", host.as_ref());
+    h
+}
+
+/// The request as it goes to `up`: absolute URI for the pool (`http://up/path?query`).
+fn upstream_request(
+    routing: &Routing,
+    method: &Method,
+    uri: &Uri,
+    headers: HeaderMap,
+    body: Body,
+    up: SocketAddr,
+) -> Request<Body> {
+    let mut p = http::uri::Parts::default();
+    p.scheme = Some(Scheme::HTTP);
+    p.authority = routing.authority(up);
+    p.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let uri = Uri::from_parts(p).unwrap_or_else(|_| Uri::from_static("/"));
+    let mut req = Request::new(body);
+    *req.method_mut() = method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    req
 }
 
 fn text(status: StatusCode, msg: &str) -> Response<Body> {
@@ -466,7 +537,12 @@ impl Service {
             .collect()
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        client: &headers::Client,
+    ) -> Response<Body> {
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let method = req.method().clone();
@@ -500,20 +576,32 @@ impl Service {
                     idempotent(&method) && req.body().is_end_stream() && upgrade.is_none();
                 let (parts, body) = req.into_parts();
                 let mut body = Some(body.boxed());
+                let tries = candidates.len().min(MAX_ATTEMPTS);
+                // The headers as they go upstream, the same for every attempt: made once, and
+                // copied only when a retry may need them again.
+                let mut out_headers =
+                    Some(forward_headers(parts.headers, client, upgrade.as_ref()));
                 let mut last = None;
-                for up in candidates.iter().take(MAX_ATTEMPTS) {
+                for (i, up) in candidates.iter().take(tries).enumerate() {
                     let b = match body.take() {
                         Some(b) => b,
                         None if replayable => Empty::new().map_err(|never| match never {}).boxed(),
                         None => break,
                     };
+                    let headers = if replayable && i + 1 < tries {
+                        out_headers.clone()
+                    } else {
+                        out_headers.take()
+                    };
+                    let Some(headers) = headers else { break };
                     attempts += 1;
                     if attempts > 1 {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
-                    let out = self.upstream_request(&parts, b, *up, peer, upgrade.as_ref());
+                    let out =
+                        upstream_request(&routing, &parts.method, &parts.uri, headers, b, *up);
                     let up_traffic = self.stats.upstreams.get(*up);
-                    match self.send(out).await {
+                    match self.send(out, &routing.http).await {
                         Ok(resp) => {
                             up_traffic.opened.fetch_add(1, Ordering::Relaxed);
                             upstream = Some(*up);
@@ -587,47 +675,16 @@ impl Service {
         )
     }
 
-    /// The request as it goes to `up`: absolute URI for the pool, hop-by-hop headers removed,
-    /// the client appended to the forwarding headers.
-    fn upstream_request(
+    async fn send(
         &self,
-        parts: &http::request::Parts,
-        body: Body,
-        up: SocketAddr,
-        peer: SocketAddr,
-        upgrade: Option<&HeaderValue>,
-    ) -> Request<Body> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", http::uri::PathAndQuery::as_str);
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(up.to_string())
-            .path_and_query(pq)
-            .build()
-            .unwrap_or_else(|_| Uri::from_static("/"));
-        let mut req = Request::new(body);
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = parts.headers.clone();
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned);
-        headers::remove_hop_by_hop(req.headers_mut(), upgrade);
-        headers::add_forwarded(req.headers_mut(), peer.ip(), "http", host.as_deref());
-        req
-    }
-
-    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, Failure> {
+        req: Request<Body>,
+        http: &HttpConfig,
+    ) -> Result<Response<Incoming>, Failure> {
         // The pooled client connects inside `request`: give the connect its own budget on top
         // of the response head's, so a connect that hangs ends as the connector's own timeout
         // ("connect timed out") and a silent upstream as the head timeout, whatever their
         // relative sizes (with one shared limit, equal timeouts raced and the answer depended on
         // which timer fired first).
-        let http = &self.routing().http;
         let limit = http.connect_timeout + http.header_timeout;
         match tokio::time::timeout(limit, self.client.request(req)).await {
             Err(_) => Err(Failure::HeadTimeout),
@@ -757,6 +814,7 @@ mod tests {
             routing: std::sync::RwLock::new(Arc::new(Routing {
                 http: HttpConfig::default(),
                 default_group: group.to_vec(),
+                authorities: Vec::new(),
             })),
             client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
             status,
@@ -776,6 +834,61 @@ mod tests {
             in_table: healthy,
             last_error: None,
         }
+    }
+
+    #[test]
+    fn upstream_request_has_an_absolute_uri_and_forwarding_headers() {
+        let up4: SocketAddr = "10.20.1.2:8080".parse().unwrap();
+        let up6: SocketAddr = "[2001:db8::2]:80".parse().unwrap();
+        let other: SocketAddr = "10.20.1.9:81".parse().unwrap();
+        let routing = Routing {
+            http: HttpConfig::default(),
+            default_group: vec![up4, up6],
+            authorities: vec![
+                (up4, Authority::from_static("10.20.1.2:8080")),
+                (up6, Authority::from_static("[2001:db8::2]:80")),
+            ],
+        };
+        let uri: Uri = "/a/b?x=1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("app.example"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http");
+        for (up, want) in [
+            (up4, "http://10.20.1.2:8080/a/b?x=1"),
+            (up6, "http://[2001:db8::2]:80/a/b?x=1"),
+            // Not in the cache: formatted on the spot.
+            (other, "http://10.20.1.9:81/a/b?x=1"),
+        ] {
+            let headers = forward_headers(h.clone(), &client, None);
+            let req = upstream_request(
+                &routing,
+                &Method::GET,
+                &uri,
+                headers,
+                Empty::new().map_err(|never| match never {}).boxed(),
+                up,
+            );
+            assert_eq!(req.uri().to_string(), want);
+            assert_eq!(req.method(), Method::GET);
+            let h = req.headers();
+            assert!(h.get(header::CONNECTION).is_none());
+            assert_eq!(h["host"], "app.example");
+            assert_eq!(h["x-forwarded-for"], "10.100.0.2");
+            assert_eq!(h["forwarded"], "for=10.100.0.2;proto=http;host=app.example");
+        }
+        // A relative request without a query still gets a path.
+        let headers = forward_headers(HeaderMap::new(), &client, None);
+        let req = upstream_request(
+            &routing,
+            &Method::GET,
+            &Uri::from_static("*"),
+            headers,
+            Empty::new().map_err(|never| match never {}).boxed(),
+            up4,
+        );
+        assert_eq!(req.headers()["forwarded"], "for=10.100.0.2;proto=http");
+        assert!(req.uri().to_string().starts_with("http://10.20.1.2:8080"));
     }
 
     #[test]
