@@ -60,11 +60,16 @@ impl Choice {
     /// weights. `None` when the status lists no upstream at all (not filled in yet).
     #[must_use]
     pub fn from_status(service: &ServiceStatus) -> Option<Self> {
+        Some(Self::from_inputs(&Self::inputs(service)?))
+    }
+
+    /// What [`Choice::from_status`] builds from: `(id, weight, address)` of every upstream in
+    /// the table, in status order. `None` when the status lists no upstream at all.
+    fn inputs(service: &ServiceStatus) -> Option<Vec<(u32, u32, SocketAddr)>> {
         if service.upstreams.is_empty() {
             return None;
         }
-        let mut backends = Vec::new();
-        let mut upstreams = Vec::new();
+        let mut inputs: Vec<(u32, u32, SocketAddr)> = Vec::new();
         for (i, u) in service.upstreams.iter().enumerate() {
             let Some(addr) = u.resolved else { continue };
             if !u.in_table || u.weight == 0 {
@@ -73,20 +78,27 @@ impl Choice {
             // The id only labels the slots; the layout depends on identity and weight alone.
             let id =
                 u.id.unwrap_or_else(|| u32::try_from(i + 1).unwrap_or(u32::MAX));
-            if upstreams.iter().any(|(_, a)| *a == addr) {
+            if inputs.iter().any(|(_, _, a)| *a == addr) {
                 continue;
             }
-            backends.push(Backend {
-                id,
-                weight: u.weight,
-                identity: addr.to_string(),
-            });
-            upstreams.push((id, addr));
+            inputs.push((id, u.weight, addr));
         }
-        Some(Self {
+        Some(inputs)
+    }
+
+    fn from_inputs(inputs: &[(u32, u32, SocketAddr)]) -> Self {
+        let backends: Vec<Backend> = inputs
+            .iter()
+            .map(|(id, weight, addr)| Backend {
+                id: *id,
+                weight: *weight,
+                identity: addr.to_string(),
+            })
+            .collect();
+        Self {
             table: maglev::build_table(&backends),
-            upstreams,
-        })
+            upstreams: inputs.iter().map(|(id, _, addr)| (*id, *addr)).collect(),
+        }
     }
 
     /// Whether any upstream can take a new flow.
@@ -139,6 +151,9 @@ pub struct Chooser {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     current: RwLock<Arc<Choice>>,
+    /// The status inputs the current choice was last built from: the same inputs build the
+    /// same table, so a refresh that finds them unchanged skips the Maglev build.
+    built_from: std::sync::Mutex<Option<Vec<(u32, u32, SocketAddr)>>>,
 }
 
 impl Chooser {
@@ -149,6 +164,7 @@ impl Chooser {
             listen,
             protocol,
             current: RwLock::new(Arc::new(initial)),
+            built_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -167,7 +183,16 @@ impl Chooser {
         let status = services.iter().find(|s| {
             s.name == self.name && s.listen == self.listen && s.protocol == self.protocol.name()
         })?;
-        let next = Choice::from_status(status)?;
+        let inputs = Choice::inputs(status)?;
+        let mut built_from = match self.built_from.lock() {
+            Ok(b) => b,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if built_from.as_ref() == Some(&inputs) {
+            return None;
+        }
+        let next = Choice::from_inputs(&inputs);
+        *built_from = Some(inputs);
         if *self.current() == next {
             return None;
         }

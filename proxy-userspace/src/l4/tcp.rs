@@ -140,6 +140,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &Service, settings: Se
     let (ur, uw) = upstream.into_split();
     let activity = Activity::new();
     let (up, down) = tokio::select! {
+        // The copies first: this is polled on every wake-up of the connection.
+        biased;
         r = async {
             tokio::join!(
                 pump(cr, uw, &activity, &to_upstream),
@@ -218,6 +220,9 @@ impl Default for Activity {
     }
 }
 
+/// Bytes read (and then written) at most per system call, each direction.
+const PUMP_BUFFER: usize = 64 * 1024;
+
 /// What one direction carried.
 #[derive(Debug, Default)]
 pub struct Pumped {
@@ -239,10 +244,13 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Read into spare capacity: the buffer is never zeroed (64 KiB per direction and
+    // connection would cost more than the first requests of a short connection).
+    let mut buf = Vec::with_capacity(PUMP_BUFFER);
     let mut out = Pumped::default();
     loop {
-        let n = match from.read(&mut buf).await {
+        buf.clear();
+        let n = match from.read_buf(&mut buf).await {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) => {
