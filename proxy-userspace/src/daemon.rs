@@ -319,14 +319,10 @@ fn start_datapath(
 /// Any failure before the daemon is up; failures of the periodic tasks are logged.
 pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
     let prepared = prepare(config_path, &opts)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|source| DaemonError::Io {
-            what: "starting the tokio runtime",
-            source,
-        })?;
+    let runtime = crate::l4::runtime().map_err(|source| DaemonError::Io {
+        what: "starting the tokio runtime",
+        source,
+    })?;
     runtime.block_on(serve(prepared, object, opts))
 }
 

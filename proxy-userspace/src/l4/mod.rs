@@ -28,6 +28,45 @@ use crate::{
 };
 pub use choice::{Choice, Chooser};
 
+/// Environment variable that sets the number of worker threads of the daemon's tokio runtime
+/// (which runs the userspace L4 and L7 data paths and the control plane). Unset: 2.
+pub const WORKERS_ENV: &str = "XDP_PROXY_WORKER_THREADS";
+/// Worker threads when [`WORKERS_ENV`] is unset.
+pub const DEFAULT_WORKERS: usize = 2;
+
+/// The worker thread count that `value` (the variable's text, if set) asks for: a number from 1
+/// to 64; anything else is an error naming the variable.
+///
+/// # Errors
+/// A value that is not a number in 1..=64.
+pub fn workers_from(value: Option<&str>) -> io::Result<usize> {
+    let Some(v) = value else {
+        return Ok(DEFAULT_WORKERS);
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{WORKERS_ENV}={v:?}: expected a number of worker threads from 1 to 64"),
+        )),
+    }
+}
+
+/// The daemon's tokio runtime: multi-threaded with [`WORKERS_ENV`] worker threads (default
+/// [`DEFAULT_WORKERS`]). The userspace data paths run every connection as a task on it.
+///
+/// # Errors
+/// A bad [`WORKERS_ENV`] value, or the runtime cannot start.
+pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
+    let value = std::env::var(WORKERS_ENV).ok();
+    let workers = workers_from(value.as_deref().filter(|v| !v.is_empty()))?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("xdp-proxy-worker")
+        .enable_all()
+        .build()
+}
+
 /// Knobs of the userspace L4 path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -354,6 +393,22 @@ async fn refresh(
                     "userspace L4: upstream set changed"
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_threads_come_from_the_variable_or_default_to_two() {
+        assert_eq!(workers_from(None).unwrap(), DEFAULT_WORKERS);
+        assert_eq!(workers_from(Some("1")).unwrap(), 1);
+        assert_eq!(workers_from(Some(" 4 ")).unwrap(), 4);
+        for bad in ["0", "65", "two", "-1", ""] {
+            let e = workers_from(Some(bad)).unwrap_err();
+            assert!(e.to_string().contains(WORKERS_ENV), "{e}");
         }
     }
 }

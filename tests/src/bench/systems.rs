@@ -102,11 +102,14 @@ impl System {
             System::Haproxy => "haproxy mode tcp, nbthread 1",
             System::XdpUserspace => {
                 "xdp-proxy daemon (release), datapath mode = \"userspace\": the same l4 services \
-                 proxied by the daemon (tokio, multi-threaded runtime), no XDP"
+                 proxied by the daemon (tokio, XDP_PROXY_WORKER_THREADS=1: one worker thread, as \
+                 nginx's one worker), no XDP"
             }
             System::XdpHttp => {
                 "xdp-proxy daemon (release), an http service (hyper reverse proxy, pooled \
-                 keep-alive upstream connections), datapath mode = \"userspace\""
+                 keep-alive upstream connections), datapath mode = \"userspace\", \
+                 XDP_PROXY_WORKER_THREADS=1 (one worker thread, as nginx's one worker), access log \
+                 off (--log-level info,xdp_proxy::access=off, as nginx's access_log off)"
             }
         }
     }
@@ -190,6 +193,45 @@ fn nginx_http_paths(dir: &Path, name: &str) -> String {
          keepalive_requests 10000000;\n  keepalive_timeout 300s;\n"
     )
 }
+
+/// The daemon for the userspace rows, set up like the NGINX rows beside it: one worker thread
+/// (`XDP_PROXY_WORKER_THREADS=1`, NGINX runs `worker_processes 1`) and no access log (NGINX
+/// runs `access_log off`). `env` execs the daemon, so the PID is the daemon's.
+fn start_userspace_daemon(
+    lab: &mut crate::netns::Lab,
+    ns: &crate::netns::Netns,
+    config: &str,
+) -> Result<Daemon> {
+    let bin = crate::netns::daemon_binary()?;
+    let pin_dir = lab.mount_bpffs()?;
+    let config_path = lab.write_file("xdp-proxy.toml", config)?;
+    let workers = format!("XDP_PROXY_WORKER_THREADS={USERSPACE_WORKERS}");
+    let bin_arg = bin.to_string_lossy().into_owned();
+    let config_arg = config_path.to_string_lossy().into_owned();
+    let pid = lab.spawn_daemon(
+        "xdp-proxy",
+        ns,
+        Path::new("/usr/bin/env"),
+        &[
+            &workers,
+            &bin_arg,
+            "--log-level",
+            "info,xdp_proxy::access=off",
+            "run",
+            "--config",
+            &config_arg,
+        ],
+    )?;
+    Ok(Daemon {
+        pid,
+        bin,
+        pin_dir,
+        config: config_path,
+    })
+}
+
+/// Worker threads of the daemon in the userspace rows (NGINX and HAProxy run one).
+pub const USERSPACE_WORKERS: usize = 1;
 
 /// Poll `check` every 50 ms until it is true, for at most `limit`.
 fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
@@ -401,7 +443,7 @@ impl BenchLab {
                     snat = two::PROXY_HOME_SIDE,
                     cidr = two::HOME_CIDR,
                 );
-                let d = Daemon::start(&mut self.topo.lab, &proxy, &config)?;
+                let d = start_userspace_daemon(&mut self.topo.lab, &proxy, &config)?;
                 let d_pid = d.pid;
                 let ports: &[u16] = if system == System::XdpHttp {
                     &[SERVICE_PORT]
