@@ -380,6 +380,46 @@ fn smoke_non_ipv4_is_passed_and_counted() {
     });
 }
 
+/// IPv6 is parsed (no longer `PassNotIp`), and what the proxy must never touch is passed
+/// untouched: an NDP neighbour solicitation (`PassNotTcpUdp`) and an MLD report behind a
+/// hop-by-hop header (`PassIpOptions`).
+#[test]
+fn smoke_ipv6_ndp_and_extension_headers_pass_untouched() {
+    in_fresh_netns(|| {
+        let ebpf = load(true);
+        let v6 = |next: u8, payload: &[u8]| {
+            let mut f = vec![
+                0x33, 0x33, 0xff, 0, 0, 1, 0x02, 0, 0, 0, 0, 0x01, 0x86, 0xdd,
+            ];
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+            f.extend_from_slice(&[next, 255]);
+            f.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+            f.extend_from_slice(&[0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1]);
+            f.extend_from_slice(payload);
+            f
+        };
+        // Neighbour solicitation (type 135) for fe80::1 (checksum not checked by the program).
+        let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+        ns.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        let ns = v6(58, &ns);
+        let r = run(&ebpf, &ns);
+        assert_eq!(r.action, XDP_PASS);
+        assert_eq!(r.out, ns, "NDP must be untouched");
+        assert_eq!(reason_count(&ebpf, Reason::PassNotTcpUdp), 1);
+        // Hop-by-hop (router alert) then an MLDv2 report.
+        let mut hbh = vec![58, 0, 5, 2, 0, 0, 1, 0];
+        hbh.extend_from_slice(&[143, 0, 0, 0, 0, 0, 0, 0]);
+        let mld = v6(0, &hbh);
+        let r = run(&ebpf, &mld);
+        assert_eq!(r.action, XDP_PASS);
+        assert_eq!(r.out, mld, "extension headers are never rewritten");
+        assert_eq!(reason_count(&ebpf, Reason::PassIpOptions), 1);
+        assert_eq!(reason_count(&ebpf, Reason::PassNotIp), 0);
+        assert_eq!(total_reasons(&ebpf), 2, "exactly one reason per packet");
+    });
+}
+
 #[test]
 fn smoke_not_ready_then_not_service() {
     in_fresh_netns(|| {
