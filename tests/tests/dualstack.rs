@@ -206,6 +206,9 @@ const DS_HTTP_PORT: u16 = 8081;
 const DS_NAMED_PORT: u16 = 82;
 const DS_NAME: &str = "app.home";
 const DS_DNS_PORT: u16 = 53;
+/// XDP variant: an IPv6 service whose deny list holds the client's /128 (an `AclKey` of
+/// family 6): its connects time out and `drop_acl_denied` counts them.
+const DS_DENIED_PORT: u16 = 83;
 const DS_UDP_PORT: u16 = 53;
 const DS_HOME_TCP: u16 = 8080;
 const DS_HOME_UDP: u16 = 5353;
@@ -231,6 +234,20 @@ fn dual_config(pin_dir: &std::path::Path, xdp: bool) -> String {
     let named6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_NAMED_PORT);
     let dns = netns::sock(HOME, DS_DNS_PORT);
     let mode = if xdp { "native" } else { "userspace" };
+    let denied6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_DENIED_PORT);
+    let acl = if xdp {
+        format!(
+            r#"
+[[service]]
+name = "closed6"
+listen = "{denied6}"
+upstreams = ["{up6}"]
+deny = ["{CLIENT6}/128"]
+"#
+        )
+    } else {
+        String::new()
+    };
     // snat_ipv6 left out on purpose: the source of the route toward fd00:200::/64.
     format!(
         r#"[datapath]
@@ -288,7 +305,7 @@ name = "named6"
 listen = "{named6}"
 upstreams = ["{DS_NAME}:{DS_HOME_TCP}"]
 health = {{ interval = "200ms", timeout = "150ms", rise = 1 }}
-"#,
+{acl}"#,
         pin = pin_dir.display(),
         lo = SNAT_PORTS.0,
         hi = SNAT_PORTS.1,
@@ -504,6 +521,14 @@ fn dual_stack(xdp: bool) -> Result<()> {
             udp.requests,
             DS_UDP_SOCKETS * DS_UDP_REQUESTS
         );
+        // The IPv6 deny list (XDP): every SYN dropped, so the connect times out.
+        if xdp {
+            let denied6 = netns::sock6(PROXY_CLIENT_SIDE6, DS_DENIED_PORT);
+            for _ in 0..2 {
+                let r = Conn::connect(denied6, Duration::from_secs(1)).await;
+                ensure!(r.is_err(), "a denied IPv6 client connected to {denied6}");
+            }
+        }
         // One more checksummed download on a fresh IPv6 connection.
         let mut c = Conn::connect(web6, Duration::from_secs(5)).await?;
         let down = c
@@ -669,6 +694,11 @@ fn dual_stack(xdp: bool) -> Result<()> {
                 "IPv6 flow: {f}"
             );
         }
+        let denied = reason(&after, "drop_acl_denied")? - reason(&before, "drop_acl_denied")?;
+        ensure!(
+            denied >= 2,
+            "drop_acl_denied grew by {denied}, want >= 2 (two IPv6 connects)"
+        );
         for r in ["fwd_redirect", "rev_redirect"] {
             let grew = reason(&after, r)? - reason(&before, r)?;
             let want = run.v6.min_packets_up.min(run.v6.min_packets_down);
