@@ -222,18 +222,21 @@ impl Plan {
                 warmup: Duration::ZERO,
                 connections: 16,
                 micro_samples: 50,
-                scale_flows: 100_000,
+                // Half of 100,000 flows' fill time (18 s on a busy machine): --quick stays under
+                // 3 minutes with a margin.
+                scale_flows: 50_000,
             }
         } else {
             Self {
                 rounds: a.rounds.unwrap_or(3),
-                // 6 s per measurement keeps 3 rounds of 8 systems and 5 workloads (about 10
-                // minutes of traffic) plus the micro-benchmarks under 15 minutes on 2 cores.
-                keepalive: Duration::from_secs(6),
+                // 5 s per measurement: 3 rounds of 8 systems and 5 workloads are about 9 minutes
+                // of traffic and setup, the micro-benchmarks 1 to 4 minutes (quiet to very busy
+                // machine): under 15 minutes on 2 cores.
+                keepalive: Duration::from_secs(5),
                 latency: Duration::from_secs(3),
-                newconn: Duration::from_secs(6),
-                bulk: Duration::from_secs(6),
-                udp: Duration::from_secs(6),
+                newconn: Duration::from_secs(5),
+                bulk: Duration::from_secs(5),
+                udp: Duration::from_secs(5),
                 udp_sockets: UDP_SOCKETS,
                 udp_per_socket: UDP_PER_SOCKET,
                 warmup: Duration::from_secs(1),
