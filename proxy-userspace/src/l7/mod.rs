@@ -1,11 +1,21 @@
-//! The HTTP reverse proxy of `mode = "http"` services (hyper 1.x server, hyper-util's pooled
-//! keep-alive client).
+//! The HTTP reverse proxy of `mode = "http"` services (hyper 1.x server and HTTP/1 client
+//! connections).
 //!
 //! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
 //! upstream group; take its upstreams that the control plane does not report unhealthy, round
 //! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded
-//! ([`headers`]); send through the pool (connections from the SNAT address); stream both bodies
+//! ([`headers`]); send on an upstream connection (from the SNAT address); stream both bodies
 //! (never buffered whole); log one access line (`xdp_proxy::access`).
+//!
+//! Upstream connections ([`Conns`]): each client connection keeps the keep-alive HTTP/1
+//! connections it used, one per upstream (at most [`OWN_MAX`]), and sends its next request to
+//! the same upstream on the same connection when that connection is ready: no pool lookup, no
+//! lock shared with other client connections. The upstream is still chosen per request (route,
+//! health, round robin), so a connection to an upstream that was taken out gets no further
+//! request. Otherwise the connection comes from the service's idle list (connections that
+//! client connections left behind when they ended, at most [`IDLE_MAX`], dropped after the
+//! service's `idle_timeout`), else a new one is opened. A request that a reused connection
+//! closed before sending is sent again on a new connection.
 //!
 //! Failures: no usable upstream -> 503; every upstream refused or failed the connect -> 503;
 //! connect or response head timed out -> 504; the upstream failed after the connect -> 502.
@@ -19,7 +29,7 @@ pub mod headers;
 use std::{
     convert::Infallible,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -29,19 +39,19 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
-    uri::{Authority, Scheme},
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, uri::Authority,
 };
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::{TokioExecutor, TokioIo, TokioTimer},
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+    task::JoinHandle,
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 
 use crate::{
-    config::{Config, HttpConfig, ServiceMode},
+    config::{Config, HttpConfig, ServiceMode, SnatAddrs},
     l4::counters::{PerUpstream, Traffic},
     state::SharedStatus,
 };
@@ -52,6 +62,64 @@ type Body = BoxBody<Bytes, hyper::Error>;
 const MAX_ATTEMPTS: usize = 3;
 /// Client connections served at once per service (more wait in the accept queue).
 const MAX_CONNECTIONS: usize = 16_384;
+/// Upstream connections one client connection keeps (one per upstream it used last).
+pub const OWN_MAX: usize = 4;
+/// Idle upstream connections a service keeps for client connections to come.
+pub const IDLE_MAX: usize = 256;
+
+/// The sending half of one upstream HTTP/1 connection (its connection runs in its own task).
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// The upstream connections of one client connection; when the client connection ends, the
+/// ready ones go to the service's idle list.
+struct Conns {
+    svc: Arc<Service>,
+    own: std::sync::Mutex<Vec<(SocketAddr, Sender)>>,
+}
+
+impl Conns {
+    /// A ready connection to `up`: this client connection's own, else an idle one of the
+    /// service.
+    fn take(&self, up: SocketAddr) -> Option<Sender> {
+        let mut own = match self.own.lock() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(i) = own.iter().position(|(a, _)| *a == up) {
+            let (_, s) = own.swap_remove(i);
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        drop(own);
+        self.svc.idle_take(up)
+    }
+
+    /// Keep `s` (to `up`) for this client connection's next request.
+    fn put(&self, up: SocketAddr, s: Sender) {
+        let mut own = match self.own.lock() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        if own.len() >= OWN_MAX {
+            let (a, old) = own.remove(0);
+            self.svc.idle_put(a, old);
+        }
+        own.push((up, s));
+    }
+}
+
+impl Drop for Conns {
+    fn drop(&mut self) {
+        let own = match self.own.get_mut() {
+            Ok(o) => std::mem::take(o),
+            Err(p) => std::mem::take(p.into_inner()),
+        };
+        for (a, s) in own {
+            self.svc.idle_put(a, s);
+        }
+    }
+}
 
 /// Per-service counters (shown in /metrics and /status).
 #[derive(Debug, Default)]
@@ -193,7 +261,10 @@ pub struct Service {
     pub name: String,
     pub listen: SocketAddr,
     routing: std::sync::RwLock<Arc<Routing>>,
-    client: Client<HttpConnector, Body>,
+    /// Source addresses of upstream connections.
+    snat: SnatAddrs,
+    /// Idle upstream connections: upstream, connection, since when idle.
+    idle: std::sync::Mutex<Vec<(SocketAddr, Sender, Instant)>>,
     status: SharedStatus,
     next: AtomicUsize,
     pub stats: Stats,
@@ -311,19 +382,6 @@ pub fn start(
     {
         let routing = Routing::of(s);
         let http = routing.http.clone();
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(http.connect_timeout));
-        match (snat.v4, snat.v6) {
-            (Some(v4), Some(v6)) => connector.set_local_addresses(v4, v6),
-            (Some(v4), None) => connector.set_local_address(Some(IpAddr::V4(v4))),
-            (None, Some(v6)) => connector.set_local_address(Some(IpAddr::V6(v6))),
-            (None, None) => {}
-        }
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(http.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let listener =
             crate::l4::tcp::listen(s.listen, 4096).map_err(|source| L7Error::Listen {
                 name: s.name.clone(),
@@ -334,7 +392,8 @@ pub fn start(
             name: s.name.clone(),
             listen: s.listen,
             routing: std::sync::RwLock::new(Arc::new(routing)),
-            client,
+            snat,
+            idle: std::sync::Mutex::new(Vec::new()),
             status: status.clone(),
             next: AtomicUsize::new(0),
             stats: Stats::default(),
@@ -366,11 +425,19 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Idle upstream connections past the idle timeout are closed about once a second.
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let Ok(permit) = Arc::clone(&limit).acquire_owned().await else {
             return;
         };
         let (stream, peer) = tokio::select! {
+            _ = sweep.tick() => {
+                svc.idle_sweep();
+                drop(permit);
+                continue;
+            }
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
@@ -392,10 +459,15 @@ async fn accept_loop(
             let handler = Arc::clone(&svc);
             // The client's forwarding headers, formatted once for the connection.
             let client = Arc::new(headers::Client::new(peer.ip(), "http"));
+            let conns = Arc::new(Conns {
+                svc: Arc::clone(&svc),
+                own: std::sync::Mutex::new(Vec::new()),
+            });
             let service = hyper::service::service_fn(move |req| {
                 let svc = Arc::clone(&handler);
                 let client = Arc::clone(&client);
-                async move { Ok::<_, Infallible>(svc.handle(req, peer, &client).await) }
+                let conns = Arc::clone(&conns);
+                async move { Ok::<_, Infallible>(svc.handle(req, peer, &client, &conns).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -425,7 +497,8 @@ fn forward_headers(
     h
 }
 
-/// The request as it goes to `up`: absolute URI for the pool (`http://up/path?query`).
+/// The request as it goes to `up`: origin-form URI (`/path?query`), the client's Host (or
+/// `up` when the client sent none).
 fn upstream_request(
     routing: &Routing,
     method: &Method,
@@ -434,19 +507,21 @@ fn upstream_request(
     body: Body,
     up: SocketAddr,
 ) -> Request<Body> {
-    let mut p = http::uri::Parts::default();
-    p.scheme = Some(Scheme::HTTP);
-    p.authority = routing.authority(up);
-    p.path_and_query = Some(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
-    let uri = Uri::from_parts(p).unwrap_or_else(|_| Uri::from_static("/"));
+    let uri = match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
     let mut req = Request::new(body);
     *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
+    if !req.headers().contains_key(header::HOST)
+        && let Some(auth) = routing.authority(up)
+        && let Ok(v) = HeaderValue::from_str(auth.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
     req
 }
 
@@ -542,6 +617,7 @@ impl Service {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         client: &headers::Client,
+        conns: &Conns,
     ) -> Response<Body> {
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -601,7 +677,7 @@ impl Service {
                     let out =
                         upstream_request(&routing, &parts.method, &parts.uri, headers, b, *up);
                     let up_traffic = self.stats.upstreams.get(*up);
-                    match self.send(out, &routing.http).await {
+                    match self.send(conns, *up, out, &routing.http).await {
                         Ok(resp) => {
                             up_traffic.opened.fetch_add(1, Ordering::Relaxed);
                             upstream = Some(*up);
@@ -675,26 +751,114 @@ impl Service {
         )
     }
 
+    /// Send `req` to `up` on a ready connection of `conns` or a new one; a reused connection
+    /// that closed before the request went out is replaced by a new one and the request sent
+    /// again. The connection is kept for the client connection's next request.
     async fn send(
         &self,
-        req: Request<Body>,
+        conns: &Conns,
+        up: SocketAddr,
+        mut req: Request<Body>,
         http: &HttpConfig,
     ) -> Result<Response<Incoming>, Failure> {
-        // The pooled client connects inside `request`: give the connect its own budget on top
-        // of the response head's, so a connect that hangs ends as the connector's own timeout
-        // ("connect timed out") and a silent upstream as the head timeout, whatever their
-        // relative sizes (with one shared limit, equal timeouts raced and the answer depended on
-        // which timer fired first).
-        let limit = http.connect_timeout + http.header_timeout;
-        match tokio::time::timeout(limit, self.client.request(req)).await {
-            Err(_) => Err(Failure::HeadTimeout),
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) if e.is_connect() => Err(Failure::Connect {
-                timed_out: timed_out(&e),
-                error: error_chain(&e),
-            }),
-            Ok(Err(e)) => Err(Failure::Upstream(error_chain(&e))),
+        let (mut sender, mut fresh) = match conns.take(up) {
+            Some(s) => (s, false),
+            None => (self.connect(up, http.connect_timeout).await?, true),
+        };
+        loop {
+            match tokio::time::timeout(http.header_timeout, sender.try_send_request(req)).await {
+                Err(_) => return Err(Failure::HeadTimeout),
+                Ok(Ok(resp)) => {
+                    conns.put(up, sender);
+                    return Ok(resp);
+                }
+                Ok(Err(mut e)) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        req = back;
+                        sender = self.connect(up, http.connect_timeout).await?;
+                        fresh = true;
+                    }
+                    _ => return Err(Failure::Upstream(error_chain(e.error()))),
+                },
+            }
         }
+    }
+
+    /// A new HTTP/1 connection to `up` from the SNAT address of its family, its connection
+    /// driven by a task of its own (upgrades included).
+    async fn connect(&self, up: SocketAddr, timeout: Duration) -> Result<Sender, Failure> {
+        let failed = |e: io::Error| Failure::Connect {
+            timed_out: e.kind() == io::ErrorKind::TimedOut,
+            error: format!("connect to {up}: {e}"),
+        };
+        let sock = if up.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(failed)?;
+        if let Some(ip) = self.snat.of_family(up.ip()) {
+            sock.bind(SocketAddr::new(ip, 0)).map_err(failed)?;
+        }
+        let stream = match tokio::time::timeout(timeout, sock.connect(up)).await {
+            Err(_) => {
+                return Err(Failure::Connect {
+                    timed_out: true,
+                    error: format!("connect to {up}: timed out after {timeout:?}"),
+                });
+            }
+            Ok(r) => r.map_err(failed)?,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Upstream(error_chain(&e)))?;
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(service = %name, upstream = %up, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A ready idle connection to `up`; closed and expired ones are dropped on the way.
+    fn idle_take(&self, up: SocketAddr) -> Option<Sender> {
+        let mut idle = match self.idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        while let Some(i) = idle.iter().rposition(|(a, _, _)| *a == up) {
+            let (_, s, _) = idle.swap_remove(i);
+            if s.is_ready() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Keep `s` (to `up`) for another client connection, when it is ready and there is room.
+    fn idle_put(&self, up: SocketAddr, s: Sender) {
+        if !s.is_ready() {
+            return;
+        }
+        let mut idle = match self.idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        if idle.len() < IDLE_MAX {
+            idle.push((up, s, Instant::now()));
+        }
+    }
+
+    /// Close idle connections older than the idle timeout, or closed by the upstream.
+    fn idle_sweep(&self) {
+        let timeout = self.routing().http.idle_timeout;
+        let mut idle = match self.idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        idle.retain(|(_, s, since)| !s.is_closed() && since.elapsed() < timeout);
     }
 
     /// The upstream's response as it goes to the client; for a 101 the two upgraded
@@ -757,6 +921,7 @@ impl Service {
         }
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.stats.classes[class].fetch_add(1, Ordering::Relaxed);
+        // Fields formatted straight into the line (no String made per field).
         tracing::info!(
             target: "xdp_proxy::access",
             service = %self.name,
@@ -764,8 +929,8 @@ impl Service {
             method = %method,
             host = host.unwrap_or("-"),
             path,
-            route = route.map_or_else(|| "default".to_owned(), |r| r.to_string()),
-            upstream = upstream.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+            route = %RouteName(route),
+            upstream = %OrDash(upstream),
             attempts,
             status,
             head_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -775,19 +940,28 @@ impl Service {
     }
 }
 
-/// Whether an io::Error of kind `TimedOut` is among `e`'s sources (the connector's connect
-/// timeout).
-fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(c) = cur {
-        if c.downcast_ref::<io::Error>()
-            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
-        {
-            return true;
+/// A route's access log name: its index, or `default`.
+struct RouteName(Option<usize>);
+
+impl std::fmt::Display for RouteName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(r) => std::fmt::Display::fmt(&r, f),
+            None => f.write_str("default"),
         }
-        cur = c.source();
     }
-    false
+}
+
+/// A value, or `-` for none.
+struct OrDash<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrDash<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
 }
 
 /// An error and its sources, one line.
@@ -816,7 +990,8 @@ mod tests {
                 default_group: group.to_vec(),
                 authorities: Vec::new(),
             })),
-            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            snat: SnatAddrs::default(),
+            idle: std::sync::Mutex::new(Vec::new()),
             status,
             next: AtomicUsize::new(0),
             stats: Stats::default(),
@@ -837,7 +1012,7 @@ mod tests {
     }
 
     #[test]
-    fn upstream_request_has_an_absolute_uri_and_forwarding_headers() {
+    fn upstream_request_has_an_origin_form_uri_a_host_and_forwarding_headers() {
         let up4: SocketAddr = "10.20.1.2:8080".parse().unwrap();
         let up6: SocketAddr = "[2001:db8::2]:80".parse().unwrap();
         let other: SocketAddr = "10.20.1.9:81".parse().unwrap();
@@ -854,12 +1029,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("app.example"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http");
-        for (up, want) in [
-            (up4, "http://10.20.1.2:8080/a/b?x=1"),
-            (up6, "http://[2001:db8::2]:80/a/b?x=1"),
-            // Not in the cache: formatted on the spot.
-            (other, "http://10.20.1.9:81/a/b?x=1"),
-        ] {
+        for up in [up4, up6, other] {
             let headers = forward_headers(h.clone(), &client, None);
             let req = upstream_request(
                 &routing,
@@ -869,7 +1039,7 @@ mod tests {
                 Empty::new().map_err(|never| match never {}).boxed(),
                 up,
             );
-            assert_eq!(req.uri().to_string(), want);
+            assert_eq!(req.uri().to_string(), "/a/b?x=1");
             assert_eq!(req.method(), Method::GET);
             let h = req.headers();
             assert!(h.get(header::CONNECTION).is_none());
@@ -877,18 +1047,26 @@ mod tests {
             assert_eq!(h["x-forwarded-for"], "10.100.0.2");
             assert_eq!(h["forwarded"], "for=10.100.0.2;proto=http;host=app.example");
         }
-        // A relative request without a query still gets a path.
-        let headers = forward_headers(HeaderMap::new(), &client, None);
-        let req = upstream_request(
-            &routing,
-            &Method::GET,
-            &Uri::from_static("*"),
-            headers,
-            Empty::new().map_err(|never| match never {}).boxed(),
-            up4,
-        );
-        assert_eq!(req.headers()["forwarded"], "for=10.100.0.2;proto=http");
-        assert!(req.uri().to_string().starts_with("http://10.20.1.2:8080"));
+        // Without a Host from the client: the upstream's address (cached or formatted on the
+        // spot); an absolute-form request goes on in origin form.
+        for (up, host) in [
+            (up4, "10.20.1.2:8080"),
+            (up6, "[2001:db8::2]:80"),
+            (other, "10.20.1.9:81"),
+        ] {
+            let headers = forward_headers(HeaderMap::new(), &client, None);
+            let req = upstream_request(
+                &routing,
+                &Method::GET,
+                &Uri::from_static("http://app.example/c?d"),
+                headers,
+                Empty::new().map_err(|never| match never {}).boxed(),
+                up,
+            );
+            assert_eq!(req.headers()["forwarded"], "for=10.100.0.2;proto=http");
+            assert_eq!(req.headers()["host"], host);
+            assert_eq!(req.uri().to_string(), "/c?d");
+        }
     }
 
     #[test]
