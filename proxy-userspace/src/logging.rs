@@ -5,11 +5,170 @@
 //! output with the same filter and format (eBPF records carry the target `proxy_xdp::<module>`,
 //! so `xdp_proxy=debug` alone hides them; `xdp_proxy=debug,proxy_xdp=info` keeps them). Plain output (no colours) when stderr is not a
 //! terminal (journald, files).
+//!
+//! The access log (target `xdp_proxy::access`, one line per HTTP request) does not write to
+//! stderr from the request's thread: its lines are appended to a memory buffer
+//! ([`ACCESS_BUFFER_MAX`] bytes at most) that a thread of its own writes out a few
+//! milliseconds later, many lines per write(2). When the output does not keep up and the buffer
+//! is full, lines are dropped (never blocking the proxy) and counted: [`access_lines_dropped`],
+//! and a line on stderr says how many. [`init`]'s guard writes what is buffered when dropped
+//! (at exit). Every other record is written to stderr at once, as before.
 
-use std::io::IsTerminal as _;
+use std::{
+    io::IsTerminal as _,
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use tracing_log::AsLog as _;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, fmt::writer::MakeWriterExt as _};
+
+/// Access log bytes buffered at most; lines beyond are dropped and counted.
+pub const ACCESS_BUFFER_MAX: usize = 4 << 20;
+/// How long the writer thread lets lines gather after the first one before writing them.
+const ACCESS_BATCH: Duration = Duration::from_millis(5);
+
+static ACCESS_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Access log lines dropped because the output did not keep up (buffer full).
+#[must_use]
+pub fn access_lines_dropped() -> u64 {
+    ACCESS_DROPPED.load(Ordering::Relaxed)
+}
+
+struct Shared {
+    buf: Mutex<Vec<u8>>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        match self.buf.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// The access log's writer: appends to the shared buffer, never blocks on the output.
+#[derive(Clone)]
+pub struct AccessWriter(Arc<Shared>);
+
+impl std::io::Write for AccessWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut buf = self.0.lock();
+        if buf.len() + line.len() > ACCESS_BUFFER_MAX {
+            ACCESS_DROPPED.fetch_add(1, Ordering::Relaxed);
+            return Ok(line.len());
+        }
+        let was_empty = buf.is_empty();
+        buf.extend_from_slice(line);
+        drop(buf);
+        if was_empty {
+            self.0.wake.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for AccessWriter {
+    type Writer = Self;
+    fn make_writer(&'a self) -> Self {
+        self.clone()
+    }
+}
+
+/// Keeps the access log's writer thread; dropping it writes out what is buffered.
+#[must_use = "dropping the guard stops the access log writer"]
+pub struct LogGuard {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The buffered access log writer into `out`, and its guard.
+///
+/// # Errors
+/// The thread could not be started.
+pub fn access_writer<W: std::io::Write + Send + 'static>(
+    mut out: W,
+) -> std::io::Result<(AccessWriter, LogGuard)> {
+    let shared = Arc::new(Shared {
+        buf: Mutex::new(Vec::with_capacity(64 << 10)),
+        wake: Condvar::new(),
+        stop: AtomicBool::new(false),
+    });
+    let s = Arc::clone(&shared);
+    let thread = std::thread::Builder::new()
+        .name("access-log".into())
+        .spawn(move || {
+            let mut spare: Vec<u8> = Vec::with_capacity(64 << 10);
+            let mut reported = 0u64;
+            loop {
+                let mut buf = s.lock();
+                while buf.is_empty() && !s.stop.load(Ordering::Relaxed) {
+                    buf = match s.wake.wait(buf) {
+                        Ok(b) => b,
+                        Err(p) => p.into_inner(),
+                    };
+                }
+                let stopping = s.stop.load(Ordering::Relaxed);
+                if buf.is_empty() && stopping {
+                    return;
+                }
+                if !stopping {
+                    // Let more lines gather: one write for all of them.
+                    drop(buf);
+                    std::thread::sleep(ACCESS_BATCH);
+                    buf = s.lock();
+                }
+                std::mem::swap(&mut *buf, &mut spare);
+                drop(buf);
+                let _ = out.write_all(&spare);
+                spare.clear();
+                let dropped = ACCESS_DROPPED.load(Ordering::Relaxed);
+                if dropped > reported {
+                    let _ = writeln!(
+                        out,
+                        "xdp-proxy: {} access log lines dropped so far (output too slow)",
+                        dropped
+                    );
+                    reported = dropped;
+                }
+                let _ = out.flush();
+            }
+        })?;
+    Ok((
+        AccessWriter(Arc::clone(&shared)),
+        LogGuard {
+            shared,
+            thread: Some(thread),
+        },
+    ))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoggingError {
@@ -25,6 +184,8 @@ pub enum LoggingError {
     Bridge(#[from] log::SetLoggerError),
     #[error("installing the tracing subscriber: {0}")]
     Subscriber(#[from] tracing::subscriber::SetGlobalDefaultError),
+    #[error("starting the access log writer thread: {0}")]
+    Thread(#[source] std::io::Error),
 }
 
 /// The filter: `cli` when given, else `RUST_LOG` when set, else `info`.
@@ -39,27 +200,35 @@ pub fn filter(cli: Option<&str>, env: Option<&str>) -> Result<EnvFilter, Logging
     })
 }
 
-/// Install the subscriber and the `log` bridge (once per process).
+/// Install the subscriber and the `log` bridge (once per process). Keep the guard until the
+/// process ends: dropping it writes out the buffered access log lines.
 ///
 /// # Errors
 /// A bad filter, or a subscriber/logger already installed.
-pub fn init(cli: Option<&str>) -> Result<(), LoggingError> {
+pub fn init(cli: Option<&str>) -> Result<LogGuard, LoggingError> {
     let env = std::env::var("RUST_LOG").ok();
     let filter = filter(cli, env.as_deref().filter(|s| !s.is_empty()))?;
     let max = filter
         .max_level_hint()
         .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
+    let (access, guard) = access_writer(std::io::stderr()).map_err(LoggingError::Thread)?;
+    let writer = access
+        .with_filter(|m| m.target() == ACCESS_TARGET)
+        .or_else(std::io::stderr);
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal())
         .finish();
     tracing::subscriber::set_global_default(subscriber)?;
     tracing_log::LogTracer::builder()
         .with_max_level(max.as_log())
         .init()?;
-    Ok(())
+    Ok(guard)
 }
+
+/// The access log's target.
+pub const ACCESS_TARGET: &str = "xdp_proxy::access";
 
 #[cfg(test)]
 mod tests {
@@ -86,6 +255,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("xdp_proxy=loud"), "{e}");
+    }
+
+    /// Access lines reach the output in order, many per write, and all of them once the guard
+    /// is dropped.
+    #[test]
+    fn access_writer_batches_and_flushes_on_drop() {
+        use std::io::Write as _;
+        #[derive(Clone, Default)]
+        struct Out(Arc<Mutex<(Vec<u8>, usize)>>);
+        impl std::io::Write for Out {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let mut o = self.0.lock().unwrap();
+                o.0.extend_from_slice(b);
+                o.1 += 1;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Out::default();
+        let (mut w, guard) = access_writer(out.clone()).unwrap();
+        let mut want = String::new();
+        for i in 0..1000 {
+            let line = format!("access n={i}\n");
+            w.write_all(line.as_bytes()).unwrap();
+            want.push_str(&line);
+        }
+        drop(guard);
+        let o = out.0.lock().unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.0), want);
+        assert!(o.1 < 1000, "{} writes for 1000 lines", o.1);
+        assert_eq!(access_lines_dropped(), 0);
     }
 
     /// A `log` record (as aya-log emits for eBPF events) reaches tracing through the bridge.

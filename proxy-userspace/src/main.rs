@@ -8,10 +8,14 @@ use xdp_proxy::cli::{Cli, dispatch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = xdp_proxy::logging::init(cli.log_level.as_deref()) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
-    }
+    // Kept to the end of main: dropping it writes out the buffered access log.
+    let _log = match xdp_proxy::logging::init(cli.log_level.as_deref()) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
