@@ -160,6 +160,12 @@ pub fn create<A: Ip>(
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
+        nh_checked_ns: 0,
+        nh_ifindex: 0,
+        nh_len: 0,
+        nh_dmac: [0; 6],
+        nh_smac: [0; 6],
+        pad2: [0; 6],
     };
     if A::FAMILY == FAMILY_IPV6 {
         // Four-word addresses are taken from memory, never kept live as 8 scalars (the IPv6
@@ -314,6 +320,12 @@ pub unsafe fn ensure_reverse<A: Ip>(
         last_seen_ns: now,
         packets: 0,
         bytes: 0,
+        nh_checked_ns: 0,
+        nh_ifindex: 0,
+        nh_len: 0,
+        nh_dmac: [0; 6],
+        nh_smac: [0; 6],
+        pad2: [0; 6],
     };
     if XP_FLOWS_REV
         .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))

@@ -7,14 +7,24 @@ use aya_ebpf::{
     helpers::generated::bpf_fib_lookup as fib_lookup_helper,
     programs::XdpContext,
 };
-use proxy_common::{FLOW_DIR_FORWARD, Reason};
+use proxy_common::{FLOW_DIR_FORWARD, NEXT_HOP_VALID_NS, Reason};
 
 use crate::{
     family::Ip,
+    keys::FlowValueW,
     maps::XP_DEVMAP,
     nat::RewriteG,
     parse::{PacketG, ptr_at},
 };
+
+/// A flow entry whose next-hop cache (`FlowValue::nh_*`) step 9 uses and refreshes, and the
+/// packet's `bpf_ktime_get_ns()`. `entry` must be a value pointer returned by a lookup in
+/// `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
+#[derive(Clone, Copy)]
+pub struct NextHopCache {
+    pub entry: *mut FlowValueW,
+    pub now: u64,
+}
 
 /// What is being forwarded: a packet of a flow (its entry's `FLOW_DIR_*`), or an ICMP error
 /// translated with the entry its quote answers.
@@ -32,6 +42,7 @@ pub fn forward<A: Ip>(
     pkt: &PacketG<A>,
     rw: &RewriteG<A>,
     kind: Kind,
+    cache: Option<NextHopCache>,
 ) -> Result<Reason, Reason> {
     if pkt.ttl <= 1 {
         return Err(Reason::DropTtlExceeded);
@@ -42,6 +53,16 @@ pub fn forward<A: Ip>(
         A::mss_clamp(ctx, rw.mss);
     }
     let ingress = ctx.ingress_ifindex() as u32;
+
+    if let Some(c) = cache {
+        // SAFETY: a flow table value pointer (NextHopCache's contract); copied out at once.
+        let e = unsafe { &*c.entry };
+        if next_hop_fresh(e, c.now, pkt.tot_len) {
+            let (ifindex, dmac, smac) = (e.nh_ifindex, e.nh_dmac, e.nh_smac);
+            A::rewrite(ctx, pkt, rw, kind, true)?;
+            return transmit(ctx, kind, ingress, ifindex, &dmac, &smac);
+        }
+    }
 
     // SAFETY: bpf_fib_lookup is a plain C struct of integers; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
@@ -74,22 +95,84 @@ pub fn forward<A: Ip>(
         });
     }
 
+    if let Some(c) = cache {
+        // SAFETY: a flow table value pointer (NextHopCache's contract). LRU hash values are
+        // preallocated, so the memory stays valid even if the entry is evicted meanwhile. Two
+        // CPUs refreshing at once write the same lookup's result; the time is written last.
+        let e = unsafe { &mut *c.entry };
+        let len = if c.now.saturating_sub(e.nh_checked_ns) < NEXT_HOP_VALID_NS
+            && e.nh_ifindex == params.ifindex
+            && e.nh_len > pkt.tot_len
+        {
+            // Still fresh, only this packet was longer: keep the larger length.
+            e.nh_len
+        } else {
+            pkt.tot_len
+        };
+        e.nh_ifindex = params.ifindex;
+        e.nh_dmac = params.dmac;
+        e.nh_smac = params.smac;
+        e.nh_len = len;
+        e.nh_checked_ns = c.now;
+    }
     A::rewrite(ctx, pkt, rw, kind, true)?;
+    transmit(
+        ctx,
+        kind,
+        ingress,
+        params.ifindex,
+        &params.dmac,
+        &params.smac,
+    )
+}
+
+/// A flow entry whose cached next hop (`nh_*`) may be used for this packet: the last lookup is
+/// younger than `NEXT_HOP_VALID_NS` and accepted a packet at least as long as this one. A time
+/// ahead of `now` (another CPU's clock read a moment later) counts as age 0.
+#[inline(always)]
+fn next_hop_fresh(e: &FlowValueW, now: u64, tot_len: u16) -> bool {
+    e.nh_checked_ns != 0
+        && now.saturating_sub(e.nh_checked_ns) < NEXT_HOP_VALID_NS
+        && tot_len <= e.nh_len
+}
+
+/// Whether the flow entry's next hop must be looked up again (and the repair rule of step 5
+/// checked again) for this packet.
+///
+/// # Safety
+/// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
+#[inline(always)]
+pub unsafe fn revalidate(entry: *const FlowValueW, now: u64) -> bool {
+    // SAFETY: the caller's contract; one field read.
+    let checked = unsafe { (*entry).nh_checked_ns };
+    checked == 0 || now.saturating_sub(checked) >= NEXT_HOP_VALID_NS
+}
+
+/// Set the Ethernet addresses, then XDP_TX (egress == ingress) or a devmap redirect.
+#[inline(always)]
+fn transmit(
+    ctx: &XdpContext,
+    kind: Kind,
+    ingress: u32,
+    egress: u32,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+) -> Result<Reason, Reason> {
     let eth: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(Reason::DropTruncated)?;
     // SAFETY: ptr_at checked data + 12 <= data_end; byte array, no alignment needed.
     let eth = unsafe { &mut *eth };
-    eth[..6].copy_from_slice(&params.dmac);
-    eth[6..].copy_from_slice(&params.smac);
+    eth[..6].copy_from_slice(dmac);
+    eth[6..].copy_from_slice(smac);
 
     let (tx, redirect) = match kind {
         Kind::Flow(FLOW_DIR_FORWARD) => (Reason::FwdTx, Reason::FwdRedirect),
         Kind::Flow(_) => (Reason::RevTx, Reason::RevRedirect),
         Kind::IcmpError => (Reason::IcmpTx, Reason::IcmpRedirect),
     };
-    if params.ifindex == ingress {
+    if egress == ingress {
         return Ok(tx);
     }
-    match XP_DEVMAP.redirect(params.ifindex, 0) {
+    match XP_DEVMAP.redirect(egress, 0) {
         Ok(_) => Ok(redirect),
         Err(_) => Err(Reason::DropRedirectFailed),
     }

@@ -54,6 +54,12 @@ pub struct FlowValueW {
     pub last_seen_ns: u64,
     pub packets: u64,
     pub bytes: u64,
+    pub nh_checked_ns: u64,
+    pub nh_ifindex: u32,
+    pub nh_len: u16,
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub pad2: [u8; 6],
 }
 
 macro_rules! same_layout {
@@ -100,7 +106,13 @@ same_layout!(
     created_ns = created_ns,
     last_seen_ns = last_seen_ns,
     packets = packets,
-    bytes = bytes
+    bytes = bytes,
+    nh_checked_ns = nh_checked_ns,
+    nh_ifindex = nh_ifindex,
+    nh_len = nh_len,
+    nh_dmac = nh_dmac,
+    nh_smac = nh_smac,
+    pad2 = _pad2
 );
 
 impl FlowKeyW {

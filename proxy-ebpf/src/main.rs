@@ -24,7 +24,7 @@ use proxy_common::{IPPROTO_ICMP, REASON_COUNT, Reason};
 
 use crate::{
     family::Ip,
-    forward::Kind,
+    forward::{Kind, NextHopCache},
     keys::FlowValueW,
     nat::{Rewrite, RewriteG},
     parse::{IPPROTO_ICMPV6, PacketG, TCP_SYN},
@@ -127,7 +127,10 @@ pub extern "C" fn proxy_v6_track(md: *mut xdp_md) -> u32 {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: entry was just returned by a flow table lookup.
-    if let Err(reason) = unsafe { flow::ensure_reverse(&pkt, &key, entry, now) } {
+    if unsafe { recheck_reverse(entry, &pkt, now) }
+        // SAFETY: as above.
+        && let Err(reason) = unsafe { flow::ensure_reverse(&pkt, &key, entry, now) }
+    {
         return reason as u32;
     }
     // SAFETY: as above.
@@ -184,7 +187,7 @@ fn icmp_error6(ctx: &XdpContext) -> Result<Reason, Reason> {
         dport: e.new_dport,
         mss: 0,
     };
-    forward::forward(ctx, &pkt, &rw, Kind::IcmpError)
+    forward::forward(ctx, &pkt, &rw, Kind::IcmpError, None)
 }
 
 /// Steps 9-10 of a tracked IPv6 flow packet: the final reason.
@@ -199,8 +202,10 @@ pub extern "C" fn proxy_v6_forward(md: *mut xdp_md) -> u32 {
     let Some(entry) = flow::lookup(&pkt.flow_key()) else {
         return Reason::DropFlowInsertFailed as u32;
     };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: entry was just returned by a flow table lookup.
-    match unsafe { forward_flow(&ctx, &pkt, entry) } {
+    match unsafe { forward_flow(&ctx, &pkt, entry, now) } {
         Ok(reason) | Err(reason) => reason as u32,
     }
 }
@@ -221,7 +226,10 @@ fn try_proxy_v4(ctx: &XdpContext) -> Result<Reason, Reason> {
     let entry = match flow::lookup(&key) {
         Some(entry) => {
             // SAFETY: entry was just returned by a flow table lookup.
-            unsafe { flow::ensure_reverse(&pkt, &key, entry, now) }?;
+            if unsafe { recheck_reverse(entry, &pkt, now) } {
+                // SAFETY: as above.
+                unsafe { flow::ensure_reverse(&pkt, &key, entry, now) }?;
+            }
             entry
         }
         None => flow::create(ctx, &pkt, &key, &cfg, now)?,
@@ -229,7 +237,19 @@ fn try_proxy_v4(ctx: &XdpContext) -> Result<Reason, Reason> {
     // SAFETY: entry was just returned by a flow table lookup.
     unsafe { flow::track(entry, &pkt, now) };
     // SAFETY: as above.
-    unsafe { forward_flow(ctx, &pkt, entry) }
+    unsafe { forward_flow(ctx, &pkt, entry, now) }
+}
+
+/// Step 5's repair rule runs for a forward hit when the entry's next hop is revalidated (its
+/// cache is older than `NEXT_HOP_VALID_NS`, or empty) and on every TCP SYN; in between, the
+/// reverse entry checked at the last revalidation is taken as still there.
+///
+/// # Safety
+/// `entry` must be a value pointer returned by a lookup in `XP_FLOWS_FWD`/`XP_FLOWS_REV`.
+#[inline(always)]
+unsafe fn recheck_reverse<A: Ip>(entry: *mut FlowValueW, pkt: &PacketG<A>, now: u64) -> bool {
+    // SAFETY: the caller's contract.
+    (pkt.is_tcp() && pkt.tcp_flags & TCP_SYN != 0) || unsafe { forward::revalidate(entry, now) }
 }
 
 /// Steps 9-10 for a packet of family `A` with flow entry `entry` (already tracked).
@@ -241,6 +261,7 @@ unsafe fn forward_flow<A: Ip>(
     ctx: &XdpContext,
     pkt: &PacketG<A>,
     entry: *mut FlowValueW,
+    now: u64,
 ) -> Result<Reason, Reason> {
     // SAFETY: entry is a flow table value pointer (the caller's contract); copied out once.
     let e = unsafe { &*entry };
@@ -257,7 +278,13 @@ unsafe fn forward_flow<A: Ip>(
         rw.mss = flow::mss_clamp(service_id);
     }
 
-    let reason = forward::forward(ctx, pkt, &rw, Kind::Flow(direction))?;
+    let reason = forward::forward(
+        ctx,
+        pkt,
+        &rw,
+        Kind::Flow(direction),
+        Some(NextHopCache { entry, now }),
+    )?;
     stats::traffic(service_id, upstream_id, direction, u64::from(pkt.tot_len));
     Ok(reason)
 }
@@ -278,7 +305,7 @@ fn icmp_error(ctx: &XdpContext, pkt: &parse::Packet) -> Result<Reason, Reason> {
         dport: e.new_dport,
         mss: 0,
     };
-    forward::forward(ctx, pkt, &rw, Kind::IcmpError)
+    forward::forward(ctx, pkt, &rw, Kind::IcmpError, None)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -7,7 +7,7 @@ use aya_ebpf::programs::XdpContext;
 use network_types::{ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use proxy_common::{
     IPPROTO_TCP, Reason,
-    checksum::{add16, fold, udp_update32, update16, update32},
+    checksum::{add16, fold, update16, update32},
 };
 
 use crate::parse::{IP_OFF, L4_OFF, L4_OFF6, Packet, Packet6, ptr_at};
@@ -32,44 +32,67 @@ pub type Rewrite6 = RewriteG<[u32; 4]>;
 /// Rewrite the packet's addresses and ports (and TTL when `dec_ttl`), patching both checksums.
 /// Headers are re-derived with fresh bounds checks; `parse` already proved them present, so
 /// `Err(DropTruncated)` cannot happen in practice.
+///
+/// The checksum differences are summed once, in the byte order the words were loaded in (the
+/// old values are `pkt`'s, read from this packet by `parse`), and folded once per checksum: a
+/// one's complement sum does not depend on byte order (RFC 1071, 2(B)), so summing native words
+/// and storing the result natively gives the same bytes as summing big-endian words.
 #[inline(always)]
 pub fn rewrite(ctx: &XdpContext, pkt: &Packet, rw: &Rewrite, dec_ttl: bool) -> Result<(), Reason> {
-    let (old_src, old_dst) = rewrite_ip(ctx, rw, dec_ttl)?;
-    let new_src = rw.src.to_ne_bytes();
-    let new_dst = rw.dst.to_ne_bytes();
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: ptr_at checked data + 14 + 20 <= data_end; Ipv4Hdr is all bytes (align 1).
+    let ip = unsafe { &mut *ip };
+    // !old + new for both addresses, as 32-bit words (each the sum of its two 16-bit halves).
+    let addrs = u64::from(!pkt.src) + u64::from(!pkt.dst) + u64::from(rw.src) + u64::from(rw.dst);
+    let mut ip_sum = u64::from(!u16::from_ne_bytes(ip.check)) + addrs;
+    if dec_ttl {
+        // TTL and protocol share one 16-bit word.
+        let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
+        ip.ttl = ip.ttl.wrapping_sub(1);
+        ip_sum += u64::from(!old_word) + u64::from(u16::from_ne_bytes([ip.ttl, ip.proto]));
+    }
+    ip.src_addr = rw.src.to_ne_bytes();
+    ip.dst_addr = rw.dst.to_ne_bytes();
+    ip.check = (!fold64(ip_sum)).to_ne_bytes();
+
+    let l4 = addrs
+        + u64::from(!pkt.sport)
+        + u64::from(!pkt.dport)
+        + u64::from(rw.sport)
+        + u64::from(rw.dport);
     let sport = rw.sport.to_ne_bytes();
     let dport = rw.dport.to_ne_bytes();
-    let new_ports = [sport[0], sport[1], dport[0], dport[1]];
-
-    // Source and destination port are adjacent: one 32-bit update covers both.
     if pkt.proto == IPPROTO_TCP {
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::DropTruncated)?;
         // SAFETY: ptr_at checked data + 34 + 20 <= data_end; fields used are byte arrays.
         let tcp = unsafe { &mut *tcp };
-        let old_ports = [tcp.source[0], tcp.source[1], tcp.dest[0], tcp.dest[1]];
-        let mut c = u16::from_be_bytes(tcp.check);
-        c = update32(c, old_src, new_src);
-        c = update32(c, old_dst, new_dst);
-        c = update32(c, old_ports, new_ports);
+        let c = !fold64(u64::from(!u16::from_ne_bytes(tcp.check)) + l4);
         tcp.source = sport;
         tcp.dest = dport;
-        tcp.check = c.to_be_bytes();
+        tcp.check = c.to_ne_bytes();
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF).ok_or(Reason::DropTruncated)?;
         // SAFETY: ptr_at checked data + 34 + 8 <= data_end; UdpHdr is all bytes (align 1).
         let udp = unsafe { &mut *udp };
-        let old_ports = [udp.src[0], udp.src[1], udp.dst[0], udp.dst[1]];
-        // 0 = "no checksum" stays 0; a computed 0 is sent as 0xffff (never mistaken for "none"
-        // by the next step either).
-        let mut c = u16::from_be_bytes(udp.check);
-        c = udp_update32(c, old_src, new_src);
-        c = udp_update32(c, old_dst, new_dst);
-        c = udp_update32(c, old_ports, new_ports);
+        let old = u16::from_ne_bytes(udp.check);
+        // 0 = "no checksum" stays 0; a computed 0 is sent as 0xffff (the same in either byte
+        // order; never mistaken for "none" by the next step either).
+        if old != 0 {
+            let c = !fold64(u64::from(!old) + l4);
+            udp.check = if c == 0 { 0xffff_u16 } else { c }.to_ne_bytes();
+        }
         udp.src = sport;
         udp.dst = dport;
-        udp.check = c.to_be_bytes();
     }
     Ok(())
+}
+
+/// Fold a 64-bit one's complement sum to 16 bits.
+#[inline(always)]
+fn fold64(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff_ffff) + (s >> 32);
+    fold(s as u32)
 }
 
 /// Rewrite the IPv4 header's addresses to `rw.src`/`rw.dst` (and decrement the TTL when

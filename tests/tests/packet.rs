@@ -26,9 +26,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use integration_tests::packet::topo::*;
 use integration_tests::packet::{
     ETH_HLEN, ETH_P_8021Q, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, Expect, Fixture, Harness, IP_DF, IP_MF,
-    IPPROTO_ICMP, Iface, IpFam, Mac, Packet, RunResult, Sock, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST,
-    TCP_SYN, Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, mono_ns,
-    raw_frame, set_u16, upstream, with_harness,
+    IPPROTO_ICMP, Iface, IpFam, Mac, NH_STALE, Packet, RunResult, Sock, TCP_ACK, TCP_FIN, TCP_PSH,
+    TCP_RST, TCP_SYN, Tuple, assert_flow, assert_time_within, fix_ip_checksum, flow_value, mono_ns,
+    nh_fresh, raw_frame, set_u16, upstream, with_harness, without_next_hop,
 };
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
@@ -405,7 +405,7 @@ fn assert_flags<S: Fam>(h: &Harness, what: &str, flow: &Flow<S>, flags: u32) {
             last_seen_ns: 0,
             packets: 0,
             bytes: 0,
-            ..actual
+            ..without_next_hop(&actual)
         };
         assert!(
             masked == expected,
@@ -563,6 +563,114 @@ fn tcp_reply_same_interface_tx_in<S: Fam>() {
     });
 }
 
+/// The next-hop cache of step 9: a flow entry keeps its last FIB result (egress ifindex, MACs,
+/// the largest IP length it accepted) and uses it while younger than `NEXT_HOP_VALID_NS`; a
+/// longer packet or an older cache looks the next hop up again and refreshes the entry.
+#[test]
+fn next_hop_cache() {
+    next_hop_cache_in::<V4>();
+}
+
+#[test]
+fn next_hop_cache_v6() {
+    next_hop_cache_in::<V6>();
+}
+
+fn next_hop_cache_in<S: Fam>() {
+    const OLD_DMAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x01];
+    const OLD_SMAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0x02];
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        reply_syn_ack(h, &flow);
+        let key = flow.fwd_tuple().key();
+        let hi = h.home_if;
+        let cached = h.fwd_flow(&key).expect("forward entry");
+        assert_eq!(
+            (cached.nh_ifindex, cached.nh_dmac, cached.nh_smac),
+            (hi.ifindex, UPSTREAM_MAC, hi.mac),
+            "the SYN's FIB lookup is cached in the forward entry"
+        );
+        assert!(cached.nh_checked_ns != 0, "lookup time recorded");
+
+        // A fresh cache is used as it is: the packet goes out with the cached MACs.
+        let fake = Iface {
+            mac: OLD_SMAC,
+            ..hi
+        };
+        let with = |checked_ns: u64, len: u16| FlowValue {
+            nh_checked_ns: checked_ns,
+            nh_dmac: OLD_DMAC,
+            nh_smac: OLD_SMAC,
+            nh_len: len,
+            ..cached
+        };
+        h.insert_fwd_flow(key, with(nh_fresh(), 1500));
+        let p = flow
+            .client_tcp(TCP_ACK | TCP_PSH)
+            .seq_ack(0x1000_0002, 0x5000_0002)
+            .payload(b"cached next hop");
+        h.check(&Fixture::new(
+            "established packet, fresh next-hop cache: cached MACs used",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(forwarded(&p, flow.snat, flow.upstream, fake, OLD_DMAC)),
+        ));
+        let v = h.fwd_flow(&key).expect("forward entry");
+        assert_eq!(
+            (v.nh_dmac, v.nh_smac, v.nh_len),
+            (OLD_DMAC, OLD_SMAC, 1500),
+            "a fresh cache is not rewritten"
+        );
+
+        // Fresh, but the packet is longer than any the cached lookup accepted (its MTU check):
+        // looked up again.
+        h.insert_fwd_flow(key, with(nh_fresh(), 40));
+        let run = h.check(&Fixture::new(
+            "established packet longer than the cached lookup's: looked up again",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        let v = h.fwd_flow(&key).expect("forward entry");
+        assert_eq!(
+            (v.nh_ifindex, v.nh_dmac, v.nh_smac, v.nh_len),
+            (hi.ifindex, UPSTREAM_MAC, hi.mac, p.ip_len()),
+            "the cache holds the new lookup"
+        );
+        assert_time_within("nh_checked_ns after a lookup", v.nh_checked_ns, &run);
+
+        // Older than NEXT_HOP_VALID_NS: looked up again, whatever the length.
+        h.insert_fwd_flow(key, with(NH_STALE, 1500));
+        let run = h.check(&Fixture::new(
+            "established packet, stale next-hop cache: looked up again",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        let v = h.fwd_flow(&key).expect("forward entry");
+        assert_eq!(
+            (v.nh_ifindex, v.nh_dmac, v.nh_smac, v.nh_len),
+            (hi.ifindex, UPSTREAM_MAC, hi.mac, p.ip_len()),
+            "the stale cache is replaced"
+        );
+        assert_time_within("nh_checked_ns after a refresh", v.nh_checked_ns, &run);
+
+        // The reply direction caches its own next hop in the reverse entry.
+        let rev = h.rev_flow(&flow.rev_tuple().key()).expect("reverse entry");
+        assert_eq!(
+            (rev.nh_ifindex, rev.nh_dmac),
+            (h.client_if.ifindex, CLIENT_ROUTER_MAC),
+            "the SYN-ACK's lookup is cached in the reverse entry"
+        );
+    });
+}
+
 /// Established forward: after SYN and SYN-ACK, the client's ACK with data hits the forward
 /// entry and is forwarded with the same upstream and SNAT port; entry counters accumulate.
 #[test]
@@ -648,6 +756,23 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
             .client_tcp(TCP_ACK | TCP_PSH)
             .seq_ack(0x1000_0002, 0x5000_0002)
             .payload(b"after eviction");
+        // While the forward entry's next hop is fresh (looked up less than NEXT_HOP_VALID_NS
+        // ago) the reverse entry is not checked again.
+        let fwd_key = flow.fwd_tuple().key();
+        h.set_next_hop_time(&fwd_key, nh_fresh());
+        h.check(&Fixture::new(
+            "data packet, next hop fresh: forwarded, reverse entry not yet checked",
+            p.bytes(),
+            h.client_if,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, h.home_if)),
+        ));
+        assert!(
+            h.rev_flow(&rev_key).is_none(),
+            "no repair while the next hop is fresh"
+        );
+        h.set_next_hop_time(&fwd_key, NH_STALE);
         h.check(&Fixture::new(
             "data packet, reverse entry evicted: repaired and forwarded",
             p.bytes(),
@@ -668,9 +793,10 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
                 last_seen_ns: 0,
                 packets: 0,
                 bytes: 0,
-                ..rev_before
+                ..without_next_hop(&rev_before)
             },
-            "the repaired reverse entry translates replies to the same client"
+            "the repaired reverse entry translates replies to the same client (its next hop \
+             not yet looked up)"
         );
 
         // The port went to another client meanwhile: this flow cannot be repaired.
@@ -680,6 +806,7 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
         };
         h.remove_rev_flow(&rev_key);
         h.insert_rev_flow(rev_key, other);
+        h.set_next_hop_time(&fwd_key, NH_STALE);
         h.check(&Fixture::new(
             "data packet, reverse key now another client's: flow forgotten, dropped",
             p.bytes(),

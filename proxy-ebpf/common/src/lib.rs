@@ -14,7 +14,7 @@ pub mod hash;
 
 /// Version of the map layout. Part of the pin directory (`<pin_dir>/v<ABI_VERSION>`), so a daemon
 /// with a different layout never reuses (and misreads) maps pinned by another version.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Program and map names (BPF object names: at most 15 characters).
@@ -299,8 +299,24 @@ pub struct FlowValue {
     /// Packets and bytes (IP length) in this entry's direction.
     pub packets: u64,
     pub bytes: u64,
+    /// Next-hop cache, written by the datapath only (docs/datapath.md, step 9): the
+    /// `bpf_ktime_get_ns()` of the last successful `bpf_fib_lookup` for this entry (0: none).
+    /// The cache is used while younger than `NEXT_HOP_VALID_NS`.
+    pub nh_checked_ns: u64,
+    /// Egress ifindex of that lookup.
+    pub nh_ifindex: u32,
+    /// Largest IP length the cached lookup accepted (its MTU check); longer packets look up again.
+    pub nh_len: u16,
+    /// Destination and source MAC of that lookup.
+    pub nh_dmac: [u8; 6],
+    pub nh_smac: [u8; 6],
+    pub _pad2: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 88);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 120);
+
+/// How long a flow entry's cached next hop (`FlowValue::nh_*`) is used before the datapath runs
+/// `bpf_fib_lookup` (and the step-5 repair check) again: 100 ms.
+pub const NEXT_HOP_VALID_NS: u64 = 100_000_000;
 
 pub const FLOW_DIR_FORWARD: u8 = 0;
 pub const FLOW_DIR_REPLY: u8 = 1;
