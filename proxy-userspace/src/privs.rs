@@ -29,6 +29,9 @@
 //! worker and blocking-pool thread drop on itself (tasks that each wait for all the others, so
 //! no thread takes two), and checks every thread of the process in `/proc/self/task` afterwards.
 //! Threads started later are cloned from threads that dropped, and inherit the reduced sets.
+//! A thread of its own started before (outside the runtime) cannot be reached that way: it
+//! drops on itself at its start ([`drop_everything_on_this_thread`], as the access-log writer
+//! does) and then holds less than the rest, which the check accepts (no thread may hold more).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -111,6 +114,19 @@ pub struct ThreadCaps {
 }
 
 impl ThreadCaps {
+    /// Whether every set of `self` is within the same set of `other`, and no-new-privs is set
+    /// when `other` has it: `self` can do nothing `other` cannot.
+    #[must_use]
+    pub fn within(&self, other: &Self) -> bool {
+        let sub = |a: u64, b: u64| a & !b == 0;
+        sub(self.inheritable, other.inheritable)
+            && sub(self.permitted, other.permitted)
+            && sub(self.effective, other.effective)
+            && sub(self.bounding, other.bounding)
+            && sub(self.ambient, other.ambient)
+            && (self.no_new_privs || !other.no_new_privs)
+    }
+
     /// Parse the text of a `/proc/PID/status` (or `/proc/PID/task/TID/status`) file.
     ///
     /// # Errors
@@ -191,6 +207,15 @@ pub fn drop_this_thread(keep: &CapsHashSet) -> Result<(), PrivsError> {
     Ok(())
 }
 
+/// Drop every capability on the calling thread (a thread that never needs one, started before
+/// the daemon drops: see the module docs).
+///
+/// # Errors
+/// As [`drop_this_thread`].
+pub fn drop_everything_on_this_thread() -> Result<(), PrivsError> {
+    drop_this_thread(&CapsHashSet::new())
+}
+
 /// What [`drop_on_every_thread`] did.
 #[derive(Clone, Copy, Debug)]
 pub struct Dropped {
@@ -260,7 +285,7 @@ pub async fn drop_on_every_thread(needs: &CapsHashSet) -> Result<Dropped, PrivsE
     let stale = || -> Result<Vec<u32>, PrivsError> {
         Ok(threads()?
             .into_iter()
-            .filter(|(_, c)| *c != here)
+            .filter(|(_, c)| !c.within(&here))
             .map(|(tid, _)| tid)
             .collect())
     };
@@ -362,6 +387,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(now, before, "another thread's drop changed this one");
+    }
+
+    #[test]
+    fn within_means_no_more_in_any_set() {
+        let c = ThreadCaps::parse(STATUS, "test").unwrap();
+        let none = ThreadCaps {
+            permitted: 0,
+            effective: 0,
+            bounding: 0,
+            ..c
+        };
+        assert!(none.within(&c) && c.within(&c));
+        assert!(!c.within(&none));
+        assert!(
+            !ThreadCaps {
+                no_new_privs: false,
+                ..none
+            }
+            .within(&c)
+        );
     }
 
     #[test]

@@ -202,10 +202,11 @@ impl std::fmt::Display for SoakReport {
         )?;
         writeln!(
             f,
-            "  last daemon first seen: pid {} VmRSS {} KiB, {} fds (at {:.0?})",
+            "  last daemon first seen: pid {} VmRSS {} KiB, {} fds, {} flows (at {:.0?})",
             self.end_daemon_first.pid,
             self.end_daemon_first.rss_kib,
             self.end_daemon_first.fds,
+            self.end_daemon_first.flows,
             self.end_daemon_first.at
         )?;
         writeln!(
