@@ -218,7 +218,7 @@ fn try_proxy_v4(ctx: &XdpContext) -> Result<Reason, Reason> {
     if pkt.proto == IPPROTO_ICMP {
         return icmp_error(ctx, &pkt);
     }
-    let cfg = flow::config()?;
+    let cfg = flow::config_ref()?;
 
     let key = pkt.flow_key();
     // SAFETY: bpf_ktime_get_ns has no preconditions.
@@ -232,7 +232,7 @@ fn try_proxy_v4(ctx: &XdpContext) -> Result<Reason, Reason> {
             }
             entry
         }
-        None => flow::create(ctx, &pkt, &key, &cfg, now)?,
+        None => flow::create(ctx, &pkt, &key, cfg, now)?,
     };
     // SAFETY: entry was just returned by a flow table lookup.
     unsafe { flow::track(entry, &pkt, now) };
