@@ -240,7 +240,7 @@ pub fn quote6(ctx: &XdpContext, pkt: &Packet6) -> Result<Quote6, Reason> {
 }
 
 /// `bpf_csum_diff` of 32 bytes: the one's complement sum of the big-endian 16-bit words of
-/// `!old` and `new` (as `nat::addr6_delta`, unfolded is not needed: folded to 16 bits).
+/// `!old` and `new` (folded to 16 bits).
 /// `old` may point into the packet (bounds already checked by the caller), `new` is a stack
 /// buffer. The helper sums little-endian words; a one's complement sum of byte-swapped words
 /// is the byte-swapped sum, so the result is swapped back.

@@ -127,37 +127,7 @@ pub fn rewrite_ip(
     Ok((old_src, old_dst))
 }
 
-/// The one's complement difference (not complemented, unfolded) that changing the IPv6 source
-/// and destination addresses `old` -> `new` adds to any checksum whose pseudo-header covers
-/// them: the sum of `!old` and `new` over all 16 words. Addresses as `[u32; 4]` of wire bytes.
-#[inline(always)]
-pub fn addr6_delta(
-    old_src: &[u8; 16],
-    old_dst: &[u8; 16],
-    new_src: [u32; 4],
-    new_dst: [u32; 4],
-) -> u32 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 16 {
-        sum = add16(sum, !u16::from_be_bytes([old_src[i], old_src[i + 1]]));
-        sum = add16(sum, !u16::from_be_bytes([old_dst[i], old_dst[i + 1]]));
-        i += 2;
-    }
-    let mut w = 0;
-    while w < 4 {
-        let s = new_src[w].to_ne_bytes();
-        let d = new_dst[w].to_ne_bytes();
-        sum = add16(sum, u16::from_be_bytes([s[0], s[1]]));
-        sum = add16(sum, u16::from_be_bytes([s[2], s[3]]));
-        sum = add16(sum, u16::from_be_bytes([d[0], d[1]]));
-        sum = add16(sum, u16::from_be_bytes([d[2], d[3]]));
-        w += 1;
-    }
-    sum
-}
-
-/// Apply a difference from `addr6_delta` (plus anything else added to it) to `check`.
+/// Apply an unfolded one's complement difference (the sum of `!old` and `new` words) to `check`.
 #[inline(always)]
 pub fn apply_delta(check: u16, delta: u32) -> u16 {
     !fold(add16(u32::from(!check), fold(delta)))
@@ -165,7 +135,8 @@ pub fn apply_delta(check: u16, delta: u32) -> u16 {
 
 /// The IPv6 rewrite: addresses and ports from `rw`, hop limit - 1 when `dec_ttl`, the TCP/UDP
 /// checksum patched for the pseudo-header addresses and the ports. UDP checksum 0 never gets
-/// here (`Reason::DropUdpZeroChecksum`); a computed 0 is sent as 0xffff.
+/// here (`Reason::DropUdpZeroChecksum`); a computed 0 is sent as 0xffff. The difference is
+/// summed in native 32-bit words and folded once, as in [`rewrite`] (old values from `pkt`).
 #[inline(always)]
 pub fn rewrite6(
     ctx: &XdpContext,
@@ -176,16 +147,17 @@ pub fn rewrite6(
     let ip: *mut [u8; 40] = ptr_at(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
     // SAFETY: ptr_at checked data + 14 + 40 <= data_end; byte array, no alignment needed.
     let ip = unsafe { &mut *ip };
-    let mut old_src = [0u8; 16];
-    let mut old_dst = [0u8; 16];
-    old_src.copy_from_slice(&ip[8..24]);
-    old_dst.copy_from_slice(&ip[24..40]);
-    let mut delta = addr6_delta(&old_src, &old_dst, rw.src, rw.dst);
+    let mut delta =
+        u64::from(!pkt.sport) + u64::from(!pkt.dport) + u64::from(rw.sport) + u64::from(rw.dport);
     if dec_ttl {
         ip[7] = ip[7].wrapping_sub(1);
     }
     let mut w = 0;
     while w < 4 {
+        delta += u64::from(!pkt.src[w])
+            + u64::from(!pkt.dst[w])
+            + u64::from(rw.src[w])
+            + u64::from(rw.dst[w]);
         ip[8 + 4 * w..12 + 4 * w].copy_from_slice(&rw.src[w].to_ne_bytes());
         ip[24 + 4 * w..28 + 4 * w].copy_from_slice(&rw.dst[w].to_ne_bytes());
         w += 1;
@@ -197,23 +169,16 @@ pub fn rewrite6(
         let tcp: *mut TcpHdr = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
         // SAFETY: ptr_at checked data + 54 + 20 <= data_end; fields used are byte arrays.
         let tcp = unsafe { &mut *tcp };
-        delta = add16(delta, !u16::from_be_bytes(tcp.source));
-        delta = add16(delta, !u16::from_be_bytes(tcp.dest));
-        delta = add16(delta, u16::from_be_bytes(sport));
-        delta = add16(delta, u16::from_be_bytes(dport));
-        tcp.check = apply_delta(u16::from_be_bytes(tcp.check), delta).to_be_bytes();
+        let c = !fold64(u64::from(!u16::from_ne_bytes(tcp.check)) + delta);
+        tcp.check = c.to_ne_bytes();
         tcp.source = sport;
         tcp.dest = dport;
     } else {
         let udp: *mut UdpHdr = ptr_at(ctx, L4_OFF6).ok_or(Reason::DropTruncated)?;
         // SAFETY: ptr_at checked data + 54 + 8 <= data_end; UdpHdr is all bytes (align 1).
         let udp = unsafe { &mut *udp };
-        delta = add16(delta, !u16::from_be_bytes(udp.src));
-        delta = add16(delta, !u16::from_be_bytes(udp.dst));
-        delta = add16(delta, u16::from_be_bytes(sport));
-        delta = add16(delta, u16::from_be_bytes(dport));
-        let c = apply_delta(u16::from_be_bytes(udp.check), delta);
-        udp.check = if c == 0 { 0xffff_u16 } else { c }.to_be_bytes();
+        let c = !fold64(u64::from(!u16::from_ne_bytes(udp.check)) + delta);
+        udp.check = if c == 0 { 0xffff_u16 } else { c }.to_ne_bytes();
         udp.src = sport;
         udp.dst = dport;
     }
