@@ -67,6 +67,7 @@ impl Source {
             config_loaded: true,
             status,
             userspace_services: self.counters.read(),
+            access_log_dropped: crate::logging::access_lines_dropped(),
             ..Snapshot::default()
         };
         if self.userspace {

@@ -20,7 +20,9 @@
 //! - per service and upstream `{service,upstream,address}`: `xdp_proxy_upstream_healthy`,
 //!   `xdp_proxy_upstream_in_table`, `xdp_proxy_upstream_weight`, `xdp_proxy_upstream_draining`;
 //! - `xdp_proxy_flows_active` (forward flows after the last expiry scan), `xdp_proxy_reloads_total`,
-//!   `xdp_proxy_reload_failures_total`, `xdp_proxy_dns_failures_total`.
+//!   `xdp_proxy_reload_failures_total`, `xdp_proxy_dns_failures_total`,
+//!   `xdp_proxy_access_log_dropped_total` (access log lines the buffered writer dropped rather
+//!   than block the proxy).
 //!
 //! - userspace data paths (userspace L4, and the L7 proxy of http services), per service
 //!   `{service,listen,protocol,layer}` (layer = `l4` | `http`):
@@ -141,6 +143,8 @@ pub struct Snapshot {
     pub flows: Option<FlowCounts>,
     /// Services the daemon serves itself (userspace L4, http), with their counters.
     pub userspace_services: Vec<UserspaceService>,
+    /// Access log lines dropped because the log writer's buffer was full (`logging`).
+    pub access_log_dropped: u64,
 }
 
 /// Active flow counts from the last expiry scan.
@@ -334,6 +338,11 @@ pub fn render_prometheus(s: &Snapshot) -> String {
             "xdp_proxy_dns_failures_total",
             "Upstream name resolutions that failed (the last addresses were kept).",
             s.status.dns_failures,
+        ),
+        (
+            "xdp_proxy_access_log_dropped_total",
+            "Access log lines dropped because the log writer fell behind (never blocks the proxy).",
+            s.access_log_dropped,
         ),
     ] {
         Family::new(o, n, "counter", help).sample(n, &[], v);
@@ -837,6 +846,7 @@ mod tests {
                 per_upstream: [(7, 3), (8, 1)].into_iter().collect(),
             }),
             userspace_services: Vec::new(),
+            access_log_dropped: 3,
         }
     }
 
@@ -1012,6 +1022,7 @@ mod tests {
             ),
             ("xdp_proxy_flows_active".to_owned(), 4),
             ("xdp_proxy_reloads_total".to_owned(), 0),
+            ("xdp_proxy_access_log_dropped_total".to_owned(), 3),
         ] {
             assert_eq!(m.get(&key), Some(&want), "{key}\n{text}");
         }
