@@ -695,11 +695,12 @@ async fn expire_once(dp: Arc<Mutex<Datapath>>, lifetimes: Lifetimes, max_scan: u
     .await;
     match result {
         Ok(Ok(stats)) => {
-            if stats.expired > 0 || stats.orphans_expired > 0 {
+            if stats.expired > 0 || stats.orphans_expired > 0 || stats.revived > 0 {
                 tracing::debug!(
                     scanned = stats.scanned,
                     expired = stats.expired,
                     orphans = stats.orphans_expired,
+                    revived = stats.revived,
                     "flows expired"
                 );
             }

@@ -34,6 +34,9 @@ use proxy_common::{
     ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue,
 };
 
+/// `BPF_NOEXIST` (uapi `linux/bpf.h`): insert only when the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
 use crate::{
     config::DatapathMode,
     flows::{self, Decision, Lifetimes},
@@ -376,6 +379,9 @@ pub struct ExpiryStats {
     pub expired: usize,
     /// Reverse entries whose forward entry was gone (LRU eviction), deleted when idle.
     pub orphans_expired: usize,
+    /// Due flows the datapath reused between the re-read and the delete (a client port's new
+    /// SYN): their forward entry was put back and both entries kept.
+    pub revived: usize,
 }
 
 /// Flows left in the forward table after the last expiry scan, in total and per service and
@@ -656,28 +662,55 @@ impl Maps {
             }
         }
         // The scan above is a snapshot; by now the datapath may have reused a doomed flow (a
-        // new SYN from a closed flow's client port reuses its entries, docs/datapath.md step 8).
-        // Re-read and decide again right before each delete (a reused entry has a fresh
-        // last_seen and cleared flags, so it is kept), so a live connection is not deleted from
-        // under itself (seen in the long soak as resets when client ports wrapped around after
-        // the TIME_WAIT hold).
-        doomed.retain(|(fwd, rev)| {
-            let Ok(f) = self.flows_fwd.get(fwd, 0) else {
-                return true; // gone already (or unreadable): removing is harmless
+        // new SYN from a closed flow's client port reuses its entries, docs/datapath.md step 8:
+        // flags cleared in both entries). Client ports come back exactly when the TIME_WAIT hold
+        // ends, i.e. when the flow becomes due, so the reuse and this delete meet by design (the
+        // long soak showed it as resets of fresh connections). Per flow: re-read and decide
+        // again; delete the forward entry; then re-read the reverse entry: if the datapath
+        // touched it since the re-read (a reuse SYN changes its flags), the flow is alive:
+        // put the forward entry back and keep both. A SYN that arrives after the forward delete
+        // simply makes a new flow (its SNAT probe skips the old reverse key while it exists),
+        // so deleting an untouched reverse entry afterwards is safe.
+        let mut expired = Vec::with_capacity(doomed.len());
+        for (fwd, rev) in doomed {
+            let f = match self.flows_fwd.get(&fwd, 0) {
+                Ok(f) => f,
+                Err(MapError::KeyNotFound) => {
+                    // Gone already (LRU eviction or the datapath's repair rule).
+                    remove_flow(&mut self.flows_rev, MAP_FLOWS_REV, &rev)?;
+                    expired.push(fwd);
+                    continue;
+                }
+                Err(e) => return Err(map_err(MAP_FLOWS_FWD, "lookup")(e)),
             };
-            let r = self.flows_rev.get(rev, 0).ok();
-            flows::decide(fwd, &f, r.as_ref(), now_ns, lifetimes) == Decision::Expire
-        });
-        for (fwd, rev) in &doomed {
-            remove_flow(&mut self.flows_fwd, MAP_FLOWS_FWD, fwd)?;
-            remove_flow(&mut self.flows_rev, MAP_FLOWS_REV, rev)?;
+            let r = self.flows_rev.get(&rev, 0).ok();
+            if flows::decide(&fwd, &f, r.as_ref(), now_ns, lifetimes) != Decision::Expire {
+                continue;
+            }
+            remove_flow(&mut self.flows_fwd, MAP_FLOWS_FWD, &fwd)?;
+            let r_after = self.flows_rev.get(&rev, 0).ok();
+            if let Some(r_after) = r_after.filter(|ra| Some(*ra) != r) {
+                let revived = FlowValue {
+                    flags: r_after.flags,
+                    last_seen_ns: f.last_seen_ns.max(now_ns),
+                    ..f
+                };
+                // Err: a new flow took the forward key meanwhile (with its own SNAT port), so
+                // the old reverse entry is nobody's now: delete it below.
+                if self.flows_fwd.insert(fwd, revived, BPF_NOEXIST).is_ok() {
+                    stats.revived += 1;
+                    continue;
+                }
+            }
+            remove_flow(&mut self.flows_rev, MAP_FLOWS_REV, &rev)?;
+            expired.push(fwd);
         }
-        stats.expired = doomed.len();
+        stats.expired = expired.len();
         let mut census = FlowCensus {
             scanned: true,
             ..FlowCensus::default()
         };
-        let doomed_keys: HashSet<FlowKey> = doomed.iter().map(|(k, _)| *k).collect();
+        let doomed_keys: HashSet<FlowKey> = expired.into_iter().collect();
         for e in &entries {
             if doomed_keys.contains(&e.key) {
                 continue;
