@@ -401,8 +401,8 @@ fn inspect_live_daemon_then_pins_after_exit() -> Result<()> {
     let fwd = map("XP_FLOWS_FWD")?;
     ensure!(
         fwd["type"] == "lru_hash"
-            && fwd["key_size"] == 40
-            && fwd["value_size"] == 88
+            && fwd["key_size"] == std::mem::size_of::<proxy_common::FlowKey>()
+            && fwd["value_size"] == std::mem::size_of::<proxy_common::FlowValue>()
             && fwd["used_entries"].as_u64() >= Some((CONNS + UDP_SOCKETS) as u64)
             && fwd["memory_source"] == "memlock"
             && fwd["memory_bytes"].as_u64() > Some(0),
