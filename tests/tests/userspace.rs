@@ -841,6 +841,51 @@ fall = 2
         "GET /nowhere/x: {code} {body}"
     );
 
+    // The client's header timeout (1 s) on a keep-alive connection: a head that never ends is
+    // cut off, counted from the start of that head, not from an earlier request's (the
+    // connection's one timer was first set for the first request).
+    let service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let (cut_after, first_to_cut) = client.run(CLIENT_LIMIT, move || async move {
+        let mut s = BufReader::new(TcpStream::connect(service).await?);
+        let first = std::time::Instant::now();
+        for i in 0..2 {
+            if i == 1 {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            }
+            s.write_all(b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n")
+                .await?;
+            let mut len = None;
+            loop {
+                let mut line = String::new();
+                ensure!(s.read_line(&mut line).await? > 0, "closed mid-response");
+                let l = line.trim().to_ascii_lowercase();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some(v) = l.strip_prefix("content-length:") {
+                    len = Some(v.trim().parse::<usize>()?);
+                }
+            }
+            let mut body = vec![0u8; len.context("no content-length")?];
+            s.read_exact(&mut body).await?;
+        }
+        let partial = std::time::Instant::now();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: other.example\r\n")
+            .await?;
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+            .await
+            .context("the unfinished head was never cut off")??;
+        Ok((partial.elapsed(), first.elapsed()))
+    })?;
+    println!(
+        "unfinished head cut off after {cut_after:?} ({first_to_cut:?} after the first request)"
+    );
+    ensure!(
+        cut_after >= Duration::from_millis(800),
+        "an unfinished head was cut off after {cut_after:?}: the header timeout is 1 s"
+    );
+
     // The L7 counters (/metrics) moved with those requests: answers by class, the refused
     // upstream's connect failures, requests per upstream, the 503 without trying.
     let metrics = admin_get(&topo.proxy, "/metrics")?;

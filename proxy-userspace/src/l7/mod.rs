@@ -15,7 +15,9 @@
 //! request. Otherwise the connection comes from the service's idle list (connections that
 //! client connections left behind when they ended, at most [`IDLE_MAX`], dropped after the
 //! service's `idle_timeout`), else a new one is opened. A request that a reused connection
-//! closed before sending is sent again on a new connection.
+//! closed before sending is sent again on a new connection. The upstream connections are
+//! driven by the client connection's own task ([`drive`]: no task switch per request), and
+//! the connection's deadlines share one timer ([`timer`]).
 //!
 //! Failures: no usable upstream -> 503; every upstream refused or failed the connect -> 503;
 //! connect or response head timed out -> 504; the upstream failed after the connect -> 502.
@@ -24,7 +26,9 @@
 //! buffering it). Upgrades (WebSocket) are passed through: after a 101 both connections are
 //! joined byte for byte.
 
+mod drive;
 pub mod headers;
+mod timer;
 
 use std::{
     convert::Infallible,
@@ -43,7 +47,7 @@ use http::{
 };
 use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::{
     net::{TcpListener, TcpSocket},
     sync::watch,
@@ -67,60 +71,104 @@ pub const OWN_MAX: usize = 4;
 /// Idle upstream connections a service keeps for client connections to come.
 pub const IDLE_MAX: usize = 256;
 
-/// The sending half of one upstream HTTP/1 connection (its connection runs in its own task).
+/// The sending half of one upstream HTTP/1 connection (its connection future is driven by the
+/// client connection's task that opened it, see [`drive`]).
 type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 /// The upstream connections of one client connection; when the client connection ends, the
-/// ready ones go to the service's idle list.
+/// ready ones go to the service's idle list (with their connection futures).
 struct Conns {
     svc: Arc<Service>,
     /// The client's address as the access log writes it, formatted once.
     peer: String,
-    own: std::sync::Mutex<Vec<(SocketAddr, Sender)>>,
+    /// Ready connections for the next request: upstream, sender, id in `upstreams`.
+    own: std::sync::Mutex<Vec<(SocketAddr, Sender, u64)>>,
+    /// The id of the next connection this client connection opens or takes over.
+    next_id: AtomicU64,
+    /// The upstream connections this client connection's task drives.
+    upstreams: Arc<drive::Upstreams>,
+    /// The connection's one timer (header read, upstream response head).
+    deadlines: Arc<timer::Deadlines>,
 }
 
 impl Conns {
-    /// A ready connection to `up`: this client connection's own, else an idle one of the
-    /// service.
-    fn take(&self, up: SocketAddr) -> Option<Sender> {
-        let mut own = match self.own.lock() {
+    fn own(&self) -> std::sync::MutexGuard<'_, Vec<(SocketAddr, Sender, u64)>> {
+        match self.own.lock() {
             Ok(o) => o,
             Err(p) => p.into_inner(),
-        };
-        if let Some(i) = own.iter().position(|(a, _)| *a == up) {
-            let (_, s) = own.swap_remove(i);
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A ready connection to `up` and its id: this client connection's own, else an idle one
+    /// of the service (taken over: driven by this task from now on).
+    fn take(&self, up: SocketAddr) -> Option<(Sender, u64)> {
+        let mut own = self.own();
+        if let Some(i) = own.iter().position(|(a, _, _)| *a == up) {
+            let (_, s, id) = own.swap_remove(i);
             if s.is_ready() {
-                return Some(s);
+                return Some((s, id));
             }
         }
         drop(own);
-        self.svc.idle_take(up)
+        while let Some((s, mut conn)) = self.svc.idle_take(up) {
+            // Polled here first: its wake-ups come to this task, and one that ended while idle
+            // is seen now.
+            if self.upstreams.poll_here(&mut conn).is_ready() || !s.is_ready() {
+                continue;
+            }
+            let id = self.id();
+            self.upstreams.adopt_polled(id, conn);
+            return Some((s, id));
+        }
+        None
     }
 
-    /// Keep `s` (to `up`) for this client connection's next request.
-    fn put(&self, up: SocketAddr, s: Sender) {
-        let mut own = match self.own.lock() {
-            Ok(o) => o,
-            Err(p) => p.into_inner(),
-        };
+    /// Keep `s` (to `up`, id `id`) for this client connection's next request.
+    fn put(&self, up: SocketAddr, s: Sender, id: u64) {
+        let mut own = self.own();
         if own.len() >= OWN_MAX {
-            let (a, old) = own.remove(0);
-            self.svc.idle_put(a, old);
+            let (a, old, old_id) = own.remove(0);
+            self.to_idle(a, old, old_id);
         }
-        own.push((up, s));
+        own.push((up, s, id));
+    }
+
+    /// Give connection `id` (to `up`) and its future to the service's idle list.
+    fn to_idle(&self, up: SocketAddr, s: Sender, id: u64) {
+        if let Some(conn) = self.upstreams.release(id) {
+            self.svc.idle_put(up, s, conn);
+        }
+    }
+
+    /// The client connection ended: its ready connections go to the idle list, every other
+    /// connection it still drives goes on in a task of its own.
+    fn finish(&self) {
+        let own = std::mem::take(&mut *self.own());
+        for (a, s, id) in own {
+            self.to_idle(a, s, id);
+        }
+        self.upstreams.hand_off();
     }
 }
 
 impl Drop for Conns {
     fn drop(&mut self) {
-        let own = match self.own.get_mut() {
-            Ok(o) => std::mem::take(o),
-            Err(p) => std::mem::take(p.into_inner()),
-        };
-        for (a, s) in own {
-            self.svc.idle_put(a, s);
-        }
+        self.finish();
     }
+}
+
+/// An idle upstream connection of a service.
+struct Idle {
+    up: SocketAddr,
+    sender: Sender,
+    /// The connection's future: not driven while idle (the sweep polls it), taken over by the
+    /// client connection that takes the connection.
+    conn: drive::UpstreamConn,
+    since: Instant,
 }
 
 /// Per-service counters (shown in /metrics and /status).
@@ -273,8 +321,9 @@ pub struct Service {
     routing: std::sync::RwLock<Arc<Routing>>,
     /// Source addresses of upstream connections.
     snat: SnatAddrs,
-    /// Idle upstream connections: upstream, connection, since when idle.
-    idle: std::sync::Mutex<Vec<(SocketAddr, Sender, Instant)>>,
+    /// Idle upstream connections: upstream, sender, connection future (polled by the sweep),
+    /// since when idle.
+    idle: std::sync::Mutex<Vec<Idle>>,
     status: SharedStatus,
     next: AtomicUsize,
     pub stats: Stats,
@@ -469,11 +518,17 @@ async fn accept_loop(
             let handler = Arc::clone(&svc);
             // The client's forwarding headers, formatted once for the connection.
             let client = Arc::new(headers::Client::new(peer.ip(), "http"));
+            let upstreams = drive::Upstreams::new();
+            let deadlines = timer::Deadlines::new();
             let conns = Arc::new(Conns {
                 svc: Arc::clone(&svc),
                 peer: peer.to_string(),
                 own: std::sync::Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(0),
+                upstreams: Arc::clone(&upstreams),
+                deadlines: Arc::clone(&deadlines),
             });
+            let at_end = Arc::clone(&conns);
             let service = hyper::service::service_fn(move |req| {
                 let svc = Arc::clone(&handler);
                 let client = Arc::clone(&client);
@@ -481,14 +536,19 @@ async fn accept_loop(
                 async move { Ok::<_, Infallible>(svc.handle(req, &client, &conns).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
+                .timer(timer::ConnTimer(deadlines))
                 .header_read_timeout(svc.routing().http.header_timeout)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
-            if let Err(e) = conn.await {
+            // The server connection and the upstream connections its requests use, in this one
+            // task (no task switch per request).
+            if let Err(e) = drive::Joined::new(conn, Arc::clone(&upstreams)).await {
                 tracing::debug!(service = %svc.name, client = %peer, error = %e, "client connection ended");
             }
+            // Ready upstream connections go to the idle list, the rest (an upgrade being handed
+            // over) on in tasks of their own.
+            at_end.finish();
             drop(permit);
         });
     }
@@ -631,6 +691,9 @@ impl Service {
     ) -> Response<Body> {
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let routing = self.routing();
+        // The response head is due header_timeout after the request came in (every attempt).
+        let head_deadline = tokio::time::Instant::from_std(started) + routing.http.header_timeout;
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let host = req
@@ -639,7 +702,6 @@ impl Service {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-        let routing = self.routing();
         let (route, group) = routing
             .http
             .route(host.as_deref(), &path, &routing.default_group);
@@ -687,7 +749,10 @@ impl Service {
                     let out =
                         upstream_request(&routing, &parts.method, &parts.uri, headers, b, *up);
                     let up_traffic = self.stats.upstreams.get(*up);
-                    match self.send(conns, *up, out, &routing.http).await {
+                    match self
+                        .send(conns, *up, out, &routing.http, head_deadline)
+                        .await
+                    {
                         Ok(resp) => {
                             up_traffic.opened.fetch_add(1, Ordering::Relaxed);
                             upstream = Some(*up);
@@ -763,29 +828,45 @@ impl Service {
 
     /// Send `req` to `up` on a ready connection of `conns` or a new one; a reused connection
     /// that closed before the request went out is replaced by a new one and the request sent
-    /// again. The connection is kept for the client connection's next request.
+    /// again. The connection is kept for the client connection's next request. No response
+    /// head by `head_deadline`: [`Failure::HeadTimeout`].
     async fn send(
         &self,
         conns: &Conns,
         up: SocketAddr,
         mut req: Request<Body>,
         http: &HttpConfig,
+        head_deadline: tokio::time::Instant,
     ) -> Result<Response<Incoming>, Failure> {
-        let (mut sender, mut fresh) = match conns.take(up) {
-            Some(s) => (s, false),
-            None => (self.connect(up, http.connect_timeout).await?, true),
+        let (mut sender, mut id, mut fresh) = match conns.take(up) {
+            Some((s, id)) => (s, id, false),
+            None => {
+                let (s, id) = self.connect(conns, up, http.connect_timeout).await?;
+                (s, id, true)
+            }
         };
         loop {
-            match tokio::time::timeout(http.header_timeout, sender.try_send_request(req)).await {
-                Err(_) => return Err(Failure::HeadTimeout),
-                Ok(Ok(resp)) => {
-                    conns.put(up, sender);
+            let mut response = std::pin::pin!(sender.try_send_request(req));
+            let answered = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = response.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Some(r));
+                }
+                conns
+                    .deadlines
+                    .poll_deadline(head_deadline, cx)
+                    .map(|()| None)
+            })
+            .await;
+            match answered {
+                None => return Err(Failure::HeadTimeout),
+                Some(Ok(resp)) => {
+                    conns.put(up, sender, id);
                     return Ok(resp);
                 }
-                Ok(Err(mut e)) => match e.take_message() {
+                Some(Err(mut e)) => match e.take_message() {
                     Some(back) if !fresh => {
                         req = back;
-                        sender = self.connect(up, http.connect_timeout).await?;
+                        (sender, id) = self.connect(conns, up, http.connect_timeout).await?;
                         fresh = true;
                     }
                     _ => return Err(Failure::Upstream(error_chain(e.error()))),
@@ -795,8 +876,13 @@ impl Service {
     }
 
     /// A new HTTP/1 connection to `up` from the SNAT address of its family, its connection
-    /// driven by a task of its own (upgrades included).
-    async fn connect(&self, up: SocketAddr, timeout: Duration) -> Result<Sender, Failure> {
+    /// driven by the client connection's task (upgrades included).
+    async fn connect(
+        &self,
+        conns: &Conns,
+        up: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(Sender, u64), Failure> {
         let failed = |e: io::Error| Failure::Connect {
             timed_out: e.kind() == io::ErrorKind::TimedOut,
             error: format!("connect to {up}: {e}"),
@@ -824,32 +910,42 @@ impl Service {
             .await
             .map_err(|e| Failure::Upstream(error_chain(&e)))?;
         let name = self.name.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(service = %name, upstream = %up, error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        let id = conns.id();
+        conns.upstreams.adopt(
+            id,
+            Box::pin(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(service = %name, upstream = %up, error = %e, "upstream connection ended");
+                }
+            }),
+        );
+        Ok((sender, id))
     }
 
-    /// A ready idle connection to `up`; closed and expired ones are dropped on the way.
-    fn idle_take(&self, up: SocketAddr) -> Option<Sender> {
+    /// A ready idle connection to `up` and its connection future; closed ones are dropped on
+    /// the way.
+    fn idle_take(&self, up: SocketAddr) -> Option<(Sender, drive::UpstreamConn)> {
         let mut idle = match self.idle.lock() {
             Ok(i) => i,
             Err(p) => p.into_inner(),
         };
-        while let Some(i) = idle.iter().rposition(|(a, _, _)| *a == up) {
-            let (_, s, _) = idle.swap_remove(i);
-            if s.is_ready() {
-                return Some(s);
+        while let Some(i) = idle.iter().rposition(|c| c.up == up) {
+            let c = idle.swap_remove(i);
+            if c.sender.is_ready() {
+                return Some((c.sender, c.conn));
             }
         }
         None
     }
 
-    /// Keep `s` (to `up`) for another client connection, when it is ready and there is room.
-    fn idle_put(&self, up: SocketAddr, s: Sender) {
-        if !s.is_ready() {
+    /// Keep `s` (to `up`) and its connection `conn` for another client connection, when it is
+    /// ready and there is room. A connection still busy (an upgrade being handed over) goes on
+    /// in a task of its own.
+    fn idle_put(&self, up: SocketAddr, sender: Sender, conn: drive::UpstreamConn) {
+        if !sender.is_ready() {
+            if !sender.is_closed() {
+                tokio::spawn(conn);
+            }
             return;
         }
         let mut idle = match self.idle.lock() {
@@ -857,18 +953,29 @@ impl Service {
             Err(p) => p.into_inner(),
         };
         if idle.len() < IDLE_MAX {
-            idle.push((up, s, Instant::now()));
+            idle.push(Idle {
+                up,
+                sender,
+                conn,
+                since: Instant::now(),
+            });
         }
     }
 
-    /// Close idle connections older than the idle timeout, or closed by the upstream.
+    /// Close idle connections older than the idle timeout; poll the others once, so that one
+    /// the upstream closed ends (and is dropped) here.
     fn idle_sweep(&self) {
         let timeout = self.routing().http.idle_timeout;
         let mut idle = match self.idle.lock() {
             Ok(i) => i,
             Err(p) => p.into_inner(),
         };
-        idle.retain(|(_, s, since)| !s.is_closed() && since.elapsed() < timeout);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        idle.retain_mut(|c| {
+            c.since.elapsed() < timeout
+                && c.conn.as_mut().poll(&mut cx).is_pending()
+                && !c.sender.is_closed()
+        });
     }
 
     /// The upstream's response as it goes to the client; for a 101 the two upgraded
