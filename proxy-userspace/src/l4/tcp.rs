@@ -52,7 +52,7 @@ pub async fn connect_from(
     } else {
         TcpSocket::new_v6()?
     };
-    sock.bind(source)?;
+    bind_source(&sock, source)?;
     match tokio::time::timeout(timeout, sock.connect(upstream)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -60,6 +60,27 @@ pub async fn connect_from(
             format!("connect timed out after {timeout:?}"),
         )),
     }
+}
+
+/// Bind `sock` to `source` for an outgoing connection. With port 0 the port is left to
+/// `connect` (IP_BIND_ADDRESS_NO_PORT): `bind` would reserve a port of its own for the address,
+/// searched for under a lock and never shared, while `connect` picks one that only has to be
+/// unique for the 4-tuple (cheaper per connection, and many more connections per SNAT address
+/// when there are several upstreams).
+///
+/// # Errors
+/// The bind failing (the socket option is best effort: without it the bind still works).
+pub fn bind_source(sock: &TcpSocket, source: SocketAddr) -> io::Result<()> {
+    if source.port() == 0
+        && let Err(e) = nix::sys::socket::setsockopt(
+            sock,
+            nix::sys::socket::sockopt::IpBindAddressNoPort,
+            &true,
+        )
+    {
+        tracing::debug!(error = %e, "IP_BIND_ADDRESS_NO_PORT not set: bind picks the port");
+    }
+    sock.bind(source)
 }
 
 /// Accept until `shutdown` turns true; one task per connection.
@@ -279,6 +300,28 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+
+    /// A source with port 0 gets no port at bind (IP_BIND_ADDRESS_NO_PORT), one at connect, on
+    /// the source address.
+    #[tokio::test]
+    async fn source_port_is_chosen_at_connect() {
+        let server = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let sock = TcpSocket::new_v4().unwrap();
+        let source = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 3), 0));
+        bind_source(&sock, source).unwrap();
+        assert_eq!(
+            sock.local_addr().unwrap(),
+            source,
+            "no port reserved at bind"
+        );
+        let s = sock.connect(server_addr).await.unwrap();
+        let local = s.local_addr().unwrap();
+        assert_eq!(local.ip(), source.ip());
+        assert_ne!(local.port(), 0);
+        let (_, peer) = server.accept().await.unwrap();
+        assert_eq!(peer, local);
+    }
 
     /// The upload ends with a FIN; the reply flows after it (half-close passed on, not a close).
     #[tokio::test]

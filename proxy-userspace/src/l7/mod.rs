@@ -894,7 +894,7 @@ impl Service {
         }
         .map_err(failed)?;
         if let Some(ip) = self.snat.of_family(up.ip()) {
-            sock.bind(SocketAddr::new(ip, 0)).map_err(failed)?;
+            crate::l4::tcp::bind_source(&sock, SocketAddr::new(ip, 0)).map_err(failed)?;
         }
         let stream = match tokio::time::timeout(timeout, sock.connect(up)).await {
             Err(_) => {
