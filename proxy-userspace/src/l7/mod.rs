@@ -79,8 +79,11 @@ type Sender = hyper::client::conn::http1::SendRequest<Body>;
 /// ready ones go to the service's idle list (with their connection futures).
 struct Conns {
     svc: Arc<Service>,
-    /// The client's address as the access log writes it, formatted once.
-    peer: String,
+    /// The client's address.
+    peer: SocketAddr,
+    /// The client's address as the access log writes it, formatted once, on the first line
+    /// written (nothing to format with the access log off).
+    peer_text: std::sync::OnceLock<String>,
     /// Ready connections for the next request: upstream, sender, id in `upstreams`.
     own: std::sync::Mutex<Vec<(SocketAddr, Sender, u64)>>,
     /// The id of the next connection this client connection opens or takes over.
@@ -92,6 +95,11 @@ struct Conns {
 }
 
 impl Conns {
+    fn peer_text(&self) -> &str {
+        self.peer_text
+            .get_or_init(|| headers::socket_text(self.peer))
+    }
+
     fn own(&self) -> std::sync::MutexGuard<'_, Vec<(SocketAddr, Sender, u64)>> {
         match self.own.lock() {
             Ok(o) => o,
@@ -522,7 +530,8 @@ async fn accept_loop(
             let deadlines = timer::Deadlines::new();
             let conns = Arc::new(Conns {
                 svc: Arc::clone(&svc),
-                peer: peer.to_string(),
+                peer,
+                peer_text: std::sync::OnceLock::new(),
                 own: std::sync::Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(0),
                 upstreams: Arc::clone(&upstreams),
@@ -764,7 +773,7 @@ impl Service {
                                 &path,
                                 host.as_deref(),
                                 route,
-                                &conns.peer,
+                                conns,
                                 UpText(upstream, routing.authority_str(*up)),
                                 attempts,
                                 started,
@@ -819,7 +828,7 @@ impl Service {
             &path,
             host.as_deref(),
             route,
-            &conns.peer,
+            conns,
             UpText(upstream, None),
             attempts,
             started,
@@ -1027,7 +1036,7 @@ impl Service {
         path: &str,
         host: Option<&str>,
         route: Option<usize>,
-        peer: &str,
+        conns: &Conns,
         upstream: UpText<'_>,
         attempts: usize,
         started: Instant,
@@ -1045,7 +1054,7 @@ impl Service {
             target: "xdp_proxy::access",
             "access service={} client={} method={} host={} path={} route={} upstream={} attempts={} status={} head_ms={}",
             self.name,
-            peer,
+            conns.peer_text(),
             method,
             Quoted(host.unwrap_or("-")),
             Quoted(path),
