@@ -97,7 +97,10 @@ impl System {
             }
             System::NginxStream => "nginx stream proxy_pass, worker_processes 1",
             System::NginxHttp => {
-                "nginx http proxy_pass, worker_processes 1, upstream keepalive 64 (HTTP/1.1)"
+                "nginx http proxy_pass, worker_processes 1, upstream keepalive 64 (HTTP/1.1), \
+                 the forwarding headers xdp-proxy's http services send (X-Forwarded-For \
+                 $proxy_add_x_forwarded_for, X-Forwarded-Proto, Forwarded, the client's Host): \
+                 the same work per request"
             }
             System::Haproxy => "haproxy mode tcp, nbthread 1",
             System::XdpUserspace => {
@@ -326,6 +329,16 @@ impl BenchLab {
         // Forwarding is on in the proxy namespace for every system (the daemon turns it on
         // anyway, and leaves it on); userspace proxies do not use it.
         topo.proxy.sysctl("net.ipv4.ip_forward", "1")?;
+        // The load generator's own ports: the new-connection runs leave tens of thousands of
+        // its connections in TIME_WAIT, and with the default 28,232 ephemeral ports wrk's
+        // connect() then searched most of the range for a free port, in the kernel, for every
+        // connection (runs after the first fell to a few hundred connections/s, whichever
+        // system was measured). As load generators are set up: the whole port range, and
+        // TIME_WAIT ports reused for new outgoing connections when timestamps allow. Only the
+        // client namespace: nothing of the systems under test changes.
+        topo.client
+            .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        topo.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         Ok(Self {
             topo,
             dir,
@@ -483,7 +496,10 @@ impl BenchLab {
                 let conf = format!(
                     "{common}http {{\n{paths}  upstream home {{ server {home}:{HOME_HTTP_PORT}; keepalive 64; \
                      keepalive_requests 10000000; }}\n  server {{\n    listen {svc_ip}:{SERVICE_PORT} backlog=8192;\n    \
-                     location / {{ proxy_pass http://home; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+                     location / {{ proxy_pass http://home; proxy_http_version 1.1; proxy_set_header Connection \"\"; \
+                     proxy_set_header Host $http_host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; \
+                     proxy_set_header X-Forwarded-Proto $scheme; \
+                     proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=$http_host\"; }}\n  }}\n}}\n",
                     common = nginx_common(&self.dir, "http"),
                     paths = nginx_http_paths(&self.dir, "http"),
                 );
