@@ -27,3 +27,4 @@ pub mod plan;
 pub mod privs;
 pub mod state;
 pub mod sysctl;
+pub mod wake;

@@ -9,6 +9,7 @@
 
 pub mod choice;
 pub mod counters;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 

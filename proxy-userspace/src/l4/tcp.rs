@@ -1,26 +1,20 @@
 //! Userspace TCP: accept on the service address, connect to the chosen upstream from the SNAT
-//! address, copy both ways. Half-close is respected: when one side sends FIN (read returns EOF),
-//! the write half toward the other side is shut down and the other direction keeps flowing
-//! until it ends too. Idle connections are closed after the fast path's TCP lifetimes
-//! (`flows::Lifetimes`: established, half-closed).
+//! address, copy both ways ([`super::splice`]: half-close passed on, idle connections closed
+//! after the fast path's TCP lifetimes, `flows::Lifetimes`: established, half-closed).
 
 use std::{
     io,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpSocket, TcpStream},
     sync::{Semaphore, watch},
 };
 
-use super::{Service, Settings};
+use super::{Service, Settings, splice::Splice};
 use crate::config::Protocol;
 
 /// Bind and listen on `listen` (SO_REUSEADDR, so a restarted daemon binds at once).
@@ -157,142 +151,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &Service, settings: Se
     let to_client = [&svc.stats.traffic.bytes_down, &up_traffic.bytes_down];
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    let activity = Activity::new();
-    let (up, down) = tokio::select! {
-        // The copies first: this is polled on every wake-up of the connection.
-        biased;
-        r = async {
-            tokio::join!(
-                pump(cr, uw, &activity, &to_upstream),
-                pump(ur, cw, &activity, &to_client)
-            )
-        } => r,
-        idle = activity.idle_out(settings.tcp_idle, settings.tcp_half_closed_idle) => {
-            tracing::debug!(service = %name, client = %peer, upstream = %up_addr, idle = ?idle, "tcp connection idle: closed");
-            (Pumped::default(), Pumped::default())
-        }
-    };
+    let done = Splice::new(
+        client,
+        upstream,
+        &to_upstream,
+        &to_client,
+        settings.tcp_idle,
+        settings.tcp_half_closed_idle,
+    )
+    .await;
+    if let Some(idle) = done.idle {
+        tracing::debug!(service = %name, client = %peer, upstream = %up_addr, idle = ?idle, "tcp connection idle: closed");
+    }
     tracing::debug!(
         service = %name,
         client = %peer,
         upstream = %up_addr,
-        bytes_up = up.bytes,
-        bytes_down = down.bytes,
-        error_up = ?up.error,
-        error_down = ?down.error,
+        bytes_up = done.up.bytes,
+        bytes_down = done.down.bytes,
+        error_up = ?done.up.error,
+        error_down = ?done.down.error,
         "tcp connection closed"
     );
-}
-
-/// Last activity of a connection, both directions.
-#[derive(Debug)]
-pub struct Activity {
-    epoch: tokio::time::Instant,
-    last_ms: AtomicU64,
-    half_closed: AtomicBool,
-}
-
-impl Activity {
-    #[must_use]
-    pub fn new() -> Self {
-        Self {
-            epoch: tokio::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-            half_closed: AtomicBool::new(false),
-        }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn touch(&self) {
-        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    /// Resolves once the connection has been idle for `established` (or `half_closed` after
-    /// one direction ended); returns the limit that was reached.
-    pub async fn idle_out(&self, established: Duration, half_closed: Duration) -> Duration {
-        loop {
-            let limit = if self.half_closed.load(Ordering::Relaxed) {
-                half_closed
-            } else {
-                established
-            };
-            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-            let idle = self
-                .now_ms()
-                .saturating_sub(self.last_ms.load(Ordering::Relaxed));
-            if idle >= limit_ms {
-                return limit;
-            }
-            // Re-checked at least every second, so a half-close shortens the wait.
-            let wait = (limit_ms - idle).min(1000);
-            tokio::time::sleep(Duration::from_millis(wait)).await;
-        }
-    }
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// Bytes read (and then written) at most per system call, each direction.
-const PUMP_BUFFER: usize = 64 * 1024;
-
-/// What one direction carried.
-#[derive(Debug, Default)]
-pub struct Pumped {
-    pub bytes: u64,
-    pub error: Option<io::ErrorKind>,
-}
-
-/// Copy `from` to `to` until EOF, then shut `to`'s write half down (a FIN toward that side: the
-/// half-close is passed on, the other direction keeps flowing). On an error the write half is
-/// shut down too, which ends the other side's reads. Every chunk written is added to each of
-/// `counted` as it goes (the metrics move with a long transfer).
-pub async fn pump<R, W>(
-    mut from: R,
-    mut to: W,
-    activity: &Activity,
-    counted: &[&AtomicU64],
-) -> Pumped
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // Read into spare capacity: the buffer is never zeroed (64 KiB per direction and
-    // connection would cost more than the first requests of a short connection).
-    let mut buf = Vec::with_capacity(PUMP_BUFFER);
-    let mut out = Pumped::default();
-    loop {
-        buf.clear();
-        let n = match from.read_buf(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                out.error = Some(e.kind());
-                break;
-            }
-        };
-        if let Err(e) = to.write_all(&buf[..n]).await {
-            out.error = Some(e.kind());
-            break;
-        }
-        out.bytes += n as u64;
-        for c in counted {
-            c.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        activity.touch();
-    }
-    let _ = to.shutdown().await;
-    activity.half_closed.store(true, Ordering::Relaxed);
-    activity.touch();
-    out
 }
 
 #[cfg(test)]
@@ -322,53 +202,13 @@ mod tests {
         let (_, peer) = server.accept().await.unwrap();
         assert_eq!(peer, local);
     }
-
-    /// The upload ends with a FIN; the reply flows after it (half-close passed on, not a close).
-    #[tokio::test]
-    async fn half_close_is_passed_on() {
-        let server = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
-        let server_addr = server.local_addr().unwrap();
-        let server_task = tokio::spawn(async move {
-            let (mut s, _) = server.accept().await.unwrap();
-            let mut got = Vec::new();
-            s.read_to_end(&mut got).await.unwrap();
-            // Only after the client's FIN arrived: answer with the length.
-            s.write_all(format!("{}", got.len()).as_bytes())
-                .await
-                .unwrap();
-            s.shutdown().await.unwrap();
-        });
-        let proxy = listen(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), 16).unwrap();
-        let proxy_addr = proxy.local_addr().unwrap();
-        let proxy_task = tokio::spawn(async move {
-            let (c, _) = proxy.accept().await.unwrap();
-            let u = connect_from(
-                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-                server_addr,
-                Duration::from_secs(2),
-            )
-            .await
-            .unwrap();
-            let (cr, cw) = c.into_split();
-            let (ur, uw) = u.into_split();
-            let activity = Activity::new();
-            tokio::join!(pump(cr, uw, &activity, &[]), pump(ur, cw, &activity, &[]))
-        });
-        let mut c = TcpStream::connect(proxy_addr).await.unwrap();
-        c.write_all(&[7u8; 100_000]).await.unwrap();
-        c.shutdown().await.unwrap();
-        let mut reply = String::new();
-        c.read_to_string(&mut reply).await.unwrap();
-        assert_eq!(reply, "100000");
-        let (up, down) = proxy_task.await.unwrap();
-        server_task.await.unwrap();
-        assert_eq!((up.bytes, down.bytes), (100_000, 6));
-    }
 }
 
 #[cfg(test)]
 mod idle_tests {
     use std::net::Ipv4Addr;
+
+    use tokio::io::AsyncReadExt as _;
 
     use super::*;
     use crate::l4::{Choice, Chooser, Stats};

@@ -5,9 +5,10 @@
 //! and its responses to come in. Spawned as a task of its own, every proxied request costs two
 //! task wake-ups and switches (the request handed to the upstream task, the response handed
 //! back). Here the client connection's task polls both the server connection and its upstream
-//! connections ([`Joined`]), and a wake-up from either side while the task is already polling
-//! is noted, not sent through the scheduler: the task polls what was woken again before it
-//! returns. A request and its response are then forwarded in one or two polls of one task.
+//! connections ([`Joined`], each a part of a [`crate::wake::Woken`]), and a wake-up from either
+//! side while the task is already polling is noted, not sent through the scheduler: the task
+//! polls what was woken again before it returns. A request and its response are then forwarded
+//! in one or two polls of one task.
 //!
 //! When the client connection ends, its ready upstream connections go to the service's idle
 //! list with their futures (not driven there: the idle sweep polls them once a second, so one
@@ -18,75 +19,35 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
-    },
-    task::{Context, Poll, Wake, Waker},
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
 };
+
+use crate::wake::Woken;
 
 /// One upstream connection's future (hyper's connection, upgrades included).
 pub type UpstreamConn = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// The task is inside [`Joined::poll`]: a wake-up is noted, not sent to the scheduler.
-const POLLING: u8 = 1;
-/// The server connection (client side, the handler, its timers) was woken.
-const SERVER: u8 = 2;
-/// An upstream connection was woken, or a new one was added.
-const UPSTREAM: u8 = 4;
-const WOKEN: u8 = SERVER | UPSTREAM;
+/// The server connection (client side, the handler, its timers).
+const SERVER: usize = 0;
+/// The upstream connections (one was woken, or a new one was added).
+const UPSTREAM: usize = 1;
 
 /// Passes over what was woken in one poll before the task yields to the others.
 const MAX_PASSES: usize = 16;
-
-/// Which parts of a joined task were woken, and the task's own waker.
-#[derive(Debug)]
-struct Signal {
-    state: AtomicU8,
-    task: Mutex<Option<Waker>>,
-}
-
-/// The waker handed to one part (server or upstreams): it sets that part's bit and wakes the
-/// task unless the task is polling or was already woken.
-struct Part {
-    signal: Arc<Signal>,
-    bit: u8,
-}
-
-impl Wake for Part {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        let before = self.signal.state.fetch_or(self.bit, Ordering::AcqRel);
-        // Polling: the pass loop sees the bit. Already woken: a wake-up is on its way.
-        if before & (POLLING | WOKEN) == 0 {
-            let task = match self.signal.task.lock() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
-            if let Some(w) = task.as_ref() {
-                w.wake_by_ref();
-            }
-        }
-    }
-}
 
 /// The upstream connections driven by one client connection's task; the handler adds the
 /// connections it opens.
 pub struct Upstreams {
     /// The connections, each with the id its client connection gave it.
     conns: Mutex<Vec<(u64, UpstreamConn)>>,
-    signal: Arc<Signal>,
-    upstream_waker: Waker,
-    server_waker: Waker,
+    woken: Woken,
 }
 
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstreams")
-            .field("state", &self.signal.state.load(Ordering::Relaxed))
+            .field("woken", &self.woken)
             .finish_non_exhaustive()
     }
 }
@@ -94,21 +55,9 @@ impl std::fmt::Debug for Upstreams {
 impl Upstreams {
     #[must_use]
     pub fn new() -> Arc<Self> {
-        let signal = Arc::new(Signal {
-            state: AtomicU8::new(0),
-            task: Mutex::new(None),
-        });
-        let part = |bit| {
-            Waker::from(Arc::new(Part {
-                signal: Arc::clone(&signal),
-                bit,
-            }))
-        };
         Arc::new(Self {
             conns: Mutex::new(Vec::new()),
-            upstream_waker: part(UPSTREAM),
-            server_waker: part(SERVER),
-            signal,
+            woken: Woken::new(2),
         })
     }
 
@@ -123,14 +72,14 @@ impl Upstreams {
     /// task returns).
     pub fn adopt(&self, id: u64, conn: UpstreamConn) {
         self.lock().push((id, conn));
-        self.upstream_waker.wake_by_ref();
+        self.woken.wake(UPSTREAM);
     }
 
     /// Poll `conn` once with this task's upstream waker (a connection taken over from elsewhere:
     /// its wake-ups come here from now on). Ready: the connection has ended.
     pub fn poll_here(&self, conn: &mut UpstreamConn) -> Poll<()> {
         conn.as_mut()
-            .poll(&mut Context::from_waker(&self.upstream_waker))
+            .poll(&mut Context::from_waker(self.woken.waker(UPSTREAM)))
     }
 
     /// Drive `conn`, already polled by [`Self::poll_here`], in this task from now on.
@@ -158,7 +107,7 @@ impl Upstreams {
 
     /// Poll every connection; finished ones are dropped.
     fn poll_all(&self) {
-        let mut cx = Context::from_waker(&self.upstream_waker);
+        let mut cx = Context::from_waker(self.woken.waker(UPSTREAM));
         self.lock()
             .retain_mut(|(_, c)| c.as_mut().poll(&mut cx).is_pending());
     }
@@ -178,7 +127,6 @@ impl Upstreams {
 pub struct Joined<F> {
     server: Pin<Box<F>>,
     upstreams: Arc<Upstreams>,
-    first: bool,
 }
 
 impl<F: Future> Joined<F> {
@@ -186,7 +134,6 @@ impl<F: Future> Joined<F> {
         Self {
             server: Box::pin(server),
             upstreams,
-            first: true,
         }
     }
 }
@@ -196,50 +143,33 @@ impl<F: Future> Future for Joined<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        let signal = Arc::clone(&this.upstreams.signal);
-        {
-            let mut task = match signal.task.lock() {
-                Ok(t) => t,
-                Err(p) => p.into_inner(),
-            };
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        let mut woken = signal.state.swap(POLLING, Ordering::AcqRel) & WOKEN;
-        if std::mem::take(&mut this.first) {
-            woken = WOKEN;
-        }
+        let woken = &this.upstreams.woken;
+        let mut parts = woken.begin(cx);
         for _ in 0..MAX_PASSES {
-            if woken & UPSTREAM != 0 {
+            if parts & Woken::bit(UPSTREAM) != 0 {
                 this.upstreams.poll_all();
             }
-            if woken & SERVER != 0 {
-                let mut scx = Context::from_waker(&this.upstreams.server_waker);
+            if parts & Woken::bit(SERVER) != 0 {
+                let mut scx = Context::from_waker(woken.waker(SERVER));
                 if let Poll::Ready(out) = this.server.as_mut().poll(&mut scx) {
-                    signal.state.store(0, Ordering::Release);
+                    woken.finish();
                     return Poll::Ready(out);
                 }
             }
-            match signal
-                .state
-                .compare_exchange(POLLING, 0, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return Poll::Pending,
-                Err(_) => woken = signal.state.swap(POLLING, Ordering::AcqRel) & WOKEN,
+            match woken.end() {
+                None => return Poll::Pending,
+                Some(more) => parts = more,
             }
         }
         // Busy: let other tasks run, keep what is still to poll, and come back.
-        signal.state.fetch_or(woken, Ordering::AcqRel);
-        signal.state.fetch_and(!POLLING, Ordering::AcqRel);
-        cx.waker().wake_by_ref();
+        woken.yield_now(parts, cx);
         Poll::Pending
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
