@@ -13,14 +13,22 @@
 //! is full, lines are dropped (never blocking the proxy) and counted: [`access_lines_dropped`],
 //! and a line on stderr says how many. [`init`]'s guard writes what is buffered when dropped
 //! (at exit). Every other record is written to stderr at once, as before.
+//!
+//! Access lines are written by [`access`], not formatted by the tracing formatter: the line is
+//! the formatter's (`<RFC 3339 UTC time, microseconds>  INFO xdp_proxy::access: access ...`),
+//! put together with the date cached per second and the fields appended as text, which costs a
+//! small part of an event through the formatter (about 14,500 instructions per line). The
+//! filter still decides: with `xdp_proxy::access` off nothing is built. On a terminal (colours)
+//! the lines go through tracing as before.
 
 use std::{
+    cell::RefCell,
     io::IsTerminal as _,
     sync::{
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tracing_log::AsLog as _;
@@ -58,12 +66,13 @@ impl Shared {
 #[derive(Clone)]
 pub struct AccessWriter(Arc<Shared>);
 
-impl std::io::Write for AccessWriter {
-    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+impl AccessWriter {
+    /// Append `line` (dropped and counted when the buffer is full).
+    fn push(&self, line: &[u8]) {
         let mut buf = self.0.lock();
         if buf.len() + line.len() > ACCESS_BUFFER_MAX {
             ACCESS_DROPPED.fetch_add(1, Ordering::Relaxed);
-            return Ok(line.len());
+            return;
         }
         let was_empty = buf.is_empty();
         buf.extend_from_slice(line);
@@ -71,6 +80,12 @@ impl std::io::Write for AccessWriter {
         if was_empty {
             self.0.wake.notify_one();
         }
+    }
+}
+
+impl std::io::Write for AccessWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        self.push(line);
         Ok(line.len())
     }
 
@@ -216,13 +231,17 @@ pub fn init(cli: Option<&str>) -> Result<LogGuard, LoggingError> {
         .max_level_hint()
         .unwrap_or(tracing_subscriber::filter::LevelFilter::TRACE);
     let (access, guard) = access_writer(std::io::stderr()).map_err(LoggingError::Thread)?;
+    let ansi = std::io::stderr().is_terminal();
+    if !ansi {
+        let _ = FAST_ACCESS.set(access.clone());
+    }
     let writer = access
         .with_filter(|m| m.target() == ACCESS_TARGET)
         .or_else(std::io::stderr);
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
         .finish();
     tracing::subscriber::set_global_default(subscriber)?;
     tracing_log::LogTracer::builder()
@@ -234,9 +253,177 @@ pub fn init(cli: Option<&str>) -> Result<LogGuard, LoggingError> {
 /// The access log's target.
 pub const ACCESS_TARGET: &str = "xdp_proxy::access";
 
+/// The access log writer [`access`] appends to directly (set by [`init`] when the output has
+/// no colours).
+static FAST_ACCESS: OnceLock<AccessWriter> = OnceLock::new();
+
+/// What every access line starts with after the time (the formatter's level and target).
+const ACCESS_HEAD: &str = "  INFO xdp_proxy::access: ";
+
+thread_local! {
+    /// This thread's line being built, and the second whose date text is cached.
+    static LINE: RefCell<(String, u64, String)> = const { RefCell::new((String::new(), u64::MAX, String::new())) };
+}
+
+/// Write one access line: `build` appends the message (`access service=...`). Nothing happens
+/// when the filter turns the access log off.
+pub fn access(build: impl FnOnce(&mut String)) {
+    if !tracing::enabled!(target: "xdp_proxy::access", tracing::Level::INFO) {
+        return;
+    }
+    let Some(writer) = FAST_ACCESS.get() else {
+        let mut message = String::new();
+        build(&mut message);
+        tracing::info!(target: "xdp_proxy::access", "{message}");
+        return;
+    };
+    LINE.with(|cell| {
+        let Ok(mut guard) = cell.try_borrow_mut() else {
+            return;
+        };
+        let (line, second, date) = &mut *guard;
+        line.clear();
+        push_time(line, SystemTime::now(), second, date);
+        line.push_str(ACCESS_HEAD);
+        build(line);
+        line.push('\n');
+        writer.push(line.as_bytes());
+    });
+}
+
+/// `now` as the formatter writes it (`2026-11-26T21:21:19.569782Z`); `second` and `date` cache
+/// the text up to the seconds.
+fn push_time(out: &mut String, now: SystemTime, second: &mut u64, date: &mut String) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    if secs != *second {
+        date.clear();
+        date_text(date, secs);
+        *second = secs;
+    }
+    out.push_str(date);
+    out.push('.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic Gregorian calendar).
+fn date_text(out: &mut String, secs: u64) {
+    let days = secs / 86_400;
+    let rest = secs % 86_400;
+    // Days to a civil date (H. Hinnant's algorithm), with eras of 400 years from 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    push_padded(out, year, 4);
+    out.push('-');
+    push_padded(out, month, 2);
+    out.push('-');
+    push_padded(out, day, 2);
+    out.push('T');
+    push_padded(out, rest / 3_600, 2);
+    out.push(':');
+    push_padded(out, rest / 60 % 60, 2);
+    out.push(':');
+    push_padded(out, rest % 60, 2);
+}
+
+/// `n` in decimal, at least `width` digits (zeros in front).
+pub fn push_padded(out: &mut String, n: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut i = digits.len();
+    let mut v = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let start = i.min(digits.len().saturating_sub(width));
+    out.extend(digits[start..].iter().map(|d| char::from(*d)));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cached date text is the calendar's, and the line's time is the formatter's shape.
+    #[test]
+    fn access_time_text() {
+        for (secs, want) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (1_709_164_800, "2024-02-29T00:00:00"),
+            (1_795_730_788, "2026-11-26T22:06:28"),
+            (4_102_444_799, "2099-12-31T23:59:59"),
+        ] {
+            let mut s = String::new();
+            date_text(&mut s, secs);
+            assert_eq!(s, want, "{secs}");
+        }
+        let mut out = String::new();
+        let (mut second, mut date) = (u64::MAX, String::new());
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_730_788_000_042);
+        push_time(&mut out, t, &mut second, &mut date);
+        assert_eq!(out, "2026-11-26T22:06:28.000042Z");
+        let mut n = String::new();
+        push_padded(&mut n, 7, 3);
+        push_padded(&mut n, 12_345, 2);
+        assert_eq!(n, "00712345");
+    }
+
+    /// A line written by [`access`] is the line the tracing formatter writes for the same
+    /// message (after the time, which differs).
+    #[test]
+    fn access_lines_match_the_formatter() {
+        #[derive(Clone, Default)]
+        struct Out(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Out {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Out {
+            type Writer = Self;
+            fn make_writer(&'a self) -> Self {
+                self.clone()
+            }
+        }
+        let formatter = Out::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(formatter.clone())
+            .with_ansi(false)
+            .finish();
+        let message = "access service=web client=10.0.0.2:4 path=\"/\" status=200";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(target: "xdp_proxy::access", "{message}");
+        });
+        let theirs = String::from_utf8(formatter.0.lock().unwrap().clone()).unwrap();
+        let mut ours = String::new();
+        let (mut second, mut date) = (u64::MAX, String::new());
+        push_time(&mut ours, SystemTime::now(), &mut second, &mut date);
+        ours.push_str(ACCESS_HEAD);
+        ours.push_str(message);
+        ours.push('\n');
+        assert_eq!(ours.len(), theirs.len(), "{ours:?} vs {theirs:?}");
+        assert_eq!(ours[27..], theirs[27..]);
+        assert_eq!(&ours[..11], &theirs[..11], "same day");
+        assert_eq!(ours.as_bytes()[26], b'Z');
+    }
 
     #[test]
     fn flag_wins_over_env_and_default_is_info() {

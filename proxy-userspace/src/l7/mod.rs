@@ -1047,36 +1047,40 @@ impl Service {
         }
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.stats.classes[class].fetch_add(1, Ordering::Relaxed);
-        // One message formatted straight into the log line: the same text as the event's fields
-        // would give (`access service=.. path="/x" ..`, strings quoted), without the per-field
-        // visitor and styling of the formatter, and nothing formatted when the target is off.
-        tracing::info!(
-            target: "xdp_proxy::access",
-            "access service={} client={} method={} host={} path={} route={} upstream={} attempts={} status={} head_ms={}",
-            self.name,
-            conns.peer_text(),
-            method,
-            Quoted(host.unwrap_or("-")),
-            Quoted(path),
-            RouteName(route),
-            upstream,
-            attempts,
-            status,
-            u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        );
+        // The same text as the event's fields would give (`access service=.. path="/x" ..`,
+        // strings quoted as `{:?}` does), appended as text: nothing is built when the access
+        // log is off, and no formatter machinery when it is on (logging::access).
+        crate::logging::access(|l| {
+            use crate::logging::push_padded;
+            l.push_str("access service=");
+            l.push_str(&self.name);
+            l.push_str(" client=");
+            l.push_str(conns.peer_text());
+            l.push_str(" method=");
+            l.push_str(method.as_str());
+            l.push_str(" host=");
+            Quoted(host.unwrap_or("-")).push_to(l);
+            l.push_str(" path=");
+            Quoted(path).push_to(l);
+            l.push_str(" route=");
+            match route {
+                Some(r) => push_padded(l, r as u64, 1),
+                None => l.push_str("default"),
+            }
+            l.push_str(" upstream=");
+            upstream.push_to(l);
+            l.push_str(" attempts=");
+            push_padded(l, attempts as u64, 1);
+            l.push_str(" status=");
+            push_padded(l, u64::from(status), 1);
+            l.push_str(" head_ms=");
+            push_padded(
+                l,
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                1,
+            );
+        });
         resp
-    }
-}
-
-/// A route's access log name: its index, or `default`.
-struct RouteName(Option<usize>);
-
-impl std::fmt::Display for RouteName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(r) => std::fmt::Display::fmt(&r, f),
-            None => f.write_str("default"),
-        }
     }
 }
 
@@ -1098,13 +1102,40 @@ impl std::fmt::Display for UpText<'_> {
 /// paths) is copied as it is, without the per-character escape checks.
 struct Quoted<'a>(&'a str);
 
-impl std::fmt::Display for Quoted<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self
-            .0
+impl Quoted<'_> {
+    fn plain(&self) -> bool {
+        self.0
             .bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-        {
+    }
+
+    /// Append the quoted text to `out`.
+    fn push_to(&self, out: &mut String) {
+        if self.plain() {
+            out.push('"');
+            out.push_str(self.0);
+            out.push('"');
+        } else {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{:?}", self.0);
+        }
+    }
+}
+
+impl UpText<'_> {
+    /// Append the text to `out`.
+    fn push_to(&self, out: &mut String) {
+        match (self.0, self.1) {
+            (Some(_), Some(text)) => out.push_str(text),
+            (Some(up), None) => out.push_str(&headers::socket_text(up)),
+            (None, _) => out.push('-'),
+        }
+    }
+}
+
+impl std::fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.plain() {
             f.write_str("\"")?;
             f.write_str(self.0)?;
             f.write_str("\"")
@@ -1232,13 +1263,23 @@ mod tests {
             "/é",
         ] {
             assert_eq!(Quoted(s).to_string(), format!("{s:?}"), "{s}");
+            let mut pushed = String::new();
+            Quoted(s).push_to(&mut pushed);
+            assert_eq!(pushed, format!("{s:?}"), "{s}");
+        }
+        for u in [
+            UpText(Some("10.0.0.1:80".parse().unwrap()), None),
+            UpText(Some("10.0.0.1:80".parse().unwrap()), Some("cached")),
+            UpText(None, None),
+        ] {
+            let mut pushed = String::new();
+            u.push_to(&mut pushed);
+            assert_eq!(pushed, u.to_string());
         }
         let up: SocketAddr = "[2001:db8::2]:80".parse().unwrap();
         assert_eq!(UpText(Some(up), None).to_string(), "[2001:db8::2]:80");
         assert_eq!(UpText(Some(up), Some("cached")).to_string(), "cached");
         assert_eq!(UpText(None, Some("cached")).to_string(), "-");
-        assert_eq!(RouteName(None).to_string(), "default");
-        assert_eq!(RouteName(Some(2)).to_string(), "2");
     }
 
     #[test]
