@@ -336,8 +336,6 @@ impl BenchLab {
         // system was measured). As load generators are set up: the whole port range, and
         // TIME_WAIT ports reused for new outgoing connections when timestamps allow. Only the
         // client namespace: nothing of the systems under test changes.
-        topo.client
-            .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
         topo.client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         Ok(Self {
             topo,
