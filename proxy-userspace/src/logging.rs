@@ -309,7 +309,8 @@ fn push_time(out: &mut String, now: SystemTime, second: &mut u64, date: &mut Str
     out.push('Z');
 }
 
-/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic Gregorian calendar).
+/// `secs` since the epoch as `YYYY-MM-DDTHH:MM:SS` (UTC, proleptic Gregorian calendar),
+/// appended to `out`.
 fn date_text(out: &mut String, secs: u64) {
     let days = secs / 86_400;
     let rest = secs % 86_400;

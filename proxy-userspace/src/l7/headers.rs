@@ -149,18 +149,7 @@ pub fn socket_text(addr: std::net::SocketAddr) -> String {
         std::net::SocketAddr::V4(a) => {
             let mut out = ip_text(IpAddr::V4(*a.ip()));
             out.push(':');
-            let mut digits = [0u8; 5];
-            let mut n = a.port();
-            let mut i = digits.len();
-            loop {
-                i -= 1;
-                digits[i] = b'0' + u8::try_from(n % 10).unwrap_or(0);
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            out.extend(digits[i..].iter().map(|d| char::from(*d)));
+            crate::logging::push_padded(&mut out, u64::from(a.port()), 1);
             out
         }
         std::net::SocketAddr::V6(_) => addr.to_string(),
