@@ -1178,4 +1178,16 @@ impl Daemon {
     pub fn stop(&self, lab: &mut Lab) -> Result<ExitStatus> {
         lab.stop(self.pid)
     }
+
+    /// [`Daemon::stop`], and an error unless the daemon exited with status 0 (a clean stop:
+    /// every test that stops a daemon checks this).
+    pub fn stop_ok(&self, lab: &mut Lab) -> Result<()> {
+        let status = self.stop(lab)?;
+        anyhow::ensure!(
+            status.success(),
+            "daemon (pid {}) exited with {status}",
+            self.pid
+        );
+        Ok(())
+    }
 }

@@ -892,7 +892,6 @@ pub fn run(opts: &SoakOptions, abort: &(dyn Fn() -> bool + Sync)) -> Result<Soak
     }
     flapping_server.stop()?;
     stable_server.stop()?;
-    let status = daemon.stop(&mut lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut lab)?;
     Ok(report)
 }

@@ -410,8 +410,7 @@ fall = {fall}
     println!(
         "every upstream down: new connection refused, pass_no_upstream {passed_before} -> {passed}"
     );
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }
 
@@ -546,8 +545,7 @@ fn reload_adds_removes_and_changes_services_without_losing_flows() -> Result<()>
     );
     ha.stop()?;
     hb.stop()?;
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }
 
@@ -609,8 +607,7 @@ fn invalid_reload_keeps_serving() -> Result<()> {
         "the running upstream left the table: {st:#}"
     );
     ha.stop()?;
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }
 
@@ -676,8 +673,7 @@ fn drained_upstream_takes_no_new_flows_and_its_flows_finish() -> Result<()> {
     println!("drained upstream: its connection finished, 20 new connections all on {a}");
     ha.stop()?;
     hb.stop()?;
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }
 
@@ -853,7 +849,6 @@ timeout = "300ms"
     ensure!(queries >= 4, "only {queries} DNS queries");
     ha.stop()?;
     hb.stop()?;
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }

@@ -187,8 +187,7 @@ fn home_path_mtu_smaller_than_the_clients() -> Result<()> {
         reason(&stats, "fwd_redirect")? > 0 && reason(&stats, "rev_redirect")? > 0,
         "the transfer went through the fast path: {stats}"
     );
-    let status = daemon.stop(&mut lab)?;
-    ensure!(status.success(), "daemon exit: {status}");
+    daemon.stop_ok(&mut lab)?;
     server.stop()?;
     Ok(())
 }
@@ -705,8 +704,7 @@ fn dual_stack(xdp: bool) -> Result<()> {
             ensure!(grew >= want, "{r} grew by {grew}, want >= {want}");
         }
     }
-    let status = daemon.stop(&mut lab)?;
-    ensure!(status.success(), "daemon exit: {status}");
+    daemon.stop_ok(&mut lab)?;
     server4.stop()?;
     server6.stop()?;
     let (a, aaaa) = dns.stop_and_join()?;
@@ -844,8 +842,7 @@ health = {{ kind = "none" }}
         let want = tcp.min_packets_up.min(tcp.min_packets_down);
         ensure!(grew >= want, "{r} grew by {grew}, want >= {want}: {stats}");
     }
-    let status = daemon.stop(&mut lab)?;
-    ensure!(status.success(), "daemon exit: {status}");
+    daemon.stop_ok(&mut lab)?;
     server.stop()?;
     Ok(())
 }

@@ -154,12 +154,6 @@ async fn greeting(service: SocketAddr) -> Result<String> {
     Ok(body)
 }
 
-fn stop_ok(topo: &mut TwoInterface, daemon: &Daemon) -> Result<()> {
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
-    Ok(())
-}
-
 // =============================================================================================
 // Security.
 // =============================================================================================
@@ -231,7 +225,7 @@ fn admin_listener_is_loopback_unless_configured() -> Result<()> {
         "the admin port answers on the proxy's client-side address"
     );
     home.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 /// `bpftool map dump pinned` of every map pinned in `dir` (links and other pins skipped).
@@ -289,7 +283,7 @@ fn inspect_is_read_only() -> Result<()> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     // SIGTERM: detach and keep the maps pinned; nothing writes them any more.
-    stop_ok(&mut topo, &daemon)?;
+    daemon.stop_ok(&mut topo.lab)?;
     held.stop_and_join()?;
     home.stop()?;
     let dir = daemon
@@ -475,7 +469,7 @@ fn flow_table_full_evicts_without_a_crash() -> Result<()> {
          answered; at most {max_seen:?} entries (forward, reverse)"
     );
     home.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 /// Concurrent new UDP flows through a full 16-entry table. Each table evicts on its own, so a
@@ -505,7 +499,7 @@ fn concurrent_new_flows_in_a_full_table_are_kept() -> Result<()> {
             .with_context(|| format!("round {round} of 8 concurrent UDP sessions"))?;
     }
     home.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 #[test]
@@ -573,7 +567,7 @@ fn snat_ports_exhausted_refuses_new_flows_and_keeps_old_ones() -> Result<()> {
          the {kept} connections holding the ports each downloaded 256 KiB intact"
     );
     home.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 /// How the test's DNS responder answers.
@@ -708,7 +702,7 @@ fn dns_failure_keeps_the_last_good_address() -> Result<()> {
     // One answered, then two of each failure mode at least.
     ensure!(queries >= 5, "only {queries} DNS queries");
     home.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 #[test]
@@ -782,7 +776,7 @@ fn all_upstreams_down_refuses_new_connections_fast() -> Result<()> {
          an upstream back serves again"
     );
     ha.stop()?;
-    stop_ok(&mut topo, &daemon)
+    daemon.stop_ok(&mut topo.lab)
 }
 
 // =============================================================================================
@@ -926,7 +920,7 @@ fn daemon_drops_every_capability_once_attached() -> Result<()> {
         !log.contains("ERROR") && !log.contains("Operation not permitted"),
         "errors after dropping capabilities:\n{log}"
     );
-    stop_ok(&mut topo, &daemon)?;
+    daemon.stop_ok(&mut topo.lab)?;
     for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
         ensure!(
             !netns::has_xdp(&topo.proxy, dev)?,
@@ -1000,7 +994,7 @@ fn userspace_daemon_keeps_only_net_bind_service() -> Result<()> {
         "capabilities (userspace path): {started} threads after start, {later} after a reload \
          that bound port 81: CAP_NET_BIND_SERVICE only"
     );
-    stop_ok(&mut topo, &daemon)?;
+    daemon.stop_ok(&mut topo.lab)?;
     ha.stop()
 }
 

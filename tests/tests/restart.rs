@@ -378,8 +378,7 @@ fn kill_9_and_restart_keep_every_transfer() -> Result<()> {
     check_admin(&proxy, &stats, &listen, &pin_dir)?;
 
     // SIGTERM = stop: detached and unpinned, maps kept.
-    let status = second.stop(&mut lab)?;
-    ensure!(status.success(), "second daemon exited with {status}");
+    second.stop_ok(&mut lab)?;
     for dev in ifaces {
         ensure!(
             !netns::has_xdp(&proxy, dev)?,
@@ -617,8 +616,7 @@ fn sigquit_leaves_the_datapath_for_the_next_start() -> Result<()> {
         log.matches("adopted the pinned XDP link").count() == 2,
         "no adoption:\n{log}"
     );
-    let status = second.stop(&mut lab)?;
-    ensure!(status.success(), "second daemon exited with {status}");
+    second.stop_ok(&mut lab)?;
     for dev in ifaces {
         ensure!(!netns::has_xdp(&proxy, dev)?, "XDP on {dev} after SIGTERM");
     }
@@ -748,8 +746,7 @@ fn link_of_an_interface_dropped_from_the_config_is_released() -> Result<()> {
         "XDP still on the dropped interface"
     );
     ensure!(netns::has_xdp(&proxy, two::PROXY_CLIENT_DEV)?);
-    let status = second.stop(&mut lab)?;
-    ensure!(status.success(), "second daemon exited with {status}");
+    second.stop_ok(&mut lab)?;
     ensure!(pins(&pin_dir, "link_")?.is_empty());
     Ok(())
 }
@@ -788,8 +785,7 @@ fn links_of_another_layout_version_are_taken_over() -> Result<()> {
         log.matches("another map layout").count() == 2,
         "no take-over logged:\n{log}"
     );
-    let status = second.stop(&mut lab)?;
-    ensure!(status.success(), "second daemon exited with {status}");
+    second.stop_ok(&mut lab)?;
     for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
         ensure!(!netns::has_xdp(&proxy, dev)?, "XDP on {dev} after SIGTERM");
     }
@@ -879,8 +875,7 @@ fn runs_with_only_the_units_capabilities() -> Result<()> {
     client.run(LIMIT, || async {
         get_root_until_up(tcp_service()).await.map(drop)
     })?;
-    let status = second.stop(&mut lab)?;
-    ensure!(status.success(), "restricted daemon exited with {status}");
+    second.stop_ok(&mut lab)?;
     for dev in [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV] {
         ensure!(!netns::has_xdp(&proxy, dev)?, "XDP on {dev} after SIGTERM");
     }

@@ -936,8 +936,7 @@ fall = 2
         ensure!(v >= at_least, "{series} = {v}, want at least {at_least}");
     }
 
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     echo.stop_and_join()?;
     drop(topo);
     check_cleaned(&id)
@@ -1039,8 +1038,7 @@ rise = 2
     let back: BTreeSet<String> = names(4)?.into_iter().collect();
     ensure!(back.contains("name=beta"), "beta not used again: {back:?}");
 
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     alpha.stop_and_join()?;
     beta.stop_and_join()?;
     drop(topo);
@@ -1088,8 +1086,7 @@ fn http_streams_50_mb_with_bounded_memory() -> Result<()> {
         after < RSS_BOUND_KIB,
         "daemon peak RSS {after} kB >= {RSS_BOUND_KIB} kB: bodies were buffered"
     );
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     home.stop()?;
     drop(topo);
     check_cleaned(&id)
@@ -1150,8 +1147,7 @@ fn http_websocket_echo() -> Result<()> {
         echoed == ["hello", "through the proxy", "third frame"],
         "echoed {echoed:?}"
     );
-    let status = daemon.stop(&mut topo.lab)?;
-    ensure!(status.success(), "daemon exited with {status}");
+    daemon.stop_ok(&mut topo.lab)?;
     echo.stop_and_join()?;
     drop(topo);
     check_cleaned(&id)
