@@ -45,8 +45,9 @@ impl Deadlines {
             sleep.as_mut().reset(deadline);
         }
         // The timer is set at or before `deadline`: while it has not fired, `deadline` has not
-        // passed either. When it fires for an earlier deadline, it is set again for this one.
-        for _ in 0..2 {
+        // passed either. When it fires for an earlier deadline, it is set again for this one
+        // (and then fires only once `deadline` has passed: at most two turns).
+        loop {
             if sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
@@ -55,7 +56,6 @@ impl Deadlines {
             }
             sleep.as_mut().reset(deadline);
         }
-        Poll::Pending
     }
 
     /// A future ready at `deadline`.
