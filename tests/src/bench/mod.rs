@@ -2,11 +2,12 @@
 //! and HAProxy in one run (see BENCHMARKS.md). The driver is `src/bin/xdp-proxy-bench.rs`;
 //! this module holds its parts: `measure` (wrk, iperf3, CPU accounting), `udp` (the small UDP
 //! request/response client and responder), `systems` (setting each system up and down in the
-//! namespace lab), `micro` (BPF_PROG_TEST_RUN per-packet cost and the 1M-flow table) and
-//! `report` (markdown, SVG, JSON).
+//! namespace lab), `micro` (BPF_PROG_TEST_RUN per-packet cost and the 1M-flow table),
+//! `reference` (the tokio and hyper reference servers) and `report` (markdown, SVG, JSON).
 
 pub mod measure;
 pub mod micro;
+pub mod reference;
 pub mod report;
 pub mod systems;
 pub mod udp;

@@ -371,6 +371,28 @@ fn targets(r: &Results) -> String {
             ok(x).then_some(x >= 1.0),
         );
     }
+    // Not a target: where the userspace L4 path stands against the library it is built on.
+    let own = |s| {
+        med(s, Workload::KeepAlive, &|x| {
+            x.proxy_per_unit().unwrap_or(f64::NAN)
+        })
+    };
+    let (u, t) = (
+        med(System::XdpUserspace, Workload::KeepAlive, &|s| s.value),
+        med(System::TokioCopy, Workload::KeepAlive, &|s| s.value),
+    );
+    if pos(u) && pos(t) {
+        let _ = writeln!(
+            out,
+            "\nReference, not a target: userspace L4 keep-alive requests/s {:.2}x tokio \
+             copy_bidirectional's; the proxy's own CPU per request {} µs against {} µs (nginx \
+             stream {} µs).",
+            u / t,
+            fmt_num(own(System::XdpUserspace)),
+            fmt_num(own(System::TokioCopy)),
+            fmt_num(own(System::NginxStream)),
+        );
+    }
     out
 }
 

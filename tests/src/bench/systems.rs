@@ -35,18 +35,20 @@ pub enum System {
     NginxStream,
     NginxHttp,
     Haproxy,
+    TokioCopy,
     XdpUserspace,
     XdpHttp,
 }
 
 impl System {
-    pub const ALL: [System; 8] = [
+    pub const ALL: [System; 9] = [
         System::Direct,
         System::XdpFast,
         System::Nftables,
         System::NginxStream,
         System::NginxHttp,
         System::Haproxy,
+        System::TokioCopy,
         System::XdpUserspace,
         System::XdpHttp,
     ];
@@ -60,6 +62,7 @@ impl System {
             System::NginxStream => "nginx stream",
             System::NginxHttp => "nginx http",
             System::Haproxy => "haproxy tcp",
+            System::TokioCopy => "tokio copy_bidirectional",
             System::XdpUserspace => "xdp-proxy userspace L4",
             System::XdpHttp => "xdp-proxy L7 (http)",
         }
@@ -75,6 +78,7 @@ impl System {
             System::NginxStream => "nginx-stream",
             System::NginxHttp => "nginx-http",
             System::Haproxy => "haproxy",
+            System::TokioCopy => "tokio-copy",
             System::XdpUserspace => "xdp-userspace",
             System::XdpHttp => "xdp-http",
         }
@@ -103,6 +107,12 @@ impl System {
                  the same work per request"
             }
             System::Haproxy => "haproxy mode tcp, nbthread 1",
+            System::TokioCopy => {
+                "reference: a TCP proxy that is only tokio::io::copy_bidirectional (the bench \
+                 binary, --tcp-copy), one tokio worker thread, a task per connection: what the \
+                 userspace L4 path is built on, without its upstream choice, health, counters, \
+                 timeouts or half-close accounting"
+            }
             System::XdpUserspace => {
                 "xdp-proxy daemon (release), datapath mode = \"userspace\": the same l4 services \
                  proxied by the daemon (tokio, XDP_PROXY_WORKER_THREADS=1: one worker thread, as \
@@ -126,7 +136,10 @@ impl System {
     /// Whether the system carries UDP (the HTTP proxies and HAProxy do not).
     #[must_use]
     pub const fn carries_udp(self) -> bool {
-        !matches!(self, System::NginxHttp | System::XdpHttp | System::Haproxy)
+        !matches!(
+            self,
+            System::NginxHttp | System::XdpHttp | System::Haproxy | System::TokioCopy
+        )
     }
 
     /// Why a system has no UDP row.
@@ -134,6 +147,7 @@ impl System {
     pub const fn no_udp_reason(self) -> Option<&'static str> {
         match self {
             System::Haproxy => Some("HAProxy cannot proxy UDP (TCP and HTTP only)"),
+            System::TokioCopy => Some("n/a: a TCP-only reference"),
             System::NginxHttp | System::XdpHttp => Some("n/a: an HTTP (L7) proxy"),
             _ => None,
         }
@@ -506,6 +520,22 @@ impl BenchLab {
                 );
                 pid = Some(self.spawn_nginx("http", &conf)?);
             }
+            System::TokioCopy => {
+                let exe = std::env::current_exe().context("locating the bench binary")?;
+                let mut cmd = proxy.command(&exe)?;
+                cmd.arg("--tcp-copy").args([
+                    format!("{svc_ip}:{SERVICE_PORT}={home}:{HOME_HTTP_PORT}"),
+                    format!("{svc_ip}:{BULK_PORT}={home}:{BULK_PORT}"),
+                ]);
+                let p = self.topo.lab.spawn("tokio-copy", cmd)?;
+                for port in [SERVICE_PORT, BULK_PORT] {
+                    wait_until("the tokio-copy reference", Duration::from_secs(10), || {
+                        listening(&proxy, svc_ip, port)
+                    })
+                    .with_context(|| self.topo.lab.log_tail(p, 20))?;
+                }
+                pid = Some(p);
+            }
             System::Haproxy => {
                 let conf = format!(
                     "global\n  nbthread 1\n  maxconn 8000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
@@ -598,7 +628,7 @@ impl BenchLab {
                     !listening(&proxy, ip, SERVICE_PORT)
                 })?;
             }
-            System::NginxStream | System::NginxHttp | System::Haproxy => {
+            System::NginxStream | System::NginxHttp | System::Haproxy | System::TokioCopy => {
                 if let Some(pid) = running.pid {
                     self.topo.lab.stop(pid)?;
                 }

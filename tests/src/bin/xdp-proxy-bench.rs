@@ -5,9 +5,12 @@
 //! Usage: xdp-proxy-bench [--quick] [--rounds N] [--out DIR] [--no-micro] [--no-live]
 //!                        [--no-bpf-stats]
 //!                        [--systems direct,xdp,nftables,nginx-stream,nginx-http,haproxy,
-//!                                   xdp-userspace,xdp-http]
+//!                                   tokio-copy,xdp-userspace,xdp-http]
 //!                        [--workloads keepalive,latency-1conn,newconn,bulk,udp-rr]
 //!        xdp-proxy-bench --udp-echo IP:PORT   (the UDP responder the bench starts at home)
+//!        xdp-proxy-bench --tcp-copy LISTEN=UPSTREAM...  (the tokio-copy reference proxy)
+//!        xdp-proxy-bench --http-static LISTEN (hyper answering from memory; see
+//!                                              docs/userspace.md "Performance")
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,7 +27,7 @@ use integration_tests::bench::systems::{
     BULK_PORT, BenchLab, NOT_IMPLEMENTED, System, UDP_PORT, udp_bound,
 };
 use integration_tests::bench::udp::{self, UdpLoad};
-use integration_tests::bench::{LiveSample, Workload, micro};
+use integration_tests::bench::{LiveSample, Workload, micro, reference};
 use integration_tests::netns::{daemon_binary, two};
 
 /// Set by SIGINT/SIGTERM: the bench stops after the current run and its lab's Drop removes the
@@ -189,8 +192,9 @@ const UDP_SOCKETS: u32 = 4;
 const UDP_PER_SOCKET: u32 = 4;
 /// A UDP request unanswered this long is counted lost (and replaced).
 const UDP_LOSS_TIMEOUT: Duration = Duration::from_millis(200);
-/// The responder exits by itself after this long if nobody stopped it.
-const UDP_RESPONDER_LIFETIME: Duration = Duration::from_secs(3 * 3600);
+/// The helper processes (the UDP responder, the reference servers) exit by themselves after this
+/// long if nobody stopped them.
+const HELPER_LIFETIME: Duration = Duration::from_secs(3 * 3600);
 
 struct Plan {
     rounds: u32,
@@ -704,11 +708,30 @@ fn main() -> ExitCode {
                 a.parse::<std::net::SocketAddrV4>()
                     .with_context(|| format!("--udp-echo {a:?}"))
             })
-            .and_then(|addr| udp::serve_echo(addr, UDP_RESPONDER_LIFETIME));
+            .and_then(|addr| udp::serve_echo(addr, HELPER_LIFETIME));
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("xdp-proxy-bench --udp-echo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(flag @ ("--tcp-copy" | "--http-static")) = argv.get(1).map(String::as_str) {
+        let rest = argv.get(2..).unwrap_or_default();
+        let result = if flag == "--tcp-copy" {
+            reference::parse_pairs(rest)
+                .and_then(|pairs| reference::serve_tcp_copy(&pairs, HELPER_LIFETIME))
+        } else {
+            rest.first()
+                .context("--http-static needs IP:PORT")
+                .and_then(|a| a.parse().with_context(|| format!("--http-static {a:?}")))
+                .and_then(|addr| reference::serve_http_static(addr, HELPER_LIFETIME))
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("xdp-proxy-bench {flag}: {e:#}");
                 ExitCode::FAILURE
             }
         };
