@@ -169,11 +169,20 @@ pub fn threads() -> Result<BTreeMap<u32, ThreadCaps>, PrivsError> {
             continue;
         };
         let path = format!("{dir}/{tid}/status");
+        // A thread that exits between the listing and the read is skipped: its file is gone
+        // (ENOENT), its task is (ESRCH), or what was read of it is incomplete.
+        let gone = || !std::path::Path::new(&format!("{dir}/{tid}")).exists();
         match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                out.insert(tid, ThreadCaps::parse(&text, &path)?);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(text) => match ThreadCaps::parse(&text, &path) {
+                Ok(caps) => {
+                    out.insert(tid, caps);
+                }
+                Err(_) if gone() => {}
+                Err(e) => return Err(e),
+            },
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ESRCH) => {}
             Err(source) => return Err(PrivsError::Proc { path, source }),
         }
     }
@@ -411,7 +420,7 @@ mod tests {
 
     #[test]
     fn this_process_reads_its_threads() {
-        let t = threads().unwrap();
+        let t = threads().expect("every thread of this process read");
         assert!(!t.is_empty());
     }
 }
