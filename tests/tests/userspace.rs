@@ -30,6 +30,11 @@
 //!   `[service.health]`: one of two stopped is taken out after `fall` checks and every later
 //!   request goes to the other (no 502/503 in the access log); started again it is used again.
 //! - `http_websocket_echo`: an Upgrade (WebSocket) request passed through; frames echoed.
+//! - `http_upstream_response_framings`: responses to requests without a body (sent on plain
+//!   upstream connections, not hyper's client) framed every way HTTP/1.1 allows: chunked with
+//!   extensions and trailers, Content-Length, until close, 1xx before the response, 204, HEAD;
+//!   the upstream connection reused after a body read to its end and not after a close; a
+//!   conflicting Content-Length answered 502, a body cut short ends the client's transfer.
 //!
 //! Run as root: `cargo test -p integration-tests --test userspace -- --nocapture`.
 
@@ -538,6 +543,15 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
             // Takes the request, never answers (bounded by the thread's limit).
             std::future::pending::<()>().await;
         }
+        if name == "framing" {
+            let (response, close) = framing_response(&head, peer);
+            s.write_all(&response).await?;
+            s.flush().await?;
+            if close {
+                return Ok(());
+            }
+            continue;
+        }
         let websocket = head
             .iter()
             .any(|l| l.eq_ignore_ascii_case("upgrade: websocket"));
@@ -558,6 +572,55 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
         s.write_all(resp.as_bytes()).await?;
         s.flush().await?;
     }
+}
+
+/// The "framing" upstream's answer to `head` (by path), and whether it closes after it.
+fn framing_response(head: &[String], peer: SocketAddr) -> (Vec<u8>, bool) {
+    let line = head.first().map_or("", String::as_str);
+    let head_request = line.starts_with("HEAD ");
+    let path = line.split(' ').nth(1).unwrap_or("/");
+    let length = |body: &str| {
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len());
+        if !head_request {
+            r.push_str(body);
+        }
+        r
+    };
+    let r = match path {
+        "/chunked" => {
+            let (a, b) = (format!("chunked peer={peer}\n"), "second chunk\n");
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{a}\r\n{:x};ext=1\r\n{b}\r\n\
+                 0\r\nX-Trailer: t\r\n\r\n",
+                a.len(),
+                b.len()
+            )
+        }
+        "/length" => length(&format!("length peer={peer}\n")),
+        "/close" => {
+            return (
+                format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil close peer={peer}\n")
+                    .into_bytes(),
+                true,
+            );
+        }
+        "/early" => format!(
+            "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n{}",
+            length("after early hints\n")
+        ),
+        "/nocontent" => "HTTP/1.1 204 No Content\r\nX-Framing: none\r\n\r\n".to_owned(),
+        "/badlength" => {
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello".to_owned()
+        }
+        "/short" => {
+            return (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort".to_vec(),
+                true,
+            );
+        }
+        _ => length("no such framing\n"),
+    };
+    (r.into_bytes(), false)
 }
 
 /// Echo WebSocket frames (short ones: payload < 126 bytes) until a close frame.
@@ -1088,6 +1151,98 @@ fn http_streams_50_mb_with_bounded_memory() -> Result<()> {
     );
     daemon.stop_ok(&mut topo.lab)?;
     home.stop()?;
+    drop(topo);
+    check_cleaned(&id)
+}
+
+/// The upstream-side address an answer of the "framing" upstream names (`... peer=ADDR`).
+fn peers_in(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split_once("peer=").map(|(_, p)| p.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn http_upstream_response_framings() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("httpframe")?;
+    let id = topo.lab.id().to_owned();
+    let echo = start_echo(&topo.home, &[("framing", 8086)])?;
+    let daemon = start_http_daemon(
+        &mut topo,
+        &http_service(
+            &[sock(two::HOME, 8086)],
+            "[service.http]\nheader_timeout = \"2s\"\n",
+        ),
+    )?;
+    let url = |path: &str| format!("http://{}{path}", sock(two::PROXY_CLIENT_SIDE, 80));
+    // One client connection, three requests: chunked (extension, trailer), length, chunked.
+    let out = topo.client.exec(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            &url("/chunked"),
+            &url("/length"),
+            &url("/chunked"),
+        ],
+    )?;
+    ensure!(
+        out.matches("second chunk\n").count() == 2 && out.contains("length peer="),
+        "chunked and length bodies: {out:?}"
+    );
+    let peers = peers_in(&out);
+    ensure!(
+        peers.len() == 3 && peers.iter().all(|p| *p == peers[0]),
+        "one upstream connection reused after each body read to its end: {peers:?} in {out:?}"
+    );
+    // Until close: the body whole, and the next request on a new upstream connection.
+    let out = topo.client.exec(
+        "curl",
+        &["-sS", "--max-time", "10", &url("/close"), &url("/length")],
+    )?;
+    let peers = peers_in(&out);
+    ensure!(
+        out.contains("until close peer=") && peers.len() == 2 && peers[0] != peers[1],
+        "a connection closed after its body is not reused: {out:?}"
+    );
+    let (code, body) = curl(&topo.client, &[&url("/early")])?;
+    ensure!(
+        code == 200 && body == "after early hints\n",
+        "103 skipped, the final response passed: {code} {body:?}"
+    );
+    let (code, body) = curl(&topo.client, &["-D", "-", &url("/nocontent")])?;
+    ensure!(
+        code == 204 && body.to_ascii_lowercase().contains("x-framing: none"),
+        "204 with its header: {code} {body:?}"
+    );
+    let (code, head) = curl(&topo.client, &["-I", &url("/length")])?;
+    ensure!(
+        code == 200 && head.to_ascii_lowercase().contains("content-length: 2"),
+        "HEAD: the length of the body a GET would get, no body: {code} {head:?}"
+    );
+    let (code, body) = curl(&topo.client, &[&url("/badlength")])?;
+    ensure!(
+        code == 502 && body.contains("Content-Length"),
+        "conflicting Content-Length: {code} {body:?}"
+    );
+    // A body cut short: the client's transfer fails (not a complete response).
+    let short = topo
+        .client
+        .exec("curl", &["-sS", "--max-time", "10", &url("/short")]);
+    ensure!(
+        short.is_err(),
+        "a body cut short reached the client whole: {short:?}"
+    );
+    // And the service still answers.
+    let (code, body) = curl(&topo.client, &[&url("/length")])?;
+    ensure!(
+        code == 200 && body.starts_with("length peer="),
+        "{code} {body:?}"
+    );
+    daemon.stop_ok(&mut topo.lab)?;
+    echo.stop_and_join()?;
     drop(topo);
     check_cleaned(&id)
 }

@@ -26,6 +26,7 @@
 //! buffering it). Upgrades (WebSocket) are passed through: after a 101 both connections are
 //! joined byte for byte.
 
+mod direct;
 mod drive;
 pub mod headers;
 mod timer;
@@ -45,7 +46,7 @@ use bytes::Bytes;
 use http::{
     HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, uri::Authority,
 };
-use http_body_util::{BodyExt as _, Empty, Full, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::{
@@ -60,7 +61,9 @@ use crate::{
     state::SharedStatus,
 };
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// Bodies both ways: hyper's (client requests, upstream responses through hyper's client), ours
+/// ([`direct::DirectBody`]), and the proxy's own answers.
+type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Upstreams tried for one request (the first, then retries after connect failures).
 const MAX_ATTEMPTS: usize = 3;
@@ -86,6 +89,10 @@ struct Conns {
     peer_text: std::sync::OnceLock<String>,
     /// Ready connections for the next request: upstream, sender, id in `upstreams`.
     own: std::sync::Mutex<Vec<(SocketAddr, Sender, u64)>>,
+    /// Plain connections for the next request without a body ([`direct`]).
+    direct: std::sync::Mutex<Vec<(SocketAddr, direct::Conn)>>,
+    /// The client connection ended: connections given back go to the service's idle list.
+    finished: std::sync::atomic::AtomicBool,
     /// The id of the next connection this client connection opens or takes over.
     next_id: AtomicU64,
     /// The upstream connections this client connection's task drives.
@@ -152,14 +159,58 @@ impl Conns {
         }
     }
 
+    fn direct(&self) -> std::sync::MutexGuard<'_, Vec<(SocketAddr, direct::Conn)>> {
+        match self.direct.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A plain connection to `up` that may carry a request: this client connection's own, else
+    /// an idle one of the service.
+    fn take_direct(&self, up: SocketAddr) -> Option<direct::Conn> {
+        {
+            let mut own = self.direct();
+            if let Some(i) = own.iter().position(|(a, _)| *a == up) {
+                let (_, c) = own.swap_remove(i);
+                if c.idle_ok() {
+                    return Some(c);
+                }
+            }
+        }
+        self.svc.direct_idle_take(up)
+    }
+
     /// The client connection ended: its ready connections go to the idle list, every other
     /// connection it still drives goes on in a task of its own.
     fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
         let own = std::mem::take(&mut *self.own());
         for (a, s, id) in own {
             self.to_idle(a, s, id);
         }
+        let direct = std::mem::take(&mut *self.direct());
+        for (a, c) in direct {
+            self.svc.direct_idle_put(a, c);
+        }
         self.upstreams.hand_off();
+    }
+}
+
+impl direct::Keep for Conns {
+    /// A response body was read to its end: its connection carries this client connection's
+    /// next request to `up` (or, the client connection ended, another's).
+    fn keep(&self, up: SocketAddr, conn: direct::Conn) {
+        if self.finished.load(Ordering::Acquire) {
+            self.svc.direct_idle_put(up, conn);
+            return;
+        }
+        let mut own = self.direct();
+        if own.len() >= OWN_MAX {
+            let (a, old) = own.remove(0);
+            self.svc.direct_idle_put(a, old);
+        }
+        own.push((up, conn));
     }
 }
 
@@ -332,6 +383,8 @@ pub struct Service {
     /// Idle upstream connections: upstream, sender, connection future (polled by the sweep),
     /// since when idle.
     idle: std::sync::Mutex<Vec<Idle>>,
+    /// Idle plain connections ([`direct`]): upstream, connection, since when idle.
+    direct_idle: std::sync::Mutex<Vec<(SocketAddr, direct::Conn, Instant)>>,
     status: SharedStatus,
     next: AtomicUsize,
     pub stats: Stats,
@@ -461,6 +514,7 @@ pub fn start(
             routing: std::sync::RwLock::new(Arc::new(routing)),
             snat,
             idle: std::sync::Mutex::new(Vec::new()),
+            direct_idle: std::sync::Mutex::new(Vec::new()),
             status: status.clone(),
             next: AtomicUsize::new(0),
             stats: Stats::default(),
@@ -533,6 +587,8 @@ async fn accept_loop(
                 peer,
                 peer_text: std::sync::OnceLock::new(),
                 own: std::sync::Mutex::new(Vec::new()),
+                direct: std::sync::Mutex::new(Vec::new()),
+                finished: std::sync::atomic::AtomicBool::new(false),
                 next_id: AtomicU64::new(0),
                 upstreams: Arc::clone(&upstreams),
                 deadlines: Arc::clone(&deadlines),
@@ -575,6 +631,12 @@ fn forward_headers(
     headers::remove_hop_by_hop(&mut h, upgrade);
     headers::add_forwarded_for(&mut h, client, "http", host.as_ref());
     h
+}
+
+/// The request target as it goes upstream: origin form (`/path?query`).
+fn origin_target(uri: &Uri) -> &str {
+    uri.path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str)
 }
 
 /// The request as it goes to `up`: origin-form URI (`/path?query`), the client's Host (or
@@ -696,7 +758,7 @@ impl Service {
         &self,
         mut req: Request<Incoming>,
         client: &headers::Client,
-        conns: &Conns,
+        conns: &Arc<Conns>,
     ) -> Response<Body> {
         let started = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -728,45 +790,76 @@ impl Service {
                 )
             } else {
                 let upgrade = headers::upgrade_request(req.headers());
-                let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+                let mut client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+                // A request the proxy may send again goes on a plain connection ([`direct`]);
+                // one with a body or an upgrade through hyper's client, once.
                 let replayable =
                     idempotent(&method) && req.body().is_end_stream() && upgrade.is_none();
                 let (parts, body) = req.into_parts();
-                let mut body = Some(body.boxed());
-                let tries = candidates.len().min(MAX_ATTEMPTS);
-                // The headers as they go upstream, the same for every attempt: made once, and
-                // copied only when a retry may need them again.
+                let mut body = Some(body.map_err(Into::into).boxed());
+                let tries = if replayable {
+                    candidates.len().min(MAX_ATTEMPTS)
+                } else {
+                    1
+                };
+                // The headers as they go upstream, the same for every attempt: made once.
                 let mut out_headers =
                     Some(forward_headers(parts.headers, client, upgrade.as_ref()));
+                let mut head = Vec::with_capacity(512);
                 let mut last = None;
-                for (i, up) in candidates.iter().take(tries).enumerate() {
-                    let b = match body.take() {
-                        Some(b) => b,
-                        None if replayable => Empty::new().map_err(|never| match never {}).boxed(),
-                        None => break,
-                    };
-                    let headers = if replayable && i + 1 < tries {
-                        out_headers.clone()
-                    } else {
-                        out_headers.take()
-                    };
-                    let Some(headers) = headers else { break };
+                for up in candidates.iter().take(tries) {
                     attempts += 1;
                     if attempts > 1 {
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     }
-                    let out =
-                        upstream_request(&routing, &parts.method, &parts.uri, headers, b, *up);
                     let up_traffic = self.stats.upstreams.get(*up);
-                    match self
-                        .send(conns, *up, out, &routing.http, head_deadline)
+                    let sent = if replayable {
+                        let Some(h) = out_headers.as_ref() else { break };
+                        let fallback;
+                        let host = match routing.authority_str(*up) {
+                            Some(a) => a,
+                            None => {
+                                fallback = up.to_string();
+                                &fallback
+                            }
+                        };
+                        direct::encode_request(
+                            &parts.method,
+                            origin_target(&parts.uri),
+                            h,
+                            Some(host),
+                            &mut head,
+                        );
+                        self.send_direct(
+                            conns,
+                            *up,
+                            &head,
+                            &parts.method,
+                            &routing.http,
+                            head_deadline,
+                        )
                         .await
-                    {
+                    } else {
+                        let (Some(b), Some(h)) = (body.take(), out_headers.take()) else {
+                            break;
+                        };
+                        let out = upstream_request(&routing, &parts.method, &parts.uri, h, b, *up);
+                        match self
+                            .send(conns, *up, out, &routing.http, head_deadline)
+                            .await
+                        {
+                            Ok(resp) => Ok(self.upstream_response(
+                                resp,
+                                client_upgrade.take(),
+                                upgrade.as_ref(),
+                            )),
+                            Err(f) => Err(f),
+                        }
+                    };
+                    match sent {
                         Ok(resp) => {
                             up_traffic.opened.fetch_add(1, Ordering::Relaxed);
                             upstream = Some(*up);
-                            let resp =
-                                self.upstream_response(resp, client_upgrade, upgrade.as_ref());
                             return self.log(
                                 resp,
                                 &method,
@@ -884,14 +977,69 @@ impl Service {
         }
     }
 
-    /// A new HTTP/1 connection to `up` from the SNAT address of its family, its connection
-    /// driven by the client connection's task (upgrades included).
-    async fn connect(
+    /// Send a request without a body (`request`, its head) to `up` on a plain connection of
+    /// `conns` or a new one ([`direct`]); a reused connection that closed without answering is
+    /// replaced by a new one and the request sent again. No response head by `head_deadline`:
+    /// [`Failure::HeadTimeout`]. The response's body reads the connection and gives it back to
+    /// `conns` at its end.
+    async fn send_direct(
         &self,
-        conns: &Conns,
+        conns: &Arc<Conns>,
+        up: SocketAddr,
+        request: &[u8],
+        method: &Method,
+        http: &HttpConfig,
+        head_deadline: tokio::time::Instant,
+    ) -> Result<Response<Body>, Failure> {
+        let (mut conn, mut fresh) = match conns.take_direct(up) {
+            Some(c) => (c, false),
+            None => (
+                direct::Conn::new(self.open(up, http.connect_timeout).await?),
+                true,
+            ),
+        };
+        loop {
+            let answered = {
+                let mut exchange = std::pin::pin!(direct::exchange(&mut conn, request, method));
+                std::future::poll_fn(|cx| {
+                    if let std::task::Poll::Ready(r) = exchange.as_mut().poll(cx) {
+                        return std::task::Poll::Ready(Some(r));
+                    }
+                    conns
+                        .deadlines
+                        .poll_deadline(head_deadline, cx)
+                        .map(|()| None)
+                })
+                .await
+            };
+            match answered {
+                None => return Err(Failure::HeadTimeout),
+                Some(Ok(head)) => {
+                    let keep: Arc<dyn direct::Keep> = Arc::clone(conns) as Arc<dyn direct::Keep>;
+                    let body = direct::DirectBody::new(conn, &head, keep, up);
+                    let mut resp = Response::new(body.map_err(Into::into).boxed());
+                    *resp.status_mut() = head.status;
+                    *resp.version_mut() = head.version;
+                    *resp.headers_mut() = head.headers;
+                    headers::remove_hop_by_hop(resp.headers_mut(), None);
+                    return Ok(resp);
+                }
+                Some(Err(e)) if e.retry_on_new_connection() && !fresh => {
+                    tracing::debug!(service = %self.name, upstream = %up, error = %e, "reused upstream connection closed: sending again on a new one");
+                    conn = direct::Conn::new(self.open(up, http.connect_timeout).await?);
+                    fresh = true;
+                }
+                Some(Err(e)) => return Err(Failure::Upstream(e.to_string())),
+            }
+        }
+    }
+
+    /// A new TCP connection to `up` from the SNAT address of its family.
+    async fn open(
+        &self,
         up: SocketAddr,
         timeout: Duration,
-    ) -> Result<(Sender, u64), Failure> {
+    ) -> Result<tokio::net::TcpStream, Failure> {
         let failed = |e: io::Error| Failure::Connect {
             timed_out: e.kind() == io::ErrorKind::TimedOut,
             error: format!("connect to {up}: {e}"),
@@ -915,6 +1063,18 @@ impl Service {
             Ok(r) => r.map_err(failed)?,
         };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// A new HTTP/1 connection to `up` from the SNAT address of its family, its connection
+    /// driven by the client connection's task (upgrades included).
+    async fn connect(
+        &self,
+        conns: &Conns,
+        up: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(Sender, u64), Failure> {
+        let stream = self.open(up, timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::Upstream(error_chain(&e)))?;
@@ -971,10 +1131,44 @@ impl Service {
         }
     }
 
+    /// An idle plain connection to `up` that may carry a request; closed ones are dropped on
+    /// the way.
+    fn direct_idle_take(&self, up: SocketAddr) -> Option<direct::Conn> {
+        let mut idle = match self.direct_idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        while let Some(i) = idle.iter().rposition(|(a, _, _)| *a == up) {
+            let (_, c, _) = idle.swap_remove(i);
+            if c.idle_ok() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Keep a plain connection to `up` for other client connections, when there is room.
+    fn direct_idle_put(&self, up: SocketAddr, conn: direct::Conn) {
+        let mut idle = match self.direct_idle.lock() {
+            Ok(i) => i,
+            Err(p) => p.into_inner(),
+        };
+        if idle.len() < IDLE_MAX {
+            idle.push((up, conn, Instant::now()));
+        }
+    }
+
     /// Close idle connections older than the idle timeout; poll the others once, so that one
     /// the upstream closed ends (and is dropped) here.
     fn idle_sweep(&self) {
         let timeout = self.routing().http.idle_timeout;
+        {
+            let mut idle = match self.direct_idle.lock() {
+                Ok(i) => i,
+                Err(p) => p.into_inner(),
+            };
+            idle.retain(|(_, c, since)| since.elapsed() < timeout && c.idle_ok());
+        }
         let mut idle = match self.idle.lock() {
             Ok(i) => i,
             Err(p) => p.into_inner(),
@@ -1025,7 +1219,7 @@ impl Service {
         }
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers, up_proto.as_ref());
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, body.map_err(Into::into).boxed())
     }
 
     #[expect(clippy::too_many_arguments, reason = "one access log line's fields")]
@@ -1173,6 +1367,7 @@ mod tests {
             })),
             snat: SnatAddrs::default(),
             idle: std::sync::Mutex::new(Vec::new()),
+            direct_idle: std::sync::Mutex::new(Vec::new()),
             status,
             next: AtomicUsize::new(0),
             stats: Stats::default(),
@@ -1217,7 +1412,9 @@ mod tests {
                 &Method::GET,
                 &uri,
                 headers,
-                Empty::new().map_err(|never| match never {}).boxed(),
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
                 up,
             );
             assert_eq!(req.uri().to_string(), "/a/b?x=1");
@@ -1241,7 +1438,9 @@ mod tests {
                 &Method::GET,
                 &Uri::from_static("http://app.example/c?d"),
                 headers,
-                Empty::new().map_err(|never| match never {}).boxed(),
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed(),
                 up,
             );
             assert_eq!(req.headers()["forwarded"], "for=10.100.0.2;proto=http");
