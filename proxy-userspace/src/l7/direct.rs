@@ -119,14 +119,19 @@ impl Conn {
     }
 }
 
+/// The client a request is forwarded for, and the request's Host: the forwarding headers
+/// ([`super::headers::write_forwarded`]) go into the head as it is written.
+pub type Forwarding<'a> = (&'a super::headers::Client, Option<&'a HeaderValue>);
+
 /// Write the request head (`method target HTTP/1.1`, the headers, `Host: host` when the
-/// headers have none) into `out`. The parts come from hyper's parser and `http`'s types, which
-/// admit no CR or LF: nothing can be injected.
+/// headers have none, the forwarding headers for `forwarding`) into `out`. The parts come from
+/// hyper's parser and `http`'s types, which admit no CR or LF: nothing can be injected.
 pub fn encode_request(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
     host: Option<&str>,
+    forwarding: Option<Forwarding<'_>>,
     out: &mut Vec<u8>,
 ) {
     out.clear();
@@ -136,7 +141,13 @@ pub fn encode_request(
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     out.reserve(
-        method.as_str().len() + target.len() + 13 + host.map_or(0, |h| h.len() + 8) + fields + 2,
+        method.as_str().len()
+            + target.len()
+            + 13
+            + host.map_or(0, |h| h.len() + 8)
+            + fields
+            + forwarding.map_or(0, |_| 160)
+            + 2,
     );
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
@@ -148,10 +159,16 @@ pub fn encode_request(
         out.extend_from_slice(b"\r\n");
     }
     for (name, value) in headers {
+        if forwarding.is_some() && super::headers::is_forwarding(name) {
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some((client, host)) = forwarding {
+        super::headers::write_forwarded(out, headers, client, "http", host);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -670,17 +687,48 @@ mod tests {
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
         let mut out = Vec::new();
-        encode_request(&Method::GET, "/p?q=1", &h, Some("10.0.0.1:80"), &mut out);
+        encode_request(
+            &Method::GET,
+            "/p?q=1",
+            &h,
+            Some("10.0.0.1:80"),
+            None,
+            &mut out,
+        );
         assert_eq!(
             out,
             b"GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        encode_request(&Method::HEAD, "/", &h, Some("10.0.0.1:80"), &mut out);
+        encode_request(&Method::HEAD, "/", &h, Some("10.0.0.1:80"), None, &mut out);
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HEAD / HTTP/1.1\r\n"), "{text}");
         assert_eq!(text.matches("host:").count(), 1, "{text}");
         assert!(text.contains("host: example.com\r\n"), "{text}");
+        // Forwarding: the client's own X-Forwarded-For line replaced by the appended one.
+        h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.9"));
+        let client = super::super::headers::Client::new([10, 0, 0, 7].into(), "http");
+        let host = h.get(header::HOST).cloned();
+        encode_request(
+            &Method::GET,
+            "/",
+            &h,
+            None,
+            Some((&client, host.as_ref())),
+            &mut out,
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert_eq!(text.matches("x-forwarded-for:").count(), 1, "{text}");
+        assert!(
+            text.contains("x-forwarded-for: 192.0.2.9, 10.0.0.7\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("x-forwarded-proto: http\r\n"), "{text}");
+        assert!(
+            text.contains("forwarded: for=10.0.0.7;proto=http;host=example.com\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
     }
 
     #[test]
@@ -849,7 +897,7 @@ mod tests {
         });
         let mut conn = Conn::new(TcpStream::connect(addr).await.expect("connect"));
         let mut req = Vec::new();
-        encode_request(&method, "/", &HeaderMap::new(), Some("x"), &mut req);
+        encode_request(&method, "/", &HeaderMap::new(), Some("x"), None, &mut req);
         let head = exchange(&mut conn, &req, &method).await?;
         let kept = Arc::new(Kept::default());
         let mut body = DirectBody::new(conn, &head, kept.clone(), addr);

@@ -260,6 +260,51 @@ pub fn add_forwarded_for(
     }
 }
 
+/// Whether `name` is one of the headers [`add_forwarded_for`] sets or appends to.
+#[must_use]
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    *name == X_FORWARDED_FOR || *name == X_FORWARDED_PROTO || *name == FORWARDED
+}
+
+/// The forwarding headers exactly as [`add_forwarded_for`] would leave them in `h`, written as
+/// head lines into `out` (for a request head written by hand, [`super::direct`], which leaves
+/// out `h`'s own lines of those names: [`is_forwarding`]). No header map insert per request.
+pub fn write_forwarded(
+    out: &mut Vec<u8>,
+    h: &HeaderMap,
+    client: &Client,
+    proto: &'static str,
+    host: Option<&HeaderValue>,
+) {
+    write_list(out, h, &X_FORWARDED_FOR, client.xff.as_bytes());
+    out.extend_from_slice(X_FORWARDED_PROTO.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(proto.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let host = host.filter(|v| v.to_str().is_ok());
+    if let Some(fwd) = client.forwarded(host) {
+        write_list(out, h, &FORWARDED, fwd.as_bytes());
+    }
+}
+
+/// One line `name: <every value of name in h, trimmed, non-empty, ", ">, item`, as
+/// [`append_list`] joins them.
+fn write_list(out: &mut Vec<u8>, h: &HeaderMap, name: &HeaderName, item: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    for v in h.get_all(name) {
+        if let Ok(v) = v.to_str() {
+            let v = v.trim();
+            if !v.is_empty() {
+                out.extend_from_slice(v.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    out.extend_from_slice(item);
+    out.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
@@ -275,6 +320,56 @@ mod tests {
             );
         }
         h
+    }
+
+    /// Writing the forwarding lines by hand gives the values `add_forwarded_for` leaves in the
+    /// map, whatever the client sent before.
+    #[test]
+    fn written_forwarding_lines_are_the_map_values() {
+        let v4 = Client::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), "http");
+        let v6 = Client::new("2001:db8::7".parse().unwrap(), "http");
+        let cases: [&[(&str, &str)]; 5] = [
+            &[],
+            &[("host", "app.example")],
+            &[
+                ("host", "app.example:8080"),
+                ("x-forwarded-for", "192.0.2.1"),
+            ],
+            &[
+                ("x-forwarded-for", "192.0.2.1, 192.0.2.2"),
+                ("x-forwarded-for", " "),
+                ("x-forwarded-for", "192.0.2.3 "),
+                ("forwarded", "for=192.0.2.1"),
+                ("x-forwarded-proto", "https"),
+            ],
+            &[("host", "bad host")],
+        ];
+        for client in [&v4, &v6] {
+            for pairs in cases {
+                let h = map(pairs);
+                let host = h.get(http::header::HOST).cloned();
+                let mut want = h.clone();
+                add_forwarded_for(&mut want, client, "http", host.as_ref());
+                let mut out = Vec::new();
+                write_forwarded(&mut out, &h, client, "http", host.as_ref());
+                let text = String::from_utf8(out).unwrap();
+                let mut got: Vec<(String, String)> = text
+                    .split_terminator("\r\n")
+                    .map(|l| {
+                        let (n, v) = l.split_once(": ").unwrap();
+                        (n.to_owned(), v.to_owned())
+                    })
+                    .collect();
+                let mut wanted: Vec<(String, String)> = want
+                    .iter()
+                    .filter(|(n, _)| is_forwarding(n))
+                    .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                    .collect();
+                got.sort();
+                wanted.sort();
+                assert_eq!(got, wanted, "{pairs:?}");
+            }
+        }
     }
 
     /// The hand-written address text is what `Display` writes, for every digit count.

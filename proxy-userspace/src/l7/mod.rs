@@ -1,5 +1,6 @@
-//! The HTTP reverse proxy of `mode = "http"` services (hyper 1.x server and HTTP/1 client
-//! connections).
+//! The HTTP reverse proxy of `mode = "http"` services: hyper 1.x server connections; upstream,
+//! the daemon's own HTTP/1 client for requests without a body ([`direct`]) and hyper's for the
+//! rest (request bodies, upgrades).
 //!
 //! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
 //! upstream group; take its upstreams that the control plane does not report unhealthy, round
@@ -15,9 +16,11 @@
 //! request. Otherwise the connection comes from the service's idle list (connections that
 //! client connections left behind when they ended, at most [`IDLE_MAX`], dropped after the
 //! service's `idle_timeout`), else a new one is opened. A request that a reused connection
-//! closed before sending is sent again on a new connection. The upstream connections are
-//! driven by the client connection's own task ([`drive`]: no task switch per request), and
-//! the connection's deadlines share one timer ([`timer`]).
+//! closed before answering (or, through hyper's client, before sending) is sent again on a new
+//! connection. Two kinds, kept apart: plain connections for requests without a body, read in
+//! place by the response body ([`direct`]); hyper client connections for the rest, driven by
+//! the client connection's own task ([`drive`]: no task switch per request). The client
+//! connection's deadlines share one timer ([`timer`]).
 //!
 //! Failures: no usable upstream -> 503; every upstream refused or failed the connect -> 503;
 //! connect or response head timed out -> 504; the upstream failed after the connect -> 502.
@@ -802,9 +805,17 @@ impl Service {
                 } else {
                     1
                 };
-                // The headers as they go upstream, the same for every attempt: made once.
-                let mut out_headers =
-                    Some(forward_headers(parts.headers, client, upgrade.as_ref()));
+                // The headers as they go upstream, the same for every attempt: made once. For a
+                // plain connection the forwarding headers are written into the head as it is
+                // encoded, not inserted into the map.
+                let host_header = parts.headers.get(header::HOST).cloned();
+                let mut out_headers = Some(if replayable {
+                    let mut h = parts.headers;
+                    headers::remove_hop_by_hop(&mut h, None);
+                    h
+                } else {
+                    forward_headers(parts.headers, client, upgrade.as_ref())
+                });
                 let mut head = Vec::with_capacity(512);
                 let mut last = None;
                 for up in candidates.iter().take(tries) {
@@ -828,6 +839,7 @@ impl Service {
                             origin_target(&parts.uri),
                             h,
                             Some(host),
+                            Some((client, host_header.as_ref())),
                             &mut head,
                         );
                         self.send_direct(
