@@ -36,8 +36,12 @@ use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header fields in a response head or trailer section (hyper's client: 100).
 const MAX_HEADERS: usize = 100;
-/// Bytes asked of the socket per read.
+/// Bytes asked of the socket per read, when the buffer has less room than [`READ_MIN`].
 const READ_CHUNK: usize = 16 * 1024;
+/// Room below which the buffer grows before a read. Above it, the read goes into the room
+/// left: no allocation per response (earlier responses' bytes may still be held by hyper,
+/// which keeps a buffer from being reused in place).
+const READ_MIN: usize = 4 * 1024;
 
 /// Errors of one exchange on an upstream connection.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +84,12 @@ impl DirectError {
 pub struct Conn {
     stream: TcpStream,
     buf: BytesMut,
+    /// Where the fields of the last parsed head were ([`parse_head`]), kept for the next.
+    spans: Vec<Span>,
 }
+
+/// Where a header field is in a head: name start and end, value start and end.
+type Span = (usize, usize, usize, usize);
 
 impl Conn {
     #[must_use]
@@ -88,6 +97,7 @@ impl Conn {
         Self {
             stream,
             buf: BytesMut::new(),
+            spans: Vec::new(),
         }
     }
 
@@ -103,7 +113,9 @@ impl Conn {
     /// Read more bytes into the buffer: `Ok(0)` at the end of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
-            self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < READ_MIN {
+                self.buf.reserve(READ_CHUNK);
+            }
             match self.stream.try_read_buf(&mut self.buf) {
                 Ok(n) => return Poll::Ready(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -254,9 +266,13 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, DirectError> {
 ///
 /// # Errors
 /// A malformed head, too many fields, unusable `Content-Length`.
-pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, DirectError> {
-    // Where each field is in `buf`: name start and end, value start and end.
-    let (n, code, minor, spans) = {
+pub fn parse_head(
+    buf: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    method: &Method,
+) -> Result<Option<Head>, DirectError> {
+    spans.clear();
+    let (n, code, minor) = {
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -269,20 +285,16 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Head>, D
             Err(e) => return Err(DirectError::Malformed(e.to_string())),
         };
         let base = buf.as_ptr() as usize;
-        let spans: Vec<(usize, usize, usize, usize)> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                let name = (h.name.as_ptr() as usize).saturating_sub(base);
-                let value = (h.value.as_ptr() as usize).saturating_sub(base);
-                (name, name + h.name.len(), value, value + h.value.len())
-            })
-            .collect();
-        (n, resp.code, resp.version, spans)
+        spans.extend(resp.headers.iter().map(|h| {
+            let name = (h.name.as_ptr() as usize).saturating_sub(base);
+            let value = (h.value.as_ptr() as usize).saturating_sub(base);
+            (name, name + h.name.len(), value, value + h.value.len())
+        }));
+        (n, resp.code, resp.version)
     };
     let head = buf.split_to(n).freeze();
     let mut headers = HeaderMap::with_capacity(spans.len());
-    for (ns, ne, vs, ve) in spans {
+    for &(ns, ne, vs, ve) in spans.iter() {
         let name = head
             .get(ns..ne)
             .and_then(|b| HeaderName::from_bytes(b).ok())
@@ -365,7 +377,7 @@ pub async fn exchange(
     let mut answered = false;
     loop {
         if !conn.buf.is_empty() {
-            match parse_head(&mut conn.buf, method)? {
+            match parse_head(&mut conn.buf, &mut conn.spans, method)? {
                 Some(head) => {
                     if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(DirectError::UnexpectedSwitch);
@@ -667,12 +679,12 @@ mod tests {
     use super::*;
 
     fn parse(text: &[u8], method: &Method) -> Result<Option<Head>, DirectError> {
-        parse_head(&mut BytesMut::from(text), method)
+        parse_head(&mut BytesMut::from(text), &mut Vec::new(), method)
     }
 
     fn head(text: &str, method: &Method) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        match parse_head(&mut buf, method) {
+        match parse_head(&mut buf, &mut Vec::new(), method) {
             Ok(Some(h)) => {
                 assert!(buf.is_empty(), "{text:?}: the head was not taken out");
                 h
@@ -795,7 +807,7 @@ mod tests {
         // A head and the body's first bytes: the head is taken out, the body stays.
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-Y: z\r\nContent-Length: 2\r\n\r\nok"[..]);
-        let h = parse_head(&mut buf, &get)
+        let h = parse_head(&mut buf, &mut Vec::new(), &get)
             .expect("valid")
             .expect("complete");
         assert_eq!(&buf[..], b"ok");

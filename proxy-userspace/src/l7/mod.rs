@@ -691,6 +691,30 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// The upstreams one request may try, in order (no allocation per request).
+#[derive(Debug)]
+struct Candidates {
+    addrs: [SocketAddr; MAX_ATTEMPTS],
+    len: usize,
+}
+
+impl Default for Candidates {
+    fn default() -> Self {
+        Self {
+            addrs: [SocketAddr::from(([0, 0, 0, 0], 0)); MAX_ATTEMPTS],
+            len: 0,
+        }
+    }
+}
+
+impl std::ops::Deref for Candidates {
+    type Target = [SocketAddr];
+
+    fn deref(&self) -> &[SocketAddr] {
+        &self.addrs[..self.len]
+    }
+}
+
 /// How one attempt failed.
 enum Failure {
     Connect { timed_out: bool, error: String },
@@ -745,16 +769,24 @@ impl Service {
             .any(|u| u.resolved == Some(addr) && !u.healthy)
     }
 
-    /// The group's usable upstreams, starting at the round-robin position.
-    fn candidates(&self, group: &[SocketAddr]) -> Vec<SocketAddr> {
+    /// The group's first usable upstreams (as many as a request may try), starting at the
+    /// round-robin position.
+    fn candidates(&self, group: &[SocketAddr]) -> Candidates {
+        let mut out = Candidates::default();
         if group.is_empty() {
-            return Vec::new();
+            return out;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % group.len();
-        (0..group.len())
-            .map(|i| group[(start + i) % group.len()])
-            .filter(|a| !self.unhealthy(*a))
-            .collect()
+        for a in (0..group.len()).map(|i| group[(start + i) % group.len()]) {
+            if out.len == MAX_ATTEMPTS {
+                break;
+            }
+            if !self.unhealthy(a) {
+                out.addrs[out.len] = a;
+                out.len += 1;
+            }
+        }
+        out
     }
 
     async fn handle(
@@ -769,16 +801,15 @@ impl Service {
         // The response head is due header_timeout after the request came in (every attempt).
         let head_deadline = tokio::time::Instant::from_std(started) + routing.http.header_timeout;
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let host = req
-            .headers()
-            .get(header::HOST)
+        // Kept for routing and the access line: shared, not copied (no allocation).
+        let uri = req.uri().clone();
+        let path = uri.path();
+        let host_header = req.headers().get(header::HOST).cloned();
+        let host = host_header
+            .as_ref()
             .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
-        let (route, group) = routing
-            .http
-            .route(host.as_deref(), &path, &routing.default_group);
+            .or_else(|| uri.authority().map(Authority::as_str));
+        let (route, group) = routing.http.route(host, path, &routing.default_group);
         let mut upstream = None;
         let mut attempts = 0usize;
         let response = if group.is_empty() {
@@ -808,7 +839,6 @@ impl Service {
                 // The headers as they go upstream, the same for every attempt: made once. For a
                 // plain connection the forwarding headers are written into the head as it is
                 // encoded, not inserted into the map.
-                let host_header = parts.headers.get(header::HOST).cloned();
                 let mut out_headers = Some(if replayable {
                     let mut h = parts.headers;
                     headers::remove_hop_by_hop(&mut h, None);
@@ -875,8 +905,8 @@ impl Service {
                             return self.log(
                                 resp,
                                 &method,
-                                &path,
-                                host.as_deref(),
+                                path,
+                                host,
                                 route,
                                 conns,
                                 UpText(upstream, routing.authority_str(*up)),
@@ -930,8 +960,8 @@ impl Service {
         self.log(
             response,
             &method,
-            &path,
-            host.as_deref(),
+            path,
+            host,
             route,
             conns,
             UpText(upstream, None),
@@ -1500,8 +1530,8 @@ mod tests {
         let status = crate::state::shared();
         let svc = service(&[a, b], status.clone());
         // Nothing reported: both, rotating.
-        assert_eq!(svc.candidates(&[a, b]), [a, b]);
-        assert_eq!(svc.candidates(&[a, b]), [b, a]);
+        assert_eq!(*svc.candidates(&[a, b]), [a, b]);
+        assert_eq!(*svc.candidates(&[a, b]), [b, a]);
         status.write().unwrap().services = vec![ServiceStatus {
             name: "web".into(),
             listen: "10.10.1.1:81".parse().unwrap(),
@@ -1512,11 +1542,16 @@ mod tests {
             upstreams: vec![report(a, false), report(b, true)],
         }];
         for _ in 0..3 {
-            assert_eq!(svc.candidates(&[a, b]), [b]);
+            assert_eq!(*svc.candidates(&[a, b]), [b]);
         }
         status.write().unwrap().services[0].upstreams[1].healthy = false;
         // None healthy: no candidate, which the handler answers with 503.
         assert!(svc.candidates(&[a, b]).is_empty());
         assert!(svc.candidates(&[]).is_empty());
+        // At most as many as a request may try.
+        let many: Vec<SocketAddr> = (1..=5)
+            .map(|i| SocketAddr::from(([10, 20, 2, i], 80)))
+            .collect();
+        assert_eq!(svc.candidates(&many).len(), MAX_ATTEMPTS);
     }
 }
