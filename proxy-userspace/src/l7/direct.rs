@@ -170,8 +170,10 @@ pub fn encode_request(
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    let mut forwarded_before = false;
     for (name, value) in headers {
         if forwarding.is_some() && super::headers::is_forwarding(name) {
+            forwarded_before = true;
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());
@@ -180,7 +182,7 @@ pub fn encode_request(
         out.extend_from_slice(b"\r\n");
     }
     if let Some((client, host)) = forwarding {
-        super::headers::write_forwarded(out, headers, client, "http", host);
+        super::headers::write_forwarded(out, headers, forwarded_before, client, "http", host);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -199,22 +201,12 @@ pub enum Framing {
 pub struct Head {
     pub status: StatusCode,
     pub version: Version,
+    /// The fields as they go to the client: hop-by-hop ones left out (RFC 9110 section 7.6.1,
+    /// [`super::headers::remove_hop_by_hop`]'s rules).
     pub headers: HeaderMap,
     pub framing: Framing,
     /// The response lets the connection carry another request after its body.
     pub keep_alive: bool,
-}
-
-/// Whether a `Connection` header of `headers` lists `token`.
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers.get_all(header::CONNECTION).iter().any(|v| {
-        let b = v.as_bytes();
-        // The usual value is one token: no list to split.
-        b.eq_ignore_ascii_case(token.as_bytes())
-            || (b.contains(&b',')
-                && v.to_str()
-                    .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
-    })
 }
 
 fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, DirectError> {
@@ -293,7 +285,20 @@ pub fn parse_head(
         (n, resp.code, resp.version)
     };
     let head = buf.split_to(n).freeze();
+    let status = code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| DirectError::Malformed("status code".into()))?;
+    let version = if minor == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // The hop-by-hop fields are read here and left out of the map: what framing and reuse
+    // need of them is noted on the way.
     let mut headers = HeaderMap::with_capacity(spans.len());
+    let (mut close, mut keep_alive_token, mut names_others) = (false, false, false);
+    let mut transfer_encoding: Option<bool> = None; // Some(last coding is chunked)
+    let mut lengths = 0usize;
     for &(ns, ne, vs, ve) in spans.iter() {
         let name = head
             .get(ns..ne)
@@ -303,20 +308,51 @@ pub fn parse_head(
             .get(vs..ve)
             .and_then(|_| HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok())
             .ok_or_else(|| DirectError::Malformed(format!("value of {name}")))?;
+        if name == header::CONNECTION {
+            for t in value.to_str().unwrap_or("").split(',').map(str::trim) {
+                if t.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case("keep-alive") {
+                    keep_alive_token = true;
+                } else if !t.is_empty() {
+                    names_others = true;
+                }
+            }
+            if names_others {
+                // The headers it names go too: kept for remove_hop_by_hop below.
+                headers.append(name, value);
+            }
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            let last = value
+                .to_str()
+                .unwrap_or("")
+                .split(',')
+                .map(str::trim)
+                .rfind(|t| !t.is_empty());
+            if let Some(last) = last {
+                transfer_encoding = Some(last.eq_ignore_ascii_case("chunked"));
+            } else if transfer_encoding.is_none() {
+                transfer_encoding = Some(false);
+            }
+            continue;
+        }
+        if super::headers::is_hop_by_hop(&name) {
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            lengths += 1;
+        }
         headers.append(name, value);
     }
-    let status = code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| DirectError::Malformed("status code".into()))?;
-    let version = if minor == Some(0) {
-        Version::HTTP_10
-    } else {
-        Version::HTTP_11
-    };
+    if names_others {
+        super::headers::remove_hop_by_hop(&mut headers, None);
+    }
     let mut keep_alive = if version == Version::HTTP_10 {
-        connection_has(&headers, "keep-alive")
+        keep_alive_token
     } else {
-        !connection_has(&headers, "close")
+        !close
     };
     let framing = if *method == Method::HEAD
         || status.is_informational()
@@ -324,17 +360,10 @@ pub fn parse_head(
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
-        let chunked = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-            .rfind(|t| !t.is_empty())
-            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+    } else if let Some(chunked) = transfer_encoding {
+        if lengths > 0 {
             // Both: the length is not to be trusted, nor the connection after this response.
+            headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
         if chunked {
@@ -342,6 +371,8 @@ pub fn parse_head(
         } else {
             Framing::UntilClose
         }
+    } else if lengths == 0 {
+        Framing::UntilClose
     } else if let Some(len) = content_length(&headers)? {
         Framing::Length(len)
     } else {
@@ -782,6 +813,25 @@ mod tests {
             &get,
         );
         assert!(!h.keep_alive);
+        // Hop-by-hop fields, and those Connection names, do not reach the client.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nKeep-Alive: timeout=5\r\n\
+             Proxy-Connection: x\r\nUpgrade: h2c\r\nX-Keep: 2\r\nContent-Length: 0\r\n\r\n",
+            &get,
+        );
+        let names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-keep", "content-length"]);
+        assert!(h.keep_alive);
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n",
+            &get,
+        );
+        assert!(h.keep_alive && !h.headers.contains_key(header::CONNECTION));
+        let h = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &get,
+        );
+        assert!(h.headers.is_empty(), "{:?}", h.headers);
         let h = head("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", &get);
         assert_eq!((h.version, h.keep_alive), (Version::HTTP_10, false));
         let h = head(

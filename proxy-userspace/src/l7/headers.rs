@@ -25,6 +25,13 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     PROXY_CONNECTION,
 ];
 
+/// Whether `name` is one of the hop-by-hop headers every message loses (the headers a
+/// `Connection` header names aside).
+#[must_use]
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|n| n == name)
+}
+
 /// The protocol a message asks to upgrade to (`Connection: upgrade` and an `Upgrade` header),
 /// read before the hop-by-hop headers are removed.
 #[must_use]
@@ -268,14 +275,17 @@ pub fn is_forwarding(name: &HeaderName) -> bool {
 
 /// The forwarding headers exactly as [`add_forwarded_for`] would leave them in `h`, written as
 /// head lines into `out` (for a request head written by hand, [`super::direct`], which leaves
-/// out `h`'s own lines of those names: [`is_forwarding`]). No header map insert per request.
+/// out `h`'s own lines of those names: [`is_forwarding`]). No header map insert per request;
+/// `h` is searched only when `in_h` (the caller saw such a line).
 pub fn write_forwarded(
     out: &mut Vec<u8>,
     h: &HeaderMap,
+    in_h: bool,
     client: &Client,
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
+    let h = in_h.then_some(h);
     write_list(out, h, &X_FORWARDED_FOR, client.xff.as_bytes());
     out.extend_from_slice(X_FORWARDED_PROTO.as_str().as_bytes());
     out.extend_from_slice(b": ");
@@ -289,10 +299,10 @@ pub fn write_forwarded(
 
 /// One line `name: <every value of name in h, trimmed, non-empty, ", ">, item`, as
 /// [`append_list`] joins them.
-fn write_list(out: &mut Vec<u8>, h: &HeaderMap, name: &HeaderName, item: &[u8]) {
+fn write_list(out: &mut Vec<u8>, h: Option<&HeaderMap>, name: &HeaderName, item: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    for v in h.get_all(name) {
+    for v in h.into_iter().flat_map(|h| h.get_all(name)) {
         if let Ok(v) = v.to_str() {
             let v = v.trim();
             if !v.is_empty() {
@@ -351,7 +361,8 @@ mod tests {
                 let mut want = h.clone();
                 add_forwarded_for(&mut want, client, "http", host.as_ref());
                 let mut out = Vec::new();
-                write_forwarded(&mut out, &h, client, "http", host.as_ref());
+                let in_h = h.keys().any(is_forwarding);
+                write_forwarded(&mut out, &h, in_h, client, "http", host.as_ref());
                 let text = String::from_utf8(out).unwrap();
                 let mut got: Vec<(String, String)> = text
                     .split_terminator("\r\n")

@@ -1062,8 +1062,8 @@ impl Service {
                     let mut resp = Response::new(body.map_err(Into::into).boxed());
                     *resp.status_mut() = head.status;
                     *resp.version_mut() = head.version;
+                    // Hop-by-hop fields were left out as the head was parsed.
                     *resp.headers_mut() = head.headers;
-                    headers::remove_hop_by_hop(resp.headers_mut(), None);
                     return Ok(resp);
                 }
                 Some(Err(e)) if e.retry_on_new_connection() && !fresh => {
