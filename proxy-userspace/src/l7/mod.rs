@@ -990,17 +990,10 @@ impl Service {
             }
         };
         loop {
-            let mut response = std::pin::pin!(sender.try_send_request(req));
-            let answered = std::future::poll_fn(|cx| {
-                if let std::task::Poll::Ready(r) = response.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(Some(r));
-                }
-                conns
-                    .deadlines
-                    .poll_deadline(head_deadline, cx)
-                    .map(|()| None)
-            })
-            .await;
+            let answered = conns
+                .deadlines
+                .before(head_deadline, sender.try_send_request(req))
+                .await;
             match answered {
                 None => return Err(Failure::HeadTimeout),
                 Some(Ok(resp)) => {
@@ -1041,19 +1034,10 @@ impl Service {
             ),
         };
         loop {
-            let answered = {
-                let mut exchange = std::pin::pin!(direct::exchange(&mut conn, request, method));
-                std::future::poll_fn(|cx| {
-                    if let std::task::Poll::Ready(r) = exchange.as_mut().poll(cx) {
-                        return std::task::Poll::Ready(Some(r));
-                    }
-                    conns
-                        .deadlines
-                        .poll_deadline(head_deadline, cx)
-                        .map(|()| None)
-                })
-                .await
-            };
+            let answered = conns
+                .deadlines
+                .before(head_deadline, direct::exchange(&mut conn, request, method))
+                .await;
             match answered {
                 None => return Err(Failure::HeadTimeout),
                 Some(Ok(head)) => {

@@ -58,6 +58,19 @@ impl Deadlines {
         }
     }
 
+    /// What `fut` gives, or `None` when `deadline` passes first (the connection's one timer,
+    /// no timer entry of its own).
+    pub async fn before<F: Future>(&self, deadline: Instant, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(r));
+            }
+            self.poll_deadline(deadline, cx).map(|()| None)
+        })
+        .await
+    }
+
     /// A future ready at `deadline`.
     #[must_use]
     pub fn until(self: &Arc<Self>, deadline: Instant) -> Until {

@@ -18,6 +18,27 @@ use measure::{CpuUse, IperfResult, WrkResult};
 use systems::System;
 use udp::UdpResult;
 
+/// Have the kernel kill this process when its parent (the bench) dies: the helper processes
+/// the bench starts (the UDP responder, the reference servers) never outlive it.
+///
+/// # Errors
+/// prctl(PR_SET_PDEATHSIG) failing.
+pub fn die_with_parent() -> anyhow::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::c_ulong::try_from(libc::SIGKILL).unwrap_or(9),
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "prctl(PR_SET_PDEATHSIG): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// Median, minimum and maximum of a set of values (NaN-free).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Summary {

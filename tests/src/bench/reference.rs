@@ -48,22 +48,6 @@ pub fn parse_pairs(args: &[String]) -> Result<Vec<(SocketAddr, SocketAddr)>> {
         .collect()
 }
 
-fn die_with_parent() -> Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::c_ulong::try_from(libc::SIGKILL).unwrap_or(9),
-        )
-    };
-    ensure!(
-        rc == 0,
-        "prctl(PR_SET_PDEATHSIG): {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
-}
-
 /// One worker thread, as the other systems' one worker process.
 fn one_worker() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -79,7 +63,7 @@ fn one_worker() -> Result<tokio::runtime::Runtime> {
 /// # Errors
 /// Binding a listen address; the runtime.
 pub fn serve_tcp_copy(pairs: &[(SocketAddr, SocketAddr)], lifetime: Duration) -> Result<()> {
-    die_with_parent()?;
+    super::die_with_parent()?;
     let rt = one_worker()?;
     rt.block_on(async {
         let mut listeners = Vec::new();
@@ -120,7 +104,7 @@ async fn accept_and_copy(listener: tokio::net::TcpListener, upstream: SocketAddr
 /// # Errors
 /// Binding the address; the runtime.
 pub fn serve_http_static(listen: SocketAddr, lifetime: Duration) -> Result<()> {
-    die_with_parent()?;
+    super::die_with_parent()?;
     let rt = one_worker()?;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)

@@ -325,18 +325,7 @@ fn client(target: SocketAddrV4, load: &UdpLoad) -> Result<UdpResult> {
 /// `lifetime` has passed (a bound in case nobody stops it) or the process is signalled. It also
 /// asks the kernel to kill it when the bench that started it dies.
 pub fn serve_echo(addr: SocketAddrV4, lifetime: Duration) -> Result<()> {
-    // SAFETY: prctl(PR_SET_PDEATHSIG) takes plain integers and has no memory effects.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::c_ulong::try_from(libc::SIGKILL).unwrap_or(9),
-        )
-    };
-    ensure!(
-        rc == 0,
-        "prctl(PR_SET_PDEATHSIG): {}",
-        std::io::Error::last_os_error()
-    );
+    super::die_with_parent()?;
     let sock = UdpSocket::bind(addr).with_context(|| format!("udp responder bind {addr}"))?;
     sock.set_read_timeout(Some(Duration::from_secs(1)))
         .context("udp responder read timeout")?;
