@@ -925,6 +925,112 @@ mod tests {
         ));
     }
 
+    /// A deterministic property runner (fixed seed: the same cases every run).
+    fn runner(cases: u32) -> proptest::test_runner::TestRunner {
+        use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+        let config = Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        };
+        TestRunner::new_with_rng(
+            config,
+            TestRng::from_seed(RngAlgorithm::ChaCha, &[0x5e; 32]),
+        )
+    }
+
+    /// Any bytes, any method: the head parser answers (complete, more, or an error) without
+    /// panicking, and takes out of the buffer exactly what it parsed.
+    #[test]
+    fn any_bytes_parse_or_fail_cleanly() {
+        use proptest::prelude::*;
+        let head_like = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            // Mostly well-formed heads with random fields, to reach past the status line.
+            (
+                100u16..600,
+                proptest::collection::vec(("[a-zA-Z-]{1,12}", "[ -~]{0,20}"), 0..8),
+                proptest::collection::vec(any::<u8>(), 0..20),
+            )
+                .prop_map(|(code, fields, tail)| {
+                    let mut t = format!("HTTP/1.1 {code} X\r\n").into_bytes();
+                    for (n, v) in fields {
+                        t.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+                    }
+                    t.extend_from_slice(b"\r\n");
+                    t.extend_from_slice(&tail);
+                    t
+                }),
+        ];
+        runner(3000)
+            .run(&(head_like, any::<bool>()), |(bytes, head_request)| {
+                let method = if head_request {
+                    Method::HEAD
+                } else {
+                    Method::GET
+                };
+                let mut buf = BytesMut::from(&bytes[..]);
+                match parse_head(&mut buf, &mut Vec::new(), &method) {
+                    Ok(Some(h)) => {
+                        prop_assert!(buf.len() < bytes.len());
+                        prop_assert!(bytes.ends_with(&buf[..]));
+                        prop_assert!(!h.headers.contains_key(header::TRANSFER_ENCODING));
+                    }
+                    Ok(None) | Err(_) => prop_assert_eq!(buf.len(), bytes.len()),
+                }
+                Ok(())
+            })
+            .expect("parse_head on arbitrary input");
+    }
+
+    /// Chunked bodies with random chunk sizes, extensions and trailers decode to their data
+    /// whatever the reads' sizes; random bytes end in data, an error or a wait for more, never
+    /// a panic or an endless loop.
+    #[test]
+    fn chunked_bodies_round_trip_and_garbage_fails_cleanly() {
+        use proptest::prelude::*;
+        let body = (
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..40), 0..6),
+            any::<bool>(),
+            any::<bool>(),
+            1usize..17,
+        );
+        runner(2000)
+            .run(&body, |(chunks, ext, trailer, step)| {
+                let mut wire = Vec::new();
+                for c in &chunks {
+                    wire.extend_from_slice(format!("{:x}", c.len()).as_bytes());
+                    if ext {
+                        wire.extend_from_slice(b";n=v");
+                    }
+                    wire.extend_from_slice(b"\r\n");
+                    wire.extend_from_slice(c);
+                    wire.extend_from_slice(b"\r\n");
+                }
+                wire.extend_from_slice(b"0\r\n");
+                if trailer {
+                    wire.extend_from_slice(b"x-t: 1\r\n");
+                }
+                wire.extend_from_slice(b"\r\n");
+                let (data, trailers) = decode_in_pieces(&wire, step).expect("valid body");
+                prop_assert_eq!(data, chunks.concat());
+                prop_assert_eq!(trailers.is_some(), trailer);
+                Ok(())
+            })
+            .expect("chunked round trip");
+        runner(3000)
+            .run(
+                &(proptest::collection::vec(any::<u8>(), 0..200), 1usize..9),
+                |(bytes, step)| {
+                    // Bounded: each step either consumes bytes, hands out data, or asks for
+                    // more (and the input runs out).
+                    let _ = decode_in_pieces(&bytes, step);
+                    Ok(())
+                },
+            )
+            .expect("chunked decoding of arbitrary input");
+    }
+
     #[derive(Default)]
     struct Kept(Mutex<Vec<SocketAddr>>);
 
