@@ -830,7 +830,8 @@ impl Service {
                 let replayable =
                     idempotent(&method) && req.body().is_end_stream() && upgrade.is_none();
                 let (parts, body) = req.into_parts();
-                let mut body = Some(body.map_err(Into::into).boxed());
+                // Boxed only for hyper's client; a plain-connection request has none to send.
+                let mut body = (!replayable).then(|| body.map_err(Into::into).boxed());
                 let tries = if replayable {
                     candidates.len().min(MAX_ATTEMPTS)
                 } else {
@@ -846,7 +847,11 @@ impl Service {
                 } else {
                     forward_headers(parts.headers, client, upgrade.as_ref())
                 });
-                let mut head = Vec::with_capacity(512);
+                let mut head = if replayable {
+                    Vec::with_capacity(512)
+                } else {
+                    Vec::new()
+                };
                 let mut last = None;
                 for up in candidates.iter().take(tries) {
                     attempts += 1;
