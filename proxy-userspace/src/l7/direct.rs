@@ -135,8 +135,9 @@ impl Conn {
 /// ([`super::headers::write_forwarded`]) go into the head as it is written.
 pub type Forwarding<'a> = (&'a super::headers::Client, Option<&'a HeaderValue>);
 
-/// Write the request head (`method target HTTP/1.1`, the headers, `Host: host` when the
-/// headers have none, the forwarding headers for `forwarding`) into `out`. The parts come from
+/// Write the request head (`method target HTTP/1.1`, `Host: host` when given (the caller gives
+/// one when the headers have none), the headers, the forwarding headers for `forwarding`) into
+/// `out`. The parts come from
 /// hyper's parser and `http`'s types, which admit no CR or LF: nothing can be injected.
 pub fn encode_request(
     method: &Method,
@@ -165,7 +166,7 @@ pub fn encode_request(
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if let Some(h) = host.filter(|_| !headers.contains_key(header::HOST)) {
+    if let Some(h) = host {
         out.extend_from_slice(b"host: ");
         out.extend_from_slice(h.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -743,7 +744,7 @@ mod tests {
             b"GET /p?q=1 HTTP/1.1\r\nhost: 10.0.0.1:80\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
         );
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
-        encode_request(&Method::HEAD, "/", &h, Some("10.0.0.1:80"), None, &mut out);
+        encode_request(&Method::HEAD, "/", &h, None, None, &mut out);
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HEAD / HTTP/1.1\r\n"), "{text}");
         assert_eq!(text.matches("host:").count(), 1, "{text}");

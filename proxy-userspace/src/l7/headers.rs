@@ -104,17 +104,27 @@ fn append_list(h: &mut HeaderMap, name: &HeaderName, item: HeaderValue) {
         }
         http::header::Entry::Occupied(o) => o,
     };
-    let Ok(item) = item.to_str() else { return };
-    let mut all: Vec<String> = existing
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(|v| v.trim().to_owned())
-        .filter(|v| !v.is_empty())
-        .collect();
-    all.push(item.to_owned());
-    if let Ok(v) = HeaderValue::from_str(&all.join(", ")) {
+    let mut joined = Vec::new();
+    join_list(&mut joined, existing.iter(), item.as_bytes());
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
         existing.insert(v);
     }
+}
+
+/// `values` (trimmed, empty ones left out) and `item`, joined with ", ": how a list header
+/// sent as several lines is passed on with one more element, in the map ([`append_list`]) and
+/// in a hand-written head ([`write_forwarded`]) alike.
+fn join_list<'a>(out: &mut Vec<u8>, values: impl Iterator<Item = &'a HeaderValue>, item: &[u8]) {
+    for v in values {
+        if let Ok(v) = v.to_str() {
+            let v = v.trim();
+            if !v.is_empty() {
+                out.extend_from_slice(v.as_bytes());
+                out.extend_from_slice(b", ");
+            }
+        }
+    }
+    out.extend_from_slice(item);
 }
 
 /// An RFC 7239 node: IPv4 as is, IPv6 quoted in brackets.
@@ -297,21 +307,11 @@ pub fn write_forwarded(
     }
 }
 
-/// One line `name: <every value of name in h, trimmed, non-empty, ", ">, item`, as
-/// [`append_list`] joins them.
+/// One line `name: <the values of name in h>, item` ([`join_list`]).
 fn write_list(out: &mut Vec<u8>, h: Option<&HeaderMap>, name: &HeaderName, item: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    for v in h.into_iter().flat_map(|h| h.get_all(name)) {
-        if let Ok(v) = v.to_str() {
-            let v = v.trim();
-            if !v.is_empty() {
-                out.extend_from_slice(v.as_bytes());
-                out.extend_from_slice(b", ");
-            }
-        }
-    }
-    out.extend_from_slice(item);
+    join_list(out, h.into_iter().flat_map(|h| h.get_all(name)), item);
     out.extend_from_slice(b"\r\n");
 }
 

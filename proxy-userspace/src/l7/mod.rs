@@ -852,6 +852,10 @@ impl Service {
                 } else {
                     Vec::new()
                 };
+                // Without a Host from the client, the upstream's address goes in its place.
+                let needs_host = out_headers
+                    .as_ref()
+                    .is_some_and(|h| !h.contains_key(header::HOST));
                 let mut last = None;
                 for up in candidates.iter().take(tries) {
                     attempts += 1;
@@ -862,18 +866,22 @@ impl Service {
                     let sent = if replayable {
                         let Some(h) = out_headers.as_ref() else { break };
                         let fallback;
-                        let host = match routing.authority_str(*up) {
-                            Some(a) => a,
-                            None => {
-                                fallback = up.to_string();
-                                &fallback
+                        let host = if needs_host {
+                            match routing.authority_str(*up) {
+                                Some(a) => Some(a),
+                                None => {
+                                    fallback = up.to_string();
+                                    Some(fallback.as_str())
+                                }
                             }
+                        } else {
+                            None
                         };
                         direct::encode_request(
                             &parts.method,
                             origin_target(&parts.uri),
                             h,
-                            Some(host),
+                            host,
                             Some((client, host_header.as_ref())),
                             &mut head,
                         );
