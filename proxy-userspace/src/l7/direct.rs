@@ -255,7 +255,9 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, DirectError> {
 
 /// Parse a response head at the start of `buf` (to a request with `method`) and take it out
 /// of `buf`; `None` (and `buf` as it was) when more bytes are needed. The header values share
-/// the head's bytes (no copy per field).
+/// the head's bytes (no copy per field). The fields go into `spare`'s allocation, emptied
+/// first: the caller's map (the request's, sent already) is taken only once a complete head is
+/// there; an incomplete head leaves it as it was.
 ///
 /// # Errors
 /// A malformed head, too many fields, unusable `Content-Length`.
@@ -263,6 +265,7 @@ pub fn parse_head(
     buf: &mut BytesMut,
     spans: &mut Vec<Span>,
     method: &Method,
+    spare: &mut HeaderMap,
 ) -> Result<Option<Head>, DirectError> {
     spans.clear();
     let (n, code, minor) = {
@@ -296,7 +299,9 @@ pub fn parse_head(
     };
     // The hop-by-hop fields are read here and left out of the map: what framing and reuse
     // need of them is noted on the way.
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    let mut headers = std::mem::take(spare);
+    headers.clear();
+    headers.reserve(spans.len());
     let (mut close, mut keep_alive_token, mut names_others) = (false, false, false);
     let mut transfer_encoding: Option<bool> = None; // Some(last coding is chunked)
     let mut lengths = 0usize;
@@ -392,7 +397,10 @@ pub fn parse_head(
 }
 
 /// Send `request` (a head from [`encode_request`]) on `conn` and read the final response head
-/// (interim 1xx responses skipped). The body's first bytes stay in `conn`'s buffer.
+/// (interim 1xx responses skipped). The body's first bytes stay in `conn`'s buffer. The
+/// response's fields go into `spare`'s allocation ([`parse_head`]): it is taken only once the
+/// upstream answered, so after an error that lets the request go again it is still the
+/// caller's.
 ///
 /// # Errors
 /// See [`DirectError`]; [`DirectError::NoAnswer`] and [`DirectError::Write`] say the request
@@ -401,6 +409,7 @@ pub async fn exchange(
     conn: &mut Conn,
     request: &[u8],
     method: &Method,
+    spare: &mut HeaderMap,
 ) -> Result<Head, DirectError> {
     conn.stream
         .write_all(request)
@@ -409,7 +418,7 @@ pub async fn exchange(
     let mut answered = false;
     loop {
         if !conn.buf.is_empty() {
-            match parse_head(&mut conn.buf, &mut conn.spans, method)? {
+            match parse_head(&mut conn.buf, &mut conn.spans, method, spare)? {
                 Some(head) => {
                     if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(DirectError::UnexpectedSwitch);
@@ -711,12 +720,17 @@ mod tests {
     use super::*;
 
     fn parse(text: &[u8], method: &Method) -> Result<Option<Head>, DirectError> {
-        parse_head(&mut BytesMut::from(text), &mut Vec::new(), method)
+        parse_head(
+            &mut BytesMut::from(text),
+            &mut Vec::new(),
+            method,
+            &mut HeaderMap::new(),
+        )
     }
 
     fn head(text: &str, method: &Method) -> Head {
         let mut buf = BytesMut::from(text.as_bytes());
-        match parse_head(&mut buf, &mut Vec::new(), method) {
+        match parse_head(&mut buf, &mut Vec::new(), method, &mut HeaderMap::new()) {
             Ok(Some(h)) => {
                 assert!(buf.is_empty(), "{text:?}: the head was not taken out");
                 h
@@ -858,7 +872,7 @@ mod tests {
         // A head and the body's first bytes: the head is taken out, the body stays.
         let mut buf =
             BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-Y: z\r\nContent-Length: 2\r\n\r\nok"[..]);
-        let h = parse_head(&mut buf, &mut Vec::new(), &get)
+        let h = parse_head(&mut buf, &mut Vec::new(), &get, &mut HeaderMap::new())
             .expect("valid")
             .expect("complete");
         assert_eq!(&buf[..], b"ok");
@@ -971,7 +985,7 @@ mod tests {
                     Method::GET
                 };
                 let mut buf = BytesMut::from(&bytes[..]);
-                match parse_head(&mut buf, &mut Vec::new(), &method) {
+                match parse_head(&mut buf, &mut Vec::new(), &method, &mut HeaderMap::new()) {
                     Ok(Some(h)) => {
                         prop_assert!(buf.len() < bytes.len());
                         prop_assert!(bytes.ends_with(&buf[..]));
@@ -1067,7 +1081,7 @@ mod tests {
         let mut conn = Conn::new(TcpStream::connect(addr).await.expect("connect"));
         let mut req = Vec::new();
         encode_request(&method, "/", &HeaderMap::new(), Some("x"), None, &mut req);
-        let head = exchange(&mut conn, &req, &method).await?;
+        let head = exchange(&mut conn, &req, &method, &mut HeaderMap::new()).await?;
         let kept = Arc::new(Kept::default());
         let mut body = DirectBody::new(conn, &head, kept.clone(), addr);
         let mut data = Vec::new();
@@ -1084,6 +1098,67 @@ mod tests {
         server.abort();
         let kept = kept.0.lock().map(|k| k.len()).unwrap_or(0);
         Ok((data, kept == 1))
+    }
+
+    /// An upstream on loopback that reads one request and answers `response` (nothing: closes).
+    async fn answering(response: &'static [u8]) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req).await;
+            let _ = s.write_all(response).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_request_map_stays_the_callers_until_a_head_comes_back_then_holds_its_fields() {
+        let mut request_map = HeaderMap::new();
+        request_map.insert("x-request", HeaderValue::from_static("1"));
+        let mut req = Vec::new();
+        encode_request(&Method::GET, "/", &request_map, Some("x"), None, &mut req);
+
+        // No answer (the request may go again): the map is untouched, ready to be encoded again.
+        let silent = answering(b"").await;
+        let mut conn = Conn::new(TcpStream::connect(silent).await.expect("connect"));
+        let e = exchange(&mut conn, &req, &Method::GET, &mut request_map)
+            .await
+            .expect_err("closed without an answer");
+        assert!(e.retry_on_new_connection(), "{e}");
+        assert_eq!(
+            request_map.get("x-request").map(HeaderValue::as_bytes),
+            Some(&b"1"[..])
+        );
+
+        // An incomplete head leaves it as well.
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nX-Resp"[..]);
+        let none = parse_head(
+            &mut partial,
+            &mut Vec::new(),
+            &Method::GET,
+            &mut request_map,
+        )
+        .expect("a prefix of a head");
+        assert!(none.is_none());
+        assert_eq!(request_map.len(), 1);
+
+        // An answer: its fields, and only those, in the map's allocation.
+        let up = answering(b"HTTP/1.1 200 OK\r\nX-Response: 2\r\nContent-Length: 0\r\n\r\n").await;
+        let mut conn = Conn::new(TcpStream::connect(up).await.expect("connect"));
+        let head = exchange(&mut conn, &req, &Method::GET, &mut request_map)
+            .await
+            .expect("answered");
+        assert!(head.headers.get("x-request").is_none());
+        assert_eq!(
+            head.headers.get("x-response").map(HeaderValue::as_bytes),
+            Some(&b"2"[..])
+        );
+        assert_eq!(head.headers.len(), 2, "{:?}", head.headers);
+        assert!(request_map.is_empty());
     }
 
     #[tokio::test]

@@ -102,9 +102,43 @@ struct Conns {
     upstreams: Arc<drive::Upstreams>,
     /// The connection's one timer (header read, upstream response head).
     deadlines: Arc<timer::Deadlines>,
+    /// The buffer the last request head went out of, for the next ([`LentHead`]): requests on
+    /// one client connection come one after the other.
+    head: std::sync::Mutex<Vec<u8>>,
 }
 
+/// A request head buffer lent by the client connection ([`Conns::lend_head`]), given back when
+/// dropped: no allocation per request for the head.
+struct LentHead<'a> {
+    conns: &'a Conns,
+    buf: Vec<u8>,
+}
+
+impl Drop for LentHead<'_> {
+    fn drop(&mut self) {
+        // A buffer grown by an unusually large head is not kept.
+        if self.buf.capacity() <= LENT_HEAD_MAX {
+            let buf = std::mem::take(&mut self.buf);
+            match self.conns.head.lock() {
+                Ok(mut h) => *h = buf,
+                Err(p) => *p.into_inner() = buf,
+            }
+        }
+    }
+}
+
+/// The largest request head buffer a client connection keeps for its next request.
+const LENT_HEAD_MAX: usize = 16 * 1024;
+
 impl Conns {
+    fn lend_head(&self) -> LentHead<'_> {
+        let buf = match self.head.lock() {
+            Ok(mut h) => std::mem::take(&mut *h),
+            Err(p) => std::mem::take(&mut *p.into_inner()),
+        };
+        LentHead { conns: self, buf }
+    }
+
     fn peer_text(&self) -> &str {
         self.peer_text
             .get_or_init(|| headers::socket_text(self.peer))
@@ -595,6 +629,7 @@ async fn accept_loop(
                 next_id: AtomicU64::new(0),
                 upstreams: Arc::clone(&upstreams),
                 deadlines: Arc::clone(&deadlines),
+                head: std::sync::Mutex::new(Vec::new()),
             });
             let at_end = Arc::clone(&conns);
             let service = hyper::service::service_fn(move |req| {
@@ -847,11 +882,8 @@ impl Service {
                 } else {
                     forward_headers(parts.headers, client, upgrade.as_ref())
                 });
-                let mut head = if replayable {
-                    Vec::with_capacity(512)
-                } else {
-                    Vec::new()
-                };
+                // The plain-connection request's head, written into the connection's buffer.
+                let mut head = conns.lend_head();
                 // Without a Host from the client, the upstream's address goes in its place.
                 let needs_host = out_headers
                     .as_ref()
@@ -864,7 +896,7 @@ impl Service {
                     }
                     let up_traffic = self.stats.upstreams.get(*up);
                     let sent = if replayable {
-                        let Some(h) = out_headers.as_ref() else { break };
+                        let Some(h) = out_headers.as_mut() else { break };
                         let fallback;
                         let host = if needs_host {
                             match routing.authority_str(*up) {
@@ -883,12 +915,16 @@ impl Service {
                             h,
                             host,
                             Some((client, host_header.as_ref())),
-                            &mut head,
+                            &mut head.buf,
                         );
+                        // The request's map holds the response's fields once a head comes
+                        // back (one allocation less; a request without an answer is sent
+                        // again from the map as it was).
                         self.send_direct(
                             conns,
                             *up,
-                            &head,
+                            &head.buf,
+                            h,
                             &parts.method,
                             &routing.http,
                             head_deadline,
@@ -1029,12 +1065,14 @@ impl Service {
     /// `conns` or a new one ([`direct`]); a reused connection that closed without answering is
     /// replaced by a new one and the request sent again. No response head by `head_deadline`:
     /// [`Failure::HeadTimeout`]. The response's body reads the connection and gives it back to
-    /// `conns` at its end.
+    /// `conns` at its end. The response's fields go into `spare`'s allocation
+    /// ([`direct::exchange`]).
     async fn send_direct(
         &self,
         conns: &Arc<Conns>,
         up: SocketAddr,
         request: &[u8],
+        spare: &mut HeaderMap,
         method: &Method,
         http: &HttpConfig,
         head_deadline: tokio::time::Instant,
@@ -1049,7 +1087,10 @@ impl Service {
         loop {
             let answered = conns
                 .deadlines
-                .before(head_deadline, direct::exchange(&mut conn, request, method))
+                .before(
+                    head_deadline,
+                    direct::exchange(&mut conn, request, method, spare),
+                )
                 .await;
             match answered {
                 None => return Err(Failure::HeadTimeout),
