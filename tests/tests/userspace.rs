@@ -1227,6 +1227,22 @@ fn http_upstream_response_framings() -> Result<()> {
         code == 502 && body.contains("Content-Length"),
         "conflicting Content-Length: {code} {body:?}"
     );
+    // A client that shuts its sending side after the request (a half-close) still gets the
+    // whole response, and then the end of the connection.
+    let service = sock(two::PROXY_CLIENT_SIDE, 80);
+    let answer = topo.client.run(CLIENT_LIMIT, move || async move {
+        let mut s = TcpStream::connect(service).await?;
+        s.write_all(b"GET /length HTTP/1.1\r\nHost: framing.example\r\n\r\n")
+            .await?;
+        s.shutdown().await?;
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await?;
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    })?;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("length peer="),
+        "a half-closed client's request went unanswered: {answer:?}"
+    );
     // A body cut short: the client's transfer fails (not a complete response).
     let short = topo
         .client
