@@ -253,6 +253,20 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, DirectError> {
     Ok(length)
 }
 
+/// The elements of a comma-separated list field (RFC 9110 section 5.6.1), trimmed. A value with
+/// a byte other than visible ASCII, space or tab has none (as `HeaderValue::to_str` refuses it).
+fn list_elements(raw: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    let text: &[u8] = if raw
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        raw
+    } else {
+        &[]
+    };
+    text.split(|&b| b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// Parse a response head at the start of `buf` (to a request with `method`) and take it out
 /// of `buf`; `None` (and `buf` as it was) when more bytes are needed. The header values share
 /// the head's bytes (no copy per field). The fields go into `spare`'s allocation, emptied
@@ -310,15 +324,20 @@ pub fn parse_head(
             .get(ns..ne)
             .and_then(|b| HeaderName::from_bytes(b).ok())
             .ok_or_else(|| DirectError::Malformed("header name".into()))?;
-        let value = head
+        let raw = head
             .get(vs..ve)
-            .and_then(|_| HeaderValue::from_maybe_shared(head.slice(vs..ve)).ok())
             .ok_or_else(|| DirectError::Malformed(format!("value of {name}")))?;
+        let value = |name: &HeaderName| {
+            HeaderValue::from_maybe_shared(head.slice(vs..ve))
+                .map_err(|_| DirectError::Malformed(format!("value of {name}")))
+        };
+        // Connection and Transfer-Encoding are read from the head's bytes: no header value is
+        // made (and checked) for a field that does not go on.
         if name == header::CONNECTION {
-            for t in value.to_str().unwrap_or("").split(',').map(str::trim) {
-                if t.eq_ignore_ascii_case("close") {
+            for t in list_elements(raw) {
+                if t.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case("keep-alive") {
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive_token = true;
                 } else if !t.is_empty() {
                     names_others = true;
@@ -326,19 +345,15 @@ pub fn parse_head(
             }
             if names_others {
                 // The headers it names go too: kept for remove_hop_by_hop below.
-                headers.append(name, value);
+                let v = value(&name)?;
+                headers.append(name, v);
             }
             continue;
         }
         if name == header::TRANSFER_ENCODING {
-            let last = value
-                .to_str()
-                .unwrap_or("")
-                .split(',')
-                .map(str::trim)
-                .rfind(|t| !t.is_empty());
+            let last = list_elements(raw).rfind(|t| !t.is_empty());
             if let Some(last) = last {
-                transfer_encoding = Some(last.eq_ignore_ascii_case("chunked"));
+                transfer_encoding = Some(last.eq_ignore_ascii_case(b"chunked"));
             } else if transfer_encoding.is_none() {
                 transfer_encoding = Some(false);
             }
@@ -347,6 +362,7 @@ pub fn parse_head(
         if super::headers::is_hop_by_hop(&name) {
             continue;
         }
+        let value = value(&name)?;
         if name == header::CONTENT_LENGTH {
             lengths += 1;
         }
@@ -1098,6 +1114,31 @@ mod tests {
         server.abort();
         let kept = kept.0.lock().map(|k| k.len()).unwrap_or(0);
         Ok((data, kept == 1))
+    }
+
+    #[test]
+    fn list_fields_are_read_from_the_heads_bytes() {
+        let got: Vec<&[u8]> = list_elements(b" close ,keep-alive,, x\t").collect();
+        assert_eq!(got, [&b"close"[..], b"keep-alive", b"", b"x"]);
+        // Not visible ASCII: no element (as HeaderValue::to_str refuses it).
+        let got: Vec<&[u8]> = list_elements(b"close\xff").collect();
+        assert_eq!(got, [&b""[..]]);
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: \tClose \r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(!h.keep_alive);
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: closeé\r\nContent-Length: 0\r\n\r\n",
+            &Method::GET,
+        );
+        assert!(h.keep_alive, "a value that is not ASCII names no option");
+        let h = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip ,  Chunked\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(h.headers.get(header::TRANSFER_ENCODING).is_none());
     }
 
     /// An upstream on loopback that reads one request and answers `response` (nothing: closes).

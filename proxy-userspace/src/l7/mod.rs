@@ -930,9 +930,8 @@ impl Service {
                         self.send_direct(
                             conns,
                             *up,
-                            &head.buf,
+                            (&head.buf, &parts.method),
                             h,
-                            &parts.method,
                             &routing.http,
                             head_deadline,
                         )
@@ -1068,9 +1067,9 @@ impl Service {
         }
     }
 
-    /// Send a request without a body (`request`, its head) to `up` on a plain connection of
-    /// `conns` or a new one ([`direct`]); a reused connection that closed without answering is
-    /// replaced by a new one and the request sent again. No response head by `head_deadline`:
+    /// Send a request without a body (`request`: its head and method) to `up` on a plain
+    /// connection of `conns` or a new one ([`direct`]); a reused connection that closed without
+    /// answering is replaced by a new one and the request sent again. No response head by `head_deadline`:
     /// [`Failure::HeadTimeout`]. The response's body reads the connection and gives it back to
     /// `conns` at its end. The response's fields go into `spare`'s allocation
     /// ([`direct::exchange`]).
@@ -1078,9 +1077,8 @@ impl Service {
         &self,
         conns: &Arc<Conns>,
         up: SocketAddr,
-        request: &[u8],
+        (request, method): (&[u8], &Method),
         spare: &mut HeaderMap,
-        method: &Method,
         http: &HttpConfig,
         head_deadline: tokio::time::Instant,
     ) -> Result<Response<Body>, Failure> {
