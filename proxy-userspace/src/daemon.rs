@@ -319,10 +319,19 @@ fn start_datapath(
 /// Any failure before the daemon is up; failures of the periodic tasks are logged.
 pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
     let prepared = prepare(config_path, &opts)?;
-    let runtime = crate::l4::runtime().map_err(|source| DaemonError::Io {
+    let (runtime, workers) = crate::l4::runtime().map_err(|source| DaemonError::Io {
         what: "starting the tokio runtime",
         source,
     })?;
+    tracing::info!(
+        workers,
+        scheduler = if workers == 1 {
+            "current-thread"
+        } else {
+            "multi-thread"
+        },
+        "tokio runtime"
+    );
     runtime.block_on(serve(prepared, object, opts))
 }
 

@@ -576,6 +576,8 @@ struct Scenario<'a> {
     /// How this shape forwards (`redirect` or `tx`), and how it never does.
     verdict: &'a str,
     other_verdict: &'a str,
+    /// `XDP_PROXY_WORKER_THREADS` for the daemon (`None`: its default, two).
+    workers: Option<usize>,
 }
 
 /// Start the daemon on `sc.datapath`, wait until it is ready, run the traffic, check everything,
@@ -596,7 +598,7 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
         udp_service,
         upstream,
     );
-    let daemon = Daemon::start(lab, sc.proxy, &config)?;
+    let daemon = Daemon::start_with_workers(lab, sc.proxy, &config, sc.workers)?;
     match sc.datapath {
         Datapath::Xdp => {
             daemon.wait_ready(
@@ -627,6 +629,18 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
             )?;
         }
     }
+    // The scheduler that goes with the worker count (one: current-thread).
+    let scheduler = if sc.workers == Some(1) {
+        "current-thread"
+    } else {
+        "multi-thread"
+    };
+    daemon.wait_log(
+        lab,
+        &["tokio runtime", scheduler],
+        1,
+        Duration::from_secs(5),
+    )?;
 
     let run = match run_traffic(sc.client, sc.proxy, home.stats(), tcp_service, udp_service) {
         Ok(run) => run,
@@ -816,6 +830,7 @@ fn two_interface(datapath: Datapath, tag: &str) -> Result<()> {
         home_cidr: two::HOME_CIDR,
         verdict: "redirect",
         other_verdict: "tx",
+        workers: None,
     };
     daemon_scenario(&mut topo.lab, &sc)?;
     drop(topo);
@@ -849,6 +864,9 @@ fn one_interface(datapath: Datapath, tag: &str) -> Result<()> {
         home_cidr: one::CIDR,
         verdict: "tx",
         other_verdict: "redirect",
+        // The userspace path with one worker thread here (the bench's setting), two (the
+        // default) in the two-interface shape: the same traffic through both schedulers.
+        workers: (datapath == Datapath::Userspace).then_some(1),
     };
     daemon_scenario(&mut topo.lab, &sc)?;
     drop(topo);

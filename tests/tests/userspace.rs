@@ -681,9 +681,18 @@ upstreams = [{ups}]
 
 /// Start the daemon in userspace mode with `services`; wait for the http listener.
 fn start_http_daemon(topo: &mut TwoInterface, services: &str) -> Result<Daemon> {
+    start_http_daemon_with(topo, services, None)
+}
+
+/// [`start_http_daemon`] with `XDP_PROXY_WORKER_THREADS` set when `workers` is given.
+fn start_http_daemon_with(
+    topo: &mut TwoInterface,
+    services: &str,
+    workers: Option<usize>,
+) -> Result<Daemon> {
     let pin_dir = topo.lab.mount_bpffs()?;
     let config = format!("{}{services}", base_config("userspace", &[], &pin_dir));
-    let daemon = Daemon::start(&mut topo.lab, &topo.proxy, &config)?;
+    let daemon = Daemon::start_with_workers(&mut topo.lab, &topo.proxy, &config, workers)?;
     daemon.wait_log(&mut topo.lab, &["http proxy listening"], 1, READY)?;
     Ok(daemon)
 }
@@ -1168,12 +1177,21 @@ fn http_upstream_response_framings() -> Result<()> {
     let mut topo = TwoInterface::new("httpframe")?;
     let id = topo.lab.id().to_owned();
     let echo = start_echo(&topo.home, &[("framing", 8086)])?;
-    let daemon = start_http_daemon(
+    // One worker thread (tokio's current-thread scheduler, as the bench runs it); the other
+    // http tests run the default two.
+    let daemon = start_http_daemon_with(
         &mut topo,
         &http_service(
             &[sock(two::HOME, 8086)],
             "[service.http]\nheader_timeout = \"2s\"\n",
         ),
+        Some(1),
+    )?;
+    daemon.wait_log(
+        &mut topo.lab,
+        &["tokio runtime", "current-thread"],
+        1,
+        READY,
     )?;
     let url = |path: &str| format!("http://{}{path}", sock(two::PROXY_CLIENT_SIDE, 80));
     // One client connection, three requests: chunked (extension, trailer), length, chunked.
