@@ -1069,9 +1069,9 @@ impl Service {
 
     /// Send a request without a body (`request`: its head and method) to `up` on a plain
     /// connection of `conns` or a new one ([`direct`]); a reused connection that closed without
-    /// answering is replaced by a new one and the request sent again. No response head by `head_deadline`:
-    /// [`Failure::HeadTimeout`]. The response's body reads the connection and gives it back to
-    /// `conns` at its end. The response's fields go into `spare`'s allocation
+    /// answering is replaced by a new one and the request sent again. No response head by
+    /// `head_deadline`: [`Failure::HeadTimeout`]. The response's body reads the connection and
+    /// gives it back to `conns` at its end. The response's fields go into `spare`'s allocation
     /// ([`direct::exchange`]).
     async fn send_direct(
         &self,
