@@ -1070,32 +1070,33 @@ impl Daemon {
     /// Write `config` (TOML, whose `pin_dir` must be `lab.mount_bpffs()`) to the lab's run
     /// directory and start the daemon in `ns` with it. `RUST_LOG` defaults to `info`.
     pub fn start(lab: &mut Lab, ns: &Netns, config: &str) -> Result<Self> {
-        Self::start_with_workers(lab, ns, config, None)
+        Self::start_with_workers(lab, ns, config, None, &[])
     }
 
     /// [`Daemon::start`], with `XDP_PROXY_WORKER_THREADS=n` when `workers` is `Some(n)` (through
-    /// `env`, which execs the daemon: the PID is the daemon's).
+    /// `env`, which execs the daemon: the PID is the daemon's) and `global_args` (for example
+    /// `--log-level`) before `run`.
     pub fn start_with_workers(
         lab: &mut Lab,
         ns: &Netns,
         config: &str,
         workers: Option<usize>,
+        global_args: &[&str],
     ) -> Result<Self> {
         let bin = daemon_binary()?;
         let pin_dir = lab.mount_bpffs()?;
         let config_path = lab.write_file("xdp-proxy.toml", config)?;
         let config_arg = config_path.to_string_lossy().into_owned();
+        let mut args: Vec<&str> = global_args.to_vec();
+        args.extend(["run", "--config", &config_arg]);
         let pid = match workers {
-            None => lab.spawn_daemon("xdp-proxy", ns, &bin, &["run", "--config", &config_arg])?,
+            None => lab.spawn_daemon("xdp-proxy", ns, &bin, &args)?,
             Some(n) => {
                 let var = format!("XDP_PROXY_WORKER_THREADS={n}");
                 let bin_arg = bin.to_string_lossy().into_owned();
-                lab.spawn_daemon(
-                    "xdp-proxy",
-                    ns,
-                    Path::new("/usr/bin/env"),
-                    &[&var, &bin_arg, "run", "--config", &config_arg],
-                )?
+                let mut env_args = vec![var.as_str(), bin_arg.as_str()];
+                env_args.extend(&args);
+                lab.spawn_daemon("xdp-proxy", ns, Path::new("/usr/bin/env"), &env_args)?
             }
         };
         Ok(Self {

@@ -598,7 +598,7 @@ fn daemon_scenario(lab: &mut Lab, sc: &Scenario<'_>) -> Result<()> {
         udp_service,
         upstream,
     );
-    let daemon = Daemon::start_with_workers(lab, sc.proxy, &config, sc.workers)?;
+    let daemon = Daemon::start_with_workers(lab, sc.proxy, &config, sc.workers, &[])?;
     match sc.datapath {
         Datapath::Xdp => {
             daemon.wait_ready(

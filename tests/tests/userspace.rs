@@ -692,7 +692,7 @@ fn start_http_daemon_with(
 ) -> Result<Daemon> {
     let pin_dir = topo.lab.mount_bpffs()?;
     let config = format!("{}{services}", base_config("userspace", &[], &pin_dir));
-    let daemon = Daemon::start_with_workers(&mut topo.lab, &topo.proxy, &config, workers)?;
+    let daemon = Daemon::start_with_workers(&mut topo.lab, &topo.proxy, &config, workers, &[])?;
     daemon.wait_log(&mut topo.lab, &["http proxy listening"], 1, READY)?;
     Ok(daemon)
 }

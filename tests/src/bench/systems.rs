@@ -213,38 +213,19 @@ fn nginx_http_paths(dir: &Path, name: &str) -> String {
 
 /// The daemon for the userspace rows, set up like the NGINX rows beside it: one worker thread
 /// (`XDP_PROXY_WORKER_THREADS=1`, NGINX runs `worker_processes 1`) and no access log (NGINX
-/// runs `access_log off`). `env` execs the daemon, so the PID is the daemon's.
+/// runs `access_log off`).
 fn start_userspace_daemon(
     lab: &mut crate::netns::Lab,
     ns: &crate::netns::Netns,
     config: &str,
 ) -> Result<Daemon> {
-    let bin = crate::netns::daemon_binary()?;
-    let pin_dir = lab.mount_bpffs()?;
-    let config_path = lab.write_file("xdp-proxy.toml", config)?;
-    let workers = format!("XDP_PROXY_WORKER_THREADS={USERSPACE_WORKERS}");
-    let bin_arg = bin.to_string_lossy().into_owned();
-    let config_arg = config_path.to_string_lossy().into_owned();
-    let pid = lab.spawn_daemon(
-        "xdp-proxy",
+    Daemon::start_with_workers(
+        lab,
         ns,
-        Path::new("/usr/bin/env"),
-        &[
-            &workers,
-            &bin_arg,
-            "--log-level",
-            "info,xdp_proxy::access=off",
-            "run",
-            "--config",
-            &config_arg,
-        ],
-    )?;
-    Ok(Daemon {
-        pid,
-        bin,
-        pin_dir,
-        config: config_path,
-    })
+        config,
+        Some(USERSPACE_WORKERS),
+        &["--log-level", "info,xdp_proxy::access=off"],
+    )
 }
 
 /// Worker threads of the daemon in the userspace rows (NGINX and HAProxy run one).
