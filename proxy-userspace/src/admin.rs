@@ -87,11 +87,18 @@ impl Source {
         snap.interfaces = dp
             .attachments()
             .iter()
-            .map(|a| InterfaceStatus {
-                name: a.interface.clone(),
-                mode: a.mode.to_string(),
-                adopted: a.adopted,
-                pin: a.pin_path().map(|p| p.display().to_string()),
+            .map(|a| {
+                let kernel = crate::netdev::delivery::read(a.ifindex).ok();
+                InterfaceStatus {
+                    name: a.interface.clone(),
+                    mode: a.mode.to_string(),
+                    adopted: a.adopted,
+                    pin: a.pin_path().map(|p| p.display().to_string()),
+                    kernel,
+                    lost_outbound_since_attach: kernel.zip(a.delivery_at_attach).map(
+                        |(now, then)| now.lost_outbound().saturating_sub(then.lost_outbound()),
+                    ),
+                }
             })
             .collect();
         let mut modes: Vec<&str> = snap.interfaces.iter().map(|i| i.mode.as_str()).collect();
@@ -362,6 +369,8 @@ mod tests {
                 mode: "native".to_owned(),
                 adopted: false,
                 pin: None,
+                kernel: None,
+                lost_outbound_since_attach: None,
             });
             s
         };

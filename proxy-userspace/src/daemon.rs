@@ -16,8 +16,9 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{Config, ConfigError, DatapathMode, IpCidr, RuntimeFacts, SnatAddrs},
     control::{self, Controller},
-    datapath::{self, Bpffs, Datapath, DatapathError},
+    datapath::{self, AttachMode, Bpffs, Datapath, DatapathError},
     flows::Lifetimes,
+    netdev,
     plan::{self, PlanError},
     sysctl::{self, SysctlError},
 };
@@ -90,6 +91,16 @@ pub enum DaemonError {
     Poisoned,
     #[error(transparent)]
     Reconcile(#[from] control::ReconcileError),
+    #[error(
+        "{}: datapath.mode = \"native\", but native XDP would not deliver here: {}",
+        file.display(),
+        refusals.iter().map(|(why, fix)| format!("{why}; to fix: {fix}")).collect::<Vec<_>>().join(" | ")
+    )]
+    NativeWouldNotDeliver {
+        file: PathBuf,
+        /// Per interface: why, and what to change.
+        refusals: Vec<(String, String)>,
+    },
 }
 
 impl From<DatapathError> for DaemonError {
@@ -305,12 +316,102 @@ fn start_datapath(
         "datapath config written (ready)"
     );
     controller.adopt(plan);
-    for name in &c.datapath.interfaces {
-        let mode = dp.attach(name, c.datapath.mode)?;
-        tracing::info!(interface = %name, mode = %mode, requested = %c.datapath.mode, "XDP attached");
-    }
+    attach_all(&mut dp, p)?;
     dp.release_stale_links(&c.datapath.interfaces)?;
     Ok((dp, lock))
+}
+
+/// The one XDP mode every configured interface runs in (never a mix: a native redirect into
+/// an interface attached in generic mode, or into a device without native support, is lost
+/// after the program counted it). `generic` is taken as asked. `native` and `auto` first ask
+/// [`netdev::native`] whether native XDP delivers on every interface (a veth peer without GRO
+/// or an XDP program drops everything; ENA's MTU and channel limits): `native` refuses to
+/// start when one does not, naming the interface, the reason and the fixes; `auto` runs every
+/// interface generic and logs why.
+fn host_mode(p: &Prepared) -> Result<AttachMode, DaemonError> {
+    let c = &p.config;
+    if c.datapath.mode == DatapathMode::Generic {
+        return Ok(AttachMode::Generic);
+    }
+    let egress = netdev::Egress::for_interfaces(c.datapath.interfaces.len());
+    let mut refusals = Vec::new();
+    for (name, index) in c.datapath.interfaces.iter().zip(&p.ifindexes) {
+        let facts = match netdev::native::facts(name, *index) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(
+                    interface = %name,
+                    error = %e,
+                    "could not read what the kernel says of the interface: trying native XDP \
+                     without checking that it delivers"
+                );
+                continue;
+            }
+        };
+        if let Some(Err(why)) = &facts.peer {
+            tracing::warn!(interface = %name, why = %why, "the veth peer could not be inspected");
+        }
+        tracing::debug!(interface = %name, ?facts, "interface facts");
+        if let netdev::Native::No { why, fix } = netdev::native::judge(&facts, egress) {
+            refusals.push((why, fix));
+        }
+    }
+    if refusals.is_empty() {
+        return Ok(AttachMode::Native);
+    }
+    if c.datapath.mode == DatapathMode::Native {
+        return Err(DaemonError::NativeWouldNotDeliver {
+            file: c.source.clone(),
+            refusals,
+        });
+    }
+    for (why, fix) in &refusals {
+        tracing::warn!(
+            why = %why,
+            fix = %fix,
+            "native XDP would not deliver (datapath.mode = \"auto\"): every interface runs \
+             generic XDP, one mode per host"
+        );
+    }
+    Ok(AttachMode::Generic)
+}
+
+/// Attach to every configured interface in [`host_mode`]. Under `auto`, a native attach the
+/// kernel refuses on one interface (a driver without native XDP) detaches the others and runs
+/// every interface generic.
+fn attach_all(dp: &mut Datapath, p: &Prepared) -> Result<(), DaemonError> {
+    let c = &p.config;
+    let mode = host_mode(p)?;
+    let mut failed = None;
+    for name in &c.datapath.interfaces {
+        match dp.attach(name, mode) {
+            Ok(m) => {
+                tracing::info!(interface = %name, mode = %m, requested = %c.datapath.mode, "XDP attached");
+            }
+            Err(e) if mode == AttachMode::Native && c.datapath.mode == DatapathMode::Auto => {
+                failed = Some((name, e));
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some((name, e)) = failed else {
+        return Ok(());
+    };
+    tracing::warn!(
+        interface = %name,
+        error = %e,
+        "native XDP attach refused (datapath.mode = \"auto\"): every interface runs generic \
+         XDP, one mode per host"
+    );
+    for (iface, e) in dp.detach_interfaces() {
+        tracing::warn!(interface = %iface, error = %e, "detaching before the generic attach");
+    }
+    for name in &c.datapath.interfaces {
+        let m = dp.attach(name, AttachMode::Generic)?;
+        tracing::info!(interface = %name, mode = %m, requested = %c.datapath.mode, "XDP attached");
+    }
+    Ok(())
 }
 
 /// Run the daemon until SIGINT/SIGTERM. Builds its own tokio runtime.
@@ -446,6 +547,12 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     tracing::info!(config = %p.config.source.display(), "xdp-proxy running");
 
     let mut leave_attached = false;
+    // The kernel's drop counters of each attached interface, looked at every few seconds: a
+    // black hole behind the program (frames it counted as forwarded, then lost by the driver)
+    // gets a warning naming the interface (also shown in /status and /metrics).
+    let mut delivery_tick = tokio::time::interval(DELIVERY_CHECK_EVERY);
+    delivery_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut delivery_watch = netdev::DeliveryWatch::default();
     loop {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
@@ -480,6 +587,11 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
                 };
                 if changed || reconcile_pending {
                     reconcile_pending = !reconcile_now(&mut controller, datapath.as_ref());
+                }
+            }
+            _ = delivery_tick.tick(), if datapath.is_some() => {
+                if let Some(dp) = &datapath {
+                    watch_delivery(dp, &mut delivery_watch);
                 }
             }
             _ = expiry_tick.tick(), if datapath.is_some() => {
@@ -517,6 +629,40 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
     l7.shutdown().await;
     tracing::info!("xdp-proxy stopped");
     Ok(())
+}
+
+/// How often the kernel's drop counters of the attached interfaces are read.
+const DELIVERY_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// Read each attached interface's drop counters (outside the datapath lock) and warn about those
+/// whose outbound losses grew.
+fn watch_delivery(dp: &Arc<Mutex<Datapath>>, watch: &mut netdev::DeliveryWatch) {
+    let attached: Vec<(String, u32, datapath::AttachMode)> = match dp.lock() {
+        Ok(dp) => dp
+            .attachments()
+            .iter()
+            .map(|a| (a.interface.clone(), a.ifindex, a.mode))
+            .collect(),
+        Err(_) => return,
+    };
+    let now = std::time::Instant::now();
+    for (iface, index, mode) in attached {
+        let Ok(d) = netdev::delivery::read(index) else {
+            continue;
+        };
+        if let Some(g) = watch.observe(now, &iface, &d) {
+            tracing::warn!(
+                interface = %g.iface,
+                mode = %mode,
+                lost = g.new,
+                lost_total = g.total,
+                "the kernel dropped frames leaving this interface (tx_dropped + tx_errors grew): \
+                 if they are the program's forwards, the path is a black hole (a veth peer \
+                 without GRO or an XDP program, a driver that cannot transmit XDP frames); see \
+                 /status datapath.interfaces"
+            );
+        }
+    }
 }
 
 /// Attached, pinned, first plan written, listeners bound: keep only the capabilities run time

@@ -38,7 +38,6 @@ use proxy_common::{
 const BPF_NOEXIST: u64 = 1;
 
 use crate::{
-    config::DatapathMode,
     flows::{self, Decision, Lifetimes},
     plan::{MapOp, Plan, upstream_value},
 };
@@ -983,6 +982,9 @@ pub struct Attachment {
     /// Found pinned at start (left by an earlier daemon) and switched to this daemon's program.
     pub adopted: bool,
     held: Held,
+    /// The kernel's drop counters of the interface when this daemon attached (`None`: they
+    /// could not be read), so `/status` can show what was lost since.
+    pub delivery_at_attach: Option<crate::netdev::Delivery>,
 }
 
 impl Attachment {
@@ -1155,55 +1157,44 @@ impl Datapath {
             })
     }
 
-    /// Attach to `interface` per `mode` (auto: native, else generic). `userspace` is the caller's
-    /// business (nothing to attach): it attaches natively here.
+    /// Attach to `interface` in `mode`. The caller chose the mode for the whole host
+    /// (`daemon::host_mode`: one mode on every interface, native only where it delivers).
     ///
-    /// An XDP link already pinned for `interface` (left by an earlier daemon: `kill -9`, a
-    /// crash, or a SIGQUIT exit for an upgrade) is adopted: its program is replaced by this
-    /// daemon's atomically (`bpf_link_update`: no packet sees an interface without a program,
-    /// and the pinned maps carry every flow across). A pinned link whose interface is gone is
-    /// removed and a new attachment made. Otherwise a new bpf_link is created and pinned at
-    /// [`link_pin_path`].
+    /// An XDP link already pinned for `interface` in `mode` (left by an earlier daemon: `kill
+    /// -9`, a crash, or a SIGQUIT exit for an upgrade) is adopted: its program is replaced by
+    /// this daemon's atomically (`bpf_link_update`: no packet sees an interface without a
+    /// program, and the pinned maps carry every flow across). A pinned link in the other mode is
+    /// detached first (the host's mode changed: a peer lost GRO, the config names another
+    /// mode); the pinned maps keep the flows, packets arriving between the two see no program.
+    /// A pinned link whose interface is gone is removed and a new attachment made. Otherwise a
+    /// new bpf_link is created and pinned at [`link_pin_path`].
     ///
     /// # Errors
-    /// Unknown interface, or the attach failed (in both modes for auto).
-    pub fn attach(&mut self, interface: &str, mode: DatapathMode) -> Result<AttachMode> {
+    /// Unknown interface, or the attach failed.
+    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<AttachMode> {
         let index = ifindex(interface)?;
         if let Some(m) = self.adopt(interface, index, mode)? {
             return Ok(m);
         }
-        let tries: &[AttachMode] = match mode {
-            DatapathMode::Generic => &[AttachMode::Generic],
-            DatapathMode::Auto => &[AttachMode::Native, AttachMode::Generic],
-            DatapathMode::Native | DatapathMode::Userspace => &[AttachMode::Native],
-        };
-        let mut last = None;
-        for m in tries {
-            match self.program()?.attach_to_if_index(index, m.xdp_mode()) {
-                Ok(link) => {
-                    let held = self.hold(interface, index, *m, link)?;
-                    self.attachments.push(Attachment {
-                        interface: interface.to_owned(),
-                        ifindex: index,
-                        mode: *m,
-                        adopted: false,
-                        held,
-                    });
-                    return Ok(*m);
-                }
-                Err(source) => {
-                    if tries.len() > 1 {
-                        tracing::warn!(interface, mode = %m, error = %source, "XDP attach failed");
-                    }
-                    last = Some(DatapathError::Attach {
-                        iface: interface.to_owned(),
-                        mode: *m,
-                        source: Box::new(source),
-                    });
-                }
+        match self.program()?.attach_to_if_index(index, mode.xdp_mode()) {
+            Ok(link) => {
+                let held = self.hold(interface, index, mode, link)?;
+                self.attachments.push(Attachment {
+                    interface: interface.to_owned(),
+                    ifindex: index,
+                    mode,
+                    adopted: false,
+                    held,
+                    delivery_at_attach: crate::netdev::delivery::read(index).ok(),
+                });
+                Ok(mode)
             }
+            Err(source) => Err(DatapathError::Attach {
+                iface: interface.to_owned(),
+                mode,
+                source: Box::new(source),
+            }),
         }
-        Err(last.unwrap_or(DatapathError::NoProgram))
     }
 
     /// Pin a new attachment when it is a bpf_link. aya falls back to netlink silently when the
@@ -1256,7 +1247,7 @@ impl Datapath {
         &mut self,
         interface: &str,
         index: u32,
-        wanted: DatapathMode,
+        wanted: AttachMode,
     ) -> Result<Option<AttachMode>> {
         // This layout's pins first, then links left by a daemon of another layout version (an
         // upgrade that changed the map layout): those are switched to this program too, so the
@@ -1280,6 +1271,22 @@ impl Datapath {
                 }
             };
             let pinned = PinnedLink::from_pin(&path).map_err(link_err("opening", &path))?;
+            if m != wanted {
+                // Unpinned, then its last descriptor closed: the kernel detaches it at once
+                // (closing a link's last fd releases it synchronously), so the attach in the
+                // other mode does not find the interface taken.
+                remove_pin(&path)?;
+                drop(pinned);
+                tracing::warn!(
+                    interface,
+                    pinned = %m,
+                    mode = %wanted,
+                    pin = %path.display(),
+                    "detached the pinned XDP link of the other mode: this start runs every \
+                     interface in one mode; flows are kept in the pinned maps"
+                );
+                continue;
+            }
             let link = XdpLink::try_from(FdLink::from(pinned))
                 .map_err(link_err("not an XDP link", &path))?;
             match self.program()?.attach_to_link(link) {
@@ -1293,20 +1300,6 @@ impl Datapath {
                             })?;
                     let link =
                         FdLink::try_from(link).map_err(link_err("keeping the link", &path))?;
-                    let explicit = match wanted {
-                        DatapathMode::Native => Some(AttachMode::Native),
-                        DatapathMode::Generic => Some(AttachMode::Generic),
-                        DatapathMode::Auto | DatapathMode::Userspace => None,
-                    };
-                    if explicit.is_some_and(|e| e != m) {
-                        tracing::warn!(
-                            interface,
-                            pinned = %m,
-                            requested = %wanted,
-                            "kept the pinned XDP link in its mode so no flow is lost; to change \
-                             the mode, stop the daemon with SIGTERM (detaches) and start it again"
-                        );
-                    }
                     let (link, path) = if other_layout {
                         let new_path = self.dir.join(link_pin_name(m, interface));
                         remove_pin(&new_path)?;
@@ -1339,6 +1332,7 @@ impl Datapath {
                         mode: m,
                         adopted: true,
                         held: Held::Pinned { link, path },
+                        delivery_at_attach: crate::netdev::delivery::read(index).ok(),
                     });
                     return Ok(Some(m));
                 }
@@ -1434,6 +1428,16 @@ impl Datapath {
     /// failures (the remaining attachments are still detached).
     pub fn detach_all(&mut self) -> Vec<(String, DatapathError)> {
         self.released = true;
+        let mut failures = self.detach_interfaces();
+        if let Err(e) = remove_pin(&self.dir.join(PROGRAM_PIN)) {
+            failures.push((PROGRAM_PIN.to_owned(), e));
+        }
+        failures
+    }
+
+    /// Detach from every interface (unpin and release each link), keeping the program and its
+    /// maps loaded and pinned: for attaching again in another mode. Returns the failures.
+    pub fn detach_interfaces(&mut self) -> Vec<(String, DatapathError)> {
         let mut failures = Vec::new();
         let attachments = std::mem::take(&mut self.attachments);
         for a in attachments {
@@ -1455,9 +1459,6 @@ impl Datapath {
                 Ok(()) => tracing::info!(interface = %a.interface, mode = %a.mode, "XDP detached"),
                 Err(e) => failures.push((a.interface, e)),
             }
-        }
-        if let Err(e) = remove_pin(&self.dir.join(PROGRAM_PIN)) {
-            failures.push((PROGRAM_PIN.to_owned(), e));
         }
         failures
     }

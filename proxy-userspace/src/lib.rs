@@ -23,6 +23,7 @@ pub mod l7;
 pub mod logging;
 pub mod maglev;
 pub mod metrics;
+pub mod netdev;
 pub mod plan;
 pub mod privs;
 pub mod state;

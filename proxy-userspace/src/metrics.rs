@@ -8,6 +8,8 @@
 //!   the config loaded (what /healthz answers);
 //! - `xdp_proxy_datapath_mode{mode}` 1 for the mode in use (`native`, `generic`, `userspace`),
 //!   0 for the others; `xdp_proxy_datapath_interface_attached{interface,mode,adopted}`;
+//!   `xdp_proxy_interface_kernel_drops_total{interface,counter}` (the kernel's IFLA_STATS64
+//!   drop and error counters of each attached interface);
 //! - `xdp_proxy_datapath_packets_total{reason,action}`: one per datapath reason (drops and
 //!   passes by reason; action = tx, redirect, pass, drop, aborted);
 //! - per service `{service,listen,protocol}`: `xdp_proxy_service_packets_total{direction}`,
@@ -119,6 +121,11 @@ pub struct InterfaceStatus {
     pub adopted: bool,
     /// Where the link is pinned (`None`: netlink attachment, not pinned).
     pub pin: Option<String>,
+    /// The kernel's drop and error counters of the interface (`None`: unreadable).
+    pub kernel: Option<crate::netdev::Delivery>,
+    /// Frames the kernel dropped leaving the interface since this daemon attached
+    /// (`tx_dropped + tx_errors`; `None`: unknown).
+    pub lost_outbound_since_attach: Option<u64>,
 }
 
 /// Everything the admin endpoints show, read at one moment.
@@ -296,6 +303,27 @@ pub fn render_prometheus(s: &Snapshot) -> String {
             ],
             1,
         );
+    }
+    let n = "xdp_proxy_interface_kernel_drops_total";
+    let mut f = Family::new(
+        o,
+        n,
+        "counter",
+        "The kernel's drop and error counters of each attached interface (IFLA_STATS64), beside \
+         the program's: frames the program forwarded and the driver then lost show here (a veth \
+         peer without GRO or an XDP program counts in tx_dropped).",
+    );
+    for i in &s.interfaces {
+        if let Some(k) = &i.kernel {
+            for (counter, v) in [
+                ("rx_dropped", k.rx_dropped),
+                ("tx_dropped", k.tx_dropped),
+                ("rx_errors", k.rx_errors),
+                ("tx_errors", k.tx_errors),
+            ] {
+                f.sample(n, &[("interface", &i.name), ("counter", counter)], v);
+            }
+        }
     }
 
     let n = "xdp_proxy_datapath_packets_total";
@@ -818,6 +846,13 @@ mod tests {
                 mode: "native".to_owned(),
                 adopted: true,
                 pin: Some("/sys/fs/bpf/xdp-proxy/v1/link_native_eth0".to_owned()),
+                kernel: Some(crate::netdev::Delivery {
+                    rx_dropped: 1,
+                    tx_dropped: 42,
+                    rx_errors: 0,
+                    tx_errors: 3,
+                }),
+                lost_outbound_since_attach: Some(45),
             }],
             config_loaded: true,
             datapath_error: None,
@@ -1019,6 +1054,16 @@ mod tests {
                 r#"xdp_proxy_datapath_interface_attached{interface="eth0",mode="native",adopted="true"}"#
                     .to_owned(),
                 1,
+            ),
+            (
+                r#"xdp_proxy_interface_kernel_drops_total{interface="eth0",counter="tx_dropped"}"#
+                    .to_owned(),
+                42,
+            ),
+            (
+                r#"xdp_proxy_interface_kernel_drops_total{interface="eth0",counter="tx_errors"}"#
+                    .to_owned(),
+                3,
             ),
             ("xdp_proxy_flows_active".to_owned(), 4),
             ("xdp_proxy_reloads_total".to_owned(), 0),

@@ -1,0 +1,371 @@
+//! Whether native (driver) XDP on an interface delivers what the program sends, decided before
+//! anything is attached. A native attach that succeeds proves nothing: the kernel accepts the
+//! program and then drops the frames where the driver cannot take them, and the program has
+//! already counted a forward. The known cases:
+//!
+//! - **veth.** A frame sent by native XDP (`XDP_TX` out of the veth, or `XDP_REDIRECT` into it)
+//!   lands in the *peer's* receive ring, which exists only while the peer runs NAPI: when the
+//!   peer has an XDP program of its own, or GRO on (kernel 5.13+). Without either (the kernel's
+//!   default) every frame is dropped in the peer (`rx_queue_0_drops` in `ethtool -S`). With GRO
+//!   alone, frames sent back out with `XDP_TX` wait in the ring until other traffic wakes the
+//!   peer (measured on this project's one-interface lab, see `tests/src/netns.rs`), so a host
+//!   whose program transmits back out of the interface it received on (one interface) needs an
+//!   XDP program on the peer.
+//! - **ENA** (most EC2 instances). Without XDP multi-buffer support in the program, native XDP
+//!   needs an MTU of at most 3,498 bytes (the driver refuses the program above it); and the
+//!   driver's XDP transmit queues take half of the channels, so before driver 2.17 it refuses
+//!   the program while more than half of the maximum channels are in use.
+//!
+//! Generic (skb) XDP delivers through the kernel's own transmit path in every case.
+
+use std::path::Path;
+
+use super::{
+    ethtool::{self, Channels},
+    peer::{self, PeerFacts},
+    rtnl,
+};
+
+/// The largest MTU at which ENA accepts a native XDP program without multi-buffer support:
+/// its 4 KiB receive page less headroom, the Ethernet, VLAN and FCS bytes and the shared info.
+pub const ENA_XDP_MAX_MTU: u32 = 3498;
+
+/// How the program sends frames on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// One interface: replies and forwards leave with `XDP_TX` out of the interface they came in.
+    Tx,
+    /// Several interfaces: frames leave with `XDP_REDIRECT` into another configured interface.
+    Redirect,
+}
+
+impl Egress {
+    #[must_use]
+    pub const fn for_interfaces(count: usize) -> Self {
+        if count > 1 { Self::Redirect } else { Self::Tx }
+    }
+}
+
+/// What is known of one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    pub iface: String,
+    /// rtnetlink's link kind (`veth`); `None` for a physical device.
+    pub kind: Option<String>,
+    /// The driver bound to the device (`/sys/class/net/IF/device/driver`), if any.
+    pub driver: Option<String>,
+    /// The driver module's version (`/sys/module/DRIVER/version`; in-tree drivers have none).
+    pub driver_version: Option<String>,
+    pub mtu: u32,
+    /// A veth's peer, or why it could not be inspected. `None` for other kinds.
+    pub peer: Option<Result<PeerFacts, String>>,
+    /// Combined channels (ENA only).
+    pub channels: Option<Channels>,
+}
+
+/// Whether native XDP delivers on one interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Native {
+    /// It does (as far as the rules above know).
+    Delivers,
+    /// It would not deliver, or the driver would refuse it: why, and what to change.
+    No { why: String, fix: String },
+}
+
+/// Apply the rules of this module to `f`.
+#[must_use]
+pub fn judge(f: &Facts, egress: Egress) -> Native {
+    let iface = &f.iface;
+    if f.kind.as_deref() == Some("veth") {
+        return match &f.peer {
+            None => Native::Delivers,
+            Some(Err(why)) => Native::No {
+                why: format!(
+                    "veth `{iface}`: its peer could not be inspected ({why}), so native XDP \
+                     cannot be shown to deliver (a veth peer without GRO or an XDP program drops \
+                     every frame native XDP sends)"
+                ),
+                fix: format!(
+                    "make sure the peer of `{iface}` has GRO on (`ethtool -K PEER gro on`) or an \
+                     XDP program, then set datapath.mode = \"auto\" or \"generic\" (native \
+                     cannot be verified here)"
+                ),
+            },
+            Some(Ok(p)) => judge_veth_peer(iface, p, egress),
+        };
+    }
+    if f.driver.as_deref() == Some("ena") {
+        if f.mtu > ENA_XDP_MAX_MTU {
+            return Native::No {
+                why: format!(
+                    "ENA interface `{iface}` has MTU {}: ENA accepts a native XDP program only \
+                     up to MTU {ENA_XDP_MAX_MTU}",
+                    f.mtu
+                ),
+                fix: format!(
+                    "`ip link set dev {iface} mtu {ENA_XDP_MAX_MTU}` (the Direct Connect VIF \
+                     carries 1500 or 8500 anyway), or datapath.mode = \"generic\""
+                ),
+            };
+        }
+        if ena_halves_channels(f.driver_version.as_deref())
+            && let Some(c) = f.channels
+            && c.combined > c.combined_max / 2
+        {
+            return Native::No {
+                why: format!(
+                    "ENA interface `{iface}` uses {} of {} channels: this driver version ({}) \
+                     accepts native XDP only with at most half of them in use (XDP takes the \
+                     other half for its transmit queues)",
+                    c.combined,
+                    c.combined_max,
+                    f.driver_version.as_deref().unwrap_or("in-tree")
+                ),
+                fix: format!(
+                    "`ethtool -L {iface} combined {}`, or ENA driver 2.17 or later, or \
+                     datapath.mode = \"generic\"",
+                    c.combined_max / 2
+                ),
+            };
+        }
+    }
+    Native::Delivers
+}
+
+fn judge_veth_peer(iface: &str, p: &PeerFacts, egress: Egress) -> Native {
+    let peer = &p.name;
+    let ns = p.namespace.as_deref().map_or_else(
+        || "this namespace".to_owned(),
+        |n| format!("namespace {}", n.display()),
+    );
+    if p.xdp || (p.gro && egress == Egress::Redirect) {
+        return Native::Delivers;
+    }
+    let fix_prefix = p
+        .namespace
+        .as_deref()
+        .and_then(Path::file_name)
+        .filter(|_| {
+            p.namespace
+                .as_deref()
+                .is_some_and(|n| n.starts_with("/run/netns") || n.starts_with("/var/run/netns"))
+        })
+        .map_or_else(String::new, |n| {
+            format!("ip netns exec {} ", n.to_string_lossy())
+        });
+    if p.gro {
+        return Native::No {
+            why: format!(
+                "veth `{iface}`: its peer `{peer}` ({ns}) has GRO on but no XDP program, and this \
+                 host sends with XDP_TX (one interface): such frames wait in the peer's ring \
+                 until other traffic wakes it"
+            ),
+            fix: format!(
+                "attach an XDP program to `{peer}` (any program that passes), or \
+                 datapath.mode = \"generic\" or \"auto\""
+            ),
+        };
+    }
+    let gro_fix = if egress == Egress::Redirect {
+        format!("`{fix_prefix}ethtool -K {peer} gro on`, or ")
+    } else {
+        String::new()
+    };
+    Native::No {
+        why: format!(
+            "veth `{iface}`: its peer `{peer}` ({ns}) has neither GRO on nor an XDP program, so \
+             every frame native XDP sends into `{iface}` is dropped in the peer"
+        ),
+        fix: format!(
+            "{gro_fix}attach an XDP program to `{peer}`, or datapath.mode = \"generic\" or \
+             \"auto\""
+        ),
+    }
+}
+
+/// Whether this ENA driver version needs half of the channels free for XDP: before 2.17, and
+/// the in-tree driver (no version file) is treated the same way.
+fn ena_halves_channels(version: Option<&str>) -> bool {
+    let Some(v) = version else { return true };
+    let mut parts = v.trim().split(['.', '-', 'g']).map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (2, 17),
+        _ => true,
+    }
+}
+
+/// Gather the [`Facts`] of the interface with `index` (named `iface`) in this namespace.
+/// Failures to inspect a veth peer are kept in `peer`; failures to read optional facts (driver,
+/// channels) leave them out.
+///
+/// # Errors
+/// The interface itself cannot be read from rtnetlink.
+pub fn facts(iface: &str, index: u32) -> Result<Facts, super::NetdevError> {
+    let link = rtnl::link(index)?;
+    let driver = std::fs::read_link(format!("/sys/class/net/{iface}/device/driver"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let driver_version = driver.as_deref().and_then(|d| {
+        std::fs::read_to_string(format!("/sys/module/{d}/version"))
+            .ok()
+            .map(|v| v.trim().to_owned())
+    });
+    let peer = (link.kind.as_deref() == Some("veth"))
+        .then(|| peer::inspect(&link).map_err(|e| e.to_string()));
+    let channels = if driver.as_deref() == Some("ena") {
+        ethtool::channels(iface).ok().flatten()
+    } else {
+        None
+    };
+    Ok(Facts {
+        iface: iface.to_owned(),
+        kind: link.kind,
+        driver,
+        driver_version,
+        mtu: link.mtu,
+        peer,
+        channels,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn veth(peer: Option<Result<PeerFacts, String>>) -> Facts {
+        Facts {
+            iface: "pc".into(),
+            kind: Some("veth".into()),
+            driver: None,
+            driver_version: None,
+            mtu: 1500,
+            peer,
+            channels: None,
+        }
+    }
+
+    fn peer(gro: bool, xdp: bool) -> PeerFacts {
+        PeerFacts {
+            name: "c0".into(),
+            namespace: Some(PathBuf::from("/run/netns/xpt-cli")),
+            gro,
+            xdp,
+        }
+    }
+
+    fn no(n: &Native) -> (&str, &str) {
+        match n {
+            Native::No { why, fix } => (why, fix),
+            Native::Delivers => panic!("expected a refusal"),
+        }
+    }
+
+    #[test]
+    fn veth_peer_without_gro_or_xdp_does_not_deliver() {
+        for egress in [Egress::Tx, Egress::Redirect] {
+            let n = judge(&veth(Some(Ok(peer(false, false)))), egress);
+            let (why, fix) = no(&n);
+            assert!(why.contains("`pc`") && why.contains("`c0`"), "{why}");
+            assert!(why.contains("/run/netns/xpt-cli"), "{why}");
+            assert!(fix.contains("XDP program"), "{fix}");
+            assert_eq!(
+                fix.contains("ip netns exec xpt-cli ethtool -K c0 gro on"),
+                egress == Egress::Redirect,
+                "{fix}"
+            );
+        }
+    }
+
+    #[test]
+    fn veth_peer_with_gro_delivers_redirects_only() {
+        assert_eq!(
+            judge(&veth(Some(Ok(peer(true, false)))), Egress::Redirect),
+            Native::Delivers
+        );
+        let n = judge(&veth(Some(Ok(peer(true, false)))), Egress::Tx);
+        assert!(no(&n).0.contains("XDP_TX"));
+    }
+
+    #[test]
+    fn veth_peer_with_xdp_delivers_both() {
+        for egress in [Egress::Tx, Egress::Redirect] {
+            assert_eq!(
+                judge(&veth(Some(Ok(peer(false, true)))), egress),
+                Native::Delivers
+            );
+        }
+    }
+
+    #[test]
+    fn veth_peer_not_inspected_is_not_native() {
+        let n = judge(&veth(Some(Err("no namespace".into()))), Egress::Redirect);
+        let (why, _) = no(&n);
+        assert!(
+            why.contains("could not be inspected (no namespace)"),
+            "{why}"
+        );
+    }
+
+    fn ena(mtu: u32, version: Option<&str>, channels: Option<(u32, u32)>) -> Facts {
+        Facts {
+            iface: "ens5".into(),
+            kind: None,
+            driver: Some("ena".into()),
+            driver_version: version.map(Into::into),
+            mtu,
+            peer: None,
+            channels: channels.map(|(combined, combined_max)| Channels {
+                combined,
+                combined_max,
+            }),
+        }
+    }
+
+    #[test]
+    fn ena_mtu_above_3498_is_refused_with_the_numbers() {
+        let n = judge(&ena(9001, Some("2.13.0g"), Some((4, 8))), Egress::Tx);
+        let (why, fix) = no(&n);
+        assert!(why.contains("MTU 9001") && why.contains("3498"), "{why}");
+        assert!(fix.contains("ip link set dev ens5 mtu 3498"), "{fix}");
+        assert_eq!(
+            judge(&ena(3498, Some("2.13.0g"), Some((4, 8))), Egress::Tx),
+            Native::Delivers
+        );
+    }
+
+    #[test]
+    fn ena_before_2_17_needs_half_the_channels() {
+        let n = judge(&ena(1500, Some("2.16.1g"), Some((8, 8))), Egress::Tx);
+        let (why, fix) = no(&n);
+        assert!(why.contains("8 of 8 channels"), "{why}");
+        assert!(fix.contains("ethtool -L ens5 combined 4"), "{fix}");
+        // The in-tree driver (no version) is treated as older.
+        assert!(matches!(
+            judge(&ena(1500, None, Some((8, 8))), Egress::Tx),
+            Native::No { .. }
+        ));
+        for ok in [
+            ena(1500, Some("2.17.0g"), Some((8, 8))),
+            ena(1500, Some("2.16.1g"), Some((4, 8))),
+            ena(1500, Some("2.16.1g"), None),
+        ] {
+            assert_eq!(judge(&ok, Egress::Tx), Native::Delivers, "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn other_devices_deliver() {
+        let f = Facts {
+            iface: "eth0".into(),
+            kind: None,
+            driver: Some("mlx5_core".into()),
+            driver_version: None,
+            mtu: 9000,
+            peer: None,
+            channels: None,
+        };
+        assert_eq!(judge(&f, Egress::Tx), Native::Delivers);
+    }
+}
