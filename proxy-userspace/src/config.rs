@@ -1411,6 +1411,44 @@ fn own_addresses(
     own
 }
 
+/// What an http service's upstream entry `raw` (parsed as `up`) says that the L7 proxy would
+/// silently ignore: a DNS name (http services resolve no names yet, the daemon skips it) and
+/// `weight` / `drain` (requests go round robin over the healthy upstreams).
+fn http_upstream_problems(
+    raw: &toml::Value,
+    up: &UpstreamConfig,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(name) = up.dns_name() {
+        problems.push(Problem::new(
+            key,
+            format!(
+                "`{name}` is a DNS name, but http services do not resolve names yet (the daemon \
+                 would skip this upstream): http upstreams must be IP:port for now, like \
+                 10.20.1.2:8080 or [fd00:20::2]:8080"
+            ),
+        ));
+    }
+    if let toml::Value::Table(t) = raw {
+        if t.contains_key("weight") {
+            problems.push(Problem::new(
+                format!("{key}.weight"),
+                "has no effect on an http service (requests go round robin over the healthy \
+                 upstreams): remove it, or use an l4 service for weighted balancing",
+            ));
+        }
+        if t.contains_key("drain") {
+            problems.push(Problem::new(
+                format!("{key}.drain"),
+                "has no effect on an http service (requests go round robin over the healthy \
+                 upstreams): remove it; to take an upstream out, remove it from upstreams and \
+                 reload",
+            ));
+        }
+    }
+}
+
 fn valid_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("interface name is empty".into());
@@ -1664,6 +1702,9 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             let Some(up) = parse_upstream(u, &ukey, problems) else {
                 continue;
             };
+            if s.mode == ServiceMode::Http {
+                http_upstream_problems(u, &up, &ukey, problems);
+            }
             if s.mode == ServiceMode::L4
                 && let Some(m) = l4_family_problem(&up, listen)
             {
@@ -1683,6 +1724,15 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             } else {
                 upstreams.push(up);
             }
+        }
+        if s.mode == ServiceMode::Http && s.protocol == Protocol::Udp {
+            // The L7 proxy binds a TCP listener whatever `protocol` says: "udp" would be
+            // silently served as tcp.
+            problems.push(Problem::new(
+                key("protocol"),
+                "mode = \"http\" serves HTTP over TCP: set protocol = \"tcp\" (or leave it \
+                 out), or use mode = \"l4\" to forward UDP",
+            ));
         }
         let health = convert_health(s.health, s.protocol, &key, problems);
         let fast = fastpath::convert(

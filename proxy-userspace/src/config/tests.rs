@@ -864,7 +864,8 @@ fn snat_addrs_pick_the_family() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Refused home CIDRs and upstream addresses (`config/addresses.rs`).
+// Refused home CIDRs and upstream addresses (`config/addresses.rs`), and what the http proxy
+// would silently ignore.
 // ---------------------------------------------------------------------------------------------
 
 /// A config with `nat` lines (home_cidrs and more) and `services`.
@@ -1098,6 +1099,60 @@ fn upstream_on_the_proxys_own_address_is_refused() {
         "{p:#?}"
     );
     assert_eq!(p.len(), 1, "{p:#?}");
+}
+
+#[test]
+fn http_service_refuses_dns_upstreams_weight_drain_and_udp() {
+    let p = problems(&with_service(
+        "mode = \"http\"\nupstreams = [\"app.home.example:80\", \
+         { address = \"10.2.2.2:80\", weight = 3 }, { address = \"10.2.2.3:80\", drain = true }, \
+         { address = \"10.2.2.4:80\", weight = 1, drain = false }]\n",
+    ));
+    for (key, needle) in [
+        (
+            "service[0].upstreams[0]",
+            "http upstreams must be IP:port for now",
+        ),
+        (
+            "service[0].upstreams[1].weight",
+            "no effect on an http service",
+        ),
+        (
+            "service[0].upstreams[2].drain",
+            "no effect on an http service",
+        ),
+        ("service[0].upstreams[3].weight", "remove it"),
+        ("service[0].upstreams[3].drain", "remove it"),
+    ] {
+        assert!(has(&p, key, needle), "no `{key}` with `{needle}` in {p:#?}");
+    }
+    assert_eq!(p.len(), 5, "{p:#?}");
+    let err = parse(&with_service(
+        "mode = \"http\"\nupstreams = [\"app.home.example:80\"]\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("fixture.toml: service[0].upstreams[0]: `app.home.example` is a DNS name"),
+        "{err}"
+    );
+
+    let p = problems(&with_service(
+        "protocol = \"udp\"\nmode = \"http\"\nupstreams = [\"10.2.2.2:80\"]\n\
+         [service.health]\nkind = \"none\"\n",
+    ));
+    assert!(
+        has(&p, "service[0].protocol", "set protocol = \"tcp\""),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+
+    // The same entries are fine on an l4 service.
+    parse(&with_service(
+        "upstreams = [\"app.home.example:80\", { address = \"10.2.2.2:80\", weight = 3 }, \
+         { address = \"10.2.2.3:80\", drain = true }]\n",
+    ))
+    .unwrap();
 }
 
 #[test]

@@ -498,7 +498,7 @@ fn http_upstreams_are_health_checked_and_reported() {
 name = "app"
 listen = "10.10.0.1:80"
 mode = "http"
-upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80", weight = 3 }]
+upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80" }]
 [service.health]
 fall = 2
 [[service.route]]
@@ -538,7 +538,8 @@ kind = "none"
             .unwrap()
     };
     assert!(row("10.20.1.1:80").healthy && row("10.20.1.2:80").healthy);
-    assert_eq!(row("10.20.1.2:80").weight, 3);
+    // `weight` is refused on http upstreams (plain round robin): the default is reported.
+    assert_eq!(row("10.20.1.2:80").weight, crate::config::DEFAULT_WEIGHT);
     assert!(!row("10.20.1.3:80").healthy);
     assert_eq!(
         row("10.20.1.3:80").last_error.as_deref(),
