@@ -175,6 +175,13 @@ impl IpCidr {
         addr.is_ipv6() == self.is_ipv6() && addr_bits(addr) & self.mask() == addr_bits(self.network)
     }
 
+    /// Whether every address of `other` lies inside this prefix (equal prefixes cover each
+    /// other; prefixes of different families never do).
+    #[must_use]
+    pub fn covers(self, other: IpCidr) -> bool {
+        self.prefix_len <= other.prefix_len && self.contains(other.network)
+    }
+
     /// An address inside the prefix to route toward (the first host address where there is
     /// one): used to find the source address of the route home.
     #[must_use]
@@ -261,6 +268,10 @@ pub struct NatSettings {
     pub port_max: u16,
     /// IPv4 and IPv6 prefixes, in config order.
     pub home_cidrs: Vec<IpCidr>,
+    /// `nat.allow_any_home` (default false): accept a home CIDR of prefix length 0 or one
+    /// containing a range no upstream may be in (`config/addresses.rs`). Upstreams in those
+    /// ranges stay refused.
+    pub allow_any_home: bool,
 }
 
 impl NatSettings {
@@ -582,6 +593,8 @@ struct RawNat {
     snat_ipv6: Option<String>,
     port_range: Option<Vec<i64>>,
     home_cidrs: Vec<String>,
+    #[serde(default)]
+    allow_any_home: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -747,6 +760,17 @@ impl Config {
         }
     }
 
+    /// The proxy's own addresses known to the config with the SNAT addresses in effect: no
+    /// upstream may be one (the DNS filter, `control::filter_answer`, refuses them in answers).
+    #[must_use]
+    pub fn own_addresses(&self, snat: SnatAddrs) -> Vec<OwnAddress> {
+        own_addresses(
+            snat,
+            self.services.iter().map(|s| s.listen).enumerate(),
+            self.admin.listen,
+        )
+    }
+
     /// The services the XDP program serves (`mode = "l4"`), in config order with their index.
     pub fn l4_services(&self) -> impl Iterator<Item = (usize, &ServiceConfig)> {
         self.services
@@ -883,6 +907,28 @@ impl Config {
         if let Some(a) = facts.snat.v6 {
             check_listen_vs_snat(self, IpAddr::V6(a), &mut problems);
         }
+        // `convert` refused upstreams equal to a configured SNAT address; one found from the
+        // route home is known only now.
+        let mut found = Vec::new();
+        if self.nat.snat_ipv4.is_none()
+            && let Some(a) = facts.snat.v4
+        {
+            found.push(OwnAddress {
+                addr: IpAddr::V4(a),
+                key: "nat.snat_ipv4, found from the route home".into(),
+            });
+        }
+        if self.nat.snat_ipv6.is_none()
+            && let Some(a) = facts.snat.v6
+        {
+            found.push(OwnAddress {
+                addr: IpAddr::V6(a),
+                key: "nat.snat_ipv6, found from the route home".into(),
+            });
+        }
+        if !found.is_empty() {
+            check_upstreams_vs(self, &found, &mut problems);
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -890,6 +936,29 @@ impl Config {
                 path: self.source.clone(),
                 problems,
             })
+        }
+    }
+}
+
+/// Static upstreams (and http route upstreams) of `config` equal to one of `own`.
+fn check_upstreams_vs(config: &Config, own: &[OwnAddress], problems: &mut Vec<Problem>) {
+    let mut check = |sa: SocketAddr, key: String| {
+        if own.iter().any(|o| o.addr == sa.ip())
+            && let Some(m) = addresses::upstream_problem(&config.nat, own, sa)
+        {
+            problems.push(Problem::new(key, m));
+        }
+    };
+    for (i, s) in config.services.iter().enumerate() {
+        for (j, u) in s.upstreams.iter().enumerate() {
+            if let Some(sa) = u.static_addr() {
+                check(sa, format!("service[{i}].upstreams[{j}]"));
+            }
+        }
+        for (j, r) in s.http.iter().flat_map(|h| h.routes.iter()).enumerate() {
+            for (k, sa) in r.upstreams.iter().enumerate() {
+                check(*sa, format!("service[{i}].route[{j}].upstreams[{k}]"));
+            }
         }
     }
 }
@@ -1318,6 +1387,68 @@ fn convert_health(
     }
 }
 
+/// The proxy's own addresses: the SNAT addresses, the listen address of each service (with its
+/// index) and the admin listener (unless it is the unspecified address).
+fn own_addresses(
+    snat: SnatAddrs,
+    listens: impl Iterator<Item = (usize, SocketAddr)>,
+    admin: SocketAddr,
+) -> Vec<OwnAddress> {
+    let mut own = Vec::new();
+    let mut add = |addr: IpAddr, key: String| own.push(OwnAddress { addr, key });
+    if let Some(a) = snat.v4 {
+        add(IpAddr::V4(a), "nat.snat_ipv4".into());
+    }
+    if let Some(a) = snat.v6 {
+        add(IpAddr::V6(a), "nat.snat_ipv6".into());
+    }
+    for (i, listen) in listens {
+        add(listen.ip(), format!("service[{i}].listen"));
+    }
+    if !admin.ip().is_unspecified() {
+        add(admin.ip(), "admin.listen".into());
+    }
+    own
+}
+
+/// What an http service's upstream entry `raw` (parsed as `up`) says that the L7 proxy would
+/// silently ignore: a DNS name (http services resolve no names yet, the daemon skips it) and
+/// `weight` / `drain` (requests go round robin over the healthy upstreams).
+fn http_upstream_problems(
+    raw: &toml::Value,
+    up: &UpstreamConfig,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(name) = up.dns_name() {
+        problems.push(Problem::new(
+            key,
+            format!(
+                "`{name}` is a DNS name, but http services do not resolve names yet (the daemon \
+                 would skip this upstream): http upstreams must be IP:port for now, like \
+                 10.20.1.2:8080 or [fd00:20::2]:8080"
+            ),
+        ));
+    }
+    if let toml::Value::Table(t) = raw {
+        if t.contains_key("weight") {
+            problems.push(Problem::new(
+                format!("{key}.weight"),
+                "has no effect on an http service (requests go round robin over the healthy \
+                 upstreams): remove it, or use an l4 service for weighted balancing",
+            ));
+        }
+        if t.contains_key("drain") {
+            problems.push(Problem::new(
+                format!("{key}.drain"),
+                "has no effect on an http service (requests go round robin over the healthy \
+                 upstreams): remove it; to take an upstream out, remove it from upstreams and \
+                 reload",
+            ));
+        }
+    }
+}
+
 fn valid_ifname(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("interface name is empty".into());
@@ -1449,7 +1580,14 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     let mut home_cidrs = Vec::new();
     for (i, s) in nat.home_cidrs.iter().enumerate() {
         match s.parse::<IpCidr>() {
-            Ok(c) => home_cidrs.push(c),
+            Ok(c) => {
+                if let Some(m) = addresses::home_cidr_problem(c, nat.allow_any_home) {
+                    problems.push(Problem::new(format!("nat.home_cidrs[{i}]"), m));
+                }
+                // Kept even when refused: its upstreams then get no second problem saying
+                // they are outside every home CIDR.
+                home_cidrs.push(c);
+            }
             Err(m) => problems.push(Problem::new(format!("nat.home_cidrs[{i}]"), m)),
         }
     }
@@ -1465,6 +1603,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         port_min,
         port_max,
         home_cidrs,
+        allow_any_home: nat.allow_any_home,
     };
 
     // [admin]
@@ -1484,6 +1623,21 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
 
     // [dns]
     let dns = convert_dns(raw.dns, problems);
+
+    // The proxy's own addresses the file names: an upstream equal to one would be the proxy
+    // forwarding to itself. (The host's other addresses are unknown here; the SNAT addresses
+    // found from the route home are checked by `validate_runtime`.)
+    let own = own_addresses(
+        SnatAddrs {
+            v4: nat.snat_ipv4,
+            v6: nat.snat_ipv6,
+        },
+        raw.services
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, parse_endpoint(&s.listen, "listen").ok()?))),
+        admin.listen,
+    );
 
     // [[service]]
     let mut services = Vec::new();
@@ -1548,23 +1702,17 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             let Some(up) = parse_upstream(u, &ukey, problems) else {
                 continue;
             };
+            if s.mode == ServiceMode::Http {
+                http_upstream_problems(u, &up, &ukey, problems);
+            }
             if s.mode == ServiceMode::L4
                 && let Some(m) = l4_family_problem(&up, listen)
             {
                 problems.push(Problem::new(ukey, m));
             } else if let Some(sa) = up.static_addr()
-                && nat.home_cidr_of(sa.ip()).is_none()
-                && !nat.home_cidrs.is_empty()
+                && let Some(m) = addresses::upstream_problem(&nat, &own, sa)
             {
-                let cidrs: Vec<String> = nat.home_cidrs.iter().map(ToString::to_string).collect();
-                problems.push(Problem::new(
-                    ukey,
-                    format!(
-                        "{sa} is outside every home CIDR ({}): the proxy only forwards \
-                         to home addresses, never as an open relay",
-                        cidrs.join(", ")
-                    ),
-                ));
+                problems.push(Problem::new(ukey, m));
             } else if upstreams
                 .iter()
                 .any(|o| o.host == up.host && o.port == up.port)
@@ -1576,6 +1724,15 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
             } else {
                 upstreams.push(up);
             }
+        }
+        if s.mode == ServiceMode::Http && s.protocol == Protocol::Udp {
+            // The L7 proxy binds a TCP listener whatever `protocol` says: "udp" would be
+            // silently served as tcp.
+            problems.push(Problem::new(
+                key("protocol"),
+                "mode = \"http\" serves HTTP over TCP: set protocol = \"tcp\" (or leave it \
+                 out), or use mode = \"l4\" to forward UDP",
+            ));
         }
         let health = convert_health(s.health, s.protocol, &key, problems);
         let fast = fastpath::convert(
@@ -1601,7 +1758,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
                 };
             }
         }
-        let http = http::convert(i, s.mode, s.routes, s.http, &nat, problems);
+        let http = http::convert(i, s.mode, s.routes, s.http, &nat, &own, problems);
         services.push(ServiceConfig {
             name: s.name,
             listen,
@@ -1658,6 +1815,10 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     config
 }
 
+mod addresses;
+pub use addresses::{
+    ForbiddenRange, OwnAddress, UpstreamRefusal, forbidden_upstream, refuse_upstream,
+};
 mod fastpath;
 pub use fastpath::ServiceFastPath;
 mod http;

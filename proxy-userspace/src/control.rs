@@ -3,7 +3,9 @@
 //!
 //! Rules:
 //! - A DNS upstream contributes every address its name resolves to, each with the upstream's
-//!   weight. Addresses outside every home CIDR are refused (logged, counted, never written). A
+//!   weight. Addresses a static upstream could not have are refused (logged, counted, never
+//!   written): outside every home CIDR, in a forbidden range (loopback, link-local and the
+//!   metadata service, multicast, ...: `config::forbidden_upstream`), or the proxy's own. A
 //!   failed resolution, or an answer with no acceptable address, keeps the last good addresses.
 //! - An upstream that is unhealthy or draining (`drain = true`, or weight 0) keeps its slot in
 //!   `XP_UPSTREAMS` but gets no slot of the Maglev table: no new flows. A service left with no
@@ -24,8 +26,8 @@ use proxy_common::{SERVICE_F_HAS_UPSTREAMS, ServiceKey};
 
 use crate::{
     config::{
-        Config, HealthConfig, HealthKind, NatSettings, ServiceConfig, ServiceMode, SnatAddrs,
-        UpstreamConfig,
+        self, Config, HealthConfig, HealthKind, NatSettings, OwnAddress, ServiceConfig,
+        ServiceMode, SnatAddrs, UpstreamConfig, UpstreamRefusal,
     },
     dns,
     health::{Health, ProbeResult, Transition},
@@ -47,10 +49,24 @@ pub struct Resolved {
 /// upstreams and every route's).
 pub type TargetKey = (String, SocketAddr);
 
-/// Split DNS answer addresses into those inside a home CIDR and the refused rest.
+/// Split DNS answer addresses into those that may be upstreams and the refused rest, each with
+/// why. The rule is the static upstreams' ([`config::refuse_upstream`]): a name can never
+/// bring in an address the file could not name. `own`: the proxy's own addresses.
 #[must_use]
-pub fn filter_home(nat: &NatSettings, addrs: &[IpAddr]) -> (Vec<IpAddr>, Vec<IpAddr>) {
-    addrs.iter().partition(|a| nat.home_cidr_of(**a).is_some())
+pub fn filter_answer(
+    nat: &NatSettings,
+    own: &[OwnAddress],
+    addrs: &[IpAddr],
+) -> (Vec<IpAddr>, Vec<(IpAddr, UpstreamRefusal)>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for &a in addrs {
+        match config::refuse_upstream(nat, own, a) {
+            None => ok.push(a),
+            Some(why) => refused.push((a, why)),
+        }
+    }
+    (ok, refused)
 }
 
 /// The distinct DNS names of the config's L4 services.
@@ -483,24 +499,30 @@ impl Controller {
             return false;
         }
         let nat = self.config.nat.clone();
+        let own = self.config.own_addresses(self.snat);
         let entry = self.resolved.entry(name.to_owned()).or_default();
         let mut refused_n = 0u64;
         let mut failed = false;
         let changed = match result {
             Ok(answer) => {
-                let (ok, refused) = filter_home(&nat, &answer.addrs);
+                let (ok, refused) = filter_answer(&nat, &own, &answer.addrs);
                 if !refused.is_empty() {
                     refused_n = refused.len() as u64;
+                    let list: Vec<String> = refused
+                        .iter()
+                        .map(|(a, why)| format!("{a}: {why}"))
+                        .collect();
                     tracing::error!(
                         name,
-                        refused = ?refused,
-                        "DNS answer has addresses outside every home CIDR: refused, never forwarded to (the proxy is no open relay)"
+                        refused = %list.join("; "),
+                        "DNS answer has addresses no upstream may have: refused, never forwarded to (the proxy is no open relay)"
                     );
                 }
                 if ok.is_empty() {
                     failed = true;
                     let msg = format!(
-                        "no address inside a home CIDR in the answer {:?}",
+                        "no acceptable address in the answer {:?} (each is outside every home \
+                         CIDR, in a refused range or the proxy's own)",
                         answer.addrs
                     );
                     tracing::warn!(name, kept = ?entry.addrs, "{msg}: keeping the last good addresses");

@@ -29,7 +29,8 @@ pub struct Status {
     pub reload_failures: u64,
     /// The last reload's error, if the last reload failed.
     pub last_reload_error: Option<String>,
-    /// DNS answers with addresses outside every home CIDR (refused, never written to the maps).
+    /// Addresses of DNS answers refused by the upstream rule (outside every home CIDR, in a
+    /// refused range such as the metadata service, or the proxy's own): never written to the maps.
     pub dns_refused_addresses: u64,
     /// DNS resolutions that failed (the last good addresses were kept).
     pub dns_failures: u64,

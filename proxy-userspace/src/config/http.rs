@@ -25,7 +25,9 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
-use super::{NatSettings, Problem, ServiceMode, parse_duration, parse_endpoint};
+use super::{
+    NatSettings, OwnAddress, Problem, ServiceMode, addresses, parse_duration, parse_endpoint,
+};
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -191,6 +193,7 @@ pub(super) fn convert(
     routes: Vec<RawRoute>,
     http: Option<RawHttp>,
     nat: &NatSettings,
+    own: &[OwnAddress],
     problems: &mut Vec<Problem>,
 ) -> Option<HttpConfig> {
     if mode != ServiceMode::Http {
@@ -262,19 +265,18 @@ pub(super) fn convert(
         for (k, u) in r.upstreams.iter().enumerate() {
             let ukey = format!("service[{i}].route[{j}].upstreams[{k}]");
             match parse_endpoint(u, "upstream") {
-                Ok(sa) if nat.home_cidr_of(sa.ip()).is_none() && !nat.home_cidrs.is_empty() => {
-                    problems.push(Problem::new(
-                        ukey,
-                        format!("{sa} is outside every home CIDR: the proxy only forwards to home addresses"),
-                    ));
+                Ok(sa) => {
+                    if let Some(m) = addresses::upstream_problem(nat, own, sa) {
+                        problems.push(Problem::new(ukey, m));
+                    } else if upstreams.contains(&sa) {
+                        problems.push(Problem::new(
+                            ukey,
+                            format!("{sa} is listed twice in this route"),
+                        ));
+                    } else {
+                        upstreams.push(sa);
+                    }
                 }
-                Ok(sa) if upstreams.contains(&sa) => {
-                    problems.push(Problem::new(
-                        ukey,
-                        format!("{sa} is listed twice in this route"),
-                    ));
-                }
-                Ok(sa) => upstreams.push(sa),
                 Err(m) => problems.push(Problem::new(ukey, m)),
             }
         }

@@ -862,3 +862,351 @@ fn snat_addrs_pick_the_family() {
     );
     assert_eq!(s.to_string(), "10.20.0.1");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Refused home CIDRs and upstream addresses (`config/addresses.rs`), and what the http proxy
+// would silently ignore.
+// ---------------------------------------------------------------------------------------------
+
+/// A config with `nat` lines (home_cidrs and more) and `services`.
+fn with_nat(nat: &str, services: &str) -> String {
+    format!("[datapath]\ninterfaces = [\"eth0\"]\n[nat]\n{nat}\n{services}")
+}
+
+const ANY_HOME: &str =
+    "snat_ipv4 = \"10.20.0.1\"\nhome_cidrs = [\"0.0.0.0/0\", \"::/0\"]\nallow_any_home = true";
+
+#[test]
+fn default_route_home_cidrs_are_refused_unless_allow_any_home() {
+    let services =
+        "[[service]]\nname = \"s\"\nlisten = \"10.1.1.1:80\"\nupstreams = [\"10.2.2.2:80\"]\n";
+    let p = problems(&with_nat(
+        "home_cidrs = [\"0.0.0.0/0\", \"::/0\"]",
+        services,
+    ));
+    assert!(
+        has(
+            &p,
+            "nat.home_cidrs[0]",
+            "every IPv4 address (a default route)"
+        ),
+        "{p:#?}"
+    );
+    assert!(
+        has(
+            &p,
+            "nat.home_cidrs[1]",
+            "every IPv6 address (a default route)"
+        ),
+        "{p:#?}"
+    );
+    assert!(
+        has(&p, "nat.home_cidrs[0]", "nat.allow_any_home = true"),
+        "{p:#?}"
+    );
+    // Only those two: the upstream inside them gets no second problem.
+    assert_eq!(p.len(), 2, "{p:#?}");
+    // The rendered error names the file, the key and what to do.
+    let err = parse(&with_nat("home_cidrs = [\"0.0.0.0/0\"]", services))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("fixture.toml: nat.home_cidrs[0]: 0.0.0.0/0 is every IPv4 address"),
+        "{err}"
+    );
+
+    let c = parse(&with_nat(
+        "home_cidrs = [\"0.0.0.0/0\", \"::/0\"]\nallow_any_home = true",
+        services,
+    ))
+    .unwrap();
+    assert!(c.nat.allow_any_home);
+    assert_eq!(c.nat.home_cidrs[1].to_string(), "::/0");
+    // The default is false.
+    assert!(!parse(VALID_MINIMAL).unwrap().nat.allow_any_home);
+}
+
+#[test]
+fn home_cidr_containing_a_refused_range_needs_allow_any_home() {
+    for (cidr, needle) in [
+        ("0.0.0.0/1", "loopback (127.0.0.0/8)"),
+        ("128.0.0.0/1", "link-local"),
+        (
+            "169.0.0.0/8",
+            "the EC2 instance metadata service (IMDS) (169.254.169.254/32)",
+        ),
+        ("fd00::/8", "fd00:ec2::254/128"),
+        ("fe00::/7", "link-local (fe80::/10)"),
+    ] {
+        let nat = format!("home_cidrs = [\"10.20.0.0/16\", \"{cidr}\"]");
+        let p = problems(&with_nat(&nat, ""));
+        assert!(has(&p, "nat.home_cidrs[1]", needle), "{cidr}: {p:#?}");
+        assert!(
+            has(&p, "nat.home_cidrs[1]", "nat.allow_any_home = true"),
+            "{cidr}: {p:#?}"
+        );
+        assert_eq!(p.len(), 1, "{cidr}: {p:#?}");
+        let allowed = format!("{nat}\nallow_any_home = true");
+        parse(&with_nat(&allowed, "")).unwrap_or_else(|e| panic!("{cidr}: {e}"));
+    }
+    // Ordinary private home networks are fine.
+    parse(&with_nat(
+        "home_cidrs = [\"10.0.0.0/8\", \"172.16.0.0/12\", \"192.168.0.0/16\", \"100.64.0.0/10\", \
+         \"fd00:20::/48\", \"2001:db8::/32\"]",
+        "",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn home_cidr_inside_a_refused_range_is_refused_even_with_allow_any_home() {
+    for (cidr, needle) in [
+        ("127.0.0.0/8", "loopback"),
+        ("127.0.0.1/32", "loopback"),
+        ("::1/128", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("169.254.169.254/32", "metadata service (IMDS)"),
+        ("fd00:ec2::254/128", "metadata service over IPv6"),
+        ("fe80::/64", "link-local"),
+        ("224.0.0.0/4", "multicast"),
+        ("239.1.0.0/16", "multicast"),
+        ("ff00::/8", "multicast"),
+        ("0.0.0.0/32", "unspecified"),
+        ("::/128", "unspecified"),
+        ("255.255.255.255/32", "broadcast"),
+    ] {
+        for allow in [false, true] {
+            let nat = format!("home_cidrs = [\"{cidr}\"]\nallow_any_home = {allow}");
+            let p = problems(&with_nat(&nat, ""));
+            assert!(has(&p, "nat.home_cidrs[0]", needle), "{cidr}: {p:#?}");
+            assert!(has(&p, "nat.home_cidrs[0]", "remove it"), "{cidr}: {p:#?}");
+        }
+    }
+}
+
+#[test]
+fn refused_upstream_addresses_even_with_allow_any_home() {
+    // Every address is a home one here: the ranges are refused on their own.
+    let v4 = [
+        (
+            "169.254.169.254:80",
+            "the EC2 instance metadata service (IMDS)",
+        ),
+        ("169.254.10.1:80", "link-local"),
+        ("127.0.0.1:80", "loopback"),
+        ("224.0.0.1:80", "multicast"),
+        ("0.0.0.0:80", "the unspecified address"),
+        ("255.255.255.255:80", "the limited broadcast address"),
+    ];
+    let v6 = [
+        ("[fd00:ec2::254]:80", "metadata service over IPv6"),
+        ("[fe80::1]:80", "link-local"),
+        ("[::1]:80", "loopback"),
+        ("[ff02::1]:80", "multicast"),
+        ("[::]:80", "the unspecified address"),
+        ("[::ffff:169.254.169.254]:80", "IPv4-mapped"),
+    ];
+    let list = |l: &[(&str, &str)]| {
+        l.iter()
+            .map(|(a, _)| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let services = format!(
+        "[[service]]\nname = \"web4\"\nlisten = \"10.1.1.1:80\"\nupstreams = [{}]\n\
+         [[service]]\nname = \"web6\"\nlisten = \"[fd00:1::1]:80\"\nupstreams = [{}]\n\
+         [[service]]\nname = \"app\"\nlisten = \"10.1.1.1:8080\"\nmode = \"http\"\n\
+         upstreams = [\"[fd00:ec2::254]:80\"]\n\
+         [[service.route]]\nupstreams = [\"169.254.169.254:80\"]\n",
+        list(&v4),
+        list(&v6),
+    );
+    let p = problems(&with_nat(ANY_HOME, &services));
+    for (i, (addr, needle)) in v4.iter().enumerate() {
+        let key = format!("service[0].upstreams[{i}]");
+        assert!(has(&p, &key, needle), "{addr}: {p:#?}");
+        assert!(has(&p, &key, "whatever nat.home_cidrs"), "{addr}: {p:#?}");
+    }
+    for (i, (addr, needle)) in v6.iter().enumerate() {
+        assert!(
+            has(&p, &format!("service[1].upstreams[{i}]"), needle),
+            "{addr}: {p:#?}"
+        );
+    }
+    assert!(has(&p, "service[2].upstreams[0]", "IMDS"), "{p:#?}");
+    assert!(
+        has(&p, "service[2].route[0].upstreams[0]", "IMDS"),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), v4.len() + v6.len() + 2, "{p:#?}");
+
+    // Without allow_any_home the class is named, not just "outside every home CIDR".
+    let p = problems(&with_service("upstreams = [\"169.254.169.254:80\"]\n"));
+    assert!(
+        has(
+            &p,
+            "service[0].upstreams[0]",
+            "169.254.169.254:80 is the EC2 instance metadata"
+        ),
+        "{p:#?}"
+    );
+}
+
+#[test]
+fn upstream_on_the_proxys_own_address_is_refused() {
+    let nat = "snat_ipv4 = \"10.20.0.1\"\nsnat_ipv6 = \"fd00:20::1\"\n\
+               home_cidrs = [\"10.20.0.0/16\", \"fd00:20::/48\"]";
+    let services = "[[service]]\nname = \"web\"\nlisten = \"10.20.0.9:80\"\n\
+                    upstreams = [\"10.20.0.1:8080\", \"10.20.0.9:81\", \"10.20.1.2:80\"]\n\
+                    [[service]]\nname = \"app\"\nlisten = \"10.10.0.1:80\"\nmode = \"http\"\n\
+                    upstreams = [\"[fd00:20::1]:80\"]\n\
+                    [[service.route]]\nupstreams = [\"10.20.0.1:80\"]\n";
+    let p = problems(&with_nat(nat, services));
+    for (key, needle) in [
+        (
+            "service[0].upstreams[0]",
+            "10.20.0.1:8080 is the proxy's own address (nat.snat_ipv4)",
+        ),
+        ("service[0].upstreams[1]", "own address (service[0].listen)"),
+        ("service[1].upstreams[0]", "own address (nat.snat_ipv6)"),
+        (
+            "service[1].route[0].upstreams[0]",
+            "own address (nat.snat_ipv4)",
+        ),
+    ] {
+        assert!(has(&p, key, needle), "no `{key}` with `{needle}` in {p:#?}");
+    }
+    assert_eq!(p.len(), 4, "{p:#?}");
+
+    // A SNAT address found from the route home is known at run time only.
+    let c = parse(&with_nat(
+        "home_cidrs = [\"10.20.0.0/16\"]",
+        "[[service]]\nname = \"web\"\nlisten = \"10.10.0.1:80\"\n\
+         upstreams = [\"10.20.1.2:80\", \"10.20.0.7:80\"]\n",
+    ))
+    .unwrap();
+    c.validate_runtime(facts(Some("10.20.0.8"), None)).unwrap();
+    let p = c
+        .validate_runtime(facts(Some("10.20.0.7"), None))
+        .unwrap_err()
+        .problems();
+    assert!(
+        has(
+            &p,
+            "service[0].upstreams[1]",
+            "own address (nat.snat_ipv4, found from the route home)"
+        ),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+}
+
+#[test]
+fn http_service_refuses_dns_upstreams_weight_drain_and_udp() {
+    let p = problems(&with_service(
+        "mode = \"http\"\nupstreams = [\"app.home.example:80\", \
+         { address = \"10.2.2.2:80\", weight = 3 }, { address = \"10.2.2.3:80\", drain = true }, \
+         { address = \"10.2.2.4:80\", weight = 1, drain = false }]\n",
+    ));
+    for (key, needle) in [
+        (
+            "service[0].upstreams[0]",
+            "http upstreams must be IP:port for now",
+        ),
+        (
+            "service[0].upstreams[1].weight",
+            "no effect on an http service",
+        ),
+        (
+            "service[0].upstreams[2].drain",
+            "no effect on an http service",
+        ),
+        ("service[0].upstreams[3].weight", "remove it"),
+        ("service[0].upstreams[3].drain", "remove it"),
+    ] {
+        assert!(has(&p, key, needle), "no `{key}` with `{needle}` in {p:#?}");
+    }
+    assert_eq!(p.len(), 5, "{p:#?}");
+    let err = parse(&with_service(
+        "mode = \"http\"\nupstreams = [\"app.home.example:80\"]\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("fixture.toml: service[0].upstreams[0]: `app.home.example` is a DNS name"),
+        "{err}"
+    );
+
+    let p = problems(&with_service(
+        "protocol = \"udp\"\nmode = \"http\"\nupstreams = [\"10.2.2.2:80\"]\n\
+         [service.health]\nkind = \"none\"\n",
+    ));
+    assert!(
+        has(&p, "service[0].protocol", "set protocol = \"tcp\""),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 1, "{p:#?}");
+
+    // The same entries are fine on an l4 service.
+    parse(&with_service(
+        "upstreams = [\"app.home.example:80\", { address = \"10.2.2.2:80\", weight = 3 }, \
+         { address = \"10.2.2.3:80\", drain = true }]\n",
+    ))
+    .unwrap();
+}
+
+#[test]
+fn forbidden_upstream_classifies_addresses() {
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    for (addr, what) in [
+        (
+            "169.254.169.254",
+            "the EC2 instance metadata service (IMDS)",
+        ),
+        (
+            "fd00:ec2::254",
+            "the EC2 instance metadata service over IPv6 (IMDS)",
+        ),
+        (
+            "169.254.169.253",
+            "link-local (it holds the EC2 instance metadata service)",
+        ),
+        ("fe80::1", "link-local"),
+        ("127.3.2.1", "loopback"),
+        ("::1", "loopback"),
+        ("239.255.255.250", "multicast"),
+        ("ff05::2", "multicast"),
+        ("0.0.0.0", "the unspecified address"),
+        ("::", "the unspecified address"),
+        ("255.255.255.255", "the limited broadcast address"),
+        (
+            "::ffff:10.20.1.2",
+            "IPv4-mapped IPv6 (write the IPv4 address itself)",
+        ),
+    ] {
+        assert_eq!(
+            forbidden_upstream(ip(addr)).map(|r| r.what),
+            Some(what),
+            "{addr}"
+        );
+    }
+    for addr in [
+        "10.20.1.2",
+        "169.253.255.255",
+        "169.255.0.0",
+        "1.2.3.4",
+        "255.255.255.254",
+        "fd00:ec2::253",
+        "fd00:20::2",
+        "fec0::1",
+        "2001:db8::1",
+    ] {
+        assert_eq!(forbidden_upstream(ip(addr)), None, "{addr}");
+    }
+    assert_eq!(
+        forbidden_upstream(ip("169.254.169.254"))
+            .unwrap()
+            .to_string(),
+        "the EC2 instance metadata service (IMDS) (169.254.169.254/32)"
+    );
+}

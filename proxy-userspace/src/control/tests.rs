@@ -89,15 +89,83 @@ fn id_of(ctl: &Controller, addr: &str) -> u32 {
 #[test]
 fn home_filter_splits_answers() {
     let c = config("");
-    let (ok, refused) = filter_home(
+    let (ok, refused) = filter_answer(
         &c.nat,
+        &[],
         &[
             Ipv4Addr::new(10, 20, 3, 4).into(),
             Ipv4Addr::new(192, 0, 2, 1).into(),
         ],
     );
     assert_eq!(ok, [IpAddr::from(Ipv4Addr::new(10, 20, 3, 4))]);
-    assert_eq!(refused, [IpAddr::from(Ipv4Addr::new(192, 0, 2, 1))]);
+    assert_eq!(
+        refused,
+        [(
+            IpAddr::from(Ipv4Addr::new(192, 0, 2, 1)),
+            UpstreamRefusal::OutsideHome
+        )]
+    );
+}
+
+/// DNS answers go through the static upstreams' rule: even with every address a home
+/// (`allow_any_home`), the metadata service, loopback, link-local, multicast, unspecified,
+/// broadcast, IPv4-mapped and the proxy's own addresses are refused.
+#[test]
+fn dns_filter_refuses_what_a_static_upstream_cannot_be() {
+    let c = Config::parse(
+        "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nsnat_ipv4 = \"10.20.0.1\"\n\
+         home_cidrs = [\"0.0.0.0/0\", \"::/0\"]\nallow_any_home = true\n\
+         [[service]]\nname = \"web\"\nlisten = \"10.10.0.1:80\"\nupstreams = [\"app.home:80\"]\n",
+        Path::new("t.toml"),
+    )
+    .unwrap();
+    let own = c.own_addresses(SnatAddrs {
+        v4: Some(Ipv4Addr::new(10, 20, 0, 1)),
+        v6: Some("fd00:20::1".parse().unwrap()),
+    });
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let good = [ip("10.20.3.4"), ip("192.0.2.1"), ip("fd00:20::7")];
+    let bad = [
+        ("169.254.169.254", "metadata service"),
+        ("fd00:ec2::254", "metadata service over IPv6"),
+        ("169.254.1.1", "link-local"),
+        ("fe80::1", "link-local"),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("224.0.0.251", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("::", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+        ("::ffff:169.254.169.254", "IPv4-mapped"),
+        ("10.20.0.1", "own address (nat.snat_ipv4)"),
+        ("fd00:20::1", "own address (nat.snat_ipv6)"),
+        ("10.10.0.1", "own address (service[0].listen)"),
+    ];
+    let mut answer = good.to_vec();
+    answer.extend(bad.iter().map(|(a, _)| ip(a)));
+    let (ok, refused) = filter_answer(&c.nat, &own, &answer);
+    assert_eq!(ok, good);
+    assert_eq!(refused.len(), bad.len(), "{refused:?}");
+    for ((addr, why), (want, needle)) in refused.iter().zip(bad) {
+        assert_eq!(*addr, ip(want));
+        assert!(why.to_string().contains(needle), "{addr}: {why}");
+    }
+}
+
+#[test]
+fn dns_answer_with_the_metadata_address_is_refused_and_counted() {
+    let mut ctl = started(config(TWO));
+    // 10.20.0.1 is the controller's SNAT address (inside the home CIDR, still refused).
+    assert!(ctl.on_dns(
+        "app.home",
+        answer(&[[10, 20, 5, 5], [169, 254, 169, 254], [10, 20, 0, 1]])
+    ));
+    assert_eq!(ctl.status().dns_refused_addresses, 2);
+    assert_eq!(
+        ctl.resolved["app.home"].addrs,
+        [IpAddr::from([10, 20, 5, 5])]
+    );
 }
 
 #[test]
@@ -430,7 +498,7 @@ fn http_upstreams_are_health_checked_and_reported() {
 name = "app"
 listen = "10.10.0.1:80"
 mode = "http"
-upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80", weight = 3 }]
+upstreams = ["10.20.1.1:80", { address = "10.20.1.2:80" }]
 [service.health]
 fall = 2
 [[service.route]]
@@ -470,7 +538,8 @@ kind = "none"
             .unwrap()
     };
     assert!(row("10.20.1.1:80").healthy && row("10.20.1.2:80").healthy);
-    assert_eq!(row("10.20.1.2:80").weight, 3);
+    // `weight` is refused on http upstreams (plain round robin): the default is reported.
+    assert_eq!(row("10.20.1.2:80").weight, crate::config::DEFAULT_WEIGHT);
     assert!(!row("10.20.1.3:80").healthy);
     assert_eq!(
         row("10.20.1.3:80").last_error.as_deref(),
