@@ -1,5 +1,6 @@
 //! Step 9: TTL (hop limit) check, FIB lookup (AF_INET or AF_INET6), rewrite, then XDP_TX, XDP_REDIRECT through `XP_DEVMAP`, or a
-//! pass to the kernel (already rewritten) when the next hop is not ready.
+//! pass to the kernel (already rewritten) when the next hop is not ready or the route leaves
+//! through an interface outside the devmap.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -57,6 +58,8 @@ pub fn forward<A: Ip>(
     if let Some(c) = cache {
         // SAFETY: a flow table value pointer (NextHopCache's contract); copied out at once.
         let e = unsafe { &*c.entry };
+        // A cached next hop is always the ingress interface or one in the devmap: an egress
+        // outside it is never cached (below), so this path needs no devmap lookup.
         if next_hop_fresh(e, c.now, pkt.tot_len) {
             let (ifindex, dmac, smac) = (e.nh_ifindex, e.nh_dmac, e.nh_smac);
             A::rewrite(ctx, pkt, rw, kind, true)?;
@@ -93,6 +96,17 @@ pub fn forward<A: Ip>(
         } else {
             Reason::PassFibFailed
         });
+    }
+
+    if params.ifindex != ingress && XP_DEVMAP.get_ifindex(params.ifindex).is_none() {
+        // The route leaves through an interface the daemon does not run (not in the devmap):
+        // no redirect is possible there. Hand the rewritten packet to the kernel (TTL and MACs
+        // untouched: it forwards it by its own routing, and decrements the TTL itself). Its
+        // source is the SNAT address, which the kernel accepts on a datapath interface
+        // (`accept_local`, set by the daemon). Not cached: every packet of such a flow takes
+        // this lookup, so one whose route moves back onto a datapath interface follows it.
+        A::rewrite(ctx, pkt, rw, kind, false)?;
+        return Ok(Reason::PassOutsideDevmap);
     }
 
     if let Some(c) = cache {

@@ -2,12 +2,14 @@
 //!
 //! The per-packet rules are docs/datapath.md; step numbers in comments refer to it. Layout:
 //! `parse` (steps 1-3), `flow` (steps 4-8), `forward` + `nat` (step 9), `stats` (step 10 and
-//! the per-packet reason counter), `maps` (every map). The flow code is generic over the address
+//! the per-packet reason counter), `maps` (every map), `delivery` (tracepoint programs counting
+//! frames the kernel failed to transmit after the program sent them). The flow code is generic over the address
 //! family (`family::Ip`): one instance for IPv4, one for IPv6.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod acl;
+mod delivery;
 mod family;
 mod flow;
 mod forward;

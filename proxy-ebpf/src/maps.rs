@@ -11,16 +11,16 @@
 //! None of these maps is pinned by the object: the daemon decides where (and whether) to pin.
 
 use aya_ebpf::{
-    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     macros::btf_map,
 };
 use proxy_common::{
     AclKey, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY,
     MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS,
     MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
-    MAX_ACL_ENTRIES, MAX_INTERFACES, MAX_RATE_ENTRIES, MAX_SERVICES, MAX_UPSTREAMS, NatConfig,
-    REASON_COUNT, RateKey, RateState, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters,
-    UpstreamValue,
+    MAP_XMIT_DROPS, MAX_ACL_ENTRIES, MAX_INTERFACES, MAX_RATE_ENTRIES, MAX_SERVICES, MAX_UPSTREAMS,
+    NatConfig, REASON_SLOTS, RateKey, RateState, ServiceKey, ServiceOptions, ServiceValue,
+    TrafficCounters, UpstreamValue,
 };
 
 /// Capacities as const generics (the `proxy-common` constants are `u32`).
@@ -29,7 +29,7 @@ const UPSTREAMS: usize = MAX_UPSTREAMS as usize;
 const MAGLEV_ENTRIES: usize = (MAX_SERVICES * MAGLEV_SIZE) as usize;
 const FLOWS: usize = DEFAULT_MAX_FLOWS as usize;
 const INTERFACES: usize = MAX_INTERFACES as usize;
-const REASONS: usize = REASON_COUNT as usize;
+const REASONS: usize = REASON_SLOTS as usize;
 const ACL_ENTRIES: usize = MAX_ACL_ENTRIES as usize;
 const RATE_ENTRIES: usize = MAX_RATE_ENTRIES as usize;
 
@@ -62,6 +62,12 @@ pub static XP_FLOWS_REV: LruHashMap<FlowKey, FlowValue, FLOWS> = LruHashMap::new
 /// Egress interfaces for XDP_REDIRECT: ifindex -> `bpf_devmap_val` (ifindex, no program).
 #[btf_map(name = "XP_DEVMAP")]
 pub static XP_DEVMAP: DevMapHash<INTERFACES> = DevMapHash::new();
+
+/// Frames the kernel failed to transmit after the program sent them, per egress ifindex
+/// (per CPU): written by the `xdp` tracepoint programs (`delivery.rs`), only for interfaces in
+/// `XP_DEVMAP`.
+#[btf_map(name = "XP_XMIT_DROPS")]
+pub static XP_XMIT_DROPS: PerCpuHashMap<u32, u64, INTERFACES> = PerCpuHashMap::new();
 
 /// Per-CPU packet counters indexed by `Reason`, bumped once per packet at exit.
 #[btf_map(name = "XP_REASONS")]
@@ -116,6 +122,7 @@ const _: () = {
     assert!(same(MAP_FLOWS_FWD, "XP_FLOWS_FWD"));
     assert!(same(MAP_FLOWS_REV, "XP_FLOWS_REV"));
     assert!(same(MAP_DEVMAP, "XP_DEVMAP"));
+    assert!(same(MAP_XMIT_DROPS, "XP_XMIT_DROPS"));
     assert!(same(MAP_REASONS, "XP_REASONS"));
     assert!(same(MAP_SERVICE_STATS, "XP_SVC_STATS"));
     assert!(same(MAP_UPSTREAM_STATS, "XP_UPS_STATS"));

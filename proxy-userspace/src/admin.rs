@@ -88,7 +88,7 @@ impl Source {
             .attachments()
             .iter()
             .map(|a| {
-                let kernel = crate::netdev::delivery::read(a.ifindex).ok();
+                let kernel = dp.delivery(a.ifindex);
                 InterfaceStatus {
                     name: a.interface.clone(),
                     mode: a.mode.to_string(),

@@ -634,20 +634,20 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
 /// How often the kernel's drop counters of the attached interfaces are read.
 const DELIVERY_CHECK_EVERY: Duration = Duration::from_secs(2);
 
-/// Read each attached interface's drop counters (outside the datapath lock) and warn about those
-/// whose outbound losses grew.
+/// Read each attached interface's drop counters (one rtnetlink request and a 64-entry map walk
+/// each, under the datapath lock) and warn about those whose outbound losses grew.
 fn watch_delivery(dp: &Arc<Mutex<Datapath>>, watch: &mut netdev::DeliveryWatch) {
-    let attached: Vec<(String, u32, datapath::AttachMode)> = match dp.lock() {
+    let attached: Vec<(String, AttachMode, Option<netdev::Delivery>)> = match dp.lock() {
         Ok(dp) => dp
             .attachments()
             .iter()
-            .map(|a| (a.interface.clone(), a.ifindex, a.mode))
+            .map(|a| (a.interface.clone(), a.mode, dp.delivery(a.ifindex)))
             .collect(),
         Err(_) => return,
     };
     let now = std::time::Instant::now();
-    for (iface, index, mode) in attached {
-        let Ok(d) = netdev::delivery::read(index) else {
+    for (iface, mode, d) in attached {
+        let Some(d) = d else {
             continue;
         };
         if let Some(g) = watch.observe(now, &iface, &d) {
@@ -656,7 +656,8 @@ fn watch_delivery(dp: &Arc<Mutex<Datapath>>, watch: &mut netdev::DeliveryWatch) 
                 mode = %mode,
                 lost = g.new,
                 lost_total = g.total,
-                "the kernel dropped frames leaving this interface (tx_dropped + tx_errors grew): \
+                "the kernel dropped frames leaving this interface (tx_dropped + tx_errors + \
+                 xdp_xmit_drops grew): \
                  if they are the program's forwards, the path is a black hole (a veth peer \
                  without GRO or an XDP program, a driver that cannot transmit XDP frames); see \
                  /status datapath.interfaces"

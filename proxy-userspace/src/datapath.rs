@@ -12,7 +12,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, DevMapHash, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray,
+        PerCpuHashMap, PerCpuValues,
         lpm_trie::{Key as LpmKey, LpmTrie},
         xdp::XdpMapError,
     },
@@ -30,8 +31,9 @@ use proxy_common::{
     ABI_VERSION, ACL_HIT, ACL_PREFIX_BASE, AclKey, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW,
     MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE,
     MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
-    MAP_UPSTREAMS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_NAME, Reason, ServiceKey,
-    ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue,
+    MAP_UPSTREAMS, MAP_XMIT_DROPS, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, PROGRAM_BULK_TX,
+    PROGRAM_DEVMAP_XMIT, PROGRAM_NAME, Reason, ServiceKey, ServiceOptions, ServiceValue,
+    TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue,
 };
 
 /// `BPF_NOEXIST` (uapi `linux/bpf.h`): insert only when the key is absent.
@@ -43,7 +45,7 @@ use crate::{
 };
 
 /// Every map the daemon pins, in one list.
-pub const PINNED_MAPS: [&str; 14] = [
+pub const PINNED_MAPS: [&str; 15] = [
     MAP_CONFIG,
     MAP_SERVICES,
     MAP_UPSTREAMS,
@@ -58,6 +60,7 @@ pub const PINNED_MAPS: [&str; 14] = [
     MAP_ACL_ALLOW,
     MAP_ACL_DENY,
     MAP_RATE,
+    MAP_XMIT_DROPS,
 ];
 
 /// What went wrong, naming the map, operation or path.
@@ -409,6 +412,8 @@ pub struct Maps {
     svc_opts: Array<MapData, ServiceOptions>,
     acl_allow: LpmTrie<MapData, AclKey, u32>,
     acl_deny: LpmTrie<MapData, AclKey, u32>,
+    /// `None`: pins left by a daemon from before the map existed.
+    xmit_drops: Option<PerCpuHashMap<MapData, u32, u64>>,
     census: FlowCensus,
 }
 
@@ -451,6 +456,10 @@ impl Maps {
             svc_opts: typed(MAP_SERVICE_OPTIONS, take(MAP_SERVICE_OPTIONS)?)?,
             acl_allow: typed(MAP_ACL_ALLOW, take(MAP_ACL_ALLOW)?)?,
             acl_deny: typed(MAP_ACL_DENY, take(MAP_ACL_DENY)?)?,
+            xmit_drops: match take(MAP_XMIT_DROPS) {
+                Ok(m) => Some(typed(MAP_XMIT_DROPS, m)?),
+                Err(_) => None,
+            },
             census: FlowCensus::default(),
         })
     }
@@ -478,6 +487,27 @@ impl Maps {
             })?;
             Map::from_map_data(data).map_err(|source| DatapathError::OpenPinned { path, source })
         })
+    }
+
+    /// Frames the kernel failed to transmit after the program sent them, per egress ifindex,
+    /// summed over CPUs (`XP_XMIT_DROPS`, written by the `xdp` tracepoint programs). `None`
+    /// when the pins have no such map (a daemon from before it existed).
+    ///
+    /// # Errors
+    /// Map iteration failure.
+    pub fn xmit_drops(&self) -> Result<Option<std::collections::BTreeMap<u32, u64>>> {
+        let Some(m) = &self.xmit_drops else {
+            return Ok(None);
+        };
+        let mut out = std::collections::BTreeMap::new();
+        for entry in m.iter() {
+            let (ifindex, per_cpu) = entry.map_err(map_err(MAP_XMIT_DROPS, "iterate"))?;
+            out.insert(
+                ifindex,
+                per_cpu.iter().copied().fold(0_u64, u64::saturating_add),
+            );
+        }
+        Ok(Some(out))
     }
 
     /// `XP_CONFIG[0]`.
@@ -1007,6 +1037,78 @@ pub struct Datapath {
     dir: PathBuf,
     /// Set by [`Datapath::detach_all`] and [`Datapath::leave_attached`]: nothing left for Drop.
     released: bool,
+    /// The `xdp` tracepoint programs that count frames lost after the program sent them are
+    /// attached (they live as long as this object: not pinned, a restart attaches anew).
+    pub delivery_traced: bool,
+}
+
+/// Where the kernel's tracing file system is looked for (aya's order); the first is where it is
+/// mounted when neither has it.
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// Make tracefs reachable for the tracepoint attach: on a normal host systemd mounts it at
+/// `/sys/kernel/tracing`; a daemon in a private mount namespace with a fresh /sys (`ip netns
+/// exec`) has none, and mounts one there (it dies with the process, as that /sys does).
+fn ensure_tracefs() -> std::result::Result<(), String> {
+    let populated = |p: &str| {
+        std::fs::read_dir(p)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)
+    };
+    if TRACEFS.iter().any(|p| populated(p)) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("tracefs"),
+        TRACEFS[0],
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting tracefs at {}: {e}", TRACEFS[0]))
+}
+
+/// Load and attach the tracepoint programs of `delivery.rs` (the program's comment says what
+/// they count). Never fatal: without them `/status` and `/metrics` still show the device
+/// counters, and a warning says what is missing.
+fn attach_delivery_tracepoints(ebpf: &mut Ebpf) -> bool {
+    let attach = |ebpf: &mut Ebpf, prog: &'static str, event: &'static str| {
+        let tp: &mut aya::programs::TracePoint = ebpf
+            .program_mut(prog)
+            .ok_or_else(|| format!("no program {prog} in the object"))?
+            .try_into()
+            .map_err(|e| format!("{prog}: {e}"))?;
+        tp.load().map_err(|e| format!("{prog}: load: {e}"))?;
+        tp.attach("xdp", event)
+            .map_err(|e| format!("{prog}: attaching to xdp:{event}: {e}"))?;
+        Ok::<_, String>(())
+    };
+    let result = ensure_tracefs()
+        .and_then(|()| attach(ebpf, PROGRAM_DEVMAP_XMIT, "xdp_devmap_xmit"))
+        .and_then(|()| attach(ebpf, PROGRAM_BULK_TX, "xdp_bulk_tx"));
+    match result {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                why = %why,
+                "frames the kernel fails to transmit after the XDP program sent them cannot be \
+                 counted (xdp tracepoints unavailable): a black hole behind the program shows \
+                 only in the device counters"
+            );
+            false
+        }
+    }
+}
+
+fn delivery_of(maps: &Maps, ifindex: u32) -> Option<crate::netdev::Delivery> {
+    let mut d = crate::netdev::delivery::read(ifindex).ok()?;
+    d.xdp_xmit_drops = maps
+        .xmit_drops()
+        .ok()
+        .flatten()
+        .and_then(|m| m.get(&ifindex).copied())
+        .unwrap_or(0);
+    Some(d)
 }
 
 /// The kernel's index of interface `name`.
@@ -1124,6 +1226,7 @@ impl Datapath {
                 path: prog_pin,
                 source: Box::new(source),
             })?;
+        let delivery_traced = attach_delivery_tracepoints(&mut ebpf);
         let maps =
             Maps::from_source(|name| ebpf.take_map(name).ok_or(DatapathError::MissingMap(name)))?;
         Ok(Self {
@@ -1132,6 +1235,7 @@ impl Datapath {
             attachments: Vec::new(),
             dir,
             released: false,
+            delivery_traced,
         })
     }
 
@@ -1185,7 +1289,7 @@ impl Datapath {
                     mode,
                     adopted: false,
                     held,
-                    delivery_at_attach: crate::netdev::delivery::read(index).ok(),
+                    delivery_at_attach: delivery_of(&self.maps, index),
                 });
                 Ok(mode)
             }
@@ -1332,7 +1436,7 @@ impl Datapath {
                         mode: m,
                         adopted: true,
                         held: Held::Pinned { link, path },
-                        delivery_at_attach: crate::netdev::delivery::read(index).ok(),
+                        delivery_at_attach: delivery_of(&self.maps, index),
                     });
                     return Ok(Some(m));
                 }
@@ -1421,6 +1525,14 @@ impl Datapath {
     #[must_use]
     pub fn attachments(&self) -> &[Attachment] {
         &self.attachments
+    }
+
+    /// The delivery counters of interface `ifindex`: the kernel's device counters and the
+    /// frames the `xdp` tracepoints saw it fail to transmit (`None`: the device counters
+    /// could not be read).
+    #[must_use]
+    pub fn delivery(&self, ifindex: u32) -> Option<crate::netdev::Delivery> {
+        delivery_of(&self.maps, ifindex)
     }
 
     /// Stop: detach from every interface (unpin and release each link) and unpin the program;

@@ -309,9 +309,10 @@ pub fn render_prometheus(s: &Snapshot) -> String {
         o,
         n,
         "counter",
-        "The kernel's drop and error counters of each attached interface (IFLA_STATS64), beside \
-         the program's: frames the program forwarded and the driver then lost show here (a veth \
-         peer without GRO or an XDP program counts in tx_dropped).",
+        "Frames lost on each attached interface as the kernel counts them, beside the program's \
+         counters: the device's drop and error counters (IFLA_STATS64) and xdp_xmit_drops, frames \
+         the program sent that the kernel then failed to transmit (xdp tracepoints; a veth peer \
+         without GRO or an XDP program shows here).",
     );
     for i in &s.interfaces {
         if let Some(k) = &i.kernel {
@@ -320,6 +321,7 @@ pub fn render_prometheus(s: &Snapshot) -> String {
                 ("tx_dropped", k.tx_dropped),
                 ("rx_errors", k.rx_errors),
                 ("tx_errors", k.tx_errors),
+                ("xdp_xmit_drops", k.xdp_xmit_drops),
             ] {
                 f.sample(n, &[("interface", &i.name), ("counter", counter)], v);
             }
@@ -851,8 +853,9 @@ mod tests {
                     tx_dropped: 42,
                     rx_errors: 0,
                     tx_errors: 3,
+                    xdp_xmit_drops: 7,
                 }),
-                lost_outbound_since_attach: Some(45),
+                lost_outbound_since_attach: Some(52),
             }],
             config_loaded: true,
             datapath_error: None,

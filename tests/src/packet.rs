@@ -1563,6 +1563,12 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
+    /// Put `ifindex` (back) into the redirect devmap.
+    pub fn devmap_add(&mut self, ifindex: u32) {
+        self.try_devmap_add(ifindex)
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// Remove `ifindex` from the redirect devmap.
     pub fn devmap_remove(&mut self, ifindex: u32) {
         let mut m: DevMapHash<&mut MapData> = self

@@ -9,10 +9,21 @@
 //!   interfaces in generic mode, says why, and a checksummed download and upload go through.
 //! - `attach_auto_never_mixes_modes`: only `h0` lacks GRO: `ph` cannot run native, so `pc` runs
 //!   generic too (one mode per host), and traffic goes through.
-//! - `attach_delivery_errors_show_in_status_and_log`: native with GRO on at both peers; then GRO
-//!   is turned off at `h0` while the daemon runs: connections fail (a black hole the program
-//!   cannot see), and the kernel's drop counter of `ph` grows in `/status`
-//!   (`lost_outbound_since_attach`), `/metrics`, and a warning naming `ph`.
+//! - `attach_delivery_errors_show_in_status_and_log`: native with GRO on at both peers; then,
+//!   with a connection open, `h0`'s MTU drops to 1000 while `ph` stays at 1500: the program
+//!   still redirects full-sized segments into `ph` (its route lookup checks `ph`'s MTU), the
+//!   veth cannot hand them to `h0` and drops them when the devmap flushes. The upload fails,
+//!   and the loss shows as a number: `xdp_xmit_drops` of `ph` (counted by the program's `xdp`
+//!   tracepoint companions) in `/metrics`, `lost_outbound_since_attach` in `/status`, and a
+//!   warning naming `ph`.
+//! - `attach_route_outside_devmap_goes_through_the_kernel`: the upstream is reachable only
+//!   through a third proxy interface the daemon does not run (`px`, not in the devmap), and its
+//!   replies come back to the SNAT address through `ph` (as on EC2, where packets to an ENI's
+//!   address arrive on that ENI whatever way the request left). The rewritten packets are
+//!   handed to the kernel (`pass_outside_devmap`), which forwards them although their source
+//!   is the proxy's own address (the martian trap of DESIGN.md: `accept_local`, set by the
+//!   daemon on its interfaces), and the replies are translated on `ph` as always: a checksummed
+//!   download and upload complete.
 //!
 //! Run as root: `cargo test -p integration-tests --test attach -- --nocapture`.
 
@@ -235,25 +246,23 @@ fn attach_delivery_errors_show_in_status_and_log() -> Result<()> {
         "ph lost frames before the black hole: {before:?}"
     );
 
-    // The black hole: h0 stops running NAPI; frames redirected into ph are dropped in h0.
-    gro(&topo.home, two::HOME_DEV, false)?;
-    let failed = topo.client.run(LIMIT, || async {
-        let attempt = async {
-            let mut c = Conn::connect(service_addr(), Duration::from_secs(2)).await?;
-            c.get_text("/").await
-        };
-        Ok(tokio::time::timeout(Duration::from_secs(4), attempt)
-            .await
-            .map_or(true, |r| r.is_err()))
+    // The black hole: h0's MTU drops below ph's while a connection is open. The program's
+    // route lookup checks ph's MTU (1500) and redirects full-sized segments; the veth cannot
+    // put them into h0's ring (longer than h0 takes) and drops them when the devmap flushes.
+    let home_ns = topo.home.name().to_owned();
+    let failed = topo.client.run(LIMIT, move || async move {
+        let mut c = Conn::connect(service_addr(), Duration::from_secs(5)).await?;
+        c.get_blob(3, 4096).await?;
+        std::process::Command::new("ip")
+            .args(["-n", &home_ns, "link", "set", two::HOME_DEV, "mtu", "1000"])
+            .status()?;
+        Ok(
+            tokio::time::timeout(Duration::from_secs(4), c.put_sink(9, 256 * 1024))
+                .await
+                .map_or(true, |r| r.is_err()),
+        )
     })?;
     ensure!(failed, "a connection went through the black hole");
-    if std::env::var_os("XPT_DEBUG_DELIVERY").is_some() {
-        for (ns, dev) in [(&topo.proxy, "ph"), (&topo.proxy, "pc"), (&topo.home, "h0")] {
-            println!("{}", ns.exec("ip", &["-s", "-s", "link", "show", dev])?);
-            println!("{}", ns.exec("ethtool", &["-S", dev])?);
-        }
-    }
-
     let lines = daemon.wait_log(
         &mut topo.lab,
         &[
@@ -276,12 +285,12 @@ fn attach_delivery_errors_show_in_status_and_log() -> Result<()> {
         .lines()
         .find(|l| {
             l.starts_with(
-                r#"xdp_proxy_interface_kernel_drops_total{interface="ph",counter="tx_dropped"}"#,
+                r#"xdp_proxy_interface_kernel_drops_total{interface="ph",counter="xdp_xmit_drops"}"#,
             )
         })
         .map(str::to_owned);
     let Some(line) = line else {
-        bail!("/metrics has no tx_dropped of ph:\n{metrics}");
+        bail!("/metrics has no xdp_xmit_drops of ph:\n{metrics}");
     };
     let v: u64 = line
         .rsplit(' ')
@@ -291,4 +300,75 @@ fn attach_delivery_errors_show_in_status_and_log() -> Result<()> {
     ensure!(v > 0, "{line}");
     daemon.stop_ok(&mut topo.lab)?;
     home.stop()
+}
+
+/// The far upstream's subnets: `px` (proxy) -- `f0` (far) on 10.202.0.0/24; `f1` (far) --
+/// `hf` (home) on 10.201.0.0/24.
+const FAR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 202, 0, 2);
+
+#[test]
+fn attach_route_outside_devmap_goes_through_the_kernel() -> Result<()> {
+    let _serial = serial();
+    let mut topo = lab("atout", true, true)?;
+    let far = topo.lab.add_netns("far")?;
+    topo.lab.add_veth(&topo.proxy, "px", &far, "f0")?;
+    topo.lab.add_veth(&far, "f1", &topo.home, "hf")?;
+    topo.proxy
+        .ip(&["addr", "add", "10.202.0.1/24", "dev", "px"])?;
+    far.ip(&["addr", "add", &format!("{FAR}/24"), "dev", "f0"])?;
+    far.ip(&["addr", "add", "10.201.0.2/24", "dev", "f1"])?;
+    topo.home
+        .ip(&["addr", "add", "10.201.0.1/24", "dev", "hf"])?;
+    // Replies to the SNAT address (10.200.0.1) leave far toward home, which routes them to the
+    // proxy's ph: they arrive on a datapath interface.
+    far.ip(&["route", "add", "default", "via", "10.201.0.1"])?;
+    topo.home.sysctl("net.ipv4.ip_forward", "1")?;
+    integration_tests::netns::tx_checksum_off(&far, "f0")?;
+    integration_tests::netns::tx_checksum_off(&far, "f1")?;
+    let upstream = sock(FAR, HOME_PORT);
+    let far_server = HomeServer::start(&far, upstream, None, LIMIT * 2)?;
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let cfg = config(&pin_dir, "native")
+        .replace(
+            &format!("home_cidrs = [\"{}\"]", two::HOME_CIDR),
+            &format!("home_cidrs = [\"{}\", \"10.202.0.0/24\"]", two::HOME_CIDR),
+        )
+        .replace(
+            &sock(two::HOME, HOME_PORT).to_string(),
+            &upstream.to_string(),
+        );
+    ensure!(
+        cfg.contains("10.202.0.0/24") && cfg.contains(&upstream.to_string()),
+        "{cfg}"
+    );
+    let daemon = Daemon::start(&mut topo.lab, &topo.proxy, &cfg)?;
+    daemon.wait_ready(
+        &mut topo.lab,
+        &topo.proxy,
+        &[two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV],
+        1,
+        Duration::from_secs(30),
+        || false,
+    )?;
+    transfers(&topo.client)?;
+    let stats = daemon.stats()?;
+    let reason = |name: &str| stats["reasons"][name].as_u64().unwrap_or(0);
+    ensure!(
+        reason("pass_outside_devmap") > 100 && reason("rev_redirect") > 100,
+        "want the forward direction through the kernel and the replies redirected: {stats:#}"
+    );
+    ensure!(
+        reason("drop_redirect_failed") == 0,
+        "a packet was dropped for its egress: {stats:#}"
+    );
+    ensure!(
+        far_server
+            .stats()
+            .peer_ips()
+            .contains(&std::net::IpAddr::V4(two::PROXY_HOME_SIDE)),
+        "the far upstream saw {:?}, not the SNAT address",
+        far_server.stats().peer_ips()
+    );
+    daemon.stop_ok(&mut topo.lab)?;
+    far_server.stop()
 }

@@ -446,6 +446,7 @@ fn rewritten(r: Reason) -> bool {
             | Reason::RevRedirect
             | Reason::PassNoNeigh
             | Reason::PassFibFailed
+            | Reason::PassOutsideDevmap
     )
 }
 
@@ -491,13 +492,18 @@ fn check_case(
     let input_ok = verify_checksums(input).is_ok();
     let out = &run.output;
     // An ICMP error translated for a flow: `icmp_*`, or passed after the rewrite when the FIB
-    // lookup could not forward it (the same `pass_no_neigh` / `pass_fib_failed` as TCP/UDP).
+    // lookup could not forward it (the same `pass_no_neigh` / `pass_fib_failed` /
+    // `pass_outside_devmap` as TCP/UDP).
     let icmp_input = (input.len() >= ETH_HLEN + 20
         && input[12..14] == [0x08, 0x00]
         && input[ETH_HLEN + 9] == IPPROTO_ICMP)
         || (is_v6(input) && input.len() >= ETH_HLEN + 40 && input[ETH_HLEN + 6] == 58);
     let icmp_translated = matches!(reason, Reason::IcmpTx | Reason::IcmpRedirect)
-        || (icmp_input && matches!(reason, Reason::PassNoNeigh | Reason::PassFibFailed));
+        || (icmp_input
+            && matches!(
+                reason,
+                Reason::PassNoNeigh | Reason::PassFibFailed | Reason::PassOutsideDevmap
+            ));
     if rewritten(reason) && !icmp_translated {
         if out.len() != input.len() {
             return Err(format!(

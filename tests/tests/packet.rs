@@ -270,7 +270,10 @@ fn open_flow<S: Fam>(
     };
     let svc_before = h.svc_stats(service_id);
     let ups_before = h.ups_stats(upstream_id);
-    let out = if reason == Reason::PassNoNeigh || reason == Reason::PassFibFailed {
+    let out = if matches!(
+        reason,
+        Reason::PassNoNeigh | Reason::PassFibFailed | Reason::PassOutsideDevmap
+    ) {
         rewritten_only(&first, expected.snat, expected.upstream)
     } else {
         expected.fwd_out(&first, egress)
@@ -2288,35 +2291,55 @@ fn fib_failure_passes_rewritten_in<S: Fam>() {
     });
 }
 
-/// The egress interface is missing from the devmap: XDP_REDIRECT is impossible, the packet is
-/// dropped (`DropRedirectFailed`). The rewrite already happened (docs step 9: rewrite, then
-/// redirect), so the dropped frame carries it.
+/// The route leaves through an interface missing from the devmap (one the daemon does not
+/// run): no redirect is possible there, so the rewritten packet is passed to the kernel with
+/// its TTL and MACs untouched (`PassOutsideDevmap`), which forwards it by its own routing. The
+/// next hop is not cached: the flow's next packet takes the same path, and once the interface
+/// is back in the devmap the flow is redirected again.
 #[test]
-fn redirect_without_devmap_entry_drops() {
-    redirect_without_devmap_entry_drops_in::<V4>();
+fn route_outside_devmap_passes_rewritten() {
+    route_outside_devmap_passes_rewritten_in::<V4>();
 }
 
 #[test]
-fn redirect_without_devmap_entry_drops_v6() {
-    redirect_without_devmap_entry_drops_in::<V6>();
+fn route_outside_devmap_passes_rewritten_v6() {
+    route_outside_devmap_passes_rewritten_in::<V6>();
 }
 
-fn redirect_without_devmap_entry_drops_in<S: Fam>() {
+fn route_outside_devmap_passes_rewritten_in<S: Fam>() {
     with_harness(|h| {
-        let hi = h.home_if;
+        let (ci, hi) = (h.client_if, h.home_if);
         h.devmap_remove(hi.ifindex);
-        let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
-        let t = p.tuple();
-        h.steer(&t, SVC_TCP_ID, S::UPS_TCP_ID);
-        let port = expected_snat_port(h, &t, S::UPS_TCP).unwrap_or_else(|| panic!("no free port"));
-        let out = forwarded(&p, S::sock(S::SNAT, port), S::UPS_TCP, hi, UPSTREAM_MAC);
+        let (flow, _) = open_flow(
+            h,
+            "TCP SYN, the route to the upstream leaves outside the devmap",
+            from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN)),
+            SVC_TCP_ID,
+            S::UPS_TCP,
+            S::UPS_TCP_ID,
+            ci,
+            hi,
+            XDP_PASS,
+            Reason::PassOutsideDevmap,
+        );
+        let p = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
         h.check(&Fixture::new(
-            "TCP SYN, egress interface not in the devmap",
+            "TCP ACK of that flow, still outside the devmap",
             p.bytes(),
-            h.client_if,
-            XDP_DROP,
-            Reason::DropRedirectFailed,
-            Expect::Bytes(out),
+            ci,
+            XDP_PASS,
+            Reason::PassOutsideDevmap,
+            Expect::Bytes(rewritten_only(&p, flow.snat, flow.upstream)),
+        ));
+        h.devmap_add(hi.ifindex);
+        let p = flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002);
+        h.check(&Fixture::new(
+            "TCP ACK of that flow, the interface back in the devmap",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(forwarded(&p, flow.snat, flow.upstream, hi, UPSTREAM_MAC)),
         ));
     });
 }

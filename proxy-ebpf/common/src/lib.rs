@@ -14,7 +14,10 @@ pub mod hash;
 
 /// Version of the map layout. Part of the pin directory (`<pin_dir>/v<ABI_VERSION>`), so a daemon
 /// with a different layout never reuses (and misreads) maps pinned by another version.
-pub const ABI_VERSION: u32 = 4;
+///
+/// 5: `XP_REASONS` has [`REASON_SLOTS`] slots (it had one per reason, so every new reason
+/// changed its size), and `XP_XMIT_DROPS` exists.
+pub const ABI_VERSION: u32 = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Program and map names (BPF object names: at most 15 characters).
@@ -39,6 +42,14 @@ pub const MAP_CONFIG: &str = "XP_CONFIG";
 pub const MAP_DEVMAP: &str = "XP_DEVMAP";
 /// Per-CPU packet counters indexed by `Reason`.
 pub const MAP_REASONS: &str = "XP_REASONS";
+/// Frames the kernel failed to transmit after the program sent them (devmap flush, veth
+/// `XDP_TX` flush), per egress ifindex, per CPU: `u32` -> `u64`. Written by the tracepoint
+/// programs [`PROGRAM_DEVMAP_XMIT`] and [`PROGRAM_BULK_TX`].
+pub const MAP_XMIT_DROPS: &str = "XP_XMIT_DROPS";
+/// Tracepoint program on `xdp:xdp_devmap_xmit` (counts into [`MAP_XMIT_DROPS`]).
+pub const PROGRAM_DEVMAP_XMIT: &str = "xp_devmap_xmit";
+/// Tracepoint program on `xdp:xdp_bulk_tx` (counts into [`MAP_XMIT_DROPS`]).
+pub const PROGRAM_BULK_TX: &str = "xp_bulk_tx";
 /// Per-CPU traffic counters per service id: `TrafficCounters`.
 pub const MAP_SERVICE_STATS: &str = "XP_SVC_STATS";
 /// Per-CPU traffic counters per upstream id: `TrafficCounters`.
@@ -416,10 +427,18 @@ pub enum Reason {
     /// An IPv6 UDP datagram with checksum 0 (invalid in IPv6, RFC 8200 section 8.1) that
     /// belongs to a flow or a service: dropped (its checksum cannot be patched incrementally).
     DropUdpZeroChecksum = 27,
+    /// The route to the packet's destination leaves through an interface outside `XP_DEVMAP`
+    /// (one the daemon does not run): passed to the kernel rewritten (TTL and MACs untouched),
+    /// which forwards it by its own routing.
+    PassOutsideDevmap = 28,
 }
 
-/// Number of `Reason` values (size of `XP_REASONS`).
-pub const REASON_COUNT: u32 = 28;
+/// Number of `Reason` values.
+pub const REASON_COUNT: u32 = 29;
+/// Slots of `XP_REASONS`: more than there are reasons, so a new reason leaves the pinned map's
+/// layout as it is (a pinned map whose size changed cannot be reused across an upgrade).
+pub const REASON_SLOTS: u32 = 64;
+const _: () = assert!(REASON_COUNT <= REASON_SLOTS);
 
 impl Reason {
     /// Every reason, in index order.
@@ -452,6 +471,7 @@ impl Reason {
         Reason::DropRateLimited,
         Reason::PassNoSnatV6,
         Reason::DropUdpZeroChecksum,
+        Reason::PassOutsideDevmap,
     ];
 
     /// Stable snake_case name, used as a metric label and in `inspect stats`.
@@ -486,6 +506,7 @@ impl Reason {
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::PassNoSnatV6 => "pass_no_snat_v6",
             Reason::DropUdpZeroChecksum => "drop_udp_zero_checksum",
+            Reason::PassOutsideDevmap => "pass_outside_devmap",
         }
     }
 
@@ -505,7 +526,8 @@ impl Reason {
             | Reason::PassNoNeigh
             | Reason::PassFibFailed
             | Reason::PassNotReady
-            | Reason::PassNoSnatV6 => XDP_PASS,
+            | Reason::PassNoSnatV6
+            | Reason::PassOutsideDevmap => XDP_PASS,
             Reason::DropTruncated
             | Reason::DropTtlExceeded
             | Reason::DropSnatExhausted

@@ -2,8 +2,9 @@
 //! beside the program's own. The program counts a forward when `XDP_TX` or the devmap redirect
 //! is accepted; a frame the driver then cannot deliver (a veth peer without NAPI, a driver
 //! without `ndo_xdp_xmit`, a full transmit ring) is lost after that, and shows only here: on a
-//! veth as `tx_dropped` of the sending device (the kernel folds its peer's `xdp_xmit_err` and
-//! receive drops into it), on other drivers as their own transmit drops and errors.
+//! veth only in the `xdp` tracepoints, which the program's tracepoint companions count per
+//! interface (`xdp_xmit_drops`: a devmap flush into a veth whose peer has no NAPI fails before
+//! the veth counts anything), on other drivers also as their own transmit drops and errors.
 
 use std::{
     collections::HashMap,
@@ -19,17 +20,24 @@ pub struct Delivery {
     pub tx_dropped: u64,
     pub rx_errors: u64,
     pub tx_errors: u64,
+    /// Frames the program sent out of this interface (devmap redirect, veth `XDP_TX`) that the
+    /// kernel then failed to transmit, per the `xdp` tracepoints (`XP_XMIT_DROPS`; 0 when they
+    /// are not attached).
+    pub xdp_xmit_drops: u64,
 }
 
 impl Delivery {
     /// Frames lost on the way out: what a black hole behind the program shows as.
     #[must_use]
     pub const fn lost_outbound(&self) -> u64 {
-        self.tx_dropped.saturating_add(self.tx_errors)
+        self.tx_dropped
+            .saturating_add(self.tx_errors)
+            .saturating_add(self.xdp_xmit_drops)
     }
 }
 
-/// Read the counters of the interface `index` in this namespace.
+/// Read the device counters of the interface `index` in this namespace (`xdp_xmit_drops` is
+/// left 0: it comes from the program's map, see `Datapath::delivery`).
 ///
 /// # Errors
 /// rtnetlink failed (the interface is gone).
@@ -40,6 +48,7 @@ pub fn read(index: u32) -> Result<Delivery, NetdevError> {
         tx_dropped: s.tx_dropped,
         rx_errors: s.rx_errors,
         tx_errors: s.tx_errors,
+        xdp_xmit_drops: 0,
     })
 }
 
