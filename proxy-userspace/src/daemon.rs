@@ -352,8 +352,13 @@ fn host_mode(p: &Prepared) -> Result<AttachMode, DaemonError> {
             tracing::warn!(interface = %name, why = %why, "the veth peer could not be inspected");
         }
         tracing::debug!(interface = %name, ?facts, "interface facts");
-        if let netdev::Native::No { why, fix } = netdev::native::judge(&facts, egress) {
-            refusals.push((why, fix));
+        match netdev::native::judge(&facts) {
+            netdev::Native::No { why, fix } => refusals.push((why, fix)),
+            netdev::Native::Delivers => {
+                if let Some(c) = netdev::native::caveat(&facts, egress) {
+                    tracing::warn!(interface = %name, "{c}");
+                }
+            }
         }
     }
     if refusals.is_empty() {

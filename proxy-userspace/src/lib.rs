@@ -3,7 +3,8 @@
 //! Module map: `config` (file contract and validation), `plan` (desired map contents, stable
 //! ids), `maglev` (weighted consistent hashing), `flows` (lifetimes), `health` (upstream
 //! probes), `sysctl` (kernel settings), `datapath` (the only module using aya maps and
-//! programs), `daemon` (the run loop), `inspect` (reports), `cli` (commands), `admin` (the /healthz /metrics /status
+//! programs), `netdev` (what the kernel says of the datapath's interfaces: a veth's peer, the
+//! driver's limits, drop counters; the one-mode attach decision), `daemon` (the run loop), `inspect` (reports), `cli` (commands), `admin` (the /healthz /metrics /status
 //! listener), `metrics` (its renderings), `logging` (tracing and the eBPF log bridge), `privs` (dropping capabilities once
 //! attached).
 #![forbid(unsafe_code)]

@@ -298,6 +298,21 @@ fn attach_delivery_errors_show_in_status_and_log() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     ensure!(v > 0, "{line}");
+    // `inspect stats` shows the same per interface, read from the pins and the kernel.
+    let stats = daemon.stats()?;
+    let ph = stats["interfaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == two::PROXY_HOME_DEV))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        ph["kernel"]["xdp_xmit_drops"].as_u64().unwrap_or(0) > 0,
+        "inspect stats shows no loss on ph: {stats:#}"
+    );
+    ensure!(
+        daemon.stats_table()?.contains("XDP XMIT DROPS"),
+        "inspect stats (table) has no interface table"
+    );
     daemon.stop_ok(&mut topo.lab)?;
     home.stop()
 }

@@ -795,6 +795,9 @@ fn links_of_another_layout_version_are_taken_over() -> Result<()> {
 /// The capabilities `docs/xdp-proxy.service` grants (CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN,
 /// CAP_NET_BIND_SERVICE, no CAP_SYS_ADMIN) are enough to start, pin and attach, serve, exit
 /// leaving the datapath, adopt it again and detach; the running daemon holds none of them.
+/// The veth peers carry an XDP program: without CAP_SYS_ADMIN the daemon cannot enter their
+/// namespaces to read GRO, but it sees their XDP program from its own (`mode = "native"`
+/// checks that the path delivers before it attaches).
 #[test]
 fn runs_with_only_the_units_capabilities() -> Result<()> {
     let _serial = serial();
@@ -804,6 +807,10 @@ fn runs_with_only_the_units_capabilities() -> Result<()> {
         proxy,
         home,
     } = TwoInterface::new("caps")?;
+    for (ns, dev) in [(&client, two::CLIENT_DEV), (&home, two::HOME_DEV)] {
+        let pass = netns::attach_pass_program(ns, dev)?;
+        lab.hold(pass);
+    }
     let upstream = SocketAddr::from((two::HOME, HOME_PORT));
     let server = HomeServer::start(&home, upstream, None, LIMIT)?;
     let pin_dir = lab.mount_bpffs()?;

@@ -175,16 +175,65 @@ pub fn stats(src: &Source, as_json: bool) -> Result<String> {
     let maps = pins::open_maps(&src.pin_dir)?;
     let meta = src.meta()?;
     let values = pins::read_values(&maps, false)?;
-    let r = report::build_stats(
+    let mut r = report::build_stats(
         &values,
         &Names::from_meta(meta.as_ref()),
         DaemonInfo::from_meta(meta.as_ref()),
     );
+    r.interfaces = interface_delivery(&maps, r.daemon.as_ref());
     if as_json {
         json(&r)
     } else {
         Ok(report::render_stats(&r))
     }
+}
+
+/// Every interface in the devmap, named and with its delivery counters. Interface indexes mean
+/// something only in the daemon's network namespace: when the daemon runs in another one than
+/// `inspect` (`ip netns exec`, a container), they are read in the daemon's (`/proc/PID/ns/net`,
+/// needs `CAP_SYS_ADMIN`; when that fails they are left unknown, null, rather than read from
+/// the wrong interfaces). With no daemon running they are read in this namespace.
+fn interface_delivery(
+    maps: &crate::datapath::Maps,
+    daemon: Option<&DaemonInfo>,
+) -> Vec<report::InterfaceDelivery> {
+    let xmit = maps.xmit_drops().ok().flatten().unwrap_or_default();
+    let mut ifindexes = maps.devmap_ifindexes().unwrap_or_default();
+    ifindexes.sort_unstable();
+    let own = std::path::Path::new("/proc/self/ns/net");
+    let daemon_ns = daemon
+        .filter(|d| d.running)
+        .map(|d| std::path::PathBuf::from(format!("/proc/{}/ns/net", d.pid)));
+    let elsewhere = daemon_ns
+        .as_deref()
+        .is_some_and(|ns| !crate::netdev::peer::same_namespace(ns, own));
+    let indexes = ifindexes.clone();
+    let read = move || {
+        Ok(indexes
+            .into_iter()
+            .map(|i| crate::netdev::rtnl::link(i).ok())
+            .collect::<Vec<_>>())
+    };
+    let links = if elsewhere {
+        crate::netdev::peer::in_namespace(daemon_ns, read).unwrap_or_default()
+    } else {
+        read().unwrap_or_default()
+    };
+    ifindexes
+        .into_iter()
+        .enumerate()
+        .map(|(n, ifindex)| {
+            let link = links.get(n).cloned().flatten();
+            report::InterfaceDelivery {
+                ifindex,
+                name: link.as_ref().map(|l| l.name.clone()),
+                kernel: link.map(|l| crate::netdev::Delivery {
+                    xdp_xmit_drops: xmit.get(&ifindex).copied().unwrap_or(0),
+                    ..l.stats.into()
+                }),
+            }
+        })
+        .collect()
 }
 
 fn snapshot(maps: &crate::datapath::Maps) -> Result<Snapshot> {

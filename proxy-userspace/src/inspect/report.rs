@@ -90,6 +90,20 @@ pub struct StatsReport {
     pub reasons: Reasons,
     pub services: Vec<ServiceStats>,
     pub upstreams: Vec<UpstreamStats>,
+    /// The interfaces in the devmap, with what the kernel counts of frames lost on them.
+    pub interfaces: Vec<InterfaceDelivery>,
+}
+
+/// One datapath interface in `inspect stats`: the device's drop and error counters and the
+/// frames the kernel failed to transmit after the program sent them (docs/datapath.md,
+/// "Delivery").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InterfaceDelivery {
+    pub ifindex: u32,
+    /// `None`: no interface has that index in this namespace (`inspect` runs in another one).
+    pub name: Option<String>,
+    /// `None`: the device's counters could not be read.
+    pub kernel: Option<crate::netdev::Delivery>,
 }
 
 fn is_zero(c: &TrafficCounters) -> bool {
@@ -175,6 +189,7 @@ pub fn build_stats(v: &MapValues, names: &Names, daemon: Option<DaemonInfo>) -> 
         reasons: Reasons(v.reasons.clone()),
         services,
         upstreams,
+        interfaces: Vec::new(),
     }
 }
 
@@ -281,6 +296,36 @@ pub fn render_stats(r: &StatsReport) -> String {
     out.push('\n');
     out.push_str(&reasons.render());
     out.push_str("(FWD: client -> upstream, REV: upstream -> client; FLOWS: flows created)\n");
+    if !r.interfaces.is_empty() {
+        let mut ifs = Table::new(&[
+            ("IF", Align::Left),
+            ("INDEX", Align::Right),
+            ("XDP XMIT DROPS", Align::Right),
+            ("TX DROPPED", Align::Right),
+            ("TX ERRORS", Align::Right),
+            ("RX DROPPED", Align::Right),
+        ]);
+        for i in &r.interfaces {
+            let k = |f: fn(&crate::netdev::Delivery) -> u64| {
+                i.kernel
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |d| count(f(d)))
+            };
+            ifs.row(vec![
+                i.name.clone().unwrap_or_else(|| "?".into()),
+                i.ifindex.to_string(),
+                k(|d| d.xdp_xmit_drops),
+                k(|d| d.tx_dropped),
+                k(|d| d.tx_errors),
+                k(|d| d.rx_dropped),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&ifs.render());
+        out.push_str(
+            "(frames the kernel lost on each datapath interface after the program's verdict)\n",
+        );
+    }
     out
 }
 

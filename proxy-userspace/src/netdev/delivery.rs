@@ -42,14 +42,19 @@ impl Delivery {
 /// # Errors
 /// rtnetlink failed (the interface is gone).
 pub fn read(index: u32) -> Result<Delivery, NetdevError> {
-    let s = rtnl::link(index)?.stats;
-    Ok(Delivery {
-        rx_dropped: s.rx_dropped,
-        tx_dropped: s.tx_dropped,
-        rx_errors: s.rx_errors,
-        tx_errors: s.tx_errors,
-        xdp_xmit_drops: 0,
-    })
+    Ok(Delivery::from(rtnl::link(index)?.stats))
+}
+
+impl From<rtnl::LinkDrops> for Delivery {
+    fn from(s: rtnl::LinkDrops) -> Self {
+        Self {
+            rx_dropped: s.rx_dropped,
+            tx_dropped: s.tx_dropped,
+            rx_errors: s.rx_errors,
+            tx_errors: s.tx_errors,
+            xdp_xmit_drops: 0,
+        }
+    }
 }
 
 /// How often a warning about one interface is repeated while its losses keep growing.

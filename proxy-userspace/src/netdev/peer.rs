@@ -28,71 +28,102 @@ use super::{
 pub struct PeerFacts {
     /// The peer's interface name, in its namespace.
     pub name: String,
-    /// Where the peer's namespace was found (`None`: the daemon's own namespace).
+    /// Where the peer's namespace was found (`None`: the daemon's own namespace, or it was not
+    /// needed).
     pub namespace: Option<PathBuf>,
-    /// `rx-gro` is active on the peer.
-    pub gro: bool,
     /// An XDP program is attached to the peer.
     pub xdp: bool,
+    /// `rx-gro` is active on the peer; `Err` says why it could not be read. Not read when the
+    /// peer has an XDP program (that alone decides).
+    pub gro: Result<bool, String>,
 }
 
-/// Inspect the peer of the veth `link`.
+/// Inspect the peer of the veth `link`: its name and XDP program through rtnetlink from this
+/// namespace (`IFLA_TARGET_NETNSID`, `CAP_NET_ADMIN`); then, only when it has no XDP program,
+/// its GRO setting through ethtool inside its namespace (found by id, entered by a thread:
+/// `CAP_SYS_ADMIN`). A failure of that second step is kept in [`PeerFacts::gro`].
 ///
 /// # Errors
-/// The link has no peer index, its namespace was not found among those this host can name, or
-/// a request in it failed (entering a namespace needs `CAP_SYS_ADMIN`).
+/// The link has no peer index, or the peer link cannot be read.
 pub fn inspect(link: &Link) -> Result<PeerFacts, NetdevError> {
     let peer = link.peer_index.ok_or_else(|| NetdevError::Peer {
         iface: link.name.clone(),
         why: "rtnetlink gave no peer index (IFLA_LINK)".into(),
     })?;
-    let namespace = match link.peer_netnsid {
-        None => None,
-        Some(id) => Some(find_namespace(id).ok_or_else(|| NetdevError::Peer {
-            iface: link.name.clone(),
-            why: format!(
-                "its peer's namespace (id {id} from here) is neither under /run/netns nor \
-                 any process's"
-            ),
-        })?),
+    let peer_link = rtnl::link_in(peer, link.peer_netnsid)?;
+    if peer_link.xdp_attached {
+        return Ok(PeerFacts {
+            name: peer_link.name,
+            namespace: None,
+            xdp: true,
+            gro: Err("not read: the peer has an XDP program".into()),
+        });
+    }
+    let namespace = link.peer_netnsid.and_then(find_namespace);
+    let gro = match (link.peer_netnsid, &namespace) {
+        (Some(id), None) => Err(format!(
+            "its namespace (id {id} from here) is neither under /run/netns nor any process's"
+        )),
+        _ => {
+            let name = peer_link.name.clone();
+            in_namespace(namespace.clone(), move || super::ethtool::gro_active(&name))
+                .map_err(|e| e.to_string())
+        }
     };
-    let ns = namespace.clone();
-    let iface = link.name.clone();
-    let joined = std::thread::Builder::new()
-        .name("xdp-proxy-peer".into())
-        .spawn(move || in_namespace(ns.as_deref(), peer))
-        .map_err(|source| NetdevError::Io {
-            op: "starting the thread that inspects a veth peer",
-            source,
-        })?
-        .join();
-    let (name, xdp, gro) = joined.map_err(|_| NetdevError::Peer {
-        iface: iface.clone(),
-        why: "the thread inspecting its peer panicked".into(),
-    })??;
     Ok(PeerFacts {
-        name,
+        name: peer_link.name,
         namespace,
+        xdp: false,
         gro,
-        xdp,
     })
 }
 
-/// Runs on its own thread: enter `ns` (if any), then read the peer link and its features.
-fn in_namespace(ns: Option<&Path>, peer: u32) -> Result<(String, bool, bool), NetdevError> {
-    if let Some(path) = ns {
-        let f = File::open(path).map_err(|source| NetdevError::Io {
-            op: "opening the peer's namespace",
+/// Run `f` on a short-lived thread that first enters the network namespace at `ns` (`None`:
+/// stays in this one). The calling thread's namespace is never changed.
+///
+/// # Errors
+/// Opening or entering the namespace (`setns` needs `CAP_SYS_ADMIN`), starting the thread, or
+/// `f`'s own error.
+pub fn in_namespace<T, F>(ns: Option<PathBuf>, f: F) -> Result<T, NetdevError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, NetdevError> + Send + 'static,
+{
+    let joined = std::thread::Builder::new()
+        .name("xdp-proxy-netns".into())
+        .spawn(move || {
+            if let Some(path) = &ns {
+                let file = File::open(path).map_err(|source| NetdevError::Io {
+                    op: "opening a network namespace",
+                    source,
+                })?;
+                nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    NetdevError::Io {
+                        op: "entering a network namespace (setns needs CAP_SYS_ADMIN)",
+                        source: e.into(),
+                    }
+                })?;
+            }
+            f()
+        })
+        .map_err(|source| NetdevError::Io {
+            op: "starting a thread to enter a network namespace",
             source,
-        })?;
-        nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| NetdevError::Io {
-            op: "entering the peer's namespace (setns needs CAP_SYS_ADMIN)",
-            source: e.into(),
-        })?;
+        })?
+        .join();
+    joined.map_err(|_| NetdevError::Io {
+        op: "a thread in another network namespace",
+        source: std::io::Error::other("panicked"),
+    })?
+}
+
+/// Whether `a` and `b` are the same network namespace (same device and inode).
+#[must_use]
+pub fn same_namespace(a: &Path, b: &Path) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
-    let link = rtnl::link(peer)?;
-    let gro = super::ethtool::gro_active(&link.name)?;
-    Ok((link.name, link.xdp_attached, gro))
 }
 
 /// The path of a namespace whose id, as our namespace gives it, is `id`.

@@ -106,8 +106,20 @@ fn request(
 /// # Errors
 /// The request failed (no such link: `ENODEV`) or its answer could not be read.
 pub fn link(index: u32) -> Result<Link, NetdevError> {
+    link_in(index, None)
+}
+
+/// The link `index` of the namespace our namespace calls `netnsid` (`IFLA_TARGET_NETNSID`:
+/// no need to enter it, but `CAP_NET_ADMIN` over it), or of ours when `None`.
+///
+/// # Errors
+/// The request failed (no such link: `ENODEV`; not permitted) or its answer could not be read.
+pub fn link_in(index: u32, netnsid: Option<i32>) -> Result<Link, NetdevError> {
     let mut m = LinkMessage::default();
     m.header.index = index;
+    if let Some(id) = netnsid {
+        m.attributes.push(LinkAttribute::IfNetnsId(id));
+    }
     match request("RTM_GETLINK", RouteNetlinkMessage::GetLink(m))? {
         RouteNetlinkMessage::NewLink(m) => Ok(from_message(&m)),
         _ => Err(NetdevError::Decode {
