@@ -92,6 +92,15 @@ pub enum DaemonError {
     #[error(transparent)]
     Reconcile(#[from] control::ReconcileError),
     #[error(
+        "{}: {}",
+        file.display(),
+        upstreams.iter().map(|(key, ip)| format!("{key}: {ip} is an address of this host: the proxy would forward to itself; name the upstream's own address")).collect::<Vec<_>>().join("; ")
+    )]
+    LocalUpstream {
+        file: PathBuf,
+        upstreams: Vec<(String, IpAddr)>,
+    },
+    #[error(
         "{}: datapath.mode = \"native\", but native XDP would not deliver here: {}",
         file.display(),
         refusals.iter().map(|(why, fix)| format!("{why}; to fix: {fix}")).collect::<Vec<_>>().join(" | ")
@@ -208,7 +217,39 @@ fn runtime_checks(config: &Config, opts: &RunOptions) -> Result<SnatAddrs, Daemo
         ephemeral_ports: ephemeral,
         snat,
     })?;
+    let local = local_upstreams(config, is_local);
+    if !local.is_empty() {
+        return Err(DaemonError::LocalUpstream {
+            file: config.source.clone(),
+            upstreams: local,
+        });
+    }
     Ok(snat)
+}
+
+/// Static upstreams (l4 upstreams, http route upstreams) that are addresses of this host
+/// (`is_local`), with their key: the proxy would forward to itself. The file alone names only
+/// some of the host's addresses (SNAT, listen, admin: refused by `Config::load`); this needs the
+/// running system, so it runs at start and for every reload.
+fn local_upstreams(config: &Config, is_local: impl Fn(IpAddr) -> bool) -> Vec<(String, IpAddr)> {
+    let mut out = Vec::new();
+    for (i, s) in config.services.iter().enumerate() {
+        for (j, u) in s.upstreams.iter().enumerate() {
+            if let crate::config::UpstreamHost::Ip(ip) = u.host
+                && is_local(ip)
+            {
+                out.push((format!("service[{i}].upstreams[{j}]"), ip));
+            }
+        }
+        for (r, route) in s.http.iter().flat_map(|h| h.routes.iter()).enumerate() {
+            for (j, u) in route.upstreams.iter().enumerate() {
+                if is_local(u.ip()) {
+                    out.push((format!("service[{i}].route[{r}].upstreams[{j}]"), u.ip()));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Everything `run` decides from the config and the system before it changes anything.
@@ -886,6 +927,21 @@ fn spawn_log_reader(mut logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstreams_on_this_hosts_addresses_are_named() {
+        let text = "[datapath]\ninterfaces = [\"eth0\"]\n[nat]\nsnat_ipv4 = \"10.20.0.1\"\n\
+                    home_cidrs = [\"10.20.0.0/16\"]\n\
+                    [[service]]\nname = \"a\"\nlisten = \"10.10.0.1:80\"\n\
+                    upstreams = [\"10.20.0.5:80\", \"10.20.0.6:80\"]\n";
+        let c = Config::parse(text, Path::new("/etc/xdp-proxy.toml")).unwrap();
+        let local: IpAddr = "10.20.0.6".parse().unwrap();
+        assert_eq!(
+            local_upstreams(&c, |ip| ip == local),
+            vec![("service[0].upstreams[1]".to_owned(), local)]
+        );
+        assert!(local_upstreams(&c, |_| false).is_empty());
+    }
 
     #[test]
     fn route_source_of_loopback() {
