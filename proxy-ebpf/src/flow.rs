@@ -4,8 +4,9 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use proxy_common::{
     CONFIG_F_READY, FAMILY_IPV6, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT,
-    FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS,
-    NatConfig, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
+    FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED, MAGLEV_SIZE,
+    MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES,
+    UPSTREAM_F_ACTIVE,
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
@@ -374,11 +375,15 @@ pub unsafe fn track<A: Ip>(entry: *mut FlowValueW, pkt: &PacketG<A>, now: u64) {
     e.bytes += u64::from(pkt.tot_len);
 }
 
-/// The flags of a flow after one more TCP segment matched the entry of direction `dir`.
+/// The flags of a flow after one more TCP segment matched the entry of direction `dir`
+/// (docs/datapath.md, "TCP states"). Sequence numbers are not checked: the states only choose
+/// how long the daemon keeps an idle flow, and a client can only reach "established" by
+/// acknowledging a reply it received.
 #[inline(always)]
 fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
     let mut new = old;
     let closing = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM | FLOW_F_RST;
+    let syn_received = FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED;
     if dir == FLOW_DIR_FORWARD && tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 && old & closing != 0 {
         // A new connection reusing the client port of a closed one: same upstream and SNAT
         // port, fresh state.
@@ -387,15 +392,23 @@ fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
     if tcp & TCP_RST != 0 {
         new |= FLOW_F_RST;
     }
-    if tcp & TCP_FIN != 0 {
+    if dir == FLOW_DIR_FORWARD {
+        // The client's ACK of the SYN-ACK (or its first data after it): established.
+        if new & syn_received == syn_received && tcp & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+            new &= !FLOW_F_SYN_RECEIVED;
+        }
+    } else if new & FLOW_F_REPLIED == 0 {
+        // The first reply (the SYN-ACK): SYN received.
+        new |= syn_received;
+    }
+    // A FIN counts only on an established flow: a SYN followed by a FIN without a handshake
+    // (a flood that never completes one) stays in the short SYN states.
+    if tcp & TCP_FIN != 0 && new & syn_received == FLOW_F_REPLIED {
         new |= if dir == FLOW_DIR_FORWARD {
             FLOW_F_FIN_CLIENT
         } else {
             FLOW_F_FIN_UPSTREAM
         };
-    }
-    if dir != FLOW_DIR_FORWARD {
-        new |= FLOW_F_REPLIED;
     }
     new
 }

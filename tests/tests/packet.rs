@@ -32,9 +32,10 @@ use integration_tests::packet::{
 };
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
-    FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
-    NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions,
-    TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
+    FLOW_F_RST, FLOW_F_SYN_RECEIVED, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD,
+    MAP_FLOWS_REV, MAX_UPSTREAMS, NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST,
+    ServiceOptions, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    checksum,
 };
 
 // =============================================================================================
@@ -482,8 +483,9 @@ fn tcp_syn_same_interface_tx_in<S: Fam>() {
 }
 
 /// The upstream's SYN-ACK to the SNAT port the SYN got: the reverse entry matches, the packet
-/// is rewritten to service -> client and redirected to the client side; FLOW_F_REPLIED is set in
-/// both entries; reverse counters move.
+/// is rewritten to service -> client and redirected to the client side; FLOW_F_REPLIED and
+/// FLOW_F_SYN_RECEIVED are set in both entries (SYN received, not established: the client has
+/// not acknowledged yet); reverse counters move.
 #[test]
 fn tcp_reply_path() {
     tcp_reply_path_in::<V4>();
@@ -508,7 +510,7 @@ fn tcp_reply_path_in<S: Fam>() {
             &FlowValue {
                 packets: 1,
                 bytes: len,
-                ..flow.rev_value(FLOW_F_REPLIED)
+                ..flow.rev_value(FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED)
             },
         );
         assert_time_within("reverse last_seen_ns", rev.last_seen_ns, &run);
@@ -522,7 +524,7 @@ fn tcp_reply_path_in<S: Fam>() {
             &FlowValue {
                 packets: 1,
                 bytes: u64::from(flow.client_tcp(TCP_SYN).ip_len()),
-                ..flow.fwd_value(FLOW_F_REPLIED)
+                ..flow.fwd_value(FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED)
             },
         );
         let plus = |c: TrafficCounters| TrafficCounters {
@@ -793,6 +795,9 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
                 last_seen_ns: 0,
                 packets: 0,
                 bytes: 0,
+                // The first data packet established the flow (while the reverse entry was
+                // gone); the repair copies the forward entry's flags.
+                flags: FLOW_F_REPLIED,
                 ..without_next_hop(&rev_before)
             },
             "the repaired reverse entry translates replies to the same client (its next hop \
@@ -823,6 +828,126 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
             h.rev_flow(&rev_key),
             Some(other),
             "the other client's entry is untouched"
+        );
+    });
+}
+
+/// The handshake as conntrack tracks it (docs/datapath.md, "TCP states"): the SYN leaves no
+/// flag (SYN sent); the SYN-ACK sets REPLIED | SYN_RECEIVED (SYN received, not established);
+/// a retransmitted SYN and a retransmitted SYN-ACK change nothing; the client's ACK clears
+/// SYN_RECEIVED (established); later segments of either side change nothing.
+#[test]
+fn tcp_handshake_states() {
+    tcp_handshake_states_in::<V4>();
+}
+
+#[test]
+fn tcp_handshake_states_v6() {
+    tcp_handshake_states_in::<V6>();
+}
+
+fn tcp_handshake_states_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        assert_flags(h, "after the SYN (SYN sent)", &flow, 0);
+        reply_syn_ack(h, &flow);
+        let syn_received = FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED;
+        assert_flags(h, "after the SYN-ACK (SYN received)", &flow, syn_received);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let steps = [
+            (
+                "a retransmitted SYN",
+                flow.client_tcp(TCP_SYN),
+                ci,
+                syn_received,
+            ),
+            (
+                "a retransmitted SYN-ACK",
+                flow.upstream_tcp(TCP_SYN | TCP_ACK),
+                hi,
+                syn_received,
+            ),
+            (
+                "the client's ACK of the SYN-ACK (established)",
+                flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "the upstream's data",
+                flow.upstream_tcp(TCP_ACK | TCP_PSH).payload(b"hello"),
+                hi,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "the client's data",
+                flow.client_tcp(TCP_ACK | TCP_PSH)
+                    .seq_ack(0x1000_0002, 0x5000_0007)
+                    .payload(b"GET /"),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+        ];
+        for (what, p, ingress, flags) in steps {
+            let (out, reason) = if ingress == ci {
+                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
+            } else {
+                (flow.rev_out(&p, ci), Reason::RevRedirect)
+            };
+            h.check(&Fixture::new(
+                what,
+                p.bytes(),
+                ingress,
+                XDP_REDIRECT,
+                reason,
+                Expect::Bytes(out),
+            ));
+            assert_flags(h, &format!("after {what}"), &flow, flags);
+        }
+    });
+}
+
+/// A FIN before the handshake completed is not counted (a SYN then FIN from a client that never
+/// acknowledged anything must not reach the half-closed lifetime): neither right after the SYN
+/// nor after the SYN-ACK with the client's FIN carrying no ACK.
+#[test]
+fn tcp_fin_before_handshake_ignored() {
+    tcp_fin_before_handshake_ignored_in::<V4>();
+}
+
+#[test]
+fn tcp_fin_before_handshake_ignored_v6() {
+    tcp_fin_before_handshake_ignored_in::<V6>();
+}
+
+fn tcp_fin_before_handshake_ignored_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let p = flow.client_tcp(TCP_FIN);
+        h.check(&Fixture::new(
+            "TCP FIN right after the SYN",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        assert_flags(h, "after a FIN in SYN sent", &flow, 0);
+        reply_syn_ack(h, &flow);
+        h.check(&Fixture::new(
+            "TCP FIN without ACK after the SYN-ACK",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        assert_flags(
+            h,
+            "after a FIN without ACK in SYN received",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED,
         );
     });
 }
@@ -905,11 +1030,12 @@ fn tcp_rst_in<S: Fam>() {
             Reason::FwdRedirect,
             Expect::Bytes(flow.fwd_out(&p, h.home_if)),
         ));
+        // A RST does not complete the handshake: SYN_RECEIVED stays beside RST.
         assert_flags(
             h,
             "after the client's RST",
             &flow,
-            FLOW_F_REPLIED | FLOW_F_RST,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
         );
 
         // Second flow: RST from the upstream, right after the SYN (no reply seen before it).
@@ -935,15 +1061,20 @@ fn tcp_rst_in<S: Fam>() {
             Reason::RevRedirect,
             Expect::Bytes(flow2.rev_out(&p, h.client_if)),
         ));
-        // The RST is the first reply packet: it also sets FLOW_F_REPLIED.
+        // The RST is the first reply packet: it also sets FLOW_F_REPLIED (and SYN_RECEIVED).
         assert_flags(
             h,
             "after the upstream's RST",
             &flow2,
-            FLOW_F_REPLIED | FLOW_F_RST,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
         );
         // The first flow is untouched.
-        assert_flags(h, "first flow", &flow, FLOW_F_REPLIED | FLOW_F_RST);
+        assert_flags(
+            h,
+            "first flow",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
+        );
     });
 }
 

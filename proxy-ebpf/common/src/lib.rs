@@ -321,14 +321,26 @@ pub const NEXT_HOP_VALID_NS: u64 = 100_000_000;
 pub const FLOW_DIR_FORWARD: u8 = 0;
 pub const FLOW_DIR_REPLY: u8 = 1;
 
+// TCP states (docs/datapath.md, "TCP states"), from the union of a flow's flags:
+// - SYN sent: no flag;
+// - SYN received: `FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED` (the upstream answered, the client has
+//   not acknowledged yet);
+// - established: `FLOW_F_REPLIED` without `FLOW_F_SYN_RECEIVED`;
+// - half-closed / closed: `FLOW_F_FIN_*` (counted only on an established flow), `FLOW_F_RST`.
+
 /// A packet was seen from the upstream (the reverse entry has matched at least once).
 pub const FLOW_F_REPLIED: u32 = 1;
-/// The client sent FIN.
+/// The client sent FIN (on an established flow).
 pub const FLOW_F_FIN_CLIENT: u32 = 1 << 1;
-/// The upstream sent FIN.
+/// The upstream sent FIN (on an established flow).
 pub const FLOW_F_FIN_UPSTREAM: u32 = 1 << 2;
 /// Either side sent RST.
 pub const FLOW_F_RST: u32 = 1 << 3;
+/// TCP: set together with `FLOW_F_REPLIED` by the first reply (the SYN-ACK), cleared by the
+/// client's next segment with ACK (no SYN, no RST): the handshake is complete. So `REPLIED`
+/// alone means established, which is also how entries written before this bit existed (ABI 4,
+/// same layout) read after an upgrade.
+pub const FLOW_F_SYN_RECEIVED: u32 = 1 << 4;
 
 // ---------------------------------------------------------------------------------------------
 // Counters.
