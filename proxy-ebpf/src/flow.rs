@@ -4,9 +4,9 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
 use proxy_common::{
     CONFIG_F_READY, FAMILY_IPV6, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT,
-    FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED, MAGLEV_SIZE,
-    MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES,
-    UPSTREAM_F_ACTIVE,
+    FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason,
+    SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
@@ -404,11 +404,15 @@ fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
     // A FIN counts only on an established flow: a SYN followed by a FIN without a handshake
     // (a flood that never completes one) stays in the short SYN states.
     if tcp & TCP_FIN != 0 && new & syn_received == FLOW_F_REPLIED {
-        new |= if dir == FLOW_DIR_FORWARD {
-            FLOW_F_FIN_CLIENT
+        if dir == FLOW_DIR_FORWARD {
+            new |= FLOW_F_FIN_CLIENT;
         } else {
-            FLOW_F_FIN_UPSTREAM
-        };
+            if new & FLOW_F_FIN_CLIENT == 0 {
+                // The upstream closes first: it will hold TIME_WAIT (the active closer).
+                new |= FLOW_F_FIN_UPSTREAM_FIRST;
+            }
+            new |= FLOW_F_FIN_UPSTREAM;
+        }
     }
     new
 }

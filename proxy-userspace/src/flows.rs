@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED,
-    FlowKey, FlowValue, IPPROTO_TCP,
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, FlowKey, FlowValue, IPPROTO_TCP,
 };
 
 /// A TCP flow's state, from the union of both entries' `FLOW_F_*` flags (docs/datapath.md,
@@ -20,9 +20,14 @@ pub enum TcpState {
     Established,
     /// One side sent FIN.
     HalfClosed,
-    /// FIN both ways: the SNAT port is held through the TIME_WAIT period.
+    /// FIN both ways, the upstream's first: the upstream is the active closer and holds
+    /// TIME_WAIT for the (upstream, SNAT address, SNAT port) 4-tuple, so the SNAT port is held
+    /// through the TIME_WAIT period.
     TimeWait,
-    /// RST: the port needs only a short grace for stray segments.
+    /// FIN both ways, the client's first: the upstream closed passively and holds no
+    /// TIME_WAIT; the port needs only a short grace.
+    Closed,
+    /// RST: no TIME_WAIT on either side; a short grace for segments still in flight.
     Reset,
 }
 
@@ -31,10 +36,14 @@ impl TcpState {
     #[must_use]
     pub fn of(flags: u32) -> Self {
         let both_fin = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
-        if flags & FLOW_F_RST != 0 {
+        if flags & both_fin == both_fin && flags & FLOW_F_FIN_UPSTREAM_FIRST != 0 {
+            // Even after a RST: an upstream in TIME_WAIT may keep it (tcp_rfc1337), so the
+            // hold is kept whenever the upstream may be there.
+            Self::TimeWait
+        } else if flags & FLOW_F_RST != 0 {
             Self::Reset
         } else if flags & both_fin == both_fin {
-            Self::TimeWait
+            Self::Closed
         } else if flags & both_fin != 0 {
             Self::HalfClosed
         } else if flags & FLOW_F_SYN_RECEIVED != 0 {
@@ -58,9 +67,11 @@ pub struct Lifetimes {
     pub tcp_established: Duration,
     /// TCP after a FIN from one side.
     pub tcp_half_closed: Duration,
-    /// TCP after FIN both ways: the TIME_WAIT hold of the SNAT port.
+    /// TCP after FIN both ways when the upstream closed first: the TIME_WAIT hold of the SNAT
+    /// port.
     pub tcp_time_wait: Duration,
-    /// TCP after RST: a short grace for segments still in flight.
+    /// TCP after RST, or after FIN both ways when the client closed first (no TIME_WAIT on the
+    /// upstream): a short grace for segments still in flight.
     pub tcp_close_grace: Duration,
     /// UDP (and anything else).
     pub udp: Duration,
@@ -93,7 +104,7 @@ impl Lifetimes {
             TcpState::Established => self.tcp_established,
             TcpState::HalfClosed => self.tcp_half_closed,
             TcpState::TimeWait => self.tcp_time_wait,
-            TcpState::Reset => self.tcp_close_grace,
+            TcpState::Closed | TcpState::Reset => self.tcp_close_grace,
         }
     }
 }
@@ -218,10 +229,30 @@ mod tests {
             expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM),
             120
         );
+        // FIN both ways: the TIME_WAIT hold only when the upstream closed first (it is the
+        // active closer and holds TIME_WAIT); the client first: the short grace.
+        let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
         assert_eq!(
             expires_after(
                 IPPROTO_TCP,
-                FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST
+            ),
+            60
+        );
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | both), 5);
+        // Half-closed by the upstream: still half-closed, whoever is first.
+        assert_eq!(
+            expires_after(
+                IPPROTO_TCP,
+                FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST
+            ),
+            120
+        );
+        // A RST after the upstream's TIME_WAIT began keeps the hold.
+        assert_eq!(
+            expires_after(
+                IPPROTO_TCP,
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST | FLOW_F_RST
             ),
             60
         );
@@ -261,7 +292,12 @@ mod tests {
                 TcpState::HalfClosed,
                 4,
             ),
-            (FLOW_F_REPLIED | both, TcpState::TimeWait, 5),
+            (
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST,
+                TcpState::TimeWait,
+                5,
+            ),
+            (FLOW_F_REPLIED | both, TcpState::Closed, 6),
             (FLOW_F_REPLIED | FLOW_F_RST, TcpState::Reset, 6),
         ] {
             assert_eq!(TcpState::of(flags), state, "flags {flags:#x}");
@@ -283,10 +319,13 @@ mod tests {
         let fwd = value(FLOW_F_REPLIED, now - 100 * S);
         let rev = value(FLOW_F_REPLIED, now - S);
         assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Keep);
-        // Forward says established, reverse saw the upstream's FIN and the client's FIN is in
-        // the forward flags: closed, 60 s.
+        // Forward says half-closed by the client, reverse saw the upstream's FIN first: the
+        // union is FIN both ways with the upstream first, the TIME_WAIT hold of 60 s.
         let fwd = value(FLOW_F_REPLIED | FLOW_F_FIN_CLIENT, now - 61 * S);
-        let rev = value(FLOW_F_FIN_UPSTREAM, now - 61 * S);
+        let rev = value(
+            FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST,
+            now - 61 * S,
+        );
         assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Expire);
         assert_eq!(decide(&k, &fwd, None, now, &l), Decision::Keep);
     }

@@ -31,11 +31,11 @@ use integration_tests::packet::{
     nh_fresh, raw_frame, set_u16, upstream, with_harness, without_next_hop,
 };
 use proxy_common::{
-    FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
-    FLOW_F_RST, FLOW_F_SYN_RECEIVED, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD,
-    MAP_FLOWS_REV, MAX_UPSTREAMS, NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST,
-    ServiceOptions, TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
-    checksum,
+    FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
+    FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED, FlowValue,
+    IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS, NatConfig, RATE_TOKEN,
+    RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions, TrafficCounters, UpstreamValue,
+    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
 };
 
 // =============================================================================================
@@ -953,7 +953,8 @@ fn tcp_fin_before_handshake_ignored_in<S: Fam>() {
 }
 
 /// FIN from the client sets FLOW_F_FIN_CLIENT in both entries, FIN from the upstream sets
-/// FLOW_F_FIN_UPSTREAM in both; both are forwarded.
+/// FLOW_F_FIN_UPSTREAM in both (and not FLOW_F_FIN_UPSTREAM_FIRST: the client closed first);
+/// both are forwarded.
 #[test]
 fn tcp_fin() {
     tcp_fin_in::<V4>();
@@ -1000,6 +1001,72 @@ fn tcp_fin_in<S: Fam>() {
             &flow,
             FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM,
         );
+    });
+}
+
+/// The upstream closes first (docs/datapath.md, "TCP states"): its FIN sets FLOW_F_FIN_UPSTREAM
+/// and FLOW_F_FIN_UPSTREAM_FIRST (it is the active closer, the side holding TIME_WAIT); the
+/// client's FIN then adds FLOW_F_FIN_CLIENT; a retransmitted upstream FIN changes nothing. (The
+/// client-first order, `tcp_fin`, never sets FLOW_F_FIN_UPSTREAM_FIRST.)
+#[test]
+fn tcp_fin_upstream_first() {
+    tcp_fin_upstream_first_in::<V4>();
+}
+
+#[test]
+fn tcp_fin_upstream_first_v6() {
+    tcp_fin_upstream_first_in::<V6>();
+}
+
+fn tcp_fin_upstream_first_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        reply_syn_ack(h, &flow);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let first = FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST;
+        let steps = [
+            (
+                "the client's ACK of the SYN-ACK",
+                flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "TCP FIN from the upstream (first)",
+                flow.upstream_tcp(TCP_FIN | TCP_ACK),
+                hi,
+                first,
+            ),
+            (
+                "TCP FIN from the client (second)",
+                flow.client_tcp(TCP_FIN | TCP_ACK)
+                    .seq_ack(0x1000_0002, 0x5000_0003),
+                ci,
+                first | FLOW_F_FIN_CLIENT,
+            ),
+            (
+                "the upstream's FIN again (retransmitted)",
+                flow.upstream_tcp(TCP_FIN | TCP_ACK),
+                hi,
+                first | FLOW_F_FIN_CLIENT,
+            ),
+        ];
+        for (what, p, ingress, flags) in steps {
+            let (out, reason) = if ingress == ci {
+                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
+            } else {
+                (flow.rev_out(&p, ci), Reason::RevRedirect)
+            };
+            h.check(&Fixture::new(
+                what,
+                p.bytes(),
+                ingress,
+                XDP_REDIRECT,
+                reason,
+                Expect::Bytes(out),
+            ));
+            assert_flags(h, &format!("after {what}"), &flow, flags);
+        }
     });
 }
 

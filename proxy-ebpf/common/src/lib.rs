@@ -326,7 +326,8 @@ pub const FLOW_DIR_REPLY: u8 = 1;
 // - SYN received: `FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED` (the upstream answered, the client has
 //   not acknowledged yet);
 // - established: `FLOW_F_REPLIED` without `FLOW_F_SYN_RECEIVED`;
-// - half-closed / closed: `FLOW_F_FIN_*` (counted only on an established flow), `FLOW_F_RST`.
+// - half-closed / closed: `FLOW_F_FIN_*` (counted only on an established flow; which side was
+//   first: `FLOW_F_FIN_UPSTREAM_FIRST`), `FLOW_F_RST`.
 
 /// A packet was seen from the upstream (the reverse entry has matched at least once).
 pub const FLOW_F_REPLIED: u32 = 1;
@@ -341,6 +342,11 @@ pub const FLOW_F_RST: u32 = 1 << 3;
 /// alone means established, which is also how entries written before this bit existed (ABI 4,
 /// same layout) read after an upgrade.
 pub const FLOW_F_SYN_RECEIVED: u32 = 1 << 4;
+/// TCP: the upstream's FIN came before the client's (set with `FLOW_F_FIN_UPSTREAM` when
+/// `FLOW_F_FIN_CLIENT` is not set yet). The upstream is then the active closer, the side that
+/// holds TIME_WAIT for the (upstream, SNAT address, SNAT port) 4-tuple, so only then does the
+/// closed flow keep its SNAT port through the TIME_WAIT hold.
+pub const FLOW_F_FIN_UPSTREAM_FIRST: u32 = 1 << 5;
 
 // ---------------------------------------------------------------------------------------------
 // Counters.

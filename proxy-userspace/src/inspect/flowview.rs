@@ -7,8 +7,8 @@ use std::{
 };
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED,
-    IPPROTO_TCP,
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, IPPROTO_TCP,
 };
 use serde::Serialize;
 
@@ -29,7 +29,8 @@ pub enum FlowState {
     Established,
     /// TCP: FIN from one side.
     Fin,
-    /// TCP: FIN from both sides, or RST (the SNAT port is held through TIME_WAIT).
+    /// TCP: FIN from both sides, or RST (the SNAT port is held through TIME_WAIT when the
+    /// upstream closed first, else for a short grace).
     Closed,
 }
 
@@ -70,6 +71,7 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (FLOW_F_FIN_UPSTREAM, "fin_upstream"),
         (FLOW_F_RST, "rst"),
         (FLOW_F_SYN_RECEIVED, "syn_received"),
+        (FLOW_F_FIN_UPSTREAM_FIRST, "fin_upstream_first"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)
