@@ -125,8 +125,9 @@ pub fn create<A: Ip>(
     let ups_port = u16::from_ne_bytes(ups.port);
     let snat_addr = A::snat(cfg);
 
-    // SNAT port: probe the flow's sequence of offsets (proxy_common::hash::snat_probe_offset);
-    // the first BPF_NOEXIST insert of the reverse entry that succeeds is the reservation.
+    // SNAT port: the client's own port when inside the range, then the flow's sequence of
+    // offsets (proxy_common::hash::snat_probe_offset); the first BPF_NOEXIST insert of the
+    // reverse entry that succeeds is the reservation.
     let port_min = u32::from(cfg.port_min);
     let port_max = u32::from(cfg.port_max);
     if port_max < port_min {
@@ -174,8 +175,21 @@ pub fn create<A: Ip>(
         value.new_src = fwd_key.dst;
         value.new_dst = fwd_key.src;
     }
+    // Port preservation: the client's own source port first, when the range holds it (as
+    // conntrack's SNAT does): a client reusing its port then reuses the same upstream 4-tuple,
+    // whose TIME_WAIT its own TCP timestamps satisfy.
     let mut reserved = false;
+    let client_port = u32::from(u16::from_be(pkt.sport));
+    if client_port >= port_min && client_port <= port_max {
+        rev_key.dport = pkt.sport;
+        reserved = XP_FLOWS_REV
+            .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))
+            .is_ok();
+    }
     for i in 0..SNAT_PORT_PROBES {
+        if reserved {
+            break;
+        }
         // A volatile read keeps LLVM from rewriting the loop into a countdown from `probes`,
         // whose bound the verifier cannot see: the constant SNAT_PORT_PROBES stays the bound.
         // SAFETY: reads a local variable.

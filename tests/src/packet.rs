@@ -656,9 +656,21 @@ impl<S: Sock> Tuple<S> {
         self.hash(SEED_MAGLEV) % MAGLEV_SIZE
     }
 
-    /// The SNAT ports a new flow with this tuple probes, in order (docs/datapath.md step 7).
+    /// The SNAT ports a new flow with this tuple tries, in order (docs/datapath.md step 7): the
+    /// client's own port when inside the range (port preservation), then the hashed probes.
     #[must_use]
     pub fn snat_probe_ports(&self, cfg: &NatConfig) -> Vec<u16> {
+        let own = self.src.sock_port();
+        let preserved = (cfg.port_min..=cfg.port_max).contains(&own).then_some(own);
+        preserved
+            .into_iter()
+            .chain(self.snat_hashed_ports(cfg))
+            .collect()
+    }
+
+    /// The hashed SNAT probe ports alone (what a client port outside the range gets), in order.
+    #[must_use]
+    pub fn snat_hashed_ports(&self, cfg: &NatConfig) -> Vec<u16> {
         let span = u32::from(cfg.port_max) - u32::from(cfg.port_min) + 1;
         let h = self.hash(SEED_SNAT_PORT);
         (0..SNAT_PORT_PROBES.min(span))

@@ -2295,6 +2295,79 @@ fn snat_probe_skips_taken_ports_in<S: Fam>() {
     });
 }
 
+/// Port preservation (docs/datapath.md step 7): a client port inside `port_range` is tried
+/// first as the SNAT port. A client at port 25,000 (range 20,000-29,999) gets SNAT port 25,000;
+/// a second client with the same port toward the same upstream collides and falls back to its
+/// hashed probes; a client port outside the range (40,000) gets the first hashed probe as
+/// before.
+#[test]
+fn snat_port_preserved() {
+    snat_port_preserved_in::<V4>();
+}
+
+#[test]
+fn snat_port_preserved_v6() {
+    snat_port_preserved_in::<V6>();
+}
+
+fn snat_port_preserved_in<S: Fam>() {
+    with_harness(|h| {
+        const OWN: u16 = 25_000;
+        assert!((PORT_MIN..=PORT_MAX).contains(&OWN));
+        let (ci, hi) = (h.client_if, h.home_if);
+        let open = |h: &mut Harness, desc: &str, client: S| {
+            open_flow(
+                h,
+                desc,
+                from_client(Packet::tcp(client, S::SVC_TCP, TCP_SYN)),
+                SVC_TCP_ID,
+                S::UPS_TCP,
+                S::UPS_TCP_ID,
+                ci,
+                hi,
+                XDP_REDIRECT,
+                Reason::FwdRedirect,
+            )
+            .0
+        };
+        let a = S::sock(S::CLIENT_A.sock_ip(), OWN);
+        let flow = open(h, "TCP SYN from a client port inside the range", a);
+        assert_eq!(flow.snat.sock_port(), OWN, "the client's own port is kept");
+
+        let b = S::sock(S::CLIENT_B.sock_ip(), OWN);
+        let hashed = Tuple::new(b, S::SVC_TCP, IPPROTO_TCP).snat_hashed_ports(&h.config);
+        let flow_b = open(h, "TCP SYN from the same port, another client", b);
+        assert_ne!(
+            flow_b.snat.sock_port(),
+            OWN,
+            "the taken port is never shared"
+        );
+        let first_free = hashed
+            .into_iter()
+            .find(|&p| p != OWN)
+            .expect("a hashed probe");
+        assert_eq!(
+            flow_b.snat.sock_port(),
+            first_free,
+            "on collision: the hashed probes, as without preservation"
+        );
+
+        let outside = Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP);
+        assert!(!(PORT_MIN..=PORT_MAX).contains(&S::CLIENT_A.sock_port()));
+        let probe0 = outside.snat_hashed_ports(&h.config)[0];
+        let flow_c = open(
+            h,
+            "TCP SYN from a client port outside the range",
+            S::CLIENT_A,
+        );
+        assert_eq!(
+            flow_c.snat.sock_port(),
+            probe0,
+            "a port outside the range: the first hashed probe"
+        );
+    });
+}
+
 /// The Maglev slot chosen by flow_hash picks the upstream: two flows steered to two upstreams
 /// each go to theirs.
 #[test]
