@@ -477,6 +477,8 @@ pub struct Config {
     pub nat: NatSettings,
     pub admin: AdminConfig,
     pub dns: DnsConfig,
+    /// `[flows]`: idle lifetimes of fast-path flows (reloadable).
+    pub flows: crate::flows::Lifetimes,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -561,6 +563,8 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     dns: RawDns,
+    #[serde(default)]
+    flows: flows::RawFlows,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -1485,6 +1489,9 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     // [dns]
     let dns = convert_dns(raw.dns, problems);
 
+    // [flows]
+    let flows = flows::convert_flows(raw.flows, problems);
+
     // [[service]]
     let mut services = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
@@ -1647,6 +1654,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         nat,
         admin,
         dns,
+        flows,
         services,
     };
     if let Some(snat) = config.nat.snat_ipv4 {
@@ -1660,6 +1668,8 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
 
 mod fastpath;
 pub use fastpath::ServiceFastPath;
+mod flows;
+pub use flows::RANGES as FLOW_LIFETIME_RANGES;
 mod http;
 pub use http::{HostMatch, HttpConfig, Route};
 
