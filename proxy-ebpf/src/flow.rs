@@ -80,7 +80,9 @@ pub fn create<A: Ip>(
     };
     // SAFETY: the value is copied out at once; XP_SERVICES is a preallocated HASH, so the
     // pointer stays valid memory even if the daemon deletes the entry concurrently.
-    let svc = *unsafe { XP_SERVICES.get(svc_key.as_key()) }.ok_or(Reason::PassNotService)?;
+    let Some(svc) = unsafe { XP_SERVICES.get(svc_key.as_key()) }.copied() else {
+        return Err(not_a_service::<A>(fwd_key, pkt.dport, cfg));
+    };
     if pkt.invalid_udp_check() {
         return Err(Reason::DropUdpZeroChecksum);
     }
@@ -239,6 +241,23 @@ pub fn create<A: Ip>(
             let _ = XP_FLOWS_REV.remove(rev_key.as_key());
             Err(Reason::DropFlowInsertFailed)
         }
+    }
+}
+
+/// Step 6's miss: a packet to the SNAT address at a port inside the SNAT range is an upstream's
+/// segment for a flow that does not exist (expired, evicted, never made, or spoofed):
+/// `DropNoFlowSnatPort`. Anything else the proxy does not own: `PassNotService`.
+#[inline(always)]
+fn not_a_service<A: Ip>(key: &FlowKeyW, dport: u16, cfg: &NatConfig) -> Reason {
+    let port = u16::from_be(dport);
+    if port >= cfg.port_min
+        && port <= cfg.port_max
+        && A::has_snat(cfg)
+        && A::from_words(&key.dst) == A::snat(cfg)
+    {
+        Reason::DropNoFlowSnatPort
+    } else {
+        Reason::PassNotService
     }
 }
 

@@ -1497,17 +1497,17 @@ fn non_service_passes_unchanged_in<S: Fam>() {
                 ci,
             ),
             (
-                "reply to a SNAT port without a flow (health-check reply)",
+                "health-check reply to the SNAT address, a port outside the SNAT range",
                 from_upstream(Packet::tcp(
                     S::UPS_TCP,
-                    S::sock(S::SNAT, 20_001),
+                    S::sock(S::SNAT, 40_001),
                     TCP_SYN | TCP_ACK,
                 )),
                 hi,
             ),
             (
-                "UDP from an upstream to the SNAT address, no flow",
-                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 25_000), b"late")),
+                "UDP from an upstream to the SNAT address, a port outside the SNAT range",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 33_000), b"late")),
                 hi,
             ),
         ];
@@ -1576,6 +1576,115 @@ fn non_ipv4_frames_pass() {
             Reason::PassNotService,
         ));
         assert_no_flows(h, "non-IPv4 frames");
+    });
+}
+
+/// A packet to the SNAT address at a port inside `port_range` that matches no flow is
+/// dropped and counted (`DropNoFlowSnatPort`), never handed to the kernel: a late TCP segment
+/// and a UDP datagram from the upstream, the bounds of the range, and either interface; a port
+/// just outside the range (either side) and a range port on another address still pass
+/// (`PassNotService`). With a live flow at a port, the same port from its upstream is that
+/// flow's reply, not a drop.
+#[test]
+fn unmatched_snat_port_dropped() {
+    unmatched_snat_port_dropped_in::<V4>();
+}
+
+#[test]
+fn unmatched_snat_port_dropped_v6() {
+    unmatched_snat_port_dropped_in::<V6>();
+}
+
+fn unmatched_snat_port_dropped_in<S: Fam>() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let before = h.reasons()[Reason::DropNoFlowSnatPort as usize];
+        let drops = [
+            (
+                "late TCP segment from the upstream to a SNAT port",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, 20_001),
+                    TCP_ACK | TCP_FIN,
+                )),
+                hi,
+            ),
+            (
+                "UDP from the upstream to a SNAT port",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 25_000), b"late")),
+                hi,
+            ),
+            (
+                "TCP SYN-ACK to the lowest SNAT port",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MIN),
+                    TCP_SYN | TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "TCP to the highest SNAT port, arriving on the client side",
+                from_client(Packet::tcp(
+                    S::CLIENT_A,
+                    S::sock(S::SNAT, PORT_MAX),
+                    TCP_ACK,
+                )),
+                ci,
+            ),
+        ];
+        for (desc, p, ingress) in &drops {
+            h.check(&Fixture::unchanged(
+                *desc,
+                p.bytes(),
+                *ingress,
+                XDP_DROP,
+                Reason::DropNoFlowSnatPort,
+            ));
+        }
+        assert_eq!(
+            h.reasons()[Reason::DropNoFlowSnatPort as usize],
+            before + drops.len() as u64,
+            "XP_REASONS[drop_no_flow_snat_port]"
+        );
+        let passes = [
+            (
+                "TCP to the SNAT address, the port below the range (SSH-like)",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MIN - 1),
+                    TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "TCP to the SNAT address, the port above the range (ephemeral)",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MAX + 1),
+                    TCP_SYN | TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "UDP to another address at a SNAT range port",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::STRANGER, 25_000), b"x")),
+                hi,
+            ),
+        ];
+        for (desc, p, ingress) in passes {
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                ingress,
+                XDP_PASS,
+                Reason::PassNotService,
+            ));
+        }
+        assert_no_flows(h, "unmatched SNAT ports");
+        // A live flow's port: its upstream's segment is the reply.
+        let flow = open_tcp_in::<S>(h);
+        reply_syn_ack(h, &flow);
     });
 }
 

@@ -434,10 +434,15 @@ pub enum Reason {
     /// An IPv6 UDP datagram with checksum 0 (invalid in IPv6, RFC 8200 section 8.1) that
     /// belongs to a flow or a service: dropped (its checksum cannot be patched incrementally).
     DropUdpZeroChecksum = 27,
+    /// A TCP/UDP packet to the SNAT address at a port inside the SNAT port range that matches
+    /// no flow (an upstream's segment for a flow that expired or never existed, or a spoofed
+    /// one): dropped, never handed to the kernel. The host's own connections use ports outside
+    /// the range (the daemon refuses an overlap with the kernel's ephemeral range).
+    DropNoFlowSnatPort = 28,
 }
 
 /// Number of `Reason` values (size of `XP_REASONS`).
-pub const REASON_COUNT: u32 = 28;
+pub const REASON_COUNT: u32 = 29;
 
 impl Reason {
     /// Every reason, in index order.
@@ -470,6 +475,7 @@ impl Reason {
         Reason::DropRateLimited,
         Reason::PassNoSnatV6,
         Reason::DropUdpZeroChecksum,
+        Reason::DropNoFlowSnatPort,
     ];
 
     /// Stable snake_case name, used as a metric label and in `inspect stats`.
@@ -504,6 +510,7 @@ impl Reason {
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::PassNoSnatV6 => "pass_no_snat_v6",
             Reason::DropUdpZeroChecksum => "drop_udp_zero_checksum",
+            Reason::DropNoFlowSnatPort => "drop_no_flow_snat_port",
         }
     }
 
@@ -533,7 +540,8 @@ impl Reason {
             | Reason::DropAclDenied
             | Reason::DropAclNotAllowed
             | Reason::DropRateLimited
-            | Reason::DropUdpZeroChecksum => XDP_DROP,
+            | Reason::DropUdpZeroChecksum
+            | Reason::DropNoFlowSnatPort => XDP_DROP,
             Reason::Aborted => XDP_ABORTED,
         }
     }
