@@ -1,12 +1,12 @@
 //! Flow tables: lookup (step 5), service match and new flow creation with Maglev upstream choice
 //! and SNAT port reservation (steps 6-7), and per-flow TCP state and accounting (step 8).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use proxy_common::{
     CONFIG_F_READY, FAMILY_IPV6, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT,
     FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
-    FLOW_F_SYN_RECEIVED, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, Reason,
-    SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
+    FLOW_F_SYN_RECEIVED, LOG_INTERVAL_NS, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig,
+    Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
@@ -15,7 +15,8 @@ use crate::{
     family::Ip,
     keys::{FlowKeyW, FlowValueW, ServiceKeyW},
     maps::{
-        XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS, XP_UPSTREAMS,
+        XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_LOG_RATE, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS,
+        XP_UPSTREAMS,
     },
     parse::{PacketG, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -276,19 +277,43 @@ pub fn tuple_hash<A: Ip>(seed: u32, pkt: &PacketG<A>) -> u32 {
     )
 }
 
-/// A rare event worth a log line: the configured SNAT range is full for this upstream.
+/// The configured SNAT range is full for this upstream: worth a log line, but not one per
+/// packet (a flood of new flows would flood the log ring and the daemon's output). Every drop
+/// adds one to `XP_LOG_RATE[0].total`; at most one line per `LOG_INTERVAL_NS` is written,
+/// saying how many drops it stands for and the latest one's client. The BPF target has no
+/// atomic add in `core`, so CPUs racing here may lose an increment of the line's count, or both
+/// write a line in the same instant: the log is approximate under contention, the
+/// `DropSnatExhausted` reason counter (per CPU) counts every drop exactly.
 #[inline(always)]
 fn snat_exhausted<A: Ip>(ctx: &XdpContext, pkt: &PacketG<A>) -> Reason {
+    let Some(st) = XP_LOG_RATE.get_ptr_mut(0) else {
+        return Reason::DropSnatExhausted;
+    };
+    // SAFETY: a non-null value pointer of an ARRAY map: valid memory for the program's life.
+    let st = unsafe { &mut *st };
+    st.total = st.total.wrapping_add(1);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if st.last_ns != 0 && now.wrapping_sub(st.last_ns) < LOG_INTERVAL_NS {
+        return Reason::DropSnatExhausted;
+    }
+    let dropped = st.total.wrapping_sub(st.logged);
+    st.logged = st.total;
+    st.last_ns = now;
     if A::FAMILY == FAMILY_IPV6 {
         aya_log_ebpf::warn!(
             ctx,
-            "SNAT ports exhausted: new IPv6 flow from port {} dropped",
+            "SNAT ports exhausted: {} new flows dropped since the last such line (latest: IPv6, \
+             client port {}); drop_snat_exhausted counts them all",
+            dropped,
             u16::from_be(pkt.sport)
         );
     } else {
         aya_log_ebpf::warn!(
             ctx,
-            "SNAT ports exhausted: new flow from {:i}:{} dropped",
+            "SNAT ports exhausted: {} new flows dropped since the last such line (latest: from \
+             {:i}:{}); drop_snat_exhausted counts them all",
+            dropped,
             u32::from_be(pkt.src.words()[0]),
             u16::from_be(pkt.sport)
         );

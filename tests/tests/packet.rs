@@ -33,9 +33,9 @@ use integration_tests::packet::{
 use proxy_common::{
     FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
     FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED, FlowValue,
-    IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS, NatConfig, RATE_TOKEN,
-    RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions, TrafficCounters, UpstreamValue,
-    XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
+    IPPROTO_TCP, IPPROTO_UDP, LOG_INTERVAL_NS, LogRate, MAP_FLOWS_FWD, MAP_FLOWS_REV,
+    MAX_UPSTREAMS, NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions,
+    TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
 };
 
 // =============================================================================================
@@ -2306,6 +2306,8 @@ fn snat_ports_exhausted_in<S: Fam>() {
             t.snat_probe_ports(&h.config).into_iter().collect();
         assert_eq!(rev_before.len(), distinct.len());
         let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
+        // The log line is rate-limited (one per LOG_INTERVAL_NS): start from a clean state.
+        h.set_log_rate(LogRate::default());
         h.check(&Fixture::unchanged(
             "TCP SYN, all 32 probed SNAT ports taken",
             p.bytes(),
@@ -2313,6 +2315,43 @@ fn snat_ports_exhausted_in<S: Fam>() {
             XDP_DROP,
             Reason::DropSnatExhausted,
         ));
+        // Every retransmission is dropped and counted exactly, but only the first drop wrote a
+        // log line (the rest fall within the second).
+        for i in 0..5 {
+            h.check(&Fixture::unchanged(
+                format!("TCP SYN retransmission {i}, all probed ports taken"),
+                p.bytes(),
+                h.client_if,
+                XDP_DROP,
+                Reason::DropSnatExhausted,
+            ));
+        }
+        let st = h.log_rate();
+        assert_eq!(
+            st.total, 6,
+            "every drop seen by the log's rate limit: {st:?}"
+        );
+        assert_eq!(
+            st.logged, 1,
+            "one log line (for the first drop) within the second: {st:?}"
+        );
+        assert!(st.last_ns != 0, "{st:?}");
+        // A second later (the line's time moved back), the next drop writes one line for the
+        // five suppressed ones and itself.
+        h.set_log_rate(LogRate {
+            last_ns: st.last_ns - LOG_INTERVAL_NS,
+            ..st
+        });
+        h.check(&Fixture::unchanged(
+            "TCP SYN, a second after the last log line",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropSnatExhausted,
+        ));
+        let st2 = h.log_rate();
+        assert_eq!((st2.total, st2.logged), (7, 7), "{st2:?}");
+        assert!(st2.last_ns > st.last_ns, "{st2:?}");
         // Small range: all 4 ports taken.
         h.set_config(NatConfig {
             port_min: 30_000,

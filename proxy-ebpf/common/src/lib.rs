@@ -51,6 +51,9 @@ pub const MAP_ACL_ALLOW: &str = "XP_ACL_ALLOW";
 pub const MAP_ACL_DENY: &str = "XP_ACL_DENY";
 /// New-flow token buckets: LRU hash, `RateKey` (service id, client address) -> `RateState`.
 pub const MAP_RATE: &str = "XP_RATE";
+/// Rate limit of the program's log lines (one entry, index 0): `LogRate`. Not pinned: its state
+/// only has to live as long as the loaded program.
+pub const MAP_LOG_RATE: &str = "XP_LOG_RATE";
 
 // ---------------------------------------------------------------------------------------------
 // Sizes.
@@ -205,6 +208,24 @@ const _: () = assert!(core::mem::size_of::<RateState>() == 16);
 /// Nano-tokens per new flow: a bucket refills `new_flow_rate` tokens per second, i.e.
 /// `new_flow_rate` nano-tokens per nanosecond.
 pub const RATE_TOKEN: u64 = 1_000_000_000;
+
+/// Value of `XP_LOG_RATE[0]`: the SNAT-exhaustion log line is written at most once per
+/// `LOG_INTERVAL_NS` and says how many drops it stands for. The exact count is the
+/// `DropSnatExhausted` reason counter; this is only the log's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogRate {
+    /// `bpf_ktime_get_ns()` of the last line (0: none yet).
+    pub last_ns: u64,
+    /// Exhaustion drops seen (atomic add on every drop).
+    pub total: u64,
+    /// `total` when the last line was written.
+    pub logged: u64,
+}
+const _: () = assert!(core::mem::size_of::<LogRate>() == 24);
+
+/// At most one SNAT-exhaustion log line per second.
+pub const LOG_INTERVAL_NS: u64 = 1_000_000_000;
 
 // ---------------------------------------------------------------------------------------------
 // Upstream slots.
@@ -575,4 +596,5 @@ mod user {
     unsafe impl aya::Pod for super::AclKey {}
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::LogRate {}
 }
