@@ -1,11 +1,12 @@
 //! Flow tables: lookup (step 5), service match and new flow creation with Maglev upstream choice
 //! and SNAT port reservation (steps 6-7), and per-flow TCP state and accounting (step 8).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, programs::XdpContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::XdpContext};
 use proxy_common::{
     CONFIG_F_READY, FAMILY_IPV6, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT,
-    FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS,
-    NatConfig, Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
+    FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, LOG_INTERVAL_NS, MAGLEV_SIZE, MAX_SERVICES, MAX_UPSTREAMS, NatConfig,
+    Reason, SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, UPSTREAM_F_ACTIVE,
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset},
 };
 
@@ -14,7 +15,8 @@ use crate::{
     family::Ip,
     keys::{FlowKeyW, FlowValueW, ServiceKeyW},
     maps::{
-        XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS, XP_UPSTREAMS,
+        XP_CONFIG, XP_FLOWS_FWD, XP_FLOWS_REV, XP_LOG_RATE, XP_MAGLEV, XP_SERVICES, XP_SVC_OPTS,
+        XP_UPSTREAMS,
     },
     parse::{PacketG, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
@@ -79,7 +81,9 @@ pub fn create<A: Ip>(
     };
     // SAFETY: the value is copied out at once; XP_SERVICES is a preallocated HASH, so the
     // pointer stays valid memory even if the daemon deletes the entry concurrently.
-    let svc = *unsafe { XP_SERVICES.get(svc_key.as_key()) }.ok_or(Reason::PassNotService)?;
+    let Some(svc) = unsafe { XP_SERVICES.get(svc_key.as_key()) }.copied() else {
+        return Err(not_a_service::<A>(fwd_key, pkt.dport, cfg));
+    };
     if pkt.invalid_udp_check() {
         return Err(Reason::DropUdpZeroChecksum);
     }
@@ -124,8 +128,9 @@ pub fn create<A: Ip>(
     let ups_port = u16::from_ne_bytes(ups.port);
     let snat_addr = A::snat(cfg);
 
-    // SNAT port: probe the flow's sequence of offsets (proxy_common::hash::snat_probe_offset);
-    // the first BPF_NOEXIST insert of the reverse entry that succeeds is the reservation.
+    // SNAT port: the client's own port when inside the range, then the flow's sequence of
+    // offsets (proxy_common::hash::snat_probe_offset); the first BPF_NOEXIST insert of the
+    // reverse entry that succeeds is the reservation.
     let port_min = u32::from(cfg.port_min);
     let port_max = u32::from(cfg.port_max);
     if port_max < port_min {
@@ -173,8 +178,21 @@ pub fn create<A: Ip>(
         value.new_src = fwd_key.dst;
         value.new_dst = fwd_key.src;
     }
+    // Port preservation: the client's own source port first, when the range holds it (as
+    // conntrack's SNAT does): a client reusing its port then reuses the same upstream 4-tuple,
+    // whose TIME_WAIT its own TCP timestamps satisfy.
     let mut reserved = false;
+    let client_port = u32::from(u16::from_be(pkt.sport));
+    if client_port >= port_min && client_port <= port_max {
+        rev_key.dport = pkt.sport;
+        reserved = XP_FLOWS_REV
+            .insert(rev_key.as_key(), value.as_value(), u64::from(BPF_NOEXIST))
+            .is_ok();
+    }
     for i in 0..SNAT_PORT_PROBES {
+        if reserved {
+            break;
+        }
         // A volatile read keeps LLVM from rewriting the loop into a countdown from `probes`,
         // whose bound the verifier cannot see: the constant SNAT_PORT_PROBES stays the bound.
         // SAFETY: reads a local variable.
@@ -227,6 +245,23 @@ pub fn create<A: Ip>(
     }
 }
 
+/// Step 6's miss: a packet to the SNAT address at a port inside the SNAT range is an upstream's
+/// segment for a flow that does not exist (expired, evicted, never made, or spoofed):
+/// `DropNoFlowSnatPort`. Anything else the proxy does not own: `PassNotService`.
+#[inline(always)]
+fn not_a_service<A: Ip>(key: &FlowKeyW, dport: u16, cfg: &NatConfig) -> Reason {
+    let port = u16::from_be(dport);
+    if port >= cfg.port_min
+        && port <= cfg.port_max
+        && A::has_snat(cfg)
+        && A::from_words(&key.dst) == A::snat(cfg)
+    {
+        Reason::DropNoFlowSnatPort
+    } else {
+        Reason::PassNotService
+    }
+}
+
 /// `flow_hash` of the packet's 5-tuple, exactly as the daemon's simulator computes it.
 #[inline(always)]
 pub fn tuple_hash<A: Ip>(seed: u32, pkt: &PacketG<A>) -> u32 {
@@ -242,19 +277,43 @@ pub fn tuple_hash<A: Ip>(seed: u32, pkt: &PacketG<A>) -> u32 {
     )
 }
 
-/// A rare event worth a log line: the configured SNAT range is full for this upstream.
+/// The configured SNAT range is full for this upstream: worth a log line, but not one per
+/// packet (a flood of new flows would flood the log ring and the daemon's output). Every drop
+/// adds one to `XP_LOG_RATE[0].total`; at most one line per `LOG_INTERVAL_NS` is written,
+/// saying how many drops it stands for and the latest one's client. The BPF target has no
+/// atomic add in `core`, so CPUs racing here may lose an increment of the line's count, or both
+/// write a line in the same instant: the log is approximate under contention, the
+/// `DropSnatExhausted` reason counter (per CPU) counts every drop exactly.
 #[inline(always)]
 fn snat_exhausted<A: Ip>(ctx: &XdpContext, pkt: &PacketG<A>) -> Reason {
+    let Some(st) = XP_LOG_RATE.get_ptr_mut(0) else {
+        return Reason::DropSnatExhausted;
+    };
+    // SAFETY: a non-null value pointer of an ARRAY map: valid memory for the program's life.
+    let st = unsafe { &mut *st };
+    st.total = st.total.wrapping_add(1);
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if st.last_ns != 0 && now.wrapping_sub(st.last_ns) < LOG_INTERVAL_NS {
+        return Reason::DropSnatExhausted;
+    }
+    let dropped = st.total.wrapping_sub(st.logged);
+    st.logged = st.total;
+    st.last_ns = now;
     if A::FAMILY == FAMILY_IPV6 {
         aya_log_ebpf::warn!(
             ctx,
-            "SNAT ports exhausted: new IPv6 flow from port {} dropped",
+            "SNAT ports exhausted: {} new flows dropped since the last such line (latest: IPv6, \
+             client port {}); drop_snat_exhausted counts them all",
+            dropped,
             u16::from_be(pkt.sport)
         );
     } else {
         aya_log_ebpf::warn!(
             ctx,
-            "SNAT ports exhausted: new flow from {:i}:{} dropped",
+            "SNAT ports exhausted: {} new flows dropped since the last such line (latest: from \
+             {:i}:{}); drop_snat_exhausted counts them all",
+            dropped,
             u32::from_be(pkt.src.words()[0]),
             u16::from_be(pkt.sport)
         );
@@ -374,11 +433,15 @@ pub unsafe fn track<A: Ip>(entry: *mut FlowValueW, pkt: &PacketG<A>, now: u64) {
     e.bytes += u64::from(pkt.tot_len);
 }
 
-/// The flags of a flow after one more TCP segment matched the entry of direction `dir`.
+/// The flags of a flow after one more TCP segment matched the entry of direction `dir`
+/// (docs/datapath.md, "TCP states"). Sequence numbers are not checked: the states only choose
+/// how long the daemon keeps an idle flow, and a client can only reach "established" by
+/// acknowledging a reply it received.
 #[inline(always)]
 fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
     let mut new = old;
     let closing = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM | FLOW_F_RST;
+    let syn_received = FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED;
     if dir == FLOW_DIR_FORWARD && tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 && old & closing != 0 {
         // A new connection reusing the client port of a closed one: same upstream and SNAT
         // port, fresh state.
@@ -387,15 +450,27 @@ fn next_flags(old: u32, dir: u8, tcp: u8) -> u32 {
     if tcp & TCP_RST != 0 {
         new |= FLOW_F_RST;
     }
-    if tcp & TCP_FIN != 0 {
-        new |= if dir == FLOW_DIR_FORWARD {
-            FLOW_F_FIN_CLIENT
-        } else {
-            FLOW_F_FIN_UPSTREAM
-        };
+    if dir == FLOW_DIR_FORWARD {
+        // The client's ACK of the SYN-ACK (or its first data after it): established.
+        if new & syn_received == syn_received && tcp & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_ACK {
+            new &= !FLOW_F_SYN_RECEIVED;
+        }
+    } else if new & FLOW_F_REPLIED == 0 {
+        // The first reply (the SYN-ACK): SYN received.
+        new |= syn_received;
     }
-    if dir != FLOW_DIR_FORWARD {
-        new |= FLOW_F_REPLIED;
+    // A FIN counts only on an established flow: a SYN followed by a FIN without a handshake
+    // (a flood that never completes one) stays in the short SYN states.
+    if tcp & TCP_FIN != 0 && new & syn_received == FLOW_F_REPLIED {
+        if dir == FLOW_DIR_FORWARD {
+            new |= FLOW_F_FIN_CLIENT;
+        } else {
+            if new & FLOW_F_FIN_CLIENT == 0 {
+                // The upstream closes first: it will hold TIME_WAIT (the active closer).
+                new |= FLOW_F_FIN_UPSTREAM_FIRST;
+            }
+            new |= FLOW_F_FIN_UPSTREAM;
+        }
     }
     new
 }

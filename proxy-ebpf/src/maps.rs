@@ -15,12 +15,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use proxy_common::{
-    AclKey, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY,
-    MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS,
-    MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
-    MAP_XMIT_DROPS, MAX_ACL_ENTRIES, MAX_INTERFACES, MAX_RATE_ENTRIES, MAX_SERVICES, MAX_UPSTREAMS,
-    NatConfig, REASON_SLOTS, RateKey, RateState, ServiceKey, ServiceOptions, ServiceValue,
-    TrafficCounters, UpstreamValue,
+    AclKey, DEFAULT_MAX_FLOWS, FlowKey, FlowValue, LogRate, MAGLEV_SIZE, MAP_ACL_ALLOW,
+    MAP_ACL_DENY, MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_LOG_RATE, MAP_MAGLEV,
+    MAP_RATE, MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_UPSTREAM_STATS, MAP_UPSTREAMS, MAP_XMIT_DROPS, MAX_ACL_ENTRIES, MAX_INTERFACES,
+    MAX_RATE_ENTRIES, MAX_SERVICES, MAX_UPSTREAMS, NatConfig, REASON_SLOTS, RateKey, RateState,
+    ServiceKey, ServiceOptions, ServiceValue, TrafficCounters, UpstreamValue,
 };
 
 /// Capacities as const generics (the `proxy-common` constants are `u32`).
@@ -98,6 +98,10 @@ pub static XP_ACL_DENY: LpmTrie<AclKey, u32, ACL_ENTRIES> = LpmTrie::new();
 #[btf_map(name = "XP_RATE")]
 pub static XP_RATE: LruHashMap<RateKey, RateState, RATE_ENTRIES> = LruHashMap::new();
 
+/// Rate limit of the SNAT-exhaustion log line: index 0 -> `LogRate`.
+#[btf_map(name = "XP_LOG_RATE")]
+pub static XP_LOG_RATE: Array<LogRate, 1> = Array::new();
+
 /// Compile-time string equality (the map attribute needs a literal; this ties it to the constant).
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -130,4 +134,5 @@ const _: () = {
     assert!(same(MAP_ACL_ALLOW, "XP_ACL_ALLOW"));
     assert!(same(MAP_ACL_DENY, "XP_ACL_DENY"));
     assert!(same(MAP_RATE, "XP_RATE"));
+    assert!(same(MAP_LOG_RATE, "XP_LOG_RATE"));
 };

@@ -488,6 +488,8 @@ pub struct Config {
     pub nat: NatSettings,
     pub admin: AdminConfig,
     pub dns: DnsConfig,
+    /// `[flows]`: idle lifetimes of fast-path flows (reloadable).
+    pub flows: crate::flows::Lifetimes,
     pub services: Vec<ServiceConfig>,
 }
 
@@ -572,6 +574,8 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     dns: RawDns,
+    #[serde(default)]
+    flows: flows::RawFlows,
     #[serde(default, rename = "service")]
     services: Vec<RawService>,
 }
@@ -1624,6 +1628,9 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
     // [dns]
     let dns = convert_dns(raw.dns, problems);
 
+    // [flows]
+    let flows = flows::convert_flows(raw.flows, problems);
+
     // The proxy's own addresses the file names: an upstream equal to one would be the proxy
     // forwarding to itself. (The host's other addresses are unknown here; the SNAT addresses
     // found from the route home are checked by `validate_runtime`.)
@@ -1804,6 +1811,7 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         nat,
         admin,
         dns,
+        flows,
         services,
     };
     if let Some(snat) = config.nat.snat_ipv4 {
@@ -1821,6 +1829,8 @@ pub use addresses::{
 };
 mod fastpath;
 pub use fastpath::ServiceFastPath;
+mod flows;
+pub use flows::RANGES as FLOW_LIFETIME_RANGES;
 mod http;
 pub use http::{HostMatch, HttpConfig, Route};
 

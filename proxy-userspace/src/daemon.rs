@@ -30,7 +30,9 @@ pub struct RunOptions {
     pub proc_sys: PathBuf,
     /// How often idle flows are expired.
     pub expiry_interval: Duration,
-    pub lifetimes: Lifetimes,
+    /// Flow lifetimes that override the config's `[flows]` section (tests); `None`: the
+    /// running config's, so a reload applies new ones at the next expiry scan.
+    pub lifetimes: Option<Lifetimes>,
 }
 
 impl Default for RunOptions {
@@ -38,7 +40,7 @@ impl Default for RunOptions {
         Self {
             proc_sys: PathBuf::from("/proc/sys"),
             expiry_interval: Duration::from_secs(1),
-            lifetimes: Lifetimes::default(),
+            lifetimes: None,
         }
     }
 }
@@ -642,7 +644,8 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             }
             _ = expiry_tick.tick(), if datapath.is_some() => {
                 if let Some(dp) = &datapath {
-                    expire_once(Arc::clone(dp), opts.lifetimes, max_scan).await;
+                    let lifetimes = opts.lifetimes.unwrap_or(controller.config().flows);
+                    expire_once(Arc::clone(dp), lifetimes, max_scan).await;
                     release_retired(&mut controller, dp);
                 }
                 if reconcile_pending {
@@ -869,6 +872,9 @@ async fn reload(
                 tracing::error!(error = %e, "SIGHUP: IPv6 forwarding could not be turned on: IPv6 flows take the kernel's path")
             }
         }
+    }
+    if controller.config().flows != new.flows {
+        tracing::info!(lifetimes = ?new.flows, "SIGHUP: new [flows] lifetimes apply from the next expiry scan");
     }
     controller.set_config(new, snat);
     let waits = control::resolve_now(controller, false).await;

@@ -4,21 +4,75 @@
 use std::time::Duration;
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, FlowKey, FlowValue,
-    IPPROTO_TCP,
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, FlowKey, FlowValue, IPPROTO_TCP,
 };
 
-/// How long a flow may stay idle, by protocol and state.
+/// A TCP flow's state, from the union of both entries' `FLOW_F_*` flags (docs/datapath.md,
+/// "TCP states").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// The client's SYN went out, nothing came back.
+    SynSent,
+    /// The upstream answered (SYN-ACK), the client has not acknowledged it.
+    SynReceived,
+    /// Handshake complete, no FIN or RST.
+    Established,
+    /// One side sent FIN.
+    HalfClosed,
+    /// FIN both ways, the upstream's first: the upstream is the active closer and holds
+    /// TIME_WAIT for the (upstream, SNAT address, SNAT port) 4-tuple, so the SNAT port is held
+    /// through the TIME_WAIT period.
+    TimeWait,
+    /// FIN both ways, the client's first: the upstream closed passively and holds no
+    /// TIME_WAIT; the port needs only a short grace.
+    Closed,
+    /// RST: no TIME_WAIT on either side; a short grace for segments still in flight.
+    Reset,
+}
+
+impl TcpState {
+    /// The state of a flow with `flags`.
+    #[must_use]
+    pub fn of(flags: u32) -> Self {
+        let both_fin = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
+        if flags & both_fin == both_fin && flags & FLOW_F_FIN_UPSTREAM_FIRST != 0 {
+            // Even after a RST: an upstream in TIME_WAIT may keep it (tcp_rfc1337), so the
+            // hold is kept whenever the upstream may be there.
+            Self::TimeWait
+        } else if flags & FLOW_F_RST != 0 {
+            Self::Reset
+        } else if flags & both_fin == both_fin {
+            Self::Closed
+        } else if flags & both_fin != 0 {
+            Self::HalfClosed
+        } else if flags & FLOW_F_SYN_RECEIVED != 0 {
+            Self::SynReceived
+        } else if flags & FLOW_F_REPLIED != 0 {
+            Self::Established
+        } else {
+            Self::SynSent
+        }
+    }
+}
+
+/// How long a flow may stay idle, by protocol and state (`[flows]` in the config).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetimes {
-    /// TCP that has not seen a reply (SYN sent, nothing back).
-    pub tcp_unreplied: Duration,
-    /// TCP established (replied, no FIN/RST).
+    /// TCP SYN sent, no reply (conntrack: SYN_SENT 120 s; Cilium: 60 s).
+    pub tcp_syn_sent: Duration,
+    /// TCP SYN-ACK seen, the client's ACK not yet (conntrack: SYN_RECV 60 s).
+    pub tcp_syn_received: Duration,
+    /// TCP established (handshake complete, no FIN/RST).
     pub tcp_established: Duration,
     /// TCP after a FIN from one side.
     pub tcp_half_closed: Duration,
-    /// TCP after FIN both ways or RST: the TIME_WAIT hold of the SNAT port.
-    pub tcp_closed: Duration,
+    /// TCP after FIN both ways when the upstream closed first: the TIME_WAIT hold of the SNAT
+    /// port.
+    pub tcp_time_wait: Duration,
+    /// TCP after RST, or after FIN both ways when the client closed first (no TIME_WAIT on the
+    /// upstream): a short grace for segments still in flight.
+    pub tcp_close_grace: Duration,
     /// UDP (and anything else).
     pub udp: Duration,
 }
@@ -26,10 +80,12 @@ pub struct Lifetimes {
 impl Default for Lifetimes {
     fn default() -> Self {
         Self {
-            tcp_unreplied: Duration::from_secs(30),
+            tcp_syn_sent: Duration::from_secs(30),
+            tcp_syn_received: Duration::from_secs(30),
             tcp_established: Duration::from_secs(3600),
             tcp_half_closed: Duration::from_secs(120),
-            tcp_closed: Duration::from_secs(60),
+            tcp_time_wait: Duration::from_secs(60),
+            tcp_close_grace: Duration::from_secs(5),
             udp: Duration::from_secs(60),
         }
     }
@@ -42,15 +98,13 @@ impl Lifetimes {
         if proto != IPPROTO_TCP {
             return self.udp;
         }
-        let both_fin = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
-        if flags & FLOW_F_RST != 0 || flags & both_fin == both_fin {
-            self.tcp_closed
-        } else if flags & both_fin != 0 {
-            self.tcp_half_closed
-        } else if flags & FLOW_F_REPLIED != 0 {
-            self.tcp_established
-        } else {
-            self.tcp_unreplied
+        match TcpState::of(flags) {
+            TcpState::SynSent => self.tcp_syn_sent,
+            TcpState::SynReceived => self.tcp_syn_received,
+            TcpState::Established => self.tcp_established,
+            TcpState::HalfClosed => self.tcp_half_closed,
+            TcpState::TimeWait => self.tcp_time_wait,
+            TcpState::Closed | TcpState::Reset => self.tcp_close_grace,
         }
     }
 }
@@ -160,7 +214,12 @@ mod tests {
 
     #[test]
     fn lifetimes_by_protocol_and_state() {
+        let syn_rcvd = FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED;
+        // SYN sent, nothing back.
         assert_eq!(expires_after(IPPROTO_TCP, 0), 30);
+        // SYN-ACK seen, the client's ACK not (a SYN flood that drops the SYN-ACKs): 30 s, not
+        // the established hour.
+        assert_eq!(expires_after(IPPROTO_TCP, syn_rcvd), 30);
         assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED), 3600);
         assert_eq!(
             expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_CLIENT),
@@ -170,20 +229,85 @@ mod tests {
             expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM),
             120
         );
+        // FIN both ways: the TIME_WAIT hold only when the upstream closed first (it is the
+        // active closer and holds TIME_WAIT); the client first: the short grace.
+        let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
         assert_eq!(
             expires_after(
                 IPPROTO_TCP,
-                FLOW_F_REPLIED | FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST
             ),
             60
         );
-        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_RST), 60);
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_REPLIED | both), 5);
+        // Half-closed by the upstream: still half-closed, whoever is first.
+        assert_eq!(
+            expires_after(
+                IPPROTO_TCP,
+                FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST
+            ),
+            120
+        );
+        // A RST after the upstream's TIME_WAIT began keeps the hold.
+        assert_eq!(
+            expires_after(
+                IPPROTO_TCP,
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST | FLOW_F_RST
+            ),
+            60
+        );
+        // RST: a short grace, in any state.
+        assert_eq!(expires_after(IPPROTO_TCP, FLOW_F_RST), 5);
+        assert_eq!(expires_after(IPPROTO_TCP, syn_rcvd | FLOW_F_RST), 5);
         assert_eq!(
             expires_after(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_RST | FLOW_F_FIN_CLIENT),
-            60
+            5
         );
         assert_eq!(expires_after(IPPROTO_UDP, 0), 60);
         assert_eq!(expires_after(IPPROTO_UDP, FLOW_F_REPLIED), 60);
+    }
+
+    #[test]
+    fn every_state_has_its_own_lifetime() {
+        let l = Lifetimes {
+            tcp_syn_sent: Duration::from_secs(1),
+            tcp_syn_received: Duration::from_secs(2),
+            tcp_established: Duration::from_secs(3),
+            tcp_half_closed: Duration::from_secs(4),
+            tcp_time_wait: Duration::from_secs(5),
+            tcp_close_grace: Duration::from_secs(6),
+            udp: Duration::from_secs(7),
+        };
+        let both = FLOW_F_FIN_CLIENT | FLOW_F_FIN_UPSTREAM;
+        for (flags, state, secs) in [
+            (0, TcpState::SynSent, 1),
+            (
+                FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED,
+                TcpState::SynReceived,
+                2,
+            ),
+            (FLOW_F_REPLIED, TcpState::Established, 3),
+            (
+                FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM,
+                TcpState::HalfClosed,
+                4,
+            ),
+            (
+                FLOW_F_REPLIED | both | FLOW_F_FIN_UPSTREAM_FIRST,
+                TcpState::TimeWait,
+                5,
+            ),
+            (FLOW_F_REPLIED | both, TcpState::Closed, 6),
+            (FLOW_F_REPLIED | FLOW_F_RST, TcpState::Reset, 6),
+        ] {
+            assert_eq!(TcpState::of(flags), state, "flags {flags:#x}");
+            assert_eq!(
+                l.for_flow(IPPROTO_TCP, flags),
+                Duration::from_secs(secs),
+                "{state:?}"
+            );
+        }
+        assert_eq!(l.for_flow(IPPROTO_UDP, 0), Duration::from_secs(7));
     }
 
     #[test]
@@ -195,10 +319,13 @@ mod tests {
         let fwd = value(FLOW_F_REPLIED, now - 100 * S);
         let rev = value(FLOW_F_REPLIED, now - S);
         assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Keep);
-        // Forward says established, reverse saw the upstream's FIN and the client's FIN is in
-        // the forward flags: closed, 60 s.
+        // Forward says half-closed by the client, reverse saw the upstream's FIN first: the
+        // union is FIN both ways with the upstream first, the TIME_WAIT hold of 60 s.
         let fwd = value(FLOW_F_REPLIED | FLOW_F_FIN_CLIENT, now - 61 * S);
-        let rev = value(FLOW_F_FIN_UPSTREAM, now - 61 * S);
+        let rev = value(
+            FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST,
+            now - 61 * S,
+        );
         assert_eq!(decide(&k, &fwd, Some(&rev), now, &l), Decision::Expire);
         assert_eq!(decide(&k, &fwd, None, now, &l), Decision::Keep);
     }

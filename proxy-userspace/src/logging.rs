@@ -519,7 +519,10 @@ mod tests {
         // The bridge is process-global; this is the only test in this binary installing it.
         tracing_log::LogTracer::init().unwrap();
         tracing::subscriber::with_default(subscriber, || {
-            log::warn!("SNAT ports exhausted: new flow from 10.0.0.1:1234 dropped");
+            log::warn!(
+                "SNAT ports exhausted: 3 new flows dropped since the last such line (latest: \
+                 from 10.0.0.1:1234); drop_snat_exhausted counts them all"
+            );
         });
         let got = seen.0.lock().unwrap().clone();
         assert!(

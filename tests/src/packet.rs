@@ -26,12 +26,13 @@ use proxy_common::checksum;
 use proxy_common::hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash, snat_probe_offset};
 use proxy_common::{
     ACL_HIT, ACL_PREFIX_BASE, AclKey, Addr, CONFIG_F_READY, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
-    FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY, MAP_CONFIG,
-    MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_RATE, MAP_REASONS,
-    MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
-    NatConfig, PROGRAM_NAME, REASON_COUNT, RateKey, RateState, Reason, SERVICE_F_HAS_UPSTREAMS,
-    SNAT_PORT_PROBES, ServiceKey, ServiceOptions, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE,
-    UpstreamValue, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, addr_v4,
+    FlowValue, IPPROTO_TCP, IPPROTO_UDP, LogRate, MAGLEV_SIZE, MAP_ACL_ALLOW, MAP_ACL_DENY,
+    MAP_CONFIG, MAP_DEVMAP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_LOG_RATE, MAP_MAGLEV, MAP_RATE,
+    MAP_REASONS, MAP_SERVICE_OPTIONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS,
+    MAP_UPSTREAMS, NatConfig, PROGRAM_NAME, REASON_COUNT, RateKey, RateState, Reason,
+    SERVICE_F_HAS_UPSTREAMS, SNAT_PORT_PROBES, ServiceKey, ServiceOptions, ServiceValue,
+    TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_ABORTED, XDP_DROP, XDP_PASS,
+    XDP_REDIRECT, XDP_TX, addr_v4,
 };
 
 pub type Mac = [u8; 6];
@@ -656,9 +657,21 @@ impl<S: Sock> Tuple<S> {
         self.hash(SEED_MAGLEV) % MAGLEV_SIZE
     }
 
-    /// The SNAT ports a new flow with this tuple probes, in order (docs/datapath.md step 7).
+    /// The SNAT ports a new flow with this tuple tries, in order (docs/datapath.md step 7): the
+    /// client's own port when inside the range (port preservation), then the hashed probes.
     #[must_use]
     pub fn snat_probe_ports(&self, cfg: &NatConfig) -> Vec<u16> {
+        let own = self.src.sock_port();
+        let preserved = (cfg.port_min..=cfg.port_max).contains(&own).then_some(own);
+        preserved
+            .into_iter()
+            .chain(self.snat_hashed_ports(cfg))
+            .collect()
+    }
+
+    /// The hashed SNAT probe ports alone (what a client port outside the range gets), in order.
+    #[must_use]
+    pub fn snat_hashed_ports(&self, cfg: &NatConfig) -> Vec<u16> {
         let span = u32::from(cfg.port_max) - u32::from(cfg.port_min) + 1;
         let h = self.hash(SEED_SNAT_PORT);
         (0..SNAT_PORT_PROBES.min(span))
@@ -1731,6 +1744,30 @@ impl Harness {
             .iter()
             .map(|r| r.unwrap_or_else(|e| panic!("iterating {name}: {e}")))
             .collect()
+    }
+
+    /// `XP_LOG_RATE[0]`: the SNAT-exhaustion log line's rate-limit state.
+    #[must_use]
+    pub fn log_rate(&self) -> LogRate {
+        let m: Array<&MapData, LogRate> = self
+            .map(MAP_LOG_RATE)
+            .try_into()
+            .unwrap_or_else(|e| panic!("{MAP_LOG_RATE}: {e}"));
+        m.get(&0, 0)
+            .unwrap_or_else(|e| panic!("{MAP_LOG_RATE}[0]: {e}"))
+    }
+
+    /// Write `XP_LOG_RATE[0]`.
+    pub fn set_log_rate(&mut self, v: LogRate) {
+        let mut m: Array<&mut MapData, LogRate> = self
+            .map_mut(MAP_LOG_RATE)
+            .and_then(|m| {
+                m.try_into()
+                    .map_err(|e| anyhow::anyhow!("{MAP_LOG_RATE}: {e}"))
+            })
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        m.set(0, v, 0)
+            .unwrap_or_else(|e| panic!("{MAP_LOG_RATE}[0] set: {e}"));
     }
 
     /// `XP_REASONS`, summed over CPUs.

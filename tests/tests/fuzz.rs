@@ -38,8 +38,8 @@
 //!   outside the home CIDRs (and from home hosts that are not the flow's upstream, and from the
 //!   upstream with another port; in IPv6 also link-local, loopback, IPv4-mapped, and addresses
 //!   sharing the upstream's prefix or interface id) to the SNAT address and port of a live flow
-//!   miss the reverse key (which includes the upstream's address and port) and pass untouched:
-//!   20 IPv4 and 40 IPv6 frames, all `pass_not_service`; both flows' entries are unchanged
+//!   miss the reverse key (which includes the upstream's address and port) and are dropped:
+//!   20 IPv4 and 40 IPv6 frames, all `drop_no_flow_snat_port`; both flows' entries are unchanged
 //!   (the whole `FlowValue`, timestamps included).
 //!
 //! Run as root: `cargo test -p integration-tests --test fuzz -- --nocapture`.
@@ -1165,8 +1165,9 @@ struct SpoofTargets<S: Sock> {
 }
 
 /// Spoofed replies to the SNAT ports of `t`'s live flows: TCP (data on the home side and on the
-/// client side, SYN-ACK on the home side) and UDP from every spoofer. Each must pass untouched,
-/// and neither flow's entries may change at all. Returns the frames sent.
+/// client side, SYN-ACK on the home side) and UDP from every spoofer. Each must be dropped
+/// untouched (a SNAT-range port with no flow for that sender: `drop_no_flow_snat_port`), and
+/// neither flow's entries may change at all. Returns the frames sent.
 fn spoof_sweep<S: Sock + Display>(h: &Harness, t: &SpoofTargets<S>) -> u64 {
     let entries = || -> Vec<(FlowValue, FlowValue)> {
         [(t.tcp, IPPROTO_TCP), (t.udp, IPPROTO_UDP)]
@@ -1186,7 +1187,7 @@ fn spoof_sweep<S: Sock + Display>(h: &Harness, t: &SpoofTargets<S>) -> u64 {
         let run = h.run(frame, ingress);
         sent += 1;
         assert!(
-            run.action == XDP_PASS && run.output == frame,
+            run.action == XDP_DROP && run.output == frame,
             "{what} on {}: action {}, output changed: {}\n{}",
             ingress.name,
             run.action,
@@ -1291,17 +1292,17 @@ fn reply_from_outside_home_for_a_snat_port_is_not_forwarded() {
             forwarded_total(&before),
             "a spoofed reply was forwarded"
         );
-        let passed =
-            after[Reason::PassNotService as usize] - before[Reason::PassNotService as usize];
+        let dropped = after[Reason::DropNoFlowSnatPort as usize]
+            - before[Reason::DropNoFlowSnatPort as usize];
         println!(
-            "spoofed replies to live SNAT ports: {} ({v4} IPv4, {v6} IPv6), {passed} passed \
-             untouched (pass_not_service), none forwarded; the flows' entries unchanged",
+            "spoofed replies to live SNAT ports: {} ({v4} IPv4, {v6} IPv6), {dropped} dropped \
+             (drop_no_flow_snat_port), none forwarded; the flows' entries unchanged",
             v4 + v6
         );
         assert_eq!(
-            passed,
+            dropped,
             v4 + v6,
-            "not every spoofed reply was pass_not_service"
+            "not every spoofed reply was drop_no_flow_snat_port"
         );
     });
 }

@@ -538,6 +538,11 @@ home_cidrs = ["{home_cidr}"]
 [admin]
 listen = "127.0.0.1:9100"
 
+# Closed flows stay in the table until check_flows has read them all (a flow the client
+# closed first is otherwise gone after the default 5 s grace).
+[flows]
+tcp_close_grace = "2m"
+
 [[service]]
 name = "web"
 listen = "{tcp_service}"

@@ -31,9 +31,10 @@ use integration_tests::packet::{
     nh_fresh, raw_frame, set_u16, upstream, with_harness, without_next_hop,
 };
 use proxy_common::{
-    FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED,
-    FLOW_F_RST, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAP_FLOWS_FWD, MAP_FLOWS_REV, MAX_UPSTREAMS,
-    NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions,
+    FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM,
+    FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST, FLOW_F_SYN_RECEIVED, FlowValue,
+    IPPROTO_TCP, IPPROTO_UDP, LOG_INTERVAL_NS, LogRate, MAP_FLOWS_FWD, MAP_FLOWS_REV,
+    MAX_UPSTREAMS, NatConfig, RATE_TOKEN, RateState, Reason, SVC_OPT_F_ALLOW_LIST, ServiceOptions,
     TrafficCounters, UpstreamValue, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, checksum,
 };
 
@@ -485,8 +486,9 @@ fn tcp_syn_same_interface_tx_in<S: Fam>() {
 }
 
 /// The upstream's SYN-ACK to the SNAT port the SYN got: the reverse entry matches, the packet
-/// is rewritten to service -> client and redirected to the client side; FLOW_F_REPLIED is set in
-/// both entries; reverse counters move.
+/// is rewritten to service -> client and redirected to the client side; FLOW_F_REPLIED and
+/// FLOW_F_SYN_RECEIVED are set in both entries (SYN received, not established: the client has
+/// not acknowledged yet); reverse counters move.
 #[test]
 fn tcp_reply_path() {
     tcp_reply_path_in::<V4>();
@@ -511,7 +513,7 @@ fn tcp_reply_path_in<S: Fam>() {
             &FlowValue {
                 packets: 1,
                 bytes: len,
-                ..flow.rev_value(FLOW_F_REPLIED)
+                ..flow.rev_value(FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED)
             },
         );
         assert_time_within("reverse last_seen_ns", rev.last_seen_ns, &run);
@@ -525,7 +527,7 @@ fn tcp_reply_path_in<S: Fam>() {
             &FlowValue {
                 packets: 1,
                 bytes: u64::from(flow.client_tcp(TCP_SYN).ip_len()),
-                ..flow.fwd_value(FLOW_F_REPLIED)
+                ..flow.fwd_value(FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED)
             },
         );
         let plus = |c: TrafficCounters| TrafficCounters {
@@ -796,6 +798,9 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
                 last_seen_ns: 0,
                 packets: 0,
                 bytes: 0,
+                // The first data packet established the flow (while the reverse entry was
+                // gone); the repair copies the forward entry's flags.
+                flags: FLOW_F_REPLIED,
                 ..without_next_hop(&rev_before)
             },
             "the repaired reverse entry translates replies to the same client (its next hop \
@@ -830,8 +835,129 @@ fn half_evicted_flow_is_repaired_or_forgotten_in<S: Fam>() {
     });
 }
 
+/// The handshake as conntrack tracks it (docs/datapath.md, "TCP states"): the SYN leaves no
+/// flag (SYN sent); the SYN-ACK sets REPLIED | SYN_RECEIVED (SYN received, not established);
+/// a retransmitted SYN and a retransmitted SYN-ACK change nothing; the client's ACK clears
+/// SYN_RECEIVED (established); later segments of either side change nothing.
+#[test]
+fn tcp_handshake_states() {
+    tcp_handshake_states_in::<V4>();
+}
+
+#[test]
+fn tcp_handshake_states_v6() {
+    tcp_handshake_states_in::<V6>();
+}
+
+fn tcp_handshake_states_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        assert_flags(h, "after the SYN (SYN sent)", &flow, 0);
+        reply_syn_ack(h, &flow);
+        let syn_received = FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED;
+        assert_flags(h, "after the SYN-ACK (SYN received)", &flow, syn_received);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let steps = [
+            (
+                "a retransmitted SYN",
+                flow.client_tcp(TCP_SYN),
+                ci,
+                syn_received,
+            ),
+            (
+                "a retransmitted SYN-ACK",
+                flow.upstream_tcp(TCP_SYN | TCP_ACK),
+                hi,
+                syn_received,
+            ),
+            (
+                "the client's ACK of the SYN-ACK (established)",
+                flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "the upstream's data",
+                flow.upstream_tcp(TCP_ACK | TCP_PSH).payload(b"hello"),
+                hi,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "the client's data",
+                flow.client_tcp(TCP_ACK | TCP_PSH)
+                    .seq_ack(0x1000_0002, 0x5000_0007)
+                    .payload(b"GET /"),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+        ];
+        for (what, p, ingress, flags) in steps {
+            let (out, reason) = if ingress == ci {
+                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
+            } else {
+                (flow.rev_out(&p, ci), Reason::RevRedirect)
+            };
+            h.check(&Fixture::new(
+                what,
+                p.bytes(),
+                ingress,
+                XDP_REDIRECT,
+                reason,
+                Expect::Bytes(out),
+            ));
+            assert_flags(h, &format!("after {what}"), &flow, flags);
+        }
+    });
+}
+
+/// A FIN before the handshake completed is not counted (a SYN then FIN from a client that never
+/// acknowledged anything must not reach the half-closed lifetime): neither right after the SYN
+/// nor after the SYN-ACK with the client's FIN carrying no ACK.
+#[test]
+fn tcp_fin_before_handshake_ignored() {
+    tcp_fin_before_handshake_ignored_in::<V4>();
+}
+
+#[test]
+fn tcp_fin_before_handshake_ignored_v6() {
+    tcp_fin_before_handshake_ignored_in::<V6>();
+}
+
+fn tcp_fin_before_handshake_ignored_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let p = flow.client_tcp(TCP_FIN);
+        h.check(&Fixture::new(
+            "TCP FIN right after the SYN",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        assert_flags(h, "after a FIN in SYN sent", &flow, 0);
+        reply_syn_ack(h, &flow);
+        h.check(&Fixture::new(
+            "TCP FIN without ACK after the SYN-ACK",
+            p.bytes(),
+            ci,
+            XDP_REDIRECT,
+            Reason::FwdRedirect,
+            Expect::Bytes(flow.fwd_out(&p, hi)),
+        ));
+        assert_flags(
+            h,
+            "after a FIN without ACK in SYN received",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED,
+        );
+    });
+}
+
 /// FIN from the client sets FLOW_F_FIN_CLIENT in both entries, FIN from the upstream sets
-/// FLOW_F_FIN_UPSTREAM in both; both are forwarded.
+/// FLOW_F_FIN_UPSTREAM in both (and not FLOW_F_FIN_UPSTREAM_FIRST: the client closed first);
+/// both are forwarded.
 #[test]
 fn tcp_fin() {
     tcp_fin_in::<V4>();
@@ -881,6 +1007,72 @@ fn tcp_fin_in<S: Fam>() {
     });
 }
 
+/// The upstream closes first (docs/datapath.md, "TCP states"): its FIN sets FLOW_F_FIN_UPSTREAM
+/// and FLOW_F_FIN_UPSTREAM_FIRST (it is the active closer, the side holding TIME_WAIT); the
+/// client's FIN then adds FLOW_F_FIN_CLIENT; a retransmitted upstream FIN changes nothing. (The
+/// client-first order, `tcp_fin`, never sets FLOW_F_FIN_UPSTREAM_FIRST.)
+#[test]
+fn tcp_fin_upstream_first() {
+    tcp_fin_upstream_first_in::<V4>();
+}
+
+#[test]
+fn tcp_fin_upstream_first_v6() {
+    tcp_fin_upstream_first_in::<V6>();
+}
+
+fn tcp_fin_upstream_first_in<S: Fam>() {
+    with_harness(|h| {
+        let flow = open_tcp_in::<S>(h);
+        reply_syn_ack(h, &flow);
+        let (ci, hi) = (h.client_if, h.home_if);
+        let first = FLOW_F_REPLIED | FLOW_F_FIN_UPSTREAM | FLOW_F_FIN_UPSTREAM_FIRST;
+        let steps = [
+            (
+                "the client's ACK of the SYN-ACK",
+                flow.client_tcp(TCP_ACK).seq_ack(0x1000_0002, 0x5000_0002),
+                ci,
+                FLOW_F_REPLIED,
+            ),
+            (
+                "TCP FIN from the upstream (first)",
+                flow.upstream_tcp(TCP_FIN | TCP_ACK),
+                hi,
+                first,
+            ),
+            (
+                "TCP FIN from the client (second)",
+                flow.client_tcp(TCP_FIN | TCP_ACK)
+                    .seq_ack(0x1000_0002, 0x5000_0003),
+                ci,
+                first | FLOW_F_FIN_CLIENT,
+            ),
+            (
+                "the upstream's FIN again (retransmitted)",
+                flow.upstream_tcp(TCP_FIN | TCP_ACK),
+                hi,
+                first | FLOW_F_FIN_CLIENT,
+            ),
+        ];
+        for (what, p, ingress, flags) in steps {
+            let (out, reason) = if ingress == ci {
+                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
+            } else {
+                (flow.rev_out(&p, ci), Reason::RevRedirect)
+            };
+            h.check(&Fixture::new(
+                what,
+                p.bytes(),
+                ingress,
+                XDP_REDIRECT,
+                reason,
+                Expect::Bytes(out),
+            ));
+            assert_flags(h, &format!("after {what}"), &flow, flags);
+        }
+    });
+}
+
 /// RST (from the client, then a separate flow's RST from the upstream) sets FLOW_F_RST in both
 /// entries and is forwarded.
 #[test]
@@ -908,11 +1100,12 @@ fn tcp_rst_in<S: Fam>() {
             Reason::FwdRedirect,
             Expect::Bytes(flow.fwd_out(&p, h.home_if)),
         ));
+        // A RST does not complete the handshake: SYN_RECEIVED stays beside RST.
         assert_flags(
             h,
             "after the client's RST",
             &flow,
-            FLOW_F_REPLIED | FLOW_F_RST,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
         );
 
         // Second flow: RST from the upstream, right after the SYN (no reply seen before it).
@@ -938,15 +1131,20 @@ fn tcp_rst_in<S: Fam>() {
             Reason::RevRedirect,
             Expect::Bytes(flow2.rev_out(&p, h.client_if)),
         ));
-        // The RST is the first reply packet: it also sets FLOW_F_REPLIED.
+        // The RST is the first reply packet: it also sets FLOW_F_REPLIED (and SYN_RECEIVED).
         assert_flags(
             h,
             "after the upstream's RST",
             &flow2,
-            FLOW_F_REPLIED | FLOW_F_RST,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
         );
         // The first flow is untouched.
-        assert_flags(h, "first flow", &flow, FLOW_F_REPLIED | FLOW_F_RST);
+        assert_flags(
+            h,
+            "first flow",
+            &flow,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED | FLOW_F_RST,
+        );
     });
 }
 
@@ -1302,17 +1500,17 @@ fn non_service_passes_unchanged_in<S: Fam>() {
                 ci,
             ),
             (
-                "reply to a SNAT port without a flow (health-check reply)",
+                "health-check reply to the SNAT address, a port outside the SNAT range",
                 from_upstream(Packet::tcp(
                     S::UPS_TCP,
-                    S::sock(S::SNAT, 20_001),
+                    S::sock(S::SNAT, 40_001),
                     TCP_SYN | TCP_ACK,
                 )),
                 hi,
             ),
             (
-                "UDP from an upstream to the SNAT address, no flow",
-                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 25_000), b"late")),
+                "UDP from an upstream to the SNAT address, a port outside the SNAT range",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 33_000), b"late")),
                 hi,
             ),
         ];
@@ -1381,6 +1579,115 @@ fn non_ipv4_frames_pass() {
             Reason::PassNotService,
         ));
         assert_no_flows(h, "non-IPv4 frames");
+    });
+}
+
+/// A packet to the SNAT address at a port inside `port_range` that matches no flow is
+/// dropped and counted (`DropNoFlowSnatPort`), never handed to the kernel: a late TCP segment
+/// and a UDP datagram from the upstream, the bounds of the range, and either interface; a port
+/// just outside the range (either side) and a range port on another address still pass
+/// (`PassNotService`). With a live flow at a port, the same port from its upstream is that
+/// flow's reply, not a drop.
+#[test]
+fn unmatched_snat_port_dropped() {
+    unmatched_snat_port_dropped_in::<V4>();
+}
+
+#[test]
+fn unmatched_snat_port_dropped_v6() {
+    unmatched_snat_port_dropped_in::<V6>();
+}
+
+fn unmatched_snat_port_dropped_in<S: Fam>() {
+    with_harness(|h| {
+        let (ci, hi) = (h.client_if, h.home_if);
+        let before = h.reasons()[Reason::DropNoFlowSnatPort as usize];
+        let drops = [
+            (
+                "late TCP segment from the upstream to a SNAT port",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, 20_001),
+                    TCP_ACK | TCP_FIN,
+                )),
+                hi,
+            ),
+            (
+                "UDP from the upstream to a SNAT port",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::SNAT, 25_000), b"late")),
+                hi,
+            ),
+            (
+                "TCP SYN-ACK to the lowest SNAT port",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MIN),
+                    TCP_SYN | TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "TCP to the highest SNAT port, arriving on the client side",
+                from_client(Packet::tcp(
+                    S::CLIENT_A,
+                    S::sock(S::SNAT, PORT_MAX),
+                    TCP_ACK,
+                )),
+                ci,
+            ),
+        ];
+        for (desc, p, ingress) in &drops {
+            h.check(&Fixture::unchanged(
+                *desc,
+                p.bytes(),
+                *ingress,
+                XDP_DROP,
+                Reason::DropNoFlowSnatPort,
+            ));
+        }
+        assert_eq!(
+            h.reasons()[Reason::DropNoFlowSnatPort as usize],
+            before + drops.len() as u64,
+            "XP_REASONS[drop_no_flow_snat_port]"
+        );
+        let passes = [
+            (
+                "TCP to the SNAT address, the port below the range (SSH-like)",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MIN - 1),
+                    TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "TCP to the SNAT address, the port above the range (ephemeral)",
+                from_upstream(Packet::tcp(
+                    S::UPS_TCP,
+                    S::sock(S::SNAT, PORT_MAX + 1),
+                    TCP_SYN | TCP_ACK,
+                )),
+                hi,
+            ),
+            (
+                "UDP to another address at a SNAT range port",
+                from_upstream(Packet::udp(S::UPS_UDP, S::sock(S::STRANGER, 25_000), b"x")),
+                hi,
+            ),
+        ];
+        for (desc, p, ingress) in passes {
+            h.check(&Fixture::unchanged(
+                desc,
+                p.bytes(),
+                ingress,
+                XDP_PASS,
+                Reason::PassNotService,
+            ));
+        }
+        assert_no_flows(h, "unmatched SNAT ports");
+        // A live flow's port: its upstream's segment is the reply.
+        let flow = open_tcp_in::<S>(h);
+        reply_syn_ack(h, &flow);
     });
 }
 
@@ -2002,6 +2309,8 @@ fn snat_ports_exhausted_in<S: Fam>() {
             t.snat_probe_ports(&h.config).into_iter().collect();
         assert_eq!(rev_before.len(), distinct.len());
         let p = from_client(Packet::tcp(S::CLIENT_A, S::SVC_TCP, TCP_SYN));
+        // The log line is rate-limited (one per LOG_INTERVAL_NS): start from a clean state.
+        h.set_log_rate(LogRate::default());
         h.check(&Fixture::unchanged(
             "TCP SYN, all 32 probed SNAT ports taken",
             p.bytes(),
@@ -2009,6 +2318,43 @@ fn snat_ports_exhausted_in<S: Fam>() {
             XDP_DROP,
             Reason::DropSnatExhausted,
         ));
+        // Every retransmission is dropped and counted exactly, but only the first drop wrote a
+        // log line (the rest fall within the second).
+        for i in 0..5 {
+            h.check(&Fixture::unchanged(
+                format!("TCP SYN retransmission {i}, all probed ports taken"),
+                p.bytes(),
+                h.client_if,
+                XDP_DROP,
+                Reason::DropSnatExhausted,
+            ));
+        }
+        let st = h.log_rate();
+        assert_eq!(
+            st.total, 6,
+            "every drop seen by the log's rate limit: {st:?}"
+        );
+        assert_eq!(
+            st.logged, 1,
+            "one log line (for the first drop) within the second: {st:?}"
+        );
+        assert!(st.last_ns != 0, "{st:?}");
+        // A second later (the line's time moved back), the next drop writes one line for the
+        // five suppressed ones and itself.
+        h.set_log_rate(LogRate {
+            last_ns: st.last_ns - LOG_INTERVAL_NS,
+            ..st
+        });
+        h.check(&Fixture::unchanged(
+            "TCP SYN, a second after the last log line",
+            p.bytes(),
+            h.client_if,
+            XDP_DROP,
+            Reason::DropSnatExhausted,
+        ));
+        let st2 = h.log_rate();
+        assert_eq!((st2.total, st2.logged), (7, 7), "{st2:?}");
+        assert!(st2.last_ns > st.last_ns, "{st2:?}");
         // Small range: all 4 ports taken.
         h.set_config(NatConfig {
             port_min: 30_000,
@@ -2096,6 +2442,79 @@ fn snat_probe_skips_taken_ports_in<S: Fam>() {
             flow.snat.sock_port(),
             probes[5],
             "6th probe (first free for this upstream)"
+        );
+    });
+}
+
+/// Port preservation (docs/datapath.md step 7): a client port inside `port_range` is tried
+/// first as the SNAT port. A client at port 25,000 (range 20,000-29,999) gets SNAT port 25,000;
+/// a second client with the same port toward the same upstream collides and falls back to its
+/// hashed probes; a client port outside the range (40,000) gets the first hashed probe as
+/// before.
+#[test]
+fn snat_port_preserved() {
+    snat_port_preserved_in::<V4>();
+}
+
+#[test]
+fn snat_port_preserved_v6() {
+    snat_port_preserved_in::<V6>();
+}
+
+fn snat_port_preserved_in<S: Fam>() {
+    with_harness(|h| {
+        const OWN: u16 = 25_000;
+        assert!((PORT_MIN..=PORT_MAX).contains(&OWN));
+        let (ci, hi) = (h.client_if, h.home_if);
+        let open = |h: &mut Harness, desc: &str, client: S| {
+            open_flow(
+                h,
+                desc,
+                from_client(Packet::tcp(client, S::SVC_TCP, TCP_SYN)),
+                SVC_TCP_ID,
+                S::UPS_TCP,
+                S::UPS_TCP_ID,
+                ci,
+                hi,
+                XDP_REDIRECT,
+                Reason::FwdRedirect,
+            )
+            .0
+        };
+        let a = S::sock(S::CLIENT_A.sock_ip(), OWN);
+        let flow = open(h, "TCP SYN from a client port inside the range", a);
+        assert_eq!(flow.snat.sock_port(), OWN, "the client's own port is kept");
+
+        let b = S::sock(S::CLIENT_B.sock_ip(), OWN);
+        let hashed = Tuple::new(b, S::SVC_TCP, IPPROTO_TCP).snat_hashed_ports(&h.config);
+        let flow_b = open(h, "TCP SYN from the same port, another client", b);
+        assert_ne!(
+            flow_b.snat.sock_port(),
+            OWN,
+            "the taken port is never shared"
+        );
+        let first_free = hashed
+            .into_iter()
+            .find(|&p| p != OWN)
+            .expect("a hashed probe");
+        assert_eq!(
+            flow_b.snat.sock_port(),
+            first_free,
+            "on collision: the hashed probes, as without preservation"
+        );
+
+        let outside = Tuple::new(S::CLIENT_A, S::SVC_TCP, IPPROTO_TCP);
+        assert!(!(PORT_MIN..=PORT_MAX).contains(&S::CLIENT_A.sock_port()));
+        let probe0 = outside.snat_hashed_ports(&h.config)[0];
+        let flow_c = open(
+            h,
+            "TCP SYN from a client port outside the range",
+            S::CLIENT_A,
+        );
+        assert_eq!(
+            flow_c.snat.sock_port(),
+            probe0,
+            "a port outside the range: the first hashed probe"
         );
     });
 }

@@ -17,6 +17,9 @@
 //! - `snat_ports_exhausted_refuses_new_flows_and_keeps_old_ones`: a 4-port SNAT range; 4
 //!   connections hold every port; further connections are refused (dropped, counted
 //!   `drop_snat_exhausted`; the client's connect fails within its bound), the 4 keep working.
+//! - `syn_flood_dropping_syn_acks_frees_every_port`: 2,000 SYNs from a client that drops the
+//!   SYN-ACKs (nftables); with `[flows] tcp_syn_received = 2s` both flow tables are empty one
+//!   lifetime plus one expiry interval (plus slack) later, and a real connection works.
 //! - `dns_failure_keeps_the_last_good_address`: the resolver of a DNS upstream answers
 //!   SERVFAIL, then stops answering: failures are counted, the last good address stays in the
 //!   Maglev table and new connections keep working.
@@ -565,6 +568,133 @@ fn snat_ports_exhausted_refuses_new_flows_and_keeps_old_ones() -> Result<()> {
     println!(
         "SNAT ports exhausted (4-port range): 5 new connections refused, drop_snat_exhausted +{exhausted}; \
          the {kept} connections holding the ports each downloaded 256 KiB intact"
+    );
+    home.stop()?;
+    daemon.stop_ok(&mut topo.lab)
+}
+
+/// A SYN flood whose client drops the SYN-ACKs (nftables in the client namespace): 2,000
+/// connect attempts, each abandoned after 200 ms (before the first SYN retransmission). Every
+/// SYN makes a flow and every SYN-ACK passes the proxy, but no handshake completes, so the
+/// flows stay in the SYN-received state (`[flows] tcp_syn_received = 2s` here) and are all gone
+/// one lifetime plus one expiry interval (and a little slack) after the last SYN-ACK: both
+/// flow tables empty, every port free; then a real connection works. (Before the handshake was
+/// tracked, each SYN-ACK made its flow established and pinned its port for an hour.) The
+/// upstream sends each SYN-ACK once (`tcp_synack_retries = 0` in the home namespace), so no
+/// retransmission refreshes a flow during the wait.
+#[test]
+fn syn_flood_dropping_syn_acks_frees_every_port() -> Result<()> {
+    const ATTEMPTS: u64 = 2000;
+    const BATCH: u64 = 100;
+    let _serial = serial();
+    let mut topo = lab("synflood")?;
+    topo.home.sysctl("net.ipv4.tcp_synack_retries", "0")?;
+    let up = sock(two::HOME, HOME_PORT);
+    let home = HomeServer::start(&topo.home, up, None, LIMIT)?;
+    let flows = "[flows]\ntcp_syn_sent = \"2s\"\ntcp_syn_received = \"2s\"\n";
+    let daemon = start(
+        &mut topo,
+        |p| {
+            config(
+                p,
+                (20000, 22999),
+                "",
+                &format!("{}{flows}", web_service(&[up], "")),
+            )
+        },
+        1,
+    )?;
+    for args in [
+        &["add", "table", "inet", "xpt_synflood"][..],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "xpt_synflood",
+            "input",
+            "{ type filter hook input priority 0; policy accept; }",
+        ],
+        &[
+            "add",
+            "rule",
+            "inet",
+            "xpt_synflood",
+            "input",
+            "tcp",
+            "flags",
+            "&",
+            "(syn|ack)",
+            "==",
+            "syn|ack",
+            "counter",
+            "drop",
+        ],
+    ] {
+        topo.client.exec("nft", args)?;
+    }
+    let before = daemon.stats()?;
+    let unanswered = topo.client.run(LIMIT, || async {
+        let mut unanswered = 0u64;
+        for _ in 0..ATTEMPTS / BATCH {
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..BATCH {
+                set.spawn(async {
+                    let s = tokio::net::TcpSocket::new_v4()?;
+                    let r = tokio::time::timeout(
+                        Duration::from_millis(200),
+                        s.connect(service_addr(80)),
+                    )
+                    .await;
+                    Ok::<bool, std::io::Error>(r.is_err())
+                });
+            }
+            while let Some(r) = set.join_next().await {
+                if r.map_err(|e| anyhow!("connect task: {e}"))?? {
+                    unanswered += 1;
+                }
+            }
+        }
+        Ok(unanswered)
+    })?;
+    ensure!(
+        unanswered == ATTEMPTS,
+        "{unanswered} of {ATTEMPTS} connect attempts timed out (all SYN-ACKs should be dropped)"
+    );
+    let flood = daemon.stats()?;
+    let delta = |name: &str| -> Result<u64> { Ok(reason(&flood, name)? - reason(&before, name)?) };
+    let (syns, syn_acks, exhausted) = (
+        delta("fwd_redirect")?,
+        delta("rev_redirect")?,
+        delta("drop_snat_exhausted")?,
+    );
+    ensure!(
+        syns >= ATTEMPTS,
+        "fwd_redirect +{syns}, want >= {ATTEMPTS} (one per SYN)"
+    );
+    ensure!(
+        syn_acks >= ATTEMPTS,
+        "rev_redirect +{syn_acks}, want >= {ATTEMPTS} (one SYN-ACK per SYN, forwarded)"
+    );
+    ensure!(
+        exhausted == 0,
+        "drop_snat_exhausted +{exhausted} with 3,000 ports"
+    );
+    // tcp_syn_received (2 s) + one expiry interval (1 s) + slack for the scan and the clock.
+    std::thread::sleep(Duration::from_secs(5));
+    let used = flows_used(&daemon)?;
+    ensure!(
+        used == (0, 0),
+        "flow entries (forward, reverse) left after the SYN-received lifetime: {used:?}"
+    );
+    topo.client
+        .exec("nft", &["delete", "table", "inet", "xpt_synflood"])?;
+    let body = topo.client.run(LIMIT, || greeting(service_addr(80)))?;
+    ensure!(!body.is_empty(), "empty greeting after the flood");
+    topo.lab.check_running(daemon.pid)?;
+    println!(
+        "SYN flood dropping SYN-ACKs: {ATTEMPTS} attempts, {syns} SYNs and {syn_acks} SYN-ACKs \
+         forwarded, no SNAT port exhausted; 5 s later both flow tables were empty and a new \
+         connection got its greeting"
     );
     home.stop()?;
     daemon.stop_ok(&mut topo.lab)

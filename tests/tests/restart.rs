@@ -12,7 +12,8 @@
 //! - `incompatible_pinned_layout_is_refused`: a map pinned under an expected name with another
 //!   value size stops the start with an error naming map, field and sizes; nothing attaches.
 //! - `ebpf_log_event_reaches_the_daemon_log`: SNAT exhaustion (one-port range) makes the XDP
-//!   program log a warning, which appears in the daemon's output.
+//!   program log a warning (rate-limited: at most one line per second, with the drops it
+//!   stands for), which appears in the daemon's output.
 //! - `link_of_an_interface_dropped_from_the_config_is_released`: a link left by a SIGQUIT exit
 //!   for an interface the next config no longer names is unpinned (detached) at start.
 //! - `links_of_another_layout_version_are_taken_over`: links pinned under another `v<N>` are
@@ -691,7 +692,8 @@ fn ebpf_log_event_reaches_the_daemon_log() -> Result<()> {
     daemon.wait_ready(&mut lab, &proxy, &ifaces, 2, LIMIT, || false)?;
     let second = client.run(LIMIT, || async {
         get_root_until_up(tcp_service()).await?;
-        // The warm-up's flow still holds the one port (TIME_WAIT-long lifetime).
+        // The warm-up's flow still holds the one port (its closed flow's hold: at least the
+        // 5 s grace).
         let r = Conn::connect(tcp_service(), Duration::from_secs(2)).await;
         Ok(r.is_ok())
     })?;
@@ -701,7 +703,7 @@ fn ebpf_log_event_reaches_the_daemon_log() -> Result<()> {
     );
     let log_path = lab.run_dir().join("xdp-proxy.log");
     wait_until("the eBPF warning in the daemon log", || {
-        Ok(std::fs::read_to_string(&log_path)?.contains("SNAT ports exhausted: new flow from"))
+        Ok(std::fs::read_to_string(&log_path)?.contains("SNAT ports exhausted: "))
     })
     .with_context(|| lab.log_tail(daemon.pid, 20))?;
     let log = std::fs::read_to_string(&log_path)?;

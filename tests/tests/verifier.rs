@@ -14,11 +14,12 @@ use aya::{
     programs::{ProgramError, TestRun as _, TestRunOptions, Xdp},
 };
 use proxy_common::{
-    CONFIG_F_READY, FAMILY_IPV4, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_REPLIED, FlowKey,
-    FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_CONFIG, MAP_FLOWS_FWD, MAP_FLOWS_REV,
-    MAP_MAGLEV, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES, MAP_UPSTREAM_STATS, MAP_UPSTREAMS,
-    NatConfig, PROGRAM_NAME, Reason, SERVICE_F_HAS_UPSTREAMS, ServiceKey, ServiceValue,
-    TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_DROP, XDP_PASS, addr_v4,
+    CONFIG_F_READY, FAMILY_IPV4, FLOW_DIR_FORWARD, FLOW_DIR_REPLY, FLOW_F_REPLIED,
+    FLOW_F_SYN_RECEIVED, FlowKey, FlowValue, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_SIZE, MAP_CONFIG,
+    MAP_FLOWS_FWD, MAP_FLOWS_REV, MAP_MAGLEV, MAP_REASONS, MAP_SERVICE_STATS, MAP_SERVICES,
+    MAP_UPSTREAM_STATS, MAP_UPSTREAMS, NatConfig, PROGRAM_NAME, Reason, SERVICE_F_HAS_UPSTREAMS,
+    ServiceKey, ServiceValue, TrafficCounters, UPSTREAM_F_ACTIVE, UpstreamValue, XDP_DROP,
+    XDP_PASS, addr_v4,
     checksum::{l4_checksum_v4, verify},
     hash::{SEED_MAGLEV, SEED_SNAT_PORT, flow_hash},
 };
@@ -531,9 +532,10 @@ fn smoke_tcp_syn_creates_both_entries_and_reply_is_translated_back() {
         check_rewritten(&r.out, SERVICE, CLIENT, SERVICE_PORT, CLIENT_PORT, 63);
         let rev = flow(&ebpf, MAP_FLOWS_REV, &rev_key).expect("reverse entry");
         let fwd = flow(&ebpf, MAP_FLOWS_FWD, &fwd_key).expect("forward entry");
-        assert_eq!(rev.flags, FLOW_F_REPLIED);
+        assert_eq!(rev.flags, FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED);
         assert_eq!(
-            fwd.flags, FLOW_F_REPLIED,
+            fwd.flags,
+            FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED,
             "flags kept equal in both entries"
         );
         assert_eq!(rev.packets, 1);

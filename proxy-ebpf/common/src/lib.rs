@@ -62,6 +62,9 @@ pub const MAP_ACL_ALLOW: &str = "XP_ACL_ALLOW";
 pub const MAP_ACL_DENY: &str = "XP_ACL_DENY";
 /// New-flow token buckets: LRU hash, `RateKey` (service id, client address) -> `RateState`.
 pub const MAP_RATE: &str = "XP_RATE";
+/// Rate limit of the program's log lines (one entry, index 0): `LogRate`. Not pinned: its state
+/// only has to live as long as the loaded program.
+pub const MAP_LOG_RATE: &str = "XP_LOG_RATE";
 
 // ---------------------------------------------------------------------------------------------
 // Sizes.
@@ -217,6 +220,24 @@ const _: () = assert!(core::mem::size_of::<RateState>() == 16);
 /// `new_flow_rate` nano-tokens per nanosecond.
 pub const RATE_TOKEN: u64 = 1_000_000_000;
 
+/// Value of `XP_LOG_RATE[0]`: the SNAT-exhaustion log line is written at most once per
+/// `LOG_INTERVAL_NS` and says how many drops it stands for. The exact count is the
+/// `DropSnatExhausted` reason counter; this is only the log's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LogRate {
+    /// `bpf_ktime_get_ns()` of the last line (0: none yet).
+    pub last_ns: u64,
+    /// Exhaustion drops seen (atomic add on every drop).
+    pub total: u64,
+    /// `total` when the last line was written.
+    pub logged: u64,
+}
+const _: () = assert!(core::mem::size_of::<LogRate>() == 24);
+
+/// At most one SNAT-exhaustion log line per second.
+pub const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+
 // ---------------------------------------------------------------------------------------------
 // Upstream slots.
 // ---------------------------------------------------------------------------------------------
@@ -332,14 +353,32 @@ pub const NEXT_HOP_VALID_NS: u64 = 100_000_000;
 pub const FLOW_DIR_FORWARD: u8 = 0;
 pub const FLOW_DIR_REPLY: u8 = 1;
 
+// TCP states (docs/datapath.md, "TCP states"), from the union of a flow's flags:
+// - SYN sent: no flag;
+// - SYN received: `FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED` (the upstream answered, the client has
+//   not acknowledged yet);
+// - established: `FLOW_F_REPLIED` without `FLOW_F_SYN_RECEIVED`;
+// - half-closed / closed: `FLOW_F_FIN_*` (counted only on an established flow; which side was
+//   first: `FLOW_F_FIN_UPSTREAM_FIRST`), `FLOW_F_RST`.
+
 /// A packet was seen from the upstream (the reverse entry has matched at least once).
 pub const FLOW_F_REPLIED: u32 = 1;
-/// The client sent FIN.
+/// The client sent FIN (on an established flow).
 pub const FLOW_F_FIN_CLIENT: u32 = 1 << 1;
-/// The upstream sent FIN.
+/// The upstream sent FIN (on an established flow).
 pub const FLOW_F_FIN_UPSTREAM: u32 = 1 << 2;
 /// Either side sent RST.
 pub const FLOW_F_RST: u32 = 1 << 3;
+/// TCP: set together with `FLOW_F_REPLIED` by the first reply (the SYN-ACK), cleared by the
+/// client's next segment with ACK (no SYN, no RST): the handshake is complete. So `REPLIED`
+/// alone means established, which is also how entries written before this bit existed (ABI 4,
+/// same layout) read after an upgrade.
+pub const FLOW_F_SYN_RECEIVED: u32 = 1 << 4;
+/// TCP: the upstream's FIN came before the client's (set with `FLOW_F_FIN_UPSTREAM` when
+/// `FLOW_F_FIN_CLIENT` is not set yet). The upstream is then the active closer, the side that
+/// holds TIME_WAIT for the (upstream, SNAT address, SNAT port) 4-tuple, so only then does the
+/// closed flow keep its SNAT port through the TIME_WAIT hold.
+pub const FLOW_F_FIN_UPSTREAM_FIRST: u32 = 1 << 5;
 
 // ---------------------------------------------------------------------------------------------
 // Counters.
@@ -427,14 +466,19 @@ pub enum Reason {
     /// An IPv6 UDP datagram with checksum 0 (invalid in IPv6, RFC 8200 section 8.1) that
     /// belongs to a flow or a service: dropped (its checksum cannot be patched incrementally).
     DropUdpZeroChecksum = 27,
+    /// A TCP/UDP packet to the SNAT address at a port inside the SNAT port range that matches
+    /// no flow (an upstream's segment for a flow that expired or never existed, or a spoofed
+    /// one): dropped, never handed to the kernel. The host's own connections use ports outside
+    /// the range (the daemon refuses an overlap with the kernel's ephemeral range).
+    DropNoFlowSnatPort = 28,
     /// The route to the packet's destination leaves through an interface outside `XP_DEVMAP`
     /// (one the daemon does not run): passed to the kernel rewritten (TTL and MACs untouched),
     /// which forwards it by its own routing.
-    PassOutsideDevmap = 28,
+    PassOutsideDevmap = 29,
 }
 
 /// Number of `Reason` values.
-pub const REASON_COUNT: u32 = 29;
+pub const REASON_COUNT: u32 = 30;
 /// Slots of `XP_REASONS`: more than there are reasons, so a new reason leaves the pinned map's
 /// layout as it is (a pinned map whose size changed cannot be reused across an upgrade).
 pub const REASON_SLOTS: u32 = 64;
@@ -471,6 +515,7 @@ impl Reason {
         Reason::DropRateLimited,
         Reason::PassNoSnatV6,
         Reason::DropUdpZeroChecksum,
+        Reason::DropNoFlowSnatPort,
         Reason::PassOutsideDevmap,
     ];
 
@@ -506,6 +551,7 @@ impl Reason {
             Reason::DropRateLimited => "drop_rate_limited",
             Reason::PassNoSnatV6 => "pass_no_snat_v6",
             Reason::DropUdpZeroChecksum => "drop_udp_zero_checksum",
+            Reason::DropNoFlowSnatPort => "drop_no_flow_snat_port",
             Reason::PassOutsideDevmap => "pass_outside_devmap",
         }
     }
@@ -537,7 +583,8 @@ impl Reason {
             | Reason::DropAclDenied
             | Reason::DropAclNotAllowed
             | Reason::DropRateLimited
-            | Reason::DropUdpZeroChecksum => XDP_DROP,
+            | Reason::DropUdpZeroChecksum
+            | Reason::DropNoFlowSnatPort => XDP_DROP,
             Reason::Aborted => XDP_ABORTED,
         }
     }
@@ -571,4 +618,5 @@ mod user {
     unsafe impl aya::Pod for super::AclKey {}
     unsafe impl aya::Pod for super::RateKey {}
     unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::LogRate {}
 }

@@ -1210,3 +1210,117 @@ fn forbidden_upstream_classifies_addresses() {
         "the EC2 instance metadata service (IMDS) (169.254.169.254/32)"
     );
 }
+
+#[test]
+fn flows_section_defaults_and_values() {
+    // Absent: the documented defaults.
+    let c = parse(BASE).unwrap();
+    assert_eq!(c.flows, crate::flows::Lifetimes::default());
+    // Every key, in both duration forms.
+    let c = parse(&format!(
+        "{BASE}[flows]\ntcp_syn_sent = 3\ntcp_syn_received = \"4s\"\ntcp_established = \"2h\"\n\
+         tcp_half_closed = \"90s\"\ntcp_time_wait = \"2m\"\ntcp_close_grace = 1\nudp = \"30s\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.flows,
+        crate::flows::Lifetimes {
+            tcp_syn_sent: Duration::from_secs(3),
+            tcp_syn_received: Duration::from_secs(4),
+            tcp_established: Duration::from_secs(7200),
+            tcp_half_closed: Duration::from_secs(90),
+            tcp_time_wait: Duration::from_secs(120),
+            tcp_close_grace: Duration::from_secs(1),
+            udp: Duration::from_secs(30),
+        }
+    );
+    // The bounds themselves are accepted.
+    for (name, min, max) in FLOW_LIFETIME_RANGES {
+        for d in [min, max] {
+            let text = format!("{BASE}[flows]\n{name} = \"{}ms\"\n", d.as_millis());
+            parse(&text).unwrap_or_else(|e| panic!("{name} = {d:?}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn flows_section_refuses_zero_absurd_and_unknown_with_the_key_and_range() {
+    let p = problems(&format!(
+        "{BASE}[flows]\ntcp_syn_sent = 0\ntcp_syn_received = \"500ms\"\n\
+         tcp_established = \"30d\"\ntcp_half_closed = -1\ntcp_time_wait = \"11m\"\n\
+         tcp_close_grace = \"0s\"\nudp = \"25h\"\n"
+    ));
+    assert!(
+        has(
+            &p,
+            "flows.tcp_syn_sent",
+            "0s is outside the allowed range 1s to 5m"
+        ),
+        "{p:?}"
+    );
+    assert!(
+        has(
+            &p,
+            "flows.tcp_syn_received",
+            "500ms is outside the allowed range 1s to 5m"
+        ),
+        "{p:?}"
+    );
+    assert!(
+        has(&p, "flows.tcp_established", "unknown unit `d`"),
+        "{p:?}"
+    );
+    assert!(has(&p, "flows.tcp_half_closed", "-1 is negative"), "{p:?}");
+    assert!(
+        has(
+            &p,
+            "flows.tcp_time_wait",
+            "11m is outside the allowed range 1s to 10m"
+        ),
+        "{p:?}"
+    );
+    assert!(
+        has(
+            &p,
+            "flows.tcp_close_grace",
+            "0s is outside the allowed range 1s to 2m"
+        ),
+        "{p:?}"
+    );
+    assert!(
+        has(
+            &p,
+            "flows.udp",
+            "25h is outside the allowed range 1s to 24h"
+        ),
+        "{p:?}"
+    );
+    assert_eq!(p.len(), 7, "one problem per key: {p:?}");
+    let p = problems(&format!("{BASE}[flows]\ntcp_established = \"8d\"\n"));
+    assert!(has(&p, "flows.tcp_established", "unknown unit"), "{p:?}");
+    let p = problems(&format!("{BASE}[flows]\ntcp_established = 700000\n"));
+    assert!(
+        has(
+            &p,
+            "flows.tcp_established",
+            "700000s is outside the allowed range 10s to 168h"
+        ),
+        "{p:?}"
+    );
+    // An unknown key is refused with its path (deny_unknown_fields).
+    let e = parse(&format!("{BASE}[flows]\ntcp_fin = 5\n")).unwrap_err();
+    assert!(e.to_string().contains("flows"), "{e}");
+    assert!(e.to_string().contains("tcp_fin"), "{e}");
+}
+
+#[test]
+fn flows_section_is_reloadable() {
+    let old = parse(BASE).unwrap();
+    let new = parse(&format!("{BASE}[flows]\ntcp_syn_received = 2\n")).unwrap();
+    assert!(
+        old.restart_only_changes(&new).is_empty(),
+        "[flows] is not restart-only"
+    );
+    let applied = old.with_restart_only_keys_of(new);
+    assert_eq!(applied.flows.tcp_syn_received, Duration::from_secs(2));
+}

@@ -7,7 +7,8 @@ use std::{
 };
 
 use proxy_common::{
-    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_REPLIED, FLOW_F_RST, IPPROTO_TCP,
+    FLOW_F_FIN_CLIENT, FLOW_F_FIN_UPSTREAM, FLOW_F_FIN_UPSTREAM_FIRST, FLOW_F_REPLIED, FLOW_F_RST,
+    FLOW_F_SYN_RECEIVED, IPPROTO_TCP,
 };
 use serde::Serialize;
 
@@ -21,13 +22,15 @@ use crate::{config::Protocol, datapath::FlowEntry};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum FlowState {
-    /// No reply seen yet (TCP: SYN sent; UDP: nothing back yet).
+    /// TCP: handshake not complete (SYN sent, or SYN-ACK seen but not yet acknowledged by the
+    /// client); UDP: nothing back yet.
     Syn,
-    /// Replied, no FIN or RST.
+    /// Replied (TCP: handshake complete), no FIN or RST.
     Established,
     /// TCP: FIN from one side.
     Fin,
-    /// TCP: FIN from both sides, or RST (the SNAT port is held through TIME_WAIT).
+    /// TCP: FIN from both sides, or RST (the SNAT port is held through TIME_WAIT when the
+    /// upstream closed first, else for a short grace).
     Closed,
 }
 
@@ -39,7 +42,9 @@ impl FlowState {
             Self::Closed
         } else if proto == IPPROTO_TCP && flags & both_fin != 0 {
             Self::Fin
-        } else if flags & FLOW_F_REPLIED != 0 {
+        } else if flags & FLOW_F_REPLIED != 0
+            && (proto != IPPROTO_TCP || flags & FLOW_F_SYN_RECEIVED == 0)
+        {
             Self::Established
         } else {
             Self::Syn
@@ -65,6 +70,8 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
         (FLOW_F_FIN_CLIENT, "fin_client"),
         (FLOW_F_FIN_UPSTREAM, "fin_upstream"),
         (FLOW_F_RST, "rst"),
+        (FLOW_F_SYN_RECEIVED, "syn_received"),
+        (FLOW_F_FIN_UPSTREAM_FIRST, "fin_upstream_first"),
     ]
     .iter()
     .filter(|(bit, _)| flags & bit != 0)
@@ -472,6 +479,11 @@ mod tests {
             FlowState::Closed
         );
         assert_eq!(FlowState::of(IPPROTO_TCP, FLOW_F_RST), FlowState::Closed);
+        assert_eq!(
+            FlowState::of(IPPROTO_TCP, FLOW_F_REPLIED | FLOW_F_SYN_RECEIVED),
+            FlowState::Syn,
+            "a SYN-ACK without the client's ACK is not established"
+        );
         assert_eq!(
             FlowState::of(IPPROTO_UDP, FLOW_F_REPLIED),
             FlowState::Established
