@@ -561,7 +561,15 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
         // No maps to write: the plan counts as written, so the status the userspace path
         // follows carries its ids and tables.
         controller.adopt(plan.clone());
-        let settings = crate::l4::Settings::default();
+        // The idle lifetimes of the `[flows]` section (read at start: a reload changes the fast
+        // path's lifetimes, the userspace path's at the next start).
+        let flows = opts.lifetimes.unwrap_or(p.config.flows);
+        let settings = crate::l4::Settings {
+            tcp_idle: flows.tcp_established,
+            tcp_half_closed_idle: flows.tcp_half_closed,
+            udp_idle: flows.udp,
+            ..crate::l4::Settings::default()
+        };
         Some(crate::l4::start(&p.config, &plan, p.snat, status.clone(), settings).await?)
     } else {
         None
