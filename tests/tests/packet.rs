@@ -849,6 +849,29 @@ fn tcp_handshake_states_v6() {
     tcp_handshake_states_in::<V6>();
 }
 
+/// Run each `(what, packet, ingress, flags)` step of `flow` through the program: a packet from
+/// the client side is forwarded to the upstream, one from the home side back to the client,
+/// both redirected; after each, both entries carry `flags`.
+fn check_steps<S: Fam>(h: &mut Harness, flow: &Flow<S>, steps: &[(&str, Packet<S>, Iface, u32)]) {
+    let (ci, hi) = (h.client_if, h.home_if);
+    for (what, p, ingress, flags) in steps {
+        let (out, reason) = if *ingress == ci {
+            (flow.fwd_out(p, hi), Reason::FwdRedirect)
+        } else {
+            (flow.rev_out(p, ci), Reason::RevRedirect)
+        };
+        h.check(&Fixture::new(
+            *what,
+            p.bytes(),
+            *ingress,
+            XDP_REDIRECT,
+            reason,
+            Expect::Bytes(out),
+        ));
+        assert_flags(h, &format!("after {what}"), flow, *flags);
+    }
+}
+
 fn tcp_handshake_states_in<S: Fam>() {
     with_harness(|h| {
         let flow = open_tcp_in::<S>(h);
@@ -891,22 +914,7 @@ fn tcp_handshake_states_in<S: Fam>() {
                 FLOW_F_REPLIED,
             ),
         ];
-        for (what, p, ingress, flags) in steps {
-            let (out, reason) = if ingress == ci {
-                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
-            } else {
-                (flow.rev_out(&p, ci), Reason::RevRedirect)
-            };
-            h.check(&Fixture::new(
-                what,
-                p.bytes(),
-                ingress,
-                XDP_REDIRECT,
-                reason,
-                Expect::Bytes(out),
-            ));
-            assert_flags(h, &format!("after {what}"), &flow, flags);
-        }
+        check_steps(h, &flow, &steps);
     });
 }
 
@@ -1054,22 +1062,7 @@ fn tcp_fin_upstream_first_in<S: Fam>() {
                 first | FLOW_F_FIN_CLIENT,
             ),
         ];
-        for (what, p, ingress, flags) in steps {
-            let (out, reason) = if ingress == ci {
-                (flow.fwd_out(&p, hi), Reason::FwdRedirect)
-            } else {
-                (flow.rev_out(&p, ci), Reason::RevRedirect)
-            };
-            h.check(&Fixture::new(
-                what,
-                p.bytes(),
-                ingress,
-                XDP_REDIRECT,
-                reason,
-                Expect::Bytes(out),
-            ));
-            assert_flags(h, &format!("after {what}"), &flow, flags);
-        }
+        check_steps(h, &flow, &steps);
     });
 }
 
