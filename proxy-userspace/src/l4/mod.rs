@@ -7,6 +7,7 @@
 //! the SNAT address with ports the kernel picks from its ephemeral range (not from
 //! `nat.port_range`), and packets cross the daemon.
 
+pub mod admission;
 pub mod choice;
 pub mod counters;
 pub mod splice;
