@@ -243,13 +243,18 @@ impl Admission {
     }
 
     /// Apply reloaded rules to the next new flows (the buckets stay: a lower burst caps them at
-    /// their next use, as a changed `XP_SVC_OPTS` entry does).
-    pub fn set(&self, fast: &ServiceFastPath) {
-        let next = Arc::new(Rules::from(fast));
-        match self.rules.write() {
-            Ok(mut r) => *r = next,
-            Err(p) => *p.into_inner() = next,
+    /// their next use, as a changed `XP_SVC_OPTS` entry does). `true` when they changed.
+    pub fn set(&self, fast: &ServiceFastPath) -> bool {
+        let next = Rules::from(fast);
+        let mut r = self
+            .rules
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if **r == next {
+            return false;
         }
+        *r = Arc::new(next);
+        true
     }
 
     fn rules(&self) -> Arc<Rules> {
@@ -458,7 +463,8 @@ mod tests {
         assert_eq!(r["drop_acl_not_allowed"], 1);
         assert_eq!(r["drop_rate_limited"], 1);
         // Reloaded without rules: every client admitted, counters kept.
-        adm.set(&ServiceFastPath::default());
+        assert!(adm.set(&ServiceFastPath::default()));
+        assert!(!adm.set(&ServiceFastPath::default()), "unchanged");
         assert_eq!(adm.acl(ip("10.0.0.9")), Ok(()));
         assert_eq!(adm.rate(ip("10.0.0.1")), Ok(()));
         assert_eq!(adm.refused()["drop_acl_denied"], 1);

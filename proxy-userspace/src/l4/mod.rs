@@ -249,8 +249,10 @@ impl L4 {
         }
         self.running = kept;
         for (svc, _) in &self.running {
-            if let Some(s) = wanted.iter().find(|s| same(svc, s)) {
-                svc.stats.admission.set(&s.fast);
+            if let Some(s) = wanted.iter().find(|s| same(svc, s))
+                && svc.stats.admission.set(&s.fast)
+            {
+                tracing::info!(service = %svc.chooser.name, allow = s.fast.allow.len(), deny = s.fast.deny.len(), new_flow_rate = s.fast.new_flow_rate, "userspace L4: admission rules reloaded (next new flows)");
             }
         }
         let snapshot = read_status(&self.status);

@@ -483,7 +483,9 @@ impl L7 {
             };
             let next = Routing::of(s);
             let old = svc.routing();
-            svc.stats.admission.set(&s.fast);
+            if svc.stats.admission.set(&s.fast) {
+                tracing::info!(service = %svc.name, allow = s.fast.allow.len(), deny = s.fast.deny.len(), new_flow_rate = s.fast.new_flow_rate, "http admission rules reloaded (next client connections)");
+            }
             if s.fast.mss_clamp != svc.mss_clamp {
                 tracing::warn!(service = %svc.name, "http mss_clamp changes take a restart");
             }
