@@ -1744,7 +1744,6 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         let health = convert_health(s.health, s.protocol, &key, problems);
         let fast = fastpath::convert(
             i,
-            s.mode,
             s.protocol,
             listen.is_ipv6(),
             fastpath::RawFastPath {
@@ -1778,7 +1777,11 @@ fn convert(raw: RawConfig, path: &Path, problems: &mut Vec<Problem>) -> Config {
         });
     }
     fastpath::check_capacity(
-        &services.iter().map(|s| &s.fast).collect::<Vec<_>>(),
+        &services
+            .iter()
+            .filter(|s| s.mode == ServiceMode::L4)
+            .map(|s| &s.fast)
+            .collect::<Vec<_>>(),
         problems,
     );
     let max_services = proxy_common::MAX_SERVICES as usize - 1;

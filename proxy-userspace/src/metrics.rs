@@ -34,7 +34,11 @@
 //!   connection, headers included), `xdp_proxy_userspace_connect_failures_total` (upstream
 //!   connects that failed), `xdp_proxy_userspace_no_upstream_total` (refused: no healthy
 //!   upstream), `xdp_proxy_userspace_dropped_total` (UDP datagrams of new clients beyond the
-//!   session limit), `xdp_proxy_userspace_http_responses_total{class}` (class = `1xx`..`5xx`,
+//!   session limit), `xdp_proxy_userspace_refused_total{reason}` (new connections, or UDP
+//!   datagrams that would open a session, refused by the service's `allow` / `deny` lists or
+//!   new-flow rate; reason = `drop_acl_denied` | `drop_acl_not_allowed` | `drop_rate_limited`,
+//!   the fast path's reason names, whose XDP counts are in `xdp_proxy_datapath_packets_total`),
+//!   `xdp_proxy_userspace_http_responses_total{class}` (class = `1xx`..`5xx`,
 //!   http only, the proxy's own 502/503/504 included); per service and upstream
 //!   `{service,layer,upstream}`: `xdp_proxy_userspace_upstream_connections_total` (http:
 //!   requests sent), `xdp_proxy_userspace_upstream_active_connections` (l4 only),
@@ -105,6 +109,10 @@ pub struct UserspaceService {
     pub no_upstream: u64,
     /// UDP datagrams of new clients dropped at the session limit.
     pub dropped: u64,
+    /// New connections (UDP: datagrams that would open a session) refused by the service's
+    /// `allow` / `deny` lists and new-flow rate, by the fast path's reason name
+    /// (`drop_acl_denied`, `drop_acl_not_allowed`, `drop_rate_limited`).
+    pub refused: BTreeMap<String, u64>,
     /// http responses by class (`1xx`..`5xx`).
     pub http_responses: BTreeMap<String, u64>,
     /// Per upstream address (`a.b.c.d:port` or `[v6]:port`).
@@ -639,6 +647,21 @@ fn render_userspace(o: &mut String, services: &[UserspaceService]) {
             sample(&mut f, n, &l, v);
         }
     }
+    let n = "xdp_proxy_userspace_refused_total";
+    let mut f = Family::new(
+        o,
+        n,
+        "counter",
+        "New connections (UDP: datagrams that would open a session) refused by the service's \
+         allow/deny lists or new-flow rate, by the datapath reason name.",
+    );
+    for s in services {
+        for (reason, v) in &s.refused {
+            let mut l = refs(&labels(s));
+            l.push(("reason", reason.clone()));
+            sample(&mut f, n, &l, *v);
+        }
+    }
     let n = "xdp_proxy_userspace_http_responses_total";
     let mut f = Family::new(
         o,
@@ -908,6 +931,12 @@ mod tests {
                 traffic: t(3, 2, 100, 200, 1),
                 no_upstream: 4,
                 dropped: 5,
+                refused: [
+                    ("drop_acl_denied".to_owned(), 6),
+                    ("drop_rate_limited".to_owned(), 7),
+                ]
+                .into_iter()
+                .collect(),
                 http_responses: BTreeMap::new(),
                 upstreams: [("10.1.0.2:53".to_owned(), t(3, 2, 100, 200, 1))]
                     .into_iter()
@@ -921,6 +950,9 @@ mod tests {
                 traffic: t(7, 1, 1000, 9000, 2),
                 no_upstream: 0,
                 dropped: 0,
+                refused: [("drop_acl_not_allowed".to_owned(), 8)]
+                    .into_iter()
+                    .collect(),
                 http_responses: [("2xx".to_owned(), 9), ("5xx".to_owned(), 1)]
                     .into_iter()
                     .collect(),
@@ -939,6 +971,24 @@ mod tests {
             (format!("xdp_proxy_userspace_connect_failures_total{{{dns}}}"), 1),
             (format!("xdp_proxy_userspace_no_upstream_total{{{dns}}}"), 4),
             (format!("xdp_proxy_userspace_dropped_total{{{dns}}}"), 5),
+            (
+                format!(
+                    "xdp_proxy_userspace_refused_total{{{dns},reason=\"drop_acl_denied\"}}"
+                ),
+                6,
+            ),
+            (
+                format!(
+                    "xdp_proxy_userspace_refused_total{{{dns},reason=\"drop_rate_limited\"}}"
+                ),
+                7,
+            ),
+            (
+                format!(
+                    "xdp_proxy_userspace_refused_total{{{api},reason=\"drop_acl_not_allowed\"}}"
+                ),
+                8,
+            ),
             (
                 format!("xdp_proxy_userspace_bytes_total{{{dns},direction=\"to_upstream\"}}"),
                 100,
@@ -986,6 +1036,7 @@ mod tests {
         );
         let v = status_json(&s);
         assert_eq!(v["userspace_services"][1]["http_responses"]["5xx"], 1);
+        assert_eq!(v["userspace_services"][0]["refused"]["drop_acl_denied"], 6);
         assert_eq!(v["userspace_services"][0]["opened"], 3);
         assert_eq!(
             v["userspace_services"][0]["upstreams"]["10.1.0.2:53"]["bytes_to_client"],

@@ -1,10 +1,13 @@
 //! Per-service fast-path options (docs/datapath.md steps 7 and 9): `mss_clamp`, client `allow`
-//! and `deny` CIDR lists, `new_flow_rate` / `new_flow_burst`. Written to `XP_SVC_OPTS`,
-//! `XP_ACL_ALLOW` and `XP_ACL_DENY` by `datapath::Maps::set_service_options`.
+//! and `deny` CIDR lists, `new_flow_rate` / `new_flow_burst`. They apply in every mode: for an
+//! `l4` service served by XDP they are written to `XP_SVC_OPTS`, `XP_ACL_ALLOW` and
+//! `XP_ACL_DENY` by `datapath::Maps::set_service_options`; the userspace L4 path and the L7
+//! proxy of `http` services enforce the same rules themselves (`crate::l4::admission`, TCP_MAXSEG
+//! for `mss_clamp`).
 
 use proxy_common::{MAX_ACL_ENTRIES, SVC_OPT_F_ALLOW_LIST, ServiceOptions};
 
-use super::{IpCidr, Problem, Protocol, ServiceMode};
+use super::{IpCidr, Problem, Protocol};
 
 /// Smallest MSS a clamp may set (Linux refuses to go below 88 bytes of MSS).
 pub const MIN_MSS_CLAMP: u16 = 88;
@@ -56,25 +59,12 @@ pub struct RawFastPath {
 /// clients, and the prefixes of its `allow` and `deny` lists, are IPv6).
 pub fn convert(
     i: usize,
-    mode: ServiceMode,
     protocol: Protocol,
     listen_v6: bool,
     raw: RawFastPath,
     problems: &mut Vec<Problem>,
 ) -> ServiceFastPath {
     let key = |k: &str| format!("service[{i}].{k}");
-    let set = raw.mss_clamp.is_some()
-        || !raw.allow.is_empty()
-        || !raw.deny.is_empty()
-        || raw.new_flow_rate.is_some()
-        || raw.new_flow_burst.is_some();
-    if set && mode != ServiceMode::L4 {
-        problems.push(Problem::new(
-            key("mode"),
-            "mss_clamp, allow, deny, new_flow_rate and new_flow_burst apply to mode = \"l4\" \
-             services only (the XDP fast path)",
-        ));
-    }
     let mss_clamp = match raw.mss_clamp {
         None | Some(0) => 0,
         Some(v) => match u16::try_from(v) {
@@ -156,7 +146,9 @@ pub fn convert(
     }
 }
 
-/// Every service's lists together must fit the ACL tries.
+/// Every `l4` service's lists together must fit the ACL tries (`http` services' lists stay in
+/// the daemon). Checked whatever `datapath.mode` says, so a config that works in userspace also
+/// works when XDP attaches (`auto`).
 pub fn check_capacity(services: &[&ServiceFastPath], problems: &mut Vec<Problem>) {
     let max = MAX_ACL_ENTRIES as usize;
     let allow: usize = services.iter().map(|s| s.allow.len()).sum();
@@ -178,7 +170,7 @@ mod tests {
 
     fn conv(raw: RawFastPath, protocol: Protocol) -> (ServiceFastPath, Vec<Problem>) {
         let mut problems = Vec::new();
-        let f = convert(0, ServiceMode::L4, protocol, false, raw, &mut problems);
+        let f = convert(0, protocol, false, raw, &mut problems);
         (f, problems)
     }
 

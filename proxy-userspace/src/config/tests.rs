@@ -1324,3 +1324,41 @@ fn flows_section_is_reloadable() {
     let applied = old.with_restart_only_keys_of(new);
     assert_eq!(applied.flows.tcp_syn_received, Duration::from_secs(2));
 }
+
+/// `allow`, `deny`, `new_flow_rate` / `new_flow_burst` and `mss_clamp` apply in every mode: an
+/// http service takes them (its L7 proxy enforces them), and its lists do not count against the
+/// XDP ACL tries, which hold l4 services' lists only.
+#[test]
+fn fast_path_options_are_taken_by_http_services() {
+    let c = parse(&with_service(
+        "mode = \"http\"\nupstreams = [\"10.2.2.2:80\"]\nallow = [\"10.9.0.0/16\"]\n\
+         deny = [\"10.9.0.7/32\"]\nnew_flow_rate = 10\nnew_flow_burst = 20\nmss_clamp = 1200\n",
+    ))
+    .unwrap();
+    let f = &c.services[0].fast;
+    assert_eq!(f.allow.len(), 1);
+    assert_eq!(f.deny.len(), 1);
+    assert_eq!((f.new_flow_rate, f.new_flow_burst), (10, 20));
+    assert_eq!(f.mss_clamp, 1200);
+    // The checks of the values are the l4 ones.
+    let p = problems(&with_service(
+        "mode = \"http\"\nupstreams = [\"10.2.2.2:80\"]\ndeny = [\"10.9.0.7/8\"]\n\
+         new_flow_burst = 3\n",
+    ));
+    assert!(has(&p, "service[0].deny[0]", ""), "{p:#?}");
+    assert!(
+        has(&p, "service[0].new_flow_burst", "needs new_flow_rate"),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 2, "{p:#?}");
+    // More http prefixes than the tries hold: fine, they never reach the maps.
+    let max = proxy_common::MAX_ACL_ENTRIES as usize;
+    let many = (0..=max)
+        .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+        .collect::<Vec<_>>()
+        .join(", ");
+    parse(&with_service(&format!(
+        "mode = \"http\"\nupstreams = [\"10.2.2.2:80\"]\ndeny = [{many}]\n"
+    )))
+    .unwrap();
+}

@@ -3,10 +3,16 @@
 //! fast path ([`choice`]: the plan's Maglev tables, then the control plane's status), TCP with
 //! half-close ([`tcp`]), UDP with per-client sessions ([`udp`]).
 //!
+//! The service's fast-path options are enforced here too: `allow` / `deny` and `new_flow_rate`
+//! / `new_flow_burst` at each new TCP connection and new UDP session ([`admission`], the fast
+//! path's rules and reason names), `mss_clamp` as TCP_MAXSEG on the listening socket and on each
+//! upstream socket ([`tcp`]).
+//!
 //! Differences from the fast path, by nature of a userspace proxy: upstream connections come from
 //! the SNAT address with ports the kernel picks from its ephemeral range (not from
 //! `nat.port_range`), and packets cross the daemon.
 
+pub mod admission;
 pub mod choice;
 pub mod counters;
 pub mod splice;
@@ -130,6 +136,8 @@ pub struct Stats {
     /// New flows refused because no upstream is in the table.
     pub no_upstream: AtomicU64,
     pub udp_sessions_refused: AtomicU64,
+    /// `allow` / `deny` / new-flow rate of the service, and the flows they refused.
+    pub admission: admission::Admission,
 }
 
 impl Service {
@@ -145,6 +153,7 @@ impl Service {
             traffic: self.stats.traffic.read(),
             no_upstream: self.stats.no_upstream.load(Relaxed),
             dropped: self.stats.udp_sessions_refused.load(Relaxed),
+            refused: self.stats.admission.refused(),
             http_responses: std::collections::BTreeMap::new(),
             upstreams: self
                 .stats
@@ -163,6 +172,8 @@ pub struct Service {
     pub chooser: Chooser,
     /// Source address of upstream connections (the SNAT address), port 0.
     pub source: SocketAddr,
+    /// TCP_MAXSEG of the listening socket and of every upstream socket (0: none).
+    pub mss_clamp: u16,
     pub stats: Stats,
 }
 
@@ -213,12 +224,15 @@ impl L4 {
     /// Apply a reloaded config: stop serving the l4 services it no longer has (their
     /// established connections and sessions run on), bind and serve the new ones (a bind
     /// failure is logged; the rest is applied). Upstream changes reach every service through
-    /// the status.
+    /// the status; `allow` / `deny` / new-flow rate changes apply to the next new flows of a
+    /// kept service. A changed `mss_clamp` is a new listening socket: the service is served
+    /// anew (established connections run on; its counters start over).
     pub async fn reconfigure(&mut self, config: &Config) {
         let same = |svc: &Service, s: &ServiceConfig| {
             svc.chooser.name == s.name
                 && svc.chooser.listen == s.listen
                 && svc.chooser.protocol == s.protocol
+                && svc.mss_clamp == s.fast.mss_clamp
         };
         let wanted: Vec<&ServiceConfig> = config.l4_services().map(|(_, s)| s).collect();
         let mut kept = Vec::new();
@@ -227,10 +241,20 @@ impl L4 {
                 kept.push((svc, task));
             } else {
                 task.abort();
+                // Its listening socket is closed once the task is gone: a service served anew
+                // on the same address binds it next.
+                let _ = task.await;
                 tracing::info!(service = %svc.chooser.name, listen = %svc.chooser.listen, proto = %svc.chooser.protocol, "userspace L4: service removed, no longer listening");
             }
         }
         self.running = kept;
+        for (svc, _) in &self.running {
+            if let Some(s) = wanted.iter().find(|s| same(svc, s))
+                && svc.stats.admission.set(&s.fast)
+            {
+                tracing::info!(service = %svc.chooser.name, allow = s.fast.allow.len(), deny = s.fast.deny.len(), new_flow_rate = s.fast.new_flow_rate, "userspace L4: admission rules reloaded (next new flows)");
+            }
+        }
         let snapshot = read_status(&self.status);
         for s in wanted {
             if self.running.iter().any(|(svc, _)| same(svc, s)) {
@@ -301,7 +325,11 @@ async fn serve_one(
     let svc = Arc::new(Service {
         chooser: Chooser::new(s.name.clone(), s.listen, s.protocol, choice),
         source,
-        stats: Stats::default(),
+        mss_clamp: s.fast.mss_clamp,
+        stats: Stats {
+            admission: admission::Admission::new(&s.fast),
+            ..Stats::default()
+        },
     });
     let err = |source| L4Error::Listen {
         name: s.name.clone(),
@@ -311,7 +339,8 @@ async fn serve_one(
     };
     let task = match s.protocol {
         Protocol::Tcp => {
-            let l = tcp::listen(s.listen, settings.listen_backlog).map_err(err)?;
+            let l = tcp::listen_clamped(s.listen, settings.listen_backlog, s.fast.mss_clamp)
+                .map_err(err)?;
             tokio::spawn(tcp::serve(l, Arc::clone(&svc), settings, rx))
         }
         Protocol::Udp => {

@@ -1,6 +1,15 @@
 //! Userspace TCP: accept on the service address, connect to the chosen upstream from the SNAT
 //! address, copy both ways ([`super::splice`]: half-close passed on, idle connections closed
 //! after the fast path's TCP lifetimes, `flows::Lifetimes`: established, half-closed).
+//!
+//! Admission (`allow` / `deny`, new-flow rate; [`super::admission`]) is decided when a
+//! connection is accepted, before any upstream connect. The kernel has completed the handshake
+//! by then, so a refused connection cannot be dropped silently as the fast path drops its SYN:
+//! it is reset (SO_LINGER 0, then closed), so the client learns at once, gets no data and the
+//! proxy keeps no TIME_WAIT or FIN state for it. `mss_clamp` is TCP_MAXSEG on the listening
+//! socket (the SYN-ACK of each accepted connection advertises it, and the proxy sends no larger
+//! segment to the client) and on the upstream socket before connect (the SYN to the upstream
+//! advertises it).
 
 use std::{
     io,
@@ -22,14 +31,36 @@ use crate::config::Protocol;
 /// # Errors
 /// Socket, bind or listen failure.
 pub fn listen(listen: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    listen_clamped(listen, backlog, 0)
+}
+
+/// [`listen`], with TCP_MAXSEG `mss` on the listening socket when not 0 (accepted connections
+/// inherit it).
+///
+/// # Errors
+/// Socket, socket option, bind or listen failure.
+pub fn listen_clamped(listen: SocketAddr, backlog: u32, mss: u16) -> io::Result<TcpListener> {
     let sock = if listen.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    clamp_mss(&sock, mss)?;
     sock.bind(listen)?;
     sock.listen(backlog)
+}
+
+/// Set TCP_MAXSEG `mss` on `sock` (0: leave it).
+///
+/// # Errors
+/// The kernel refusing the value.
+pub fn clamp_mss(sock: &TcpSocket, mss: u16) -> io::Result<()> {
+    if mss == 0 {
+        return Ok(());
+    }
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::TcpMaxSeg, &u32::from(mss))
+        .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("TCP_MAXSEG {mss}: {e}")))
 }
 
 /// Connect to `upstream` from `source` (port chosen by the kernel), within `timeout`.
@@ -41,11 +72,25 @@ pub async fn connect_from(
     upstream: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    connect_clamped(source, upstream, timeout, 0).await
+}
+
+/// [`connect_from`], with TCP_MAXSEG `mss` set before connect when not 0.
+///
+/// # Errors
+/// Socket, socket option, bind or connect failure, or the timeout.
+pub async fn connect_clamped(
+    source: SocketAddr,
+    upstream: SocketAddr,
+    timeout: Duration,
+    mss: u16,
+) -> io::Result<TcpStream> {
     let sock = if upstream.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
+    clamp_mss(&sock, mss)?;
     bind_source(&sock, source)?;
     match tokio::time::timeout(timeout, sock.connect(upstream)).await {
         Ok(r) => r,
@@ -110,8 +155,21 @@ pub async fn serve(
     }
 }
 
+/// Reset a refused client connection: SO_LINGER 0, then close (an RST, no data, no TIME_WAIT).
+pub fn reset(client: TcpStream) {
+    let _ = client.set_zero_linger();
+    drop(client);
+}
+
 async fn handle(client: TcpStream, peer: SocketAddr, svc: &Service, settings: Settings) {
     let name = &svc.chooser.name;
+    // The fast path's order: the ACL, then whether an upstream exists, then the rate (a flow
+    // refused for another reason costs no token).
+    if let Err(r) = svc.stats.admission.acl(peer.ip()) {
+        tracing::debug!(service = %name, client = %peer, reason = r.name(), "connection refused: reset");
+        reset(client);
+        return;
+    }
     let candidates = svc
         .chooser
         .current()
@@ -121,9 +179,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, svc: &Service, settings: Se
         tracing::debug!(service = %name, client = %peer, "no healthy upstream: connection closed");
         return;
     }
+    if let Err(r) = svc.stats.admission.rate(peer.ip()) {
+        tracing::debug!(service = %name, client = %peer, reason = r.name(), "connection refused: reset");
+        reset(client);
+        return;
+    }
     let mut upstream = None;
     for up in candidates.iter().take(settings.connect_attempts.max(1)) {
-        match connect_from(svc.source, *up, settings.connect_timeout).await {
+        match connect_clamped(svc.source, *up, settings.connect_timeout, svc.mss_clamp).await {
             Ok(s) => {
                 upstream = Some((s, *up));
                 break;
@@ -242,6 +305,7 @@ mod idle_tests {
                 Choice::from_plan(&planned, &[(1, up_addr)]),
             ),
             source: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            mss_clamp: 0,
             stats: Stats::default(),
         });
         let settings = Settings {

@@ -83,6 +83,13 @@ pub async fn serve(
         };
         let client = peer;
         if !sessions.contains_key(&client) {
+            // A datagram that would open a session: the fast path's step 7 order (ACL, an
+            // upstream exists, rate), then the session bound. Sessions open already are not
+            // asked again (the ACL admits flows).
+            if let Err(r) = svc.stats.admission.acl(client.ip()) {
+                tracing::debug!(service = %name, %client, reason = r.name(), "udp datagram dropped");
+                continue;
+            }
             if sessions.len() >= settings.max_udp_sessions {
                 svc.stats
                     .udp_sessions_refused
@@ -98,6 +105,10 @@ pub async fn serve(
                 svc.stats.no_upstream.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if let Err(r) = svc.stats.admission.rate(client.ip()) {
+                tracing::debug!(service = %name, %client, reason = r.name(), "udp datagram dropped");
+                continue;
+            }
             let upstream = match open_upstream(svc.source, up).await {
                 Ok(u) => Arc::new(u),
                 Err(e) => {
@@ -269,6 +280,7 @@ mod tests {
                 Choice::from_plan(&svc, &[(1, upstream)]),
             ),
             source: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            mss_clamp: 0,
             stats: Stats::default(),
         })
     }

@@ -22,6 +22,15 @@
 //! the client connection's own task ([`drive`]: no task switch per request). The client
 //! connection's deadlines share one timer ([`timer`]).
 //!
+//! Client admission: the service's `allow` / `deny` lists and `new_flow_rate` /
+//! `new_flow_burst` are asked at each accepted client connection ([`crate::l4::admission`],
+//! the rules and reason names of the L4 paths; a new-flow is a client connection here). A
+//! refused connection is reset (SO_LINGER 0, closed) before hyper reads a byte of it, rather
+//! than answered 403: the refused client gets no HTTP exchange at all (as at L4), costs no
+//! parsing, and a client is refused the same way whatever the service's mode. Counted in the
+//! service's `refused` counters. `mss_clamp` is TCP_MAXSEG on the listening socket and on each
+//! upstream socket before connect.
+//!
 //! Failures: no usable upstream -> 503; every upstream refused or failed the connect -> 503;
 //! connect or response head timed out -> 504; the upstream failed after the connect -> 502.
 //! A connect failure is retried on the next upstream when the request is idempotent (GET, HEAD,
@@ -283,6 +292,9 @@ pub struct Stats {
     pub no_upstream: AtomicU64,
     /// Responses by class: 1xx, 2xx, 3xx, 4xx, 5xx.
     pub classes: [AtomicU64; 5],
+    /// `allow` / `deny` / new-flow rate of the service, and the client connections they
+    /// refused.
+    pub admission: crate::l4::admission::Admission,
 }
 
 /// A client connection whose bytes are counted as they pass (read: toward the upstream;
@@ -417,6 +429,8 @@ pub struct Service {
     routing: std::sync::RwLock<Arc<Routing>>,
     /// Source addresses of upstream connections.
     snat: SnatAddrs,
+    /// TCP_MAXSEG of the listening socket and of upstream sockets (0: none).
+    mss_clamp: u16,
     /// Idle upstream connections: upstream, sender, connection future (polled by the sweep),
     /// since when idle.
     idle: std::sync::Mutex<Vec<Idle>>,
@@ -469,6 +483,12 @@ impl L7 {
             };
             let next = Routing::of(s);
             let old = svc.routing();
+            if svc.stats.admission.set(&s.fast) {
+                tracing::info!(service = %svc.name, allow = s.fast.allow.len(), deny = s.fast.deny.len(), new_flow_rate = s.fast.new_flow_rate, "http admission rules reloaded (next client connections)");
+            }
+            if s.fast.mss_clamp != svc.mss_clamp {
+                tracing::warn!(service = %svc.name, "http mss_clamp changes take a restart");
+            }
             if *old == next {
                 continue;
             }
@@ -540,21 +560,27 @@ pub fn start(
         let routing = Routing::of(s);
         let http = routing.http.clone();
         let listener =
-            crate::l4::tcp::listen(s.listen, 4096).map_err(|source| L7Error::Listen {
-                name: s.name.clone(),
-                listen: s.listen,
-                source,
+            crate::l4::tcp::listen_clamped(s.listen, 4096, s.fast.mss_clamp).map_err(|source| {
+                L7Error::Listen {
+                    name: s.name.clone(),
+                    listen: s.listen,
+                    source,
+                }
             })?;
         let svc = Arc::new(Service {
             name: s.name.clone(),
             listen: s.listen,
             routing: std::sync::RwLock::new(Arc::new(routing)),
             snat,
+            mss_clamp: s.fast.mss_clamp,
             idle: std::sync::Mutex::new(Vec::new()),
             direct_idle: std::sync::Mutex::new(Vec::new()),
             status: status.clone(),
             next: AtomicUsize::new(0),
-            stats: Stats::default(),
+            stats: Stats {
+                admission: crate::l4::admission::Admission::new(&s.fast),
+                ..Stats::default()
+            },
         });
         tracing::info!(
             service = %s.name,
@@ -606,6 +632,17 @@ async fn accept_loop(
             },
             _ = shutdown.changed() => return,
         };
+        let admitted = svc
+            .stats
+            .admission
+            .acl(peer.ip())
+            .and_then(|()| svc.stats.admission.rate(peer.ip()));
+        if let Err(r) = admitted {
+            tracing::debug!(service = %svc.name, client = %peer, reason = r.name(), "http client connection refused: reset");
+            crate::l4::tcp::reset(stream);
+            drop(permit);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let svc = Arc::clone(&svc);
         tokio::spawn(async move {
@@ -776,6 +813,7 @@ impl Service {
             traffic: self.stats.traffic.read(),
             no_upstream: self.stats.no_upstream.load(Ordering::Relaxed),
             dropped: 0,
+            refused: self.stats.admission.refused(),
             http_responses: ["1xx", "2xx", "3xx", "4xx", "5xx"]
                 .iter()
                 .zip(&self.stats.classes)
@@ -1135,6 +1173,7 @@ impl Service {
             TcpSocket::new_v6()
         }
         .map_err(failed)?;
+        crate::l4::tcp::clamp_mss(&sock, self.mss_clamp).map_err(failed)?;
         if let Some(ip) = self.snat.of_family(up.ip()) {
             crate::l4::tcp::bind_source(&sock, SocketAddr::new(ip, 0)).map_err(failed)?;
         }
@@ -1451,6 +1490,7 @@ mod tests {
                 authorities: Vec::new(),
             })),
             snat: SnatAddrs::default(),
+            mss_clamp: 0,
             idle: std::sync::Mutex::new(Vec::new()),
             direct_idle: std::sync::Mutex::new(Vec::new()),
             status,
