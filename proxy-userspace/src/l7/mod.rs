@@ -47,7 +47,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, uri::Authority,
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+    uri::Authority,
 };
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
@@ -846,11 +847,44 @@ impl Service {
         // Kept for routing and the access line: shared, not copied (no allocation).
         let uri = req.uri().clone();
         let path = uri.path();
+        // RFC 9112 section 3.2: an HTTP/1.1 request without Host, or any with two Host lines,
+        // is answered 400 at once, its body left unread (the connection closes after the
+        // answer). HTTP/1.0 may leave Host out: the upstream's address goes in its place.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let bad_host = match (hosts.next(), hosts.next()) {
+            (None, _) if req.version() == Version::HTTP_11 => Some("400 a request without Host"),
+            (Some(_), Some(_)) => Some("400 a request with two Host lines"),
+            _ => None,
+        };
+        if let Some(why) = bad_host {
+            let mut r = text(StatusCode::BAD_REQUEST, why);
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return self.log(
+                r,
+                &method,
+                path,
+                None,
+                None,
+                conns,
+                UpText(None, None),
+                0,
+                started,
+            );
+        }
+        // The Host routed on is the Host forwarded. An absolute-form target names it (RFC 9112
+        // section 3.2.2: its authority replaces the Host line); otherwise the Host line does.
+        if let Some(auth) = uri.authority()
+            && let Ok(v) = HeaderValue::from_str(
+                auth.as_str()
+                    .rsplit_once('@')
+                    .map_or(auth.as_str(), |(_, h)| h),
+            )
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
         let host_header = req.headers().get(header::HOST).cloned();
-        let host = host_header
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| uri.authority().map(Authority::as_str));
+        let host = host_header.as_ref().and_then(|h| h.to_str().ok());
         let (route, group) = routing.http.route(host, path, &routing.default_group);
         let mut upstream = None;
         let mut attempts = 0usize;
@@ -891,7 +925,8 @@ impl Service {
                 });
                 // The plain-connection request's head, written into the connection's buffer.
                 let mut head = conns.lend_head();
-                // Without a Host from the client, the upstream's address goes in its place.
+                // Without a Host (HTTP/1.0 only, see above), the upstream's address goes in its
+                // place.
                 let needs_host = out_headers
                     .as_ref()
                     .is_some_and(|h| !h.contains_key(header::HOST));

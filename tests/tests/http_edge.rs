@@ -1,0 +1,274 @@
+//! Namespace tests of an http service at the edge, behind a front proxy such as an ALB (issue
+//! 20):
+//!
+//! - `http_host_rules`: RFC 9112 section 3.2: an HTTP/1.1 request without Host is answered 400
+//!   at once (one with a Content-Length too, whose body never comes) and its connection closed;
+//!   two Host lines are a 400; HTTP/1.0 without Host is served (the upstream sees its own address
+//!   as Host); an absolute-form target is routed on its authority, and that authority is the
+//!   Host the upstream sees.
+//!
+//! Run as root: `cargo test -p integration-tests --test http_edge -- --nocapture`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, ensure};
+use integration_tests::netns::{Daemon, Netns, NsThread, Stop, TwoInterface, serial, sock, two};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound of one test's client side.
+const CLIENT_LIMIT: Duration = Duration::from_secs(60);
+/// Bound of one exchange with the proxy.
+const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
+const READY: Duration = Duration::from_secs(30);
+/// `[datapath]`, `[nat]` and `[admin]` of the two-interface shape, userspace mode.
+fn base_config(pin_dir: &std::path::Path) -> String {
+    format!(
+        r#"[datapath]
+interfaces = []
+mode = "userspace"
+pin_dir = "{pin_dir}"
+
+[nat]
+snat_ipv4 = "{snat}"
+port_range = [20000, 29999]
+home_cidrs = ["{cidr}"]
+
+[admin]
+listen = "127.0.0.1:9100"
+"#,
+        pin_dir = pin_dir.display(),
+        snat = two::PROXY_HOME_SIDE,
+        cidr = two::HOME_CIDR,
+    )
+}
+
+/// The http service `app` on the proxy's client side, port 80.
+fn service() -> SocketAddr {
+    sock(two::PROXY_CLIENT_SIDE, 80)
+}
+
+/// Echo upstreams in `home`, one per `(name, port)`: each answers every request (keep-alive)
+/// with `name=<name>`, `peer=<addr>` and the request head's lines, lowercased.
+fn start_echo(home: &Netns, servers: &[(&'static str, u16)]) -> Result<NsThread<()>> {
+    let servers = servers.to_vec();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = home.spawn(CLIENT_LIMIT * 2, move |stop| async move {
+        let mut set = tokio::task::JoinSet::new();
+        for (name, port) in servers {
+            let l = TcpListener::bind(sock(two::HOME, port))
+                .await
+                .with_context(|| format!("echo: bind {port}"))?;
+            set.spawn(echo_accept(l, name, stop.clone()));
+        }
+        let _ = ready_tx.send(());
+        let mut stop = stop;
+        stop.wait().await;
+        set.abort_all();
+        Ok(())
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|_| anyhow!("echo upstreams did not start"))?;
+    Ok(thread)
+}
+
+async fn echo_accept(l: TcpListener, name: &'static str, mut stop: Stop) {
+    loop {
+        tokio::select! {
+            a = l.accept() => {
+                if let Ok((s, peer)) = a {
+                    tokio::spawn(async move {
+                        if let Err(e) = echo_conn(s, peer, name).await {
+                            eprintln!("echo {name}: {peer}: {e:#}");
+                        }
+                    });
+                }
+            }
+            () = stop.wait() => return,
+        }
+    }
+}
+
+async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
+    let mut s = BufReader::new(s);
+    // Bounded: each turn consumes one request head; the thread's limit bounds the rest.
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            if s.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end().to_ascii_lowercase();
+            if line.is_empty() {
+                break;
+            }
+            ensure!(head.len() < 100, "head too long");
+            head.push(line);
+        }
+        let body = format!("name={name}\npeer={peer}\n{}\n", head.join("\n"));
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(resp.as_bytes()).await?;
+        s.flush().await?;
+    }
+}
+
+/// Start the daemon in `topo.proxy` with `services` (`program` and `pre_args` run it, for
+/// example through `prlimit`; `None`: the binary itself); wait for the http listener.
+fn start_daemon(
+    topo: &mut TwoInterface,
+    services: &str,
+    wrapper: Option<(&str, &[&str])>,
+) -> Result<Daemon> {
+    let bin = integration_tests::netns::daemon_binary()?;
+    let pin_dir = topo.lab.mount_bpffs()?;
+    let config = format!("{}{services}", base_config(&pin_dir));
+    let config_path = topo.lab.write_file("xdp-proxy.toml", &config)?;
+    let bin_arg = bin.to_string_lossy().into_owned();
+    let config_arg = config_path.to_string_lossy().into_owned();
+    let daemon_args = ["run", "--config", config_arg.as_str()];
+    let pid = match wrapper {
+        None => topo
+            .lab
+            .spawn_daemon("xdp-proxy", &topo.proxy, &bin, &daemon_args)?,
+        Some((program, pre)) => {
+            let mut args: Vec<&str> = pre.to_vec();
+            args.push(&bin_arg);
+            args.extend(daemon_args);
+            topo.lab.spawn_daemon(
+                "xdp-proxy",
+                &topo.proxy,
+                std::path::Path::new(program),
+                &args,
+            )?
+        }
+    };
+    let daemon = Daemon {
+        pid,
+        bin,
+        pin_dir,
+        config: config_path,
+    };
+    daemon.wait_log(&mut topo.lab, &["http proxy listening"], 1, READY)?;
+    Ok(daemon)
+}
+
+/// One request written as is on a new connection to the service; everything the proxy sends
+/// until it closes the connection (the request asks for the close, or the answer does).
+async fn exchange(raw: &[u8]) -> Result<String> {
+    tokio::time::timeout(EXCHANGE_LIMIT, async {
+        let mut s = TcpStream::connect(service()).await?;
+        s.write_all(raw).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "no complete answer to {:?} in {EXCHANGE_LIMIT:?}",
+            String::from_utf8_lossy(raw)
+        )
+    })?
+}
+
+/// The status code of a response's text.
+fn status(resp: &str) -> Option<u16> {
+    resp.split(' ').nth(1)?.parse().ok()
+}
+
+#[test]
+fn http_host_rules() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("host")?;
+    let _echo = start_echo(&topo.home, &[("alpha", 8081), ("beta", 8082)])?;
+    let services = format!(
+        "
+[[service]]
+name = \"app\"
+listen = \"{listen}\"
+mode = \"http\"
+upstreams = [\"{a}\"]
+[service.http]
+header_timeout = \"3s\"
+[service.health]
+kind = \"none\"
+[[service.route]]
+host = \"b.example\"
+upstreams = [\"{b}\"]
+",
+        listen = service(),
+        a = sock(two::HOME, 8081),
+        b = sock(two::HOME, 8082),
+    );
+    let daemon = start_daemon(&mut topo, &services, None)?;
+    let alpha = sock(two::HOME, 8081).to_string();
+    let answers = topo.client.run(CLIENT_LIMIT, || async {
+        let mut out = Vec::new();
+        for raw in [
+            // No Host, a body announced and never sent: 400 at once, without waiting for it.
+            &b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n\r\n"[..],
+            // No Host, no body.
+            b"GET /x HTTP/1.1\r\n\r\n",
+            // Two Host lines.
+            b"GET /x HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+            // HTTP/1.0 may leave Host out.
+            b"GET /old HTTP/1.0\r\n\r\n",
+            // Absolute form: its authority is the host, whatever the Host line says.
+            b"GET http://b.example/abs HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+        ] {
+            out.push(exchange(raw).await?);
+        }
+        Ok(out)
+    })?;
+    for a in &answers {
+        println!("--- answer ---\n{a}");
+    }
+    for (i, what) in [(0, "POST without Host"), (1, "GET without Host")] {
+        ensure!(
+            status(&answers[i]) == Some(400),
+            "{what}: want 400, got:\n{}",
+            answers[i]
+        );
+        ensure!(
+            answers[i]
+                .to_ascii_lowercase()
+                .contains("connection: close"),
+            "{what}: the 400 does not close the connection:\n{}",
+            answers[i]
+        );
+    }
+    ensure!(
+        status(&answers[2]) == Some(400),
+        "two Host lines: want 400, got:\n{}",
+        answers[2]
+    );
+    ensure!(
+        status(&answers[3]) == Some(200)
+            && answers[3].contains("name=alpha\n")
+            && answers[3].contains(&format!("\nhost: {alpha}\n")),
+        "HTTP/1.0 without Host: want 200 from alpha with Host {alpha}, got:\n{}",
+        answers[3]
+    );
+    ensure!(
+        status(&answers[4]) == Some(200)
+            && answers[4].contains("name=beta\n")
+            && answers[4].contains("\nhost: b.example\n")
+            && answers[4].contains("host=b.example"),
+        "absolute form: want beta with Host b.example (and in Forwarded), got:\n{}",
+        answers[4]
+    );
+    daemon.wait_log(
+        &mut topo.lab,
+        &["access", "path=\"/upload\"", "status=400"],
+        1,
+        READY,
+    )?;
+    daemon.stop_ok(&mut topo.lab)?;
+    Ok(())
+}
