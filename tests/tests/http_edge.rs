@@ -6,6 +6,13 @@
 //!   two Host lines are a 400; HTTP/1.0 without Host is served (the upstream sees its own address
 //!   as Host); an absolute-form target is routed on its authority, and that authority is the
 //!   Host the upstream sees.
+//! - `http_many_connections_past_a_low_soft_limit`: the daemon started under a soft open-file
+//!   limit of 1,024 (hard: 1,048,576, or this process's hard limit when lower) raises it to the
+//!   hard limit and says so, with a warning naming the service when the hard limit cannot hold
+//!   its 16,384 connections; [`MANY`]
+//!   keep-alive client connections through one http service, all open at once, each served (two
+//!   requests each, every answer a 200). Under the old soft limit the daemon could accept about
+//!   500 of them (two descriptors per proxied connection).
 //!
 //! Run as root: `cargo test -p integration-tests --test http_edge -- --nocapture`.
 
@@ -22,6 +29,10 @@ const CLIENT_LIMIT: Duration = Duration::from_secs(60);
 /// Bound of one exchange with the proxy.
 const EXCHANGE_LIMIT: Duration = Duration::from_secs(10);
 const READY: Duration = Duration::from_secs(30);
+/// Concurrent client connections of the open-file limit test: three times what a soft limit of
+/// 1,024 lets the daemon proxy.
+const MANY: usize = 1500;
+
 /// `[datapath]`, `[nat]` and `[admin]` of the two-interface shape, userspace mode.
 fn base_config(pin_dir: &std::path::Path) -> String {
     format!(
@@ -269,6 +280,150 @@ upstreams = [\"{b}\"]
         1,
         READY,
     )?;
+    daemon.stop_ok(&mut topo.lab)?;
+    Ok(())
+}
+
+/// Raise this process's soft open-file limit to its hard limit (the client and home sides of
+/// [`MANY`] connections live in the test process).
+fn raise_own_nofile(want: u64) -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    ensure!(
+        soft >= want,
+        "the test process's open-file limit {soft} is below {want}"
+    );
+    Ok(())
+}
+
+/// This process's hard open-file limit.
+fn nofile_hard() -> Result<u64> {
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    Ok(hard)
+}
+
+/// Read one response (Content-Length framed, as the echo upstream sends) from `s`; its status.
+async fn read_response(s: &mut BufReader<TcpStream>) -> Result<u16> {
+    let mut status = None;
+    let mut length = 0usize;
+    for i in 0..100 {
+        let mut line = String::new();
+        ensure!(s.read_line(&mut line).await? > 0, "connection closed");
+        let line = line.trim_end();
+        if i == 0 {
+            status = self::status(line);
+            continue;
+        }
+        if line.is_empty() {
+            let mut body = vec![0u8; length];
+            s.read_exact(&mut body).await?;
+            return status.ok_or_else(|| anyhow!("no status line"));
+        }
+        if let Some((n, v)) = line.split_once(':')
+            && n.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse()?;
+        }
+    }
+    Err(anyhow!("response head too long"))
+}
+
+#[test]
+fn http_many_connections_past_a_low_soft_limit() -> Result<()> {
+    let _serial = serial();
+    raise_own_nofile(4 * MANY as u64)?;
+    let mut topo = TwoInterface::new("nofile")?;
+    let _echo = start_echo(&topo.home, &[("alpha", 8081)])?;
+    let services = format!(
+        "
+[[service]]
+name = \"app\"
+listen = \"{listen}\"
+mode = \"http\"
+upstreams = [\"{a}\"]
+[service.health]
+kind = \"none\"
+",
+        listen = service(),
+        a = sock(two::HOME, 8081),
+    );
+    // The hard limit the daemon gets: this process's (raising a hard limit takes
+    // CAP_SYS_RESOURCE, which a container may not grant; 1,048,576 where it is granted).
+    let hard = nofile_hard()?.min(1_048_576);
+    let daemon = start_daemon(
+        &mut topo,
+        &services,
+        Some(("/usr/bin/prlimit", &[&format!("--nofile=1024:{hard}")])),
+    )?;
+    // The traffic first: under the old soft limit it is what fails.
+    let served = topo.client.run(CLIENT_LIMIT, || async {
+        // All connected first, then each asked twice while every other stays open.
+        let mut conns = Vec::with_capacity(MANY);
+        for i in 0..MANY {
+            let s = TcpStream::connect(service())
+                .await
+                .with_context(|| format!("connection {i}"))?;
+            conns.push(BufReader::new(s));
+        }
+        let mut ok = 0usize;
+        for round in 0..2 {
+            for (i, s) in conns.iter_mut().enumerate() {
+                let req = format!("GET /c/{i}/{round} HTTP/1.1\r\nHost: app.example\r\n\r\n");
+                s.get_mut().write_all(req.as_bytes()).await?;
+            }
+            for (i, s) in conns.iter_mut().enumerate() {
+                let code = tokio::time::timeout(EXCHANGE_LIMIT, read_response(s))
+                    .await
+                    .map_err(|_| anyhow!("connection {i}, round {round}: no answer"))?
+                    .with_context(|| format!("connection {i}, round {round}"))?;
+                ensure!(code == 200, "connection {i}, round {round}: status {code}");
+                ok += 1;
+            }
+        }
+        Ok(ok)
+    })?;
+    ensure!(served == 2 * MANY, "{served} answers of {}", 2 * MANY);
+    println!("{MANY} connections open at once, {served} requests answered 200");
+    let raised = daemon.wait_log(
+        &mut topo.lab,
+        &[
+            "open-file limit raised",
+            "was=1024",
+            &format!("soft={hard}"),
+            &format!("hard={hard}"),
+        ],
+        1,
+        READY,
+    )?;
+    println!("daemon: {}", raised[0]);
+    // One http service may hold 16,384 connections, two descriptors each, and 256 are kept
+    // aside: a hard limit below that is named in a warning with the service and its numbers.
+    let needed = 16_384 * 2 + 256;
+    let short = topo
+        .lab
+        .log_text(daemon.pid)
+        .lines()
+        .filter(|l| l.contains("open-file limit cannot hold"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    if hard < needed {
+        let want = [
+            format!("limit={hard}"),
+            format!("needed={needed}"),
+            "app: 16384 connections, 32768 descriptors".to_owned(),
+        ];
+        ensure!(
+            short.len() == 1 && want.iter().all(|w| short[0].contains(w.as_str())),
+            "want one warning with {want:?}, got {short:?}"
+        );
+        println!("daemon: {}", short[0]);
+    } else {
+        ensure!(short.is_empty(), "a warning under {hard}: {short:?}");
+    }
     daemon.stop_ok(&mut topo.lab)?;
     Ok(())
 }

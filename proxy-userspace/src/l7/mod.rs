@@ -72,7 +72,7 @@ type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Upstreams tried for one request (the first, then retries after connect failures).
 const MAX_ATTEMPTS: usize = 3;
 /// Client connections served at once per service (more wait in the accept queue).
-const MAX_CONNECTIONS: usize = 16_384;
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// Upstream connections one client connection keeps (one per upstream it used last).
 pub const OWN_MAX: usize = 4;
 /// Idle upstream connections a service keeps for client connections to come.
