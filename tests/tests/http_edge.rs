@@ -13,6 +13,13 @@
 //!   keep-alive client connections through one http service, all open at once, each served (two
 //!   requests each, every answer a 200). Under the old soft limit the daemon could accept about
 //!   500 of them (two descriptors per proxied connection).
+//! - `http_trusted_proxies`: `trusted_proxies` lists one client address (a front proxy such
+//!   as an ALB): its `X-Forwarded-Proto: https`, `X-Forwarded-Port` and `Forwarded` reach the
+//!   upstream as it sent them, its `X-Forwarded-For` gets it appended, and the access log names
+//!   the client its `X-Forwarded-For` gives. The same headers from another address of the
+//!   client namespace (untrusted): `X-Forwarded-Proto` overwritten with `http`, its
+//!   `X-Forwarded-Port` and `Forwarded` elements dropped, the access log names the peer. Both
+//!   for a GET (the daemon's own upstream client) and a POST with a body (hyper's).
 //!
 //! Run as root: `cargo test -p integration-tests --test http_edge -- --nocapture`.
 
@@ -61,7 +68,8 @@ fn service() -> SocketAddr {
 }
 
 /// Echo upstreams in `home`, one per `(name, port)`: each answers every request (keep-alive)
-/// with `name=<name>`, `peer=<addr>` and the request head's lines, lowercased.
+/// with `name=<name>`, `peer=<addr>` and the request head's lines, lowercased (a body is read
+/// and not echoed).
 fn start_echo(home: &Netns, servers: &[(&'static str, u16)]) -> Result<NsThread<()>> {
     let servers = servers.to_vec();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -119,6 +127,14 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
             ensure!(head.len() < 100, "head too long");
             head.push(line);
         }
+        // A request body (Content-Length only: the proxy sends these tests' bodies so) is
+        // read and left out, so the next request on the connection starts where it should.
+        let length = head
+            .iter()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(Ok(0), |v| v.trim().parse::<usize>())?;
+        let mut request_body = vec![0u8; length];
+        s.read_exact(&mut request_body).await?;
         let body = format!("name={name}\npeer={peer}\n{}\n", head.join("\n"));
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
@@ -423,6 +439,147 @@ kind = \"none\"
         println!("daemon: {}", short[0]);
     } else {
         ensure!(short.is_empty(), "a warning under {hard}: {short:?}");
+    }
+    daemon.stop_ok(&mut topo.lab)?;
+    Ok(())
+}
+
+/// A second client address, outside `trusted_proxies`.
+const UNTRUSTED: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 100, 0, 3);
+
+/// [`exchange`] from the local address `from`.
+async fn exchange_from(from: std::net::Ipv4Addr, raw: &[u8]) -> Result<String> {
+    tokio::time::timeout(EXCHANGE_LIMIT, async {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::from((from, 0)))?;
+        let mut s = sock.connect(service()).await?;
+        s.write_all(raw).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, anyhow::Error>(String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .map_err(|_| anyhow!("no complete answer from {from} in {EXCHANGE_LIMIT:?}"))?
+}
+
+#[test]
+fn http_trusted_proxies() -> Result<()> {
+    let _serial = serial();
+    let mut topo = TwoInterface::new("trust")?;
+    topo.client.ip(&[
+        "addr",
+        "add",
+        &format!("{UNTRUSTED}/24"),
+        "dev",
+        two::CLIENT_DEV,
+    ])?;
+    let _echo = start_echo(&topo.home, &[("alpha", 8081)])?;
+    let services = format!(
+        "
+[[service]]
+name = \"app\"
+listen = \"{listen}\"
+mode = \"http\"
+upstreams = [\"{a}\"]
+[service.http]
+trusted_proxies = [\"{trusted}/32\", \"192.0.2.0/24\"]
+[service.health]
+kind = \"none\"
+",
+        listen = service(),
+        a = sock(two::HOME, 8081),
+        trusted = two::CLIENT,
+    );
+    let daemon = start_daemon(&mut topo, &services, None)?;
+    // What an ALB sends: the client, the ALB's own hop from 192.0.2.10 (trusted too), proto and
+    // port of the client's TLS connection.
+    let forwarding = "Host: app.example\r\nX-Forwarded-For: 203.0.113.9, 192.0.2.10\r\n\
+        X-Forwarded-Proto: https\r\nX-Forwarded-Port: 443\r\n\
+        Forwarded: for=203.0.113.9;proto=https\r\nConnection: close\r\n";
+    let requests = [
+        format!("GET /get HTTP/1.1\r\n{forwarding}\r\n"),
+        format!("POST /post HTTP/1.1\r\n{forwarding}Content-Length: 3\r\n\r\nabc"),
+    ];
+    let answers = topo.client.run(CLIENT_LIMIT, move || async move {
+        let mut out = Vec::new();
+        for from in [two::CLIENT, UNTRUSTED] {
+            for r in &requests {
+                out.push((from, exchange_from(from, r.as_bytes()).await?));
+            }
+        }
+        Ok(out)
+    })?;
+    for (from, a) in &answers {
+        println!("--- from {from} ---\n{a}");
+        let trusted = *from == two::CLIENT;
+        let lines: Vec<&str> = a.lines().collect();
+        let has = |l: &str| lines.contains(&l);
+        ensure!(
+            status(a) == Some(200) && has("name=alpha"),
+            "from {from}: want 200 from alpha:\n{a}"
+        );
+        let want_xff = format!("x-forwarded-for: 203.0.113.9, 192.0.2.10, {from}");
+        let ours = format!("for={from};proto=http;host=app.example");
+        let (want, gone): (Vec<String>, Vec<&str>) = if trusted {
+            (
+                vec![
+                    want_xff,
+                    "x-forwarded-proto: https".to_owned(),
+                    "x-forwarded-port: 443".to_owned(),
+                    format!("forwarded: for=203.0.113.9;proto=https, {ours}"),
+                ],
+                vec!["x-forwarded-proto: http"],
+            )
+        } else {
+            (
+                vec![
+                    want_xff,
+                    "x-forwarded-proto: http".to_owned(),
+                    format!("forwarded: {ours}"),
+                ],
+                vec!["x-forwarded-proto: https", "x-forwarded-port:"],
+            )
+        };
+        for w in &want {
+            ensure!(has(w), "from {from}: the upstream did not see `{w}`:\n{a}");
+        }
+        for g in gone {
+            ensure!(
+                // A whole line, or a name (`name:`) on any line.
+                !lines
+                    .iter()
+                    .any(|l| *l == g || (g.ends_with(':') && l.starts_with(g))),
+                "from {from}: the upstream saw `{g}`:\n{a}"
+            );
+        }
+        ensure!(
+            lines
+                .iter()
+                .filter(|l| l.starts_with("x-forwarded-proto:"))
+                .count()
+                == 1
+                && lines.iter().filter(|l| l.starts_with("forwarded:")).count() == 1,
+            "from {from}: one X-Forwarded-Proto and one Forwarded line wanted:\n{a}"
+        );
+    }
+    // The access log: the client behind the trusted peer, the peer itself otherwise.
+    for path in ["/get", "/post"] {
+        let path_field = format!("path=\"{path}\"");
+        let behind = daemon.wait_log(
+            &mut topo.lab,
+            &["access", "client=203.0.113.9 ", &path_field],
+            1,
+            READY,
+        )?;
+        println!("daemon: {}", behind[0]);
+        let untrusted = format!("client={UNTRUSTED}:");
+        let direct = daemon.wait_log(
+            &mut topo.lab,
+            &["access", &untrusted, &path_field],
+            1,
+            READY,
+        )?;
+        println!("daemon: {}", direct[0]);
     }
     daemon.stop_ok(&mut topo.lab)?;
     Ok(())

@@ -4,8 +4,8 @@
 //!
 //! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
 //! upstream group; take its upstreams that the control plane does not report unhealthy, round
-//! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded
-//! ([`headers`]); send on an upstream connection (from the SNAT address); stream both bodies
+//! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded,
+//! keeping a trusted front proxy's X-Forwarded-Proto/-Port and Forwarded ([`headers`]); send on an upstream connection (from the SNAT address); stream both bodies
 //! (never buffered whole); log one access line (`xdp_proxy::access`).
 //!
 //! Upstream connections ([`Conns`]): each client connection keeps the keep-alive HTTP/1
@@ -616,8 +616,13 @@ async fn accept_loop(
                 traffic: Arc::clone(&svc.stats.traffic),
             };
             let handler = Arc::clone(&svc);
-            // The client's forwarding headers, formatted once for the connection.
-            let client = Arc::new(headers::Client::new(peer.ip(), "http"));
+            // The client's forwarding headers, formatted once for the connection, and whether
+            // it is a trusted front proxy (decided once: a reload applies to new connections).
+            let (trusted, header_timeout) = {
+                let routing = svc.routing();
+                (routing.http.trusts(peer.ip()), routing.http.header_timeout)
+            };
+            let client = Arc::new(headers::Client::new(peer.ip(), "http", trusted));
             let upstreams = drive::Upstreams::new();
             let deadlines = timer::Deadlines::new();
             let conns = Arc::new(Conns {
@@ -641,7 +646,7 @@ async fn accept_loop(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(timer::ConnTimer(deadlines))
-                .header_read_timeout(svc.routing().http.header_timeout)
+                .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 // A client may shut its sending side once its request is out and still get the
                 // answer. It also spares hyper's probe for the end of the client's stream while
@@ -847,6 +852,18 @@ impl Service {
         // Kept for routing and the access line: shared, not copied (no allocation).
         let uri = req.uri().clone();
         let path = uri.path();
+        // Behind a trusted front proxy, the access log names the client its X-Forwarded-For
+        // gives (a walk over the header, no allocation; nothing for other peers).
+        let real = client
+            .trusted()
+            .then(|| {
+                headers::real_client(
+                    conns.peer.ip(),
+                    req.headers(),
+                    &routing.http.trusted_proxies,
+                )
+            })
+            .filter(|ip| *ip != conns.peer.ip());
         // RFC 9112 section 3.2: an HTTP/1.1 request without Host, or any with two Host lines,
         // is answered 400 at once, its body left unread (the connection closes after the
         // answer). HTTP/1.0 may leave Host out: the upstream's address goes in its place.
@@ -866,7 +883,7 @@ impl Service {
                 path,
                 None,
                 None,
-                conns,
+                (conns, real),
                 UpText(None, None),
                 0,
                 started,
@@ -998,7 +1015,7 @@ impl Service {
                                 path,
                                 host,
                                 route,
-                                conns,
+                                (conns, real),
                                 UpText(upstream, routing.authority_str(*up)),
                                 attempts,
                                 started,
@@ -1053,7 +1070,7 @@ impl Service {
             path,
             host,
             route,
-            conns,
+            (conns, real),
             UpText(upstream, None),
             attempts,
             started,
@@ -1350,7 +1367,7 @@ impl Service {
         path: &str,
         host: Option<&str>,
         route: Option<usize>,
-        conns: &Conns,
+        (conns, real): (&Conns, Option<std::net::IpAddr>),
         upstream: UpText<'_>,
         attempts: usize,
         started: Instant,
@@ -1369,7 +1386,10 @@ impl Service {
             l.push_str("access service=");
             l.push_str(&self.name);
             l.push_str(" client=");
-            l.push_str(conns.peer_text());
+            match real {
+                Some(ip) => l.push_str(&headers::ip_text(ip)),
+                None => l.push_str(conns.peer_text()),
+            }
             l.push_str(" method=");
             l.push_str(method.as_str());
             l.push_str(" host=");
@@ -1524,7 +1544,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("app.example"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http");
+        let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http", false);
         for up in [up4, up6, other] {
             let headers = forward_headers(h.clone(), &client, None);
             let req = upstream_request(
