@@ -5,8 +5,9 @@
 //! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
 //! upstream group; take its upstreams that the control plane does not report unhealthy, round
 //! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded,
-//! keeping a trusted front proxy's X-Forwarded-Proto/-Port and Forwarded ([`headers`]); send on an upstream connection (from the SNAT address); stream both bodies
-//! (never buffered whole); log one access line (`xdp_proxy::access`).
+//! keeping a trusted front proxy's X-Forwarded-Proto/-Port and Forwarded ([`headers`]); send
+//! on an upstream connection (from the SNAT address); stream both bodies (never buffered
+//! whole); log one access line (`xdp_proxy::access`).
 //!
 //! Upstream connections ([`Conns`]): each client connection keeps the keep-alive HTTP/1
 //! connections it used, one per upstream (at most [`OWN_MAX`]), and sends its next request to
@@ -883,7 +884,8 @@ impl Service {
                 path,
                 None,
                 None,
-                (conns, real),
+                conns,
+                real,
                 UpText(None, None),
                 0,
                 started,
@@ -1015,7 +1017,8 @@ impl Service {
                                 path,
                                 host,
                                 route,
-                                (conns, real),
+                                conns,
+                                real,
                                 UpText(upstream, routing.authority_str(*up)),
                                 attempts,
                                 started,
@@ -1070,7 +1073,8 @@ impl Service {
             path,
             host,
             route,
-            (conns, real),
+            conns,
+            real,
             UpText(upstream, None),
             attempts,
             started,
@@ -1367,7 +1371,9 @@ impl Service {
         path: &str,
         host: Option<&str>,
         route: Option<usize>,
-        (conns, real): (&Conns, Option<std::net::IpAddr>),
+        conns: &Conns,
+        // The client behind a trusted front proxy, when it is not the peer.
+        real: Option<std::net::IpAddr>,
         upstream: UpText<'_>,
         attempts: usize,
         started: Instant,
