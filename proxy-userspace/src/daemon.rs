@@ -468,6 +468,8 @@ fn attach_all(dp: &mut Datapath, p: &Prepared) -> Result<(), DaemonError> {
 /// Any failure before the daemon is up; failures of the periodic tasks are logged.
 pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
     let prepared = prepare(config_path, &opts)?;
+    // Before any descriptor is opened for traffic: every proxied connection holds two.
+    let nofile = crate::fdlimit::raise();
     let (runtime, workers) = crate::l4::runtime().map_err(|source| DaemonError::Io {
         what: "starting the tokio runtime",
         source,
@@ -481,10 +483,15 @@ pub fn run(config_path: &Path, object: &[u8], opts: RunOptions) -> Result<(), Da
         },
         "tokio runtime"
     );
-    runtime.block_on(serve(prepared, object, opts))
+    runtime.block_on(serve(prepared, object, opts, nofile))
 }
 
-async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), DaemonError> {
+async fn serve(
+    p: Prepared,
+    object: &[u8],
+    opts: RunOptions,
+    nofile: Result<crate::fdlimit::Limit, nix::Error>,
+) -> Result<(), DaemonError> {
     // Signals first, so a SIGTERM during start-up is not lost.
     let sig = |kind, what| signal(kind).map_err(|source| DaemonError::Io { what, source });
     let mut sigterm = sig(SignalKind::terminate(), "installing the SIGTERM handler")?;
@@ -555,21 +562,27 @@ async fn serve(p: Prepared, object: &[u8], opts: RunOptions) -> Result<(), Daemo
             source,
         })?;
 
+    // The open-file limit reached, against what the services the daemon proxies may open.
+    let flows = opts.lifetimes.unwrap_or(p.config.flows);
+    let settings = crate::l4::Settings {
+        tcp_idle: flows.tcp_established,
+        tcp_half_closed_idle: flows.tcp_half_closed,
+        udp_idle: flows.udp,
+        ..crate::l4::Settings::default()
+    };
+    crate::fdlimit::report(
+        nofile,
+        &crate::fdlimit::needs(&p.config, userspace, &settings),
+    );
+
     // Userspace L4: every l4 service served by the daemon, same Maglev choice as the fast path.
     let mut l4 = if userspace {
         let plan = controller.plan().map_err(control::ReconcileError::from)?;
         // No maps to write: the plan counts as written, so the status the userspace path
         // follows carries its ids and tables.
         controller.adopt(plan.clone());
-        // The idle lifetimes of the `[flows]` section (read at start: a reload changes the fast
-        // path's lifetimes, the userspace path's at the next start).
-        let flows = opts.lifetimes.unwrap_or(p.config.flows);
-        let settings = crate::l4::Settings {
-            tcp_idle: flows.tcp_established,
-            tcp_half_closed_idle: flows.tcp_half_closed,
-            udp_idle: flows.udp,
-            ..crate::l4::Settings::default()
-        };
+        // `settings` has the idle lifetimes of the `[flows]` section (read at start: a reload
+        // changes the fast path's lifetimes, the userspace path's at the next start).
         Some(crate::l4::start(&p.config, &plan, p.snat, status.clone(), settings).await?)
     } else {
         None

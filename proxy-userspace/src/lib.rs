@@ -6,7 +6,7 @@
 //! programs), `netdev` (what the kernel says of the datapath's interfaces: a veth's peer, the
 //! driver's limits, drop counters; the one-mode attach decision), `daemon` (the run loop), `inspect` (reports), `cli` (commands), `admin` (the /healthz /metrics /status
 //! listener), `metrics` (its renderings), `logging` (tracing and the eBPF log bridge), `privs` (dropping capabilities once
-//! attached).
+//! attached), `fdlimit` (the open-file limit).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod dns;
+pub mod fdlimit;
 pub mod flows;
 pub mod health;
 pub mod inspect;

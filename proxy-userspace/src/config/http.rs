@@ -13,6 +13,8 @@
 //!                                     # keep-alive connection may sit idle), and upstream
 //!                                     # response head
 //! idle_timeout = "60s"                # pooled (idle, keep-alive) upstream connections
+//! trusted_proxies = ["10.0.0.0/16"]   # front proxies (an ALB's subnets) whose forwarding
+//!                                     # headers are kept; default none
 //! [[service.route]]
 //! host = "api.example.com"            # optional: exact (case-insensitive, port ignored) or "*.example.com"
 //! path_prefix = "/v1/"                # optional, default "/"
@@ -26,7 +28,8 @@ use std::{net::SocketAddr, time::Duration};
 use serde::Deserialize;
 
 use super::{
-    NatSettings, OwnAddress, Problem, ServiceMode, addresses, parse_duration, parse_endpoint,
+    IpCidr, NatSettings, OwnAddress, Problem, ServiceMode, addresses, parse_duration,
+    parse_endpoint,
 };
 
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +44,7 @@ pub(super) struct RawHttp {
     connect_timeout: Option<toml::Value>,
     header_timeout: Option<toml::Value>,
     idle_timeout: Option<toml::Value>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +114,10 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `trusted_proxies`: peers (front proxies such as an ALB) whose `X-Forwarded-Proto`,
+    /// `X-Forwarded-Port` and `Forwarded` are passed on as received, and whose
+    /// `X-Forwarded-For` names the client in the access log. Empty: nobody.
+    pub trusted_proxies: Vec<IpCidr>,
 }
 
 impl Default for HttpConfig {
@@ -119,11 +127,20 @@ impl Default for HttpConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            trusted_proxies: Vec::new(),
         }
     }
 }
 
 impl HttpConfig {
+    /// Whether `peer` is one of the `trusted_proxies` (an IPv4-mapped IPv6 peer as its IPv4
+    /// address).
+    #[must_use]
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|c| c.contains(peer))
+    }
+
     /// The upstream group of a request: the first matching route's, else `default` (the
     /// service's own upstreams). Returns the route index (`None` = default).
     #[must_use]
@@ -237,6 +254,20 @@ pub(super) fn convert(
         key("idle_timeout"),
         problems,
     );
+    let mut trusted_proxies = Vec::new();
+    for (j, t) in http.trusted_proxies.iter().flatten().enumerate() {
+        let tkey = format!("service[{i}].http.trusted_proxies[{j}]");
+        match t.trim().parse::<IpCidr>() {
+            Ok(c) if trusted_proxies.contains(&c) => {
+                problems.push(Problem::new(tkey, format!("{c} is listed twice")));
+            }
+            Ok(c) => trusted_proxies.push(c),
+            Err(m) => problems.push(Problem::new(
+                tkey,
+                format!("{m} (one address: 10.0.1.7/32)"),
+            )),
+        }
+    }
     let mut out = Vec::new();
     for (j, r) in routes.into_iter().enumerate() {
         let rkey = |k: &str| format!("service[{i}].route[{j}].{k}");
@@ -291,6 +322,7 @@ pub(super) fn convert(
         connect_timeout,
         header_timeout,
         idle_timeout,
+        trusted_proxies,
     })
 }
 
@@ -319,6 +351,7 @@ upstreams = ["10.20.1.2:80"]
 [service.http]
 connect_timeout = "250ms"
 header_timeout = 7
+trusted_proxies = ["10.0.0.0/16", "fd00:1::/64", "192.0.2.7/32"]
 [[service.route]]
 host = "API.example.com"
 upstreams = ["10.20.1.3:80"]
@@ -336,6 +369,19 @@ upstreams = ["10.20.1.6:80"]
         assert_eq!(h.connect_timeout, Duration::from_millis(250));
         assert_eq!(h.header_timeout, Duration::from_secs(7));
         assert_eq!(h.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(h.trusted_proxies.len(), 3);
+        for (ip, trusted) in [
+            ("10.0.200.1", true),
+            ("10.1.0.1", false),
+            ("192.0.2.7", true),
+            ("192.0.2.8", false),
+            ("fd00:1::9", true),
+            ("fd00:2::9", false),
+            // An IPv4 peer on an IPv6 socket.
+            ("::ffff:10.0.3.4", true),
+        ] {
+            assert_eq!(h.trusts(ip.parse().unwrap()), trusted, "{ip}");
+        }
         let default = ["10.20.1.2:80".parse().unwrap()];
         assert_eq!(
             h.route(Some("api.EXAMPLE.com:80"), "/static/a", &default).0,
@@ -360,6 +406,7 @@ mode = "http"
 upstreams = []
 [service.http]
 connect_timeout = "1ms"
+trusted_proxies = ["10.0.0.0/16", "10.0.0.1", "10.0.0.1/16", "10.0.0.0/16", "alb"]
 [[service.route]]
 host = "bad host:80"
 path_prefix = "api"
@@ -375,6 +422,19 @@ upstreams = ["10.20.1.2:80"]
 "#,
         )
         .unwrap_err();
+        let problems = e.problems();
+        let said = |k: &str| {
+            problems
+                .iter()
+                .find(|p| p.key == k)
+                .map(|p| p.message.clone())
+                .unwrap_or_default()
+        };
+        assert!(said("service[0].http.trusted_proxies[1]").contains("not an IP prefix"));
+        assert!(said("service[0].http.trusted_proxies[2]").contains("host bits set"));
+        assert!(said("service[0].http.trusted_proxies[3]").contains("listed twice"));
+        assert!(said("service[0].http.trusted_proxies[4]").contains("not an IP prefix"));
+        assert!(said("service[0].http.trusted_proxies[0]").is_empty());
         let keys: Vec<String> = e.problems().into_iter().map(|p| p.key).collect();
         for k in [
             "service[0].http.connect_timeout",

@@ -625,6 +625,11 @@ fn example_config_in_docs_is_valid() {
     // And a dual-stack pair: an IPv6 l4 service beside the IPv4 ones.
     assert!(c.nat.snat_ipv6.is_some());
     assert!(c.l4_services().any(|(_, s)| s.listen.is_ipv6()));
+    // And an http service behind trusted front proxies.
+    let http = c.services.iter().find_map(|s| s.http.as_ref()).unwrap();
+    assert!(!http.routes.is_empty());
+    assert!(http.trusts("10.10.2.9".parse().unwrap()));
+    assert!(!http.trusts("198.51.100.1".parse().unwrap()));
 }
 
 const VALID_DUALSTACK: &str = include_str!("../../tests/fixtures/valid_dualstack.toml");

@@ -781,7 +781,7 @@ mod tests {
         assert!(text.contains("host: example.com\r\n"), "{text}");
         // Forwarding: the client's own X-Forwarded-For line replaced by the appended one.
         h.insert("x-forwarded-for", HeaderValue::from_static("192.0.2.9"));
-        let client = super::super::headers::Client::new([10, 0, 0, 7].into(), "http");
+        let client = super::super::headers::Client::new([10, 0, 0, 7].into(), "http", false);
         let host = h.get(header::HOST).cloned();
         encode_request(
             &Method::GET,

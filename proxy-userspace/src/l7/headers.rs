@@ -1,7 +1,21 @@
 //! Header rules of the reverse proxy (pure): hop-by-hop headers removed as RFC 9110 section 7.6.1
 //! says, and the client's address appended in X-Forwarded-For and Forwarded (RFC 7239).
+//!
+//! Forwarding headers by peer ([`Client::new`]'s `trusted`: the peer is one of the service's
+//! `trusted_proxies`):
+//!
+//! | header | untrusted peer | trusted peer |
+//! |---|---|---|
+//! | `X-Forwarded-For` | the peer appended | the peer appended |
+//! | `X-Forwarded-Proto` | set to the connection's (`http`) | kept; set when absent |
+//! | `X-Forwarded-Port` | removed | kept |
+//! | `Forwarded` | the client's elements removed, ours alone | ours appended |
+//!
+//! The access log's client behind a trusted peer: [`real_client`].
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::config::IpCidr;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
@@ -12,6 +26,7 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 
 /// The hop-by-hop headers every message loses (besides those `Connection` names).
 const HOP_BY_HOP_COUNT: usize = 7;
@@ -205,11 +220,16 @@ pub struct Client {
     /// The last Host and the `Forwarded` element made with it (a connection's requests
     /// usually name the same host).
     last: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
+    /// The peer is a trusted front proxy: its `X-Forwarded-Proto`, `X-Forwarded-Port` and
+    /// `Forwarded` are passed on (see the module's table).
+    trusted: bool,
 }
 
 impl Client {
+    /// The forwarding part of the peer `ip` on a connection of `proto`; `trusted`: the peer is
+    /// one of the service's `trusted_proxies`.
     #[must_use]
-    pub fn new(ip: IpAddr, proto: &'static str) -> Self {
+    pub fn new(ip: IpAddr, proto: &'static str, trusted: bool) -> Self {
         let text = ip_text(ip);
         let xff = HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("-"));
         let node = if ip.is_ipv4() { text } else { node(ip) };
@@ -222,7 +242,14 @@ impl Client {
             xff,
             forwarded,
             last: std::sync::Mutex::new(None),
+            trusted,
         }
+    }
+
+    /// Whether the peer is a trusted front proxy.
+    #[must_use]
+    pub fn trusted(&self) -> bool {
+        self.trusted
     }
 
     /// This client's `Forwarded` element for a request with `host` (its Host header).
@@ -257,7 +284,7 @@ impl Client {
 /// set `X-Forwarded-Proto`.
 pub fn add_forwarded(h: &mut HeaderMap, client: IpAddr, proto: &'static str, host: Option<&str>) {
     let host = host.and_then(|v| HeaderValue::from_str(v).ok());
-    add_forwarded_for(h, &Client::new(client, proto), proto, host.as_ref());
+    add_forwarded_for(h, &Client::new(client, proto, false), proto, host.as_ref());
 }
 
 /// [`add_forwarded`] with the client's part already formatted (`client` made with the same
@@ -270,17 +297,36 @@ pub fn add_forwarded_for(
 ) {
     h.reserve(3);
     append_list(h, &X_FORWARDED_FOR, client.xff.clone());
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let host = host.filter(|v| v.to_str().is_ok());
-    if let Some(fwd) = client.forwarded(host) {
-        append_list(h, &FORWARDED, fwd);
+    let fwd = client.forwarded(host);
+    if client.trusted {
+        if let http::header::Entry::Vacant(v) = h.entry(X_FORWARDED_PROTO) {
+            v.insert(HeaderValue::from_static(proto));
+        }
+        if let Some(fwd) = fwd {
+            append_list(h, &FORWARDED, fwd);
+        }
+    } else {
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        h.remove(X_FORWARDED_PORT);
+        match fwd {
+            Some(fwd) => {
+                h.insert(FORWARDED, fwd);
+            }
+            None => {
+                h.remove(FORWARDED);
+            }
+        }
     }
 }
 
-/// Whether `name` is one of the headers [`add_forwarded_for`] sets or appends to.
+/// Whether `name` is one of the headers [`add_forwarded_for`] sets, appends to or removes.
 #[must_use]
 pub fn is_forwarding(name: &HeaderName) -> bool {
-    *name == X_FORWARDED_FOR || *name == X_FORWARDED_PROTO || *name == FORWARDED
+    *name == X_FORWARDED_FOR
+        || *name == X_FORWARDED_PROTO
+        || *name == FORWARDED
+        || *name == X_FORWARDED_PORT
 }
 
 /// The forwarding headers exactly as [`add_forwarded_for`] would leave them in `h`, written as
@@ -297,14 +343,87 @@ pub fn write_forwarded(
 ) {
     let h = in_h.then_some(h);
     write_list(out, h, &X_FORWARDED_FOR, client.xff.as_bytes());
-    out.extend_from_slice(X_FORWARDED_PROTO.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(proto.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    // A trusted peer's own lines, as received; none from anyone else.
+    let kept = h.filter(|_| client.trusted);
+    let mut proto_kept = false;
+    if let Some(h) = kept {
+        for v in &h.get_all(X_FORWARDED_PROTO) {
+            proto_kept = true;
+            write_line(out, &X_FORWARDED_PROTO, v.as_bytes());
+        }
+        for v in &h.get_all(X_FORWARDED_PORT) {
+            write_line(out, &X_FORWARDED_PORT, v.as_bytes());
+        }
+    }
+    if !proto_kept {
+        write_line(out, &X_FORWARDED_PROTO, proto.as_bytes());
+    }
     let host = host.filter(|v| v.to_str().is_ok());
     if let Some(fwd) = client.forwarded(host) {
-        write_list(out, h, &FORWARDED, fwd.as_bytes());
+        write_list(out, kept, &FORWARDED, fwd.as_bytes());
     }
+}
+
+/// One line `name: value`.
+fn write_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The client of a request from `peer` as NGINX's realip module finds it with
+/// `real_ip_recursive on`: from an untrusted peer, the peer; from a trusted one, the first
+/// address not in `trusted` walking `X-Forwarded-For` from the right (its last line's last
+/// element first). Empty elements are skipped (list syntax, RFC 9110 section 5.6.1); an
+/// element that is not an address (`unknown`, an obfuscated name, garbage) ends the walk at the
+/// last address walked, the trusted hop that passed it on: what lies to its left may have
+/// been written by anyone. Addresses may carry a port (`192.0.2.1:4711`, `[2001:db8::1]:80`)
+/// or brackets (`[2001:db8::1]`). Every address trusted: the leftmost one. No allocation.
+#[must_use]
+pub fn real_client(peer: IpAddr, h: &HeaderMap, trusted: &[IpCidr]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| {
+        let ip = ip.to_canonical();
+        trusted.iter().any(|c| c.contains(ip))
+    };
+    let mut found = peer;
+    if !is_trusted(found) {
+        return found;
+    }
+    for line in h.get_all(X_FORWARDED_FOR).iter().rev() {
+        let Ok(line) = line.to_str() else {
+            return found;
+        };
+        for element in line.rsplit(',').map(str::trim) {
+            if element.is_empty() {
+                continue;
+            }
+            let Some(ip) = node_address(element) else {
+                return found;
+            };
+            found = ip;
+            if !is_trusted(ip) {
+                return ip;
+            }
+        }
+    }
+    found
+}
+
+/// The address of one `X-Forwarded-For` element.
+fn node_address(element: &str) -> Option<IpAddr> {
+    element
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| element.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            element
+                .strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<Ipv6Addr>()
+                .ok()
+                .map(IpAddr::V6)
+        })
 }
 
 /// One line `name: <the values of name in h>, item` ([`join_list`]).
@@ -336,9 +455,11 @@ mod tests {
     /// map, whatever the client sent before.
     #[test]
     fn written_forwarding_lines_are_the_map_values() {
-        let v4 = Client::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), "http");
-        let v6 = Client::new("2001:db8::7".parse().unwrap(), "http");
-        let cases: [&[(&str, &str)]; 5] = [
+        let v4 = Client::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), "http", false);
+        let v6 = Client::new("2001:db8::7".parse().unwrap(), "http", false);
+        let v4_trusted = Client::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), "http", true);
+        let v6_trusted = Client::new("2001:db8::7".parse().unwrap(), "http", true);
+        let cases: [&[(&str, &str)]; 8] = [
             &[],
             &[("host", "app.example")],
             &[
@@ -353,8 +474,23 @@ mod tests {
                 ("x-forwarded-proto", "https"),
             ],
             &[("host", "bad host")],
+            &[
+                ("host", "app.example"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-port", "443"),
+                ("x-forwarded-for", "203.0.113.9"),
+                ("forwarded", "for=203.0.113.9;proto=https"),
+                ("forwarded", "for=198.51.100.1"),
+            ],
+            &[("x-forwarded-port", "443"), ("x-keep", "1")],
+            &[
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-proto", "wss"),
+                ("x-forwarded-port", "443"),
+                ("x-forwarded-port", "8443"),
+            ],
         ];
-        for client in [&v4, &v6] {
+        for client in [&v4, &v6, &v4_trusted, &v6_trusted] {
             for pairs in cases {
                 let h = map(pairs);
                 let host = h.get(http::header::HOST).cloned();
@@ -444,7 +580,7 @@ mod tests {
 
     #[test]
     fn a_connection_client_reuses_its_forwarded_element_per_host() {
-        let client = Client::new(IpAddr::V4(Ipv4Addr::new(10, 100, 0, 2)), "http");
+        let client = Client::new(IpAddr::V4(Ipv4Addr::new(10, 100, 0, 2)), "http", false);
         let a = HeaderValue::from_static("a.example");
         let b = HeaderValue::from_static("b example");
         for (host, want) in [
@@ -495,9 +631,10 @@ mod tests {
         add_forwarded(&mut h, client, "http", Some("app.example:8080"));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.100.0.2");
         assert_eq!(h["x-forwarded-proto"], "http");
+        // The client is no trusted proxy: what it wrote in Forwarded is not passed on.
         assert_eq!(
             h["forwarded"],
-            "for=1.1.1.1, for=10.100.0.2;proto=http;host=\"app.example:8080\""
+            "for=10.100.0.2;proto=http;host=\"app.example:8080\""
         );
         let mut fresh = HeaderMap::new();
         add_forwarded(
@@ -511,5 +648,151 @@ mod tests {
             fresh["forwarded"],
             "for=\"[::1]\";proto=http;host=a.example"
         );
+    }
+
+    /// What a client sends in the forwarding headers, every kind at once.
+    fn sent() -> HeaderMap {
+        map(&[
+            ("host", "app.example"),
+            ("x-forwarded-for", "203.0.113.9, 10.0.5.5"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("forwarded", "for=203.0.113.9;proto=https"),
+            ("x-other", "1"),
+        ])
+    }
+
+    #[test]
+    fn an_untrusted_peer_gets_its_forwarding_headers_set_from_the_connection() {
+        let client = Client::new(IpAddr::V4(Ipv4Addr::new(10, 100, 0, 3)), "http", false);
+        let mut h = sent();
+        let host = h.get(http::header::HOST).cloned();
+        add_forwarded_for(&mut h, &client, "http", host.as_ref());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.5.5, 10.100.0.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h.get_all("x-forwarded-proto").iter().count(), 1);
+        assert!(h.get("x-forwarded-port").is_none());
+        assert_eq!(h["forwarded"], "for=10.100.0.3;proto=http;host=app.example");
+        assert_eq!(h.get_all("forwarded").iter().count(), 1);
+        assert_eq!(h["x-other"], "1");
+        // And with no forwarding header from the client (the common case): ours alone.
+        let mut h = map(&[("host", "app.example")]);
+        add_forwarded_for(&mut h, &client, "http", host.as_ref());
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            ["forwarded", "host", "x-forwarded-for", "x-forwarded-proto"]
+        );
+    }
+
+    #[test]
+    fn a_trusted_peer_keeps_its_forwarding_headers() {
+        let alb = Client::new(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 20)), "http", true);
+        assert!(alb.trusted());
+        let mut h = sent();
+        let host = h.get(http::header::HOST).cloned();
+        add_forwarded_for(&mut h, &alb, "http", host.as_ref());
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 10.0.5.5, 10.0.1.20");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-port"], "443");
+        assert_eq!(
+            h["forwarded"],
+            "for=203.0.113.9;proto=https, for=10.0.1.20;proto=http;host=app.example"
+        );
+        // A trusted peer that sent no X-Forwarded-Proto: the connection's.
+        let mut h = map(&[("x-forwarded-for", "203.0.113.9")]);
+        add_forwarded_for(&mut h, &alb, "http", None);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(h.get("x-forwarded-port").is_none());
+        assert_eq!(h["forwarded"], "for=10.0.1.20;proto=http");
+    }
+
+    #[test]
+    fn the_real_client_is_the_first_untrusted_address_from_the_right() {
+        let trusted: Vec<IpCidr> = ["10.0.0.0/16", "192.0.2.0/24", "fd00:1::/64"]
+            .iter()
+            .map(|c| c.parse().unwrap())
+            .collect();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let alb = ip("10.0.1.20");
+        for (peer, lines, want) in [
+            // An untrusted peer is the client, whatever it says.
+            ("198.51.100.4", &["203.0.113.9"][..], "198.51.100.4"),
+            ("198.51.100.4", &[][..], "198.51.100.4"),
+            // A trusted peer without X-Forwarded-For: the peer.
+            ("10.0.1.20", &[][..], "10.0.1.20"),
+            // One hop.
+            ("10.0.1.20", &["203.0.113.9"][..], "203.0.113.9"),
+            // Several hops: trusted ones skipped from the right, the client's own claims
+            // left of the first untrusted address ignored.
+            (
+                "10.0.1.20",
+                &["1.1.1.1, 203.0.113.9, 192.0.2.50, 10.0.3.3"][..],
+                "203.0.113.9",
+            ),
+            // The chain over several lines: the last line's last element first.
+            (
+                "10.0.1.20",
+                &["1.1.1.1, 203.0.113.9", "192.0.2.50", "10.0.3.3"][..],
+                "203.0.113.9",
+            ),
+            // Every address trusted: the leftmost.
+            ("10.0.1.20", &["10.0.9.9, 192.0.2.1"][..], "10.0.9.9"),
+            // Ports and brackets, IPv6.
+            (
+                "10.0.1.20",
+                &["203.0.113.9:4711, 10.0.3.3:80"][..],
+                "203.0.113.9",
+            ),
+            (
+                "10.0.1.20",
+                &["[2001:db8::5]:443, [fd00:1::2]"][..],
+                "2001:db8::5",
+            ),
+            ("fd00:1::7", &["2001:db8::6"][..], "2001:db8::6"),
+            // An IPv4 peer on an IPv6 socket.
+            ("::ffff:10.0.1.20", &["203.0.113.9"][..], "203.0.113.9"),
+            // Empty elements are list syntax: skipped.
+            (
+                "10.0.1.20",
+                &["203.0.113.9, , 10.0.3.3,"][..],
+                "203.0.113.9",
+            ),
+            ("10.0.1.20", &["", " "][..], "10.0.1.20"),
+            // A malformed element ends the walk at the last address walked: the trusted hop
+            // that passed it on, never what a client wrote to its left.
+            ("10.0.1.20", &["6.6.6.6, unknown, 10.0.3.3"][..], "10.0.3.3"),
+            ("10.0.1.20", &["6.6.6.6, 300.1.1.1"][..], "10.0.1.20"),
+            ("10.0.1.20", &["6.6.6.6, _hidden"][..], "10.0.1.20"),
+            (
+                "10.0.1.20",
+                &["6.6.6.6", "10.0.3.3 garbage"][..],
+                "10.0.1.20",
+            ),
+            // Malformed left of the first untrusted address: never reached.
+            ("10.0.1.20", &["garbage, 203.0.113.9"][..], "203.0.113.9"),
+        ] {
+            let mut h = HeaderMap::new();
+            for l in lines {
+                h.append(X_FORWARDED_FOR, HeaderValue::from_str(l).unwrap());
+            }
+            assert_eq!(
+                real_client(ip(peer), &h, &trusted),
+                ip(want),
+                "peer {peer}, {lines:?}"
+            );
+        }
+        // A line that is not visible ASCII ends the walk too.
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"10.0.3.3\xff").unwrap(),
+        );
+        assert_eq!(real_client(alb, &h, &trusted), alb);
+        // No trusted proxies at all: always the peer.
+        let h = map(&[("x-forwarded-for", "203.0.113.9")]);
+        assert_eq!(real_client(alb, &h, &[]), alb);
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! Per request: route by Host and path prefix ([`crate::config::HttpConfig::route`]) to an
 //! upstream group; take its upstreams that the control plane does not report unhealthy, round
-//! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded
-//! ([`headers`]); send on an upstream connection (from the SNAT address); stream both bodies
-//! (never buffered whole); log one access line (`xdp_proxy::access`).
+//! robin; remove hop-by-hop headers and append the client to X-Forwarded-For and Forwarded,
+//! keeping a trusted front proxy's X-Forwarded-Proto/-Port and Forwarded ([`headers`]); send
+//! on an upstream connection (from the SNAT address); stream both bodies (never buffered
+//! whole); log one access line (`xdp_proxy::access`).
 //!
 //! Upstream connections ([`Conns`]): each client connection keeps the keep-alive HTTP/1
 //! connections it used, one per upstream (at most [`OWN_MAX`]), and sends its next request to
@@ -56,7 +57,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{
-    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header, uri::Authority,
+    HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+    uri::Authority,
 };
 use http_body_util::{BodyExt as _, Full, combinators::BoxBody};
 use hyper::body::{Body as _, Incoming};
@@ -80,7 +82,7 @@ type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 /// Upstreams tried for one request (the first, then retries after connect failures).
 const MAX_ATTEMPTS: usize = 3;
 /// Client connections served at once per service (more wait in the accept queue).
-const MAX_CONNECTIONS: usize = 16_384;
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// Upstream connections one client connection keeps (one per upstream it used last).
 pub const OWN_MAX: usize = 4;
 /// Idle upstream connections a service keeps for client connections to come.
@@ -652,8 +654,13 @@ async fn accept_loop(
                 traffic: Arc::clone(&svc.stats.traffic),
             };
             let handler = Arc::clone(&svc);
-            // The client's forwarding headers, formatted once for the connection.
-            let client = Arc::new(headers::Client::new(peer.ip(), "http"));
+            // The client's forwarding headers, formatted once for the connection, and whether
+            // it is a trusted front proxy (decided once: a reload applies to new connections).
+            let (trusted, header_timeout) = {
+                let routing = svc.routing();
+                (routing.http.trusts(peer.ip()), routing.http.header_timeout)
+            };
+            let client = Arc::new(headers::Client::new(peer.ip(), "http", trusted));
             let upstreams = drive::Upstreams::new();
             let deadlines = timer::Deadlines::new();
             let conns = Arc::new(Conns {
@@ -677,7 +684,7 @@ async fn accept_loop(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(timer::ConnTimer(deadlines))
-                .header_read_timeout(svc.routing().http.header_timeout)
+                .header_read_timeout(header_timeout)
                 .keep_alive(true)
                 // A client may shut its sending side once its request is out and still get the
                 // answer. It also spares hyper's probe for the end of the client's stream while
@@ -884,11 +891,57 @@ impl Service {
         // Kept for routing and the access line: shared, not copied (no allocation).
         let uri = req.uri().clone();
         let path = uri.path();
+        // Behind a trusted front proxy, the access log names the client its X-Forwarded-For
+        // gives (a walk over the header, no allocation; nothing for other peers).
+        let real = client
+            .trusted()
+            .then(|| {
+                headers::real_client(
+                    conns.peer.ip(),
+                    req.headers(),
+                    &routing.http.trusted_proxies,
+                )
+            })
+            .filter(|ip| *ip != conns.peer.ip());
+        // RFC 9112 section 3.2: an HTTP/1.1 request without Host, or any with two Host lines,
+        // is answered 400 at once, its body left unread (the connection closes after the
+        // answer). HTTP/1.0 may leave Host out: the upstream's address goes in its place.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let bad_host = match (hosts.next(), hosts.next()) {
+            (None, _) if req.version() == Version::HTTP_11 => Some("400 a request without Host"),
+            (Some(_), Some(_)) => Some("400 a request with two Host lines"),
+            _ => None,
+        };
+        if let Some(why) = bad_host {
+            let mut r = text(StatusCode::BAD_REQUEST, why);
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return self.log(
+                r,
+                &method,
+                path,
+                None,
+                None,
+                conns,
+                real,
+                UpText(None, None),
+                0,
+                started,
+            );
+        }
+        // The Host routed on is the Host forwarded. An absolute-form target names it (RFC 9112
+        // section 3.2.2: its authority replaces the Host line); otherwise the Host line does.
+        if let Some(auth) = uri.authority()
+            && let Ok(v) = HeaderValue::from_str(
+                auth.as_str()
+                    .rsplit_once('@')
+                    .map_or(auth.as_str(), |(_, h)| h),
+            )
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
         let host_header = req.headers().get(header::HOST).cloned();
-        let host = host_header
-            .as_ref()
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| uri.authority().map(Authority::as_str));
+        let host = host_header.as_ref().and_then(|h| h.to_str().ok());
         let (route, group) = routing.http.route(host, path, &routing.default_group);
         let mut upstream = None;
         let mut attempts = 0usize;
@@ -929,7 +982,8 @@ impl Service {
                 });
                 // The plain-connection request's head, written into the connection's buffer.
                 let mut head = conns.lend_head();
-                // Without a Host from the client, the upstream's address goes in its place.
+                // Without a Host (HTTP/1.0 only, see above), the upstream's address goes in its
+                // place.
                 let needs_host = out_headers
                     .as_ref()
                     .is_some_and(|h| !h.contains_key(header::HOST));
@@ -1002,6 +1056,7 @@ impl Service {
                                 host,
                                 route,
                                 conns,
+                                real,
                                 UpText(upstream, routing.authority_str(*up)),
                                 attempts,
                                 started,
@@ -1057,6 +1112,7 @@ impl Service {
             host,
             route,
             conns,
+            real,
             UpText(upstream, None),
             attempts,
             started,
@@ -1355,6 +1411,8 @@ impl Service {
         host: Option<&str>,
         route: Option<usize>,
         conns: &Conns,
+        // The client behind a trusted front proxy, when it is not the peer.
+        real: Option<std::net::IpAddr>,
         upstream: UpText<'_>,
         attempts: usize,
         started: Instant,
@@ -1373,7 +1431,10 @@ impl Service {
             l.push_str("access service=");
             l.push_str(&self.name);
             l.push_str(" client=");
-            l.push_str(conns.peer_text());
+            match real {
+                Some(ip) => l.push_str(&headers::ip_text(ip)),
+                None => l.push_str(conns.peer_text()),
+            }
             l.push_str(" method=");
             l.push_str(method.as_str());
             l.push_str(" host=");
@@ -1529,7 +1590,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("app.example"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http");
+        let client = headers::Client::new("10.100.0.2".parse().unwrap(), "http", false);
         for up in [up4, up6, other] {
             let headers = forward_headers(h.clone(), &client, None);
             let req = upstream_request(
