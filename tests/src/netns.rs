@@ -830,6 +830,36 @@ pub mod two {
     pub const PROXY_HOME_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1);
     pub const HOME6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 2);
     pub const HOME_CIDR6: &str = "fd00:200::/64";
+
+    /// `[datapath]` (`mode`, `interfaces`), `[nat]` (SNAT on the home side, ports
+    /// 20000-29999, the home CIDR) and `[admin]` (127.0.0.1:9100) of this shape; services go
+    /// after it.
+    #[must_use]
+    pub fn base_config(mode: &str, interfaces: &[&str], pin_dir: &std::path::Path) -> String {
+        let interfaces = interfaces
+            .iter()
+            .map(|i| format!("\"{i}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            r#"[datapath]
+interfaces = [{interfaces}]
+mode = "{mode}"
+pin_dir = "{pin_dir}"
+
+[nat]
+snat_ipv4 = "{snat}"
+port_range = [20000, 29999]
+home_cidrs = ["{cidr}"]
+
+[admin]
+listen = "127.0.0.1:9100"
+"#,
+            pin_dir = pin_dir.display(),
+            snat = PROXY_HOME_SIDE,
+            cidr = HOME_CIDR,
+        )
+    }
 }
 
 /// Addresses of the one-interface shape (one subnet behind a bridge).

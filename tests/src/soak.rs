@@ -295,6 +295,37 @@ pub fn admin_get(ns: &Netns, path: &str) -> Result<(u16, String)> {
     })
 }
 
+/// `GET path` on the admin listener from inside `ns` through curl: the body of a 2xx answer
+/// (anything else is an error).
+///
+/// # Errors
+/// curl failed or the answer was not 2xx.
+pub fn admin_text(ns: &Netns, path: &str) -> Result<String> {
+    ns.exec(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--max-time",
+            "5",
+            &format!("http://{ADMIN}{path}"),
+        ],
+    )
+}
+
+/// The value of the sample `series` (name and labels exactly as written) in a /metrics text.
+///
+/// # Errors
+/// No such sample, or its value is not a whole number.
+pub fn metric(text: &str, series: &str) -> Result<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .ok_or_else(|| anyhow!("/metrics has no {series}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("/metrics value of {series}"))
+}
+
 /// `/status` as JSON.
 pub fn status(ns: &Netns) -> Result<serde_json::Value> {
     let (code, body) = admin_get(ns, "/status")?;

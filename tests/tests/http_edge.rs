@@ -40,28 +40,6 @@ const READY: Duration = Duration::from_secs(30);
 /// 1,024 lets the daemon proxy.
 const MANY: usize = 1500;
 
-/// `[datapath]`, `[nat]` and `[admin]` of the two-interface shape, userspace mode.
-fn base_config(pin_dir: &std::path::Path) -> String {
-    format!(
-        r#"[datapath]
-interfaces = []
-mode = "userspace"
-pin_dir = "{pin_dir}"
-
-[nat]
-snat_ipv4 = "{snat}"
-port_range = [20000, 29999]
-home_cidrs = ["{cidr}"]
-
-[admin]
-listen = "127.0.0.1:9100"
-"#,
-        pin_dir = pin_dir.display(),
-        snat = two::PROXY_HOME_SIDE,
-        cidr = two::HOME_CIDR,
-    )
-}
-
 /// The http service `app` on the proxy's client side, port 80.
 fn service() -> SocketAddr {
     sock(two::PROXY_CLIENT_SIDE, 80)
@@ -154,7 +132,7 @@ fn start_daemon(
 ) -> Result<Daemon> {
     let bin = integration_tests::netns::daemon_binary()?;
     let pin_dir = topo.lab.mount_bpffs()?;
-    let config = format!("{}{services}", base_config(&pin_dir));
+    let config = format!("{}{services}", two::base_config("userspace", &[], &pin_dir));
     let config_path = topo.lab.write_file("xdp-proxy.toml", &config)?;
     let bin_arg = bin.to_string_lossy().into_owned();
     let config_arg = config_path.to_string_lossy().into_owned();

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
 use integration_tests::netns::{Daemon, Netns, TwoInterface, serial, sock, two};
+use integration_tests::soak::{admin_text, metric};
 use integration_tests::traffic::HomeServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
@@ -42,28 +43,6 @@ const READY: Duration = Duration::from_secs(30);
 /// Bound of one read or connect of a client.
 const IO: Duration = Duration::from_secs(5);
 
-/// `[datapath]` (userspace), `[nat]` and `[admin]` of the two-interface shape.
-fn base_config(pin_dir: &std::path::Path) -> String {
-    format!(
-        r#"[datapath]
-interfaces = []
-mode = "userspace"
-pin_dir = "{pin_dir}"
-
-[nat]
-snat_ipv4 = "{snat}"
-port_range = [20000, 29999]
-home_cidrs = ["{cidr}"]
-
-[admin]
-listen = "127.0.0.1:9100"
-"#,
-        pin_dir = pin_dir.display(),
-        snat = two::PROXY_HOME_SIDE,
-        cidr = two::HOME_CIDR,
-    )
-}
-
 /// The lab, with [`OTHER_CLIENT`] on the client's interface.
 fn lab(tag: &str) -> Result<TwoInterface> {
     let topo = TwoInterface::new(tag)?;
@@ -75,29 +54,6 @@ fn lab(tag: &str) -> Result<TwoInterface> {
         two::CLIENT_DEV,
     ])?;
     Ok(topo)
-}
-
-fn admin_get(ns: &Netns, path: &str) -> Result<String> {
-    ns.exec(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:9100{path}"),
-        ],
-    )
-}
-
-/// The value of the sample `series` (name and labels exactly as written) in a /metrics text.
-fn metric(text: &str, series: &str) -> Result<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .ok_or_else(|| anyhow!("/metrics has no {series}\n{text}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("/metrics value of {series}"))
 }
 
 /// The `xdp_proxy_userspace_refused_total` sample of one service and reason.
@@ -115,7 +71,7 @@ fn refused_series(
 
 /// The `/status` entry of userspace service `name`.
 fn status_of(proxy: &Netns, name: &str) -> Result<serde_json::Value> {
-    let text = admin_get(proxy, "/status")?;
+    let text = admin_text(proxy, "/status")?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("/status: {text}"))?;
     v["userspace_services"]
@@ -216,7 +172,7 @@ fn userspace_tcp_deny_refuses_the_denied_client() -> Result<()> {
     let home = HomeServer::start(&topo.home, upstream, None, CLIENT_LIMIT * 2)?;
     let (service, svc) = tcp_service(&format!("deny = [\"{OTHER_CLIENT}/32\"]\n"));
     let pin_dir = topo.lab.mount_bpffs()?;
-    let config = format!("{}\n{svc}", base_config(&pin_dir));
+    let config = format!("{}\n{svc}", two::base_config("userspace", &[], &pin_dir));
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
@@ -242,7 +198,7 @@ fn userspace_tcp_deny_refuses_the_denied_client() -> Result<()> {
         "home accepted {} connections, not 3",
         home.stats().accepted() - accepted_before
     );
-    let m = admin_get(&topo.proxy, "/metrics")?;
+    let m = admin_text(&topo.proxy, "/metrics")?;
     let denied_n = metric(
         &m,
         &refused_series("web", service, "tcp", "l4", "drop_acl_denied"),
@@ -271,7 +227,7 @@ fn userspace_tcp_allow_list_admits_only_its_prefix() -> Result<()> {
     let home = HomeServer::start(&topo.home, upstream, None, CLIENT_LIMIT * 2)?;
     let (service, svc) = tcp_service(&format!("allow = [\"{}/32\"]\n", two::CLIENT));
     let pin_dir = topo.lab.mount_bpffs()?;
-    let config = format!("{}\n{svc}", base_config(&pin_dir));
+    let config = format!("{}\n{svc}", two::base_config("userspace", &[], &pin_dir));
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
@@ -289,7 +245,7 @@ fn userspace_tcp_allow_list_admits_only_its_prefix() -> Result<()> {
         outside.iter().all(|o| *o == Outcome::Refused),
         "a client outside the allow list was served: {outside:?}"
     );
-    let m = admin_get(&topo.proxy, "/metrics")?;
+    let m = admin_text(&topo.proxy, "/metrics")?;
     let n = metric(
         &m,
         &refused_series("web", service, "tcp", "l4", "drop_acl_not_allowed"),
@@ -310,7 +266,7 @@ fn userspace_tcp_rate_limit_refuses_past_the_burst() -> Result<()> {
     // One new connection per second per client, two at once.
     let (service, svc) = tcp_service("new_flow_rate = 1\nnew_flow_burst = 2\n");
     let pin_dir = topo.lab.mount_bpffs()?;
-    let config = format!("{}\n{svc}", base_config(&pin_dir));
+    let config = format!("{}\n{svc}", two::base_config("userspace", &[], &pin_dir));
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
@@ -332,7 +288,7 @@ fn userspace_tcp_rate_limit_refuses_past_the_burst() -> Result<()> {
     ensure!(served >= 2, "the burst of 2 was not served: {burst:?}");
     ensure!(refused >= 1, "nothing refused past the burst: {burst:?}");
     ensure!(served_200(&other), "the other client: {other:?}");
-    let m = admin_get(&topo.proxy, "/metrics")?;
+    let m = admin_text(&topo.proxy, "/metrics")?;
     let n = metric(
         &m,
         &refused_series("web", service, "tcp", "l4", "drop_rate_limited"),
@@ -381,7 +337,7 @@ fn userspace_udp_deny_keeps_open_sessions() -> Result<()> {
         )
     };
     let pin_dir = topo.lab.mount_bpffs()?;
-    let base = base_config(&pin_dir);
+    let base = two::base_config("userspace", &[], &pin_dir);
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &format!("{base}\n{}", dns("")))?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=dns"], 1, READY)?;
@@ -452,7 +408,7 @@ fn userspace_udp_deny_keeps_open_sessions() -> Result<()> {
         other.as_deref().is_some_and(|a| a.ends_with(b"other")),
         "the other client: {other:?}"
     );
-    let m = admin_get(&topo.proxy, "/metrics")?;
+    let m = admin_text(&topo.proxy, "/metrics")?;
     let n = metric(
         &m,
         &refused_series("dns", service, "udp", "l4", "drop_acl_denied"),
@@ -504,7 +460,7 @@ fn userspace_mss_clamp_on_both_sides() -> Result<()> {
     let config = format!(
         "{}\n[[service]]\nname = \"clamped\"\nlisten = \"{clamped}\"\nupstreams = [\"{upstream}\"]\nmss_clamp = {CLAMP}\n\
          [[service]]\nname = \"plain\"\nlisten = \"{plain}\"\nupstreams = [\"{upstream}\"]\n",
-        base_config(&pin_dir)
+        two::base_config("userspace", &[], &pin_dir)
     );
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
@@ -546,7 +502,7 @@ fn http_deny_refuses_the_denied_client() -> Result<()> {
     let pin_dir = topo.lab.mount_bpffs()?;
     let config = format!(
         "{}\n[[service]]\nname = \"app\"\nlisten = \"{service}\"\nmode = \"http\"\nupstreams = [\"{upstream}\"]\ndeny = [\"{OTHER_CLIENT}/32\"]\n",
-        base_config(&pin_dir)
+        two::base_config("userspace", &[], &pin_dir)
     );
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
@@ -566,7 +522,7 @@ fn http_deny_refuses_the_denied_client() -> Result<()> {
         denied.iter().all(|o| *o == Outcome::Refused),
         "the denied client was served: {denied:?}"
     );
-    let m = admin_get(&topo.proxy, "/metrics")?;
+    let m = admin_text(&topo.proxy, "/metrics")?;
     let n = metric(
         &m,
         &refused_series("app", service, "tcp", "http", "drop_acl_denied"),

@@ -45,6 +45,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use integration_tests::netns::serial;
 use integration_tests::netns::{self, Daemon, Netns, NsThread, Stop, TwoInterface, sock, two};
+use integration_tests::soak::{admin_text, metric};
 use integration_tests::traffic::{self, Conn, HomeServer, get_root_until_up};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -75,33 +76,6 @@ fn check_cleaned(id: &str) -> Result<()> {
         .unwrap_or_default();
     ensure!(left.is_empty(), "namespaces left behind: {left:?}");
     Ok(())
-}
-
-/// `[datapath]` and `[nat]` of the two-interface shape, for `mode`.
-fn base_config(mode: &str, interfaces: &[&str], pin_dir: &std::path::Path) -> String {
-    let interfaces = interfaces
-        .iter()
-        .map(|i| format!("\"{i}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        r#"[datapath]
-interfaces = [{interfaces}]
-mode = "{mode}"
-pin_dir = "{pin_dir}"
-
-[nat]
-snat_ipv4 = "{snat}"
-port_range = [20000, 29999]
-home_cidrs = ["{cidr}"]
-
-[admin]
-listen = "127.0.0.1:9100"
-"#,
-        pin_dir = pin_dir.display(),
-        snat = two::PROXY_HOME_SIDE,
-        cidr = two::HOME_CIDR,
-    )
 }
 
 #[test]
@@ -139,7 +113,7 @@ listen = \"{udp_service}\"
 protocol = \"udp\"
 upstreams = [\"{upstream}\"]
 ",
-        base_config(
+        two::base_config(
             "auto",
             &[two::PROXY_HOME_DEV, two::PROXY_CLIENT_DEV],
             &pin_dir
@@ -165,7 +139,7 @@ upstreams = [\"{upstream}\"]
     daemon.wait_log(lab, &["userspace L4 listening"], 2, READY)?;
 
     // The admin endpoints say which datapath is active.
-    let status = admin_get(&topo.proxy, "/status")?;
+    let status = admin_text(&topo.proxy, "/status")?;
     let status: serde_json::Value =
         serde_json::from_str(&status).with_context(|| format!("/status: {status}"))?;
     ensure!(
@@ -173,7 +147,7 @@ upstreams = [\"{upstream}\"]
         "/status datapath: {}",
         status["datapath"]
     );
-    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    let metrics = admin_text(&topo.proxy, "/metrics")?;
     ensure!(
         metrics
             .lines()
@@ -226,7 +200,7 @@ upstreams = [\"{upstream}\"]
     );
     ensure!(udp.requests == 6, "udp: {} requests answered", udp.requests);
     // The userspace counters moved with that traffic (/metrics).
-    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    let metrics = admin_text(&topo.proxy, "/metrics")?;
     let web = format!("service=\"web\",listen=\"{tcp_service}\",protocol=\"tcp\",layer=\"l4\"");
     let dns = format!("service=\"dns\",listen=\"{udp_service}\",protocol=\"udp\",layer=\"l4\"");
     for (series, at_least) in [
@@ -291,30 +265,6 @@ upstreams = [\"{upstream}\"]
     check_cleaned(&id)
 }
 
-/// `GET path` from the daemon's admin listener (127.0.0.1:9100 inside `ns`).
-fn admin_get(ns: &Netns, path: &str) -> Result<String> {
-    ns.exec(
-        "curl",
-        &[
-            "-sS",
-            "--fail",
-            "--max-time",
-            "5",
-            &format!("http://127.0.0.1:9100{path}"),
-        ],
-    )
-}
-
-/// The value of the sample `series` (name and labels exactly as written) in a /metrics text.
-fn metric(text: &str, series: &str) -> Result<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .ok_or_else(|| anyhow!("/metrics has no {series}"))?
-        .trim()
-        .parse()
-        .with_context(|| format!("/metrics value of {series}"))
-}
-
 /// `xdp-proxy status ARGS` inside `ns` (the admin listener's default address): its stdout.
 fn cli_status(ns: &Netns, args: &[&str]) -> Result<String> {
     let bin = netns::daemon_binary()?;
@@ -361,7 +311,7 @@ listen = \"{udp_service}\"
 protocol = \"udp\"
 upstreams = [\"{live}\", \"{dead}\"]
 {health}",
-        base_config("userspace", &[], &pin_dir)
+        two::base_config("userspace", &[], &pin_dir)
     );
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &config)?;
@@ -437,7 +387,7 @@ fn userspace_l4_reload_adds_and_removes_services() -> Result<()> {
     let dns = format!(
         "[[service]]\nname = \"dns\"\nlisten = \"{udp_service}\"\nprotocol = \"udp\"\nupstreams = [\"{upstream}\"]\n"
     );
-    let base = base_config("userspace", &[], &pin_dir);
+    let base = two::base_config("userspace", &[], &pin_dir);
     let lab = &mut topo.lab;
     let daemon = Daemon::start(lab, &topo.proxy, &format!("{base}{web}"))?;
     daemon.wait_log(lab, &["userspace L4 listening", "service=web"], 1, READY)?;
@@ -691,7 +641,7 @@ fn start_http_daemon_with(
     workers: Option<usize>,
 ) -> Result<Daemon> {
     let pin_dir = topo.lab.mount_bpffs()?;
-    let config = format!("{}{services}", base_config("userspace", &[], &pin_dir));
+    let config = format!("{}{services}", two::base_config("userspace", &[], &pin_dir));
     let daemon = Daemon::start_with_workers(&mut topo.lab, &topo.proxy, &config, workers, &[])?;
     daemon.wait_log(&mut topo.lab, &["http proxy listening"], 1, READY)?;
     Ok(daemon)
@@ -960,7 +910,7 @@ fall = 2
 
     // The L7 counters (/metrics) moved with those requests: answers by class, the refused
     // upstream's connect failures, requests per upstream, the 503 without trying.
-    let metrics = admin_get(&topo.proxy, "/metrics")?;
+    let metrics = admin_text(&topo.proxy, "/metrics")?;
     let app = format!(
         "service=\"app\",listen=\"{}\",protocol=\"tcp\",layer=\"http\"",
         sock(two::PROXY_CLIENT_SIDE, 80)
@@ -1352,7 +1302,7 @@ fn http_alongside_xdp() -> Result<()> {
     let interfaces = [two::PROXY_CLIENT_DEV, two::PROXY_HOME_DEV];
     let config = format!(
         "{}{}",
-        base_config("native", &interfaces, &pin_dir),
+        two::base_config("native", &interfaces, &pin_dir),
         http_service(&[sock(two::HOME, 8081)], "")
     );
     let lab = &mut topo.lab;
@@ -1421,7 +1371,7 @@ fn http_reload_applies_routes() -> Result<()> {
     let config = |port| {
         format!(
             "{}{}",
-            base_config("userspace", &[], &pin_dir),
+            two::base_config("userspace", &[], &pin_dir),
             http_service(&[sock(two::HOME, 8081)], &route(port))
         )
     };
