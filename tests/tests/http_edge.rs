@@ -27,9 +27,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use integration_tests::netns::{Daemon, Netns, NsThread, Stop, TwoInterface, serial, sock, two};
+use integration_tests::echo;
+use integration_tests::netns::{Daemon, Netns, NsThread, TwoInterface, serial, sock, two};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bound of one test's client side.
 const CLIENT_LIMIT: Duration = Duration::from_secs(60);
@@ -49,62 +50,13 @@ fn service() -> SocketAddr {
 /// with `name=<name>`, `peer=<addr>` and the request head's lines, lowercased (a body is read
 /// and not echoed).
 fn start_echo(home: &Netns, servers: &[(&'static str, u16)]) -> Result<NsThread<()>> {
-    let servers = servers.to_vec();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = home.spawn(CLIENT_LIMIT * 2, move |stop| async move {
-        let mut set = tokio::task::JoinSet::new();
-        for (name, port) in servers {
-            let l = TcpListener::bind(sock(two::HOME, port))
-                .await
-                .with_context(|| format!("echo: bind {port}"))?;
-            set.spawn(echo_accept(l, name, stop.clone()));
-        }
-        let _ = ready_tx.send(());
-        let mut stop = stop;
-        stop.wait().await;
-        set.abort_all();
-        Ok(())
-    })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| anyhow!("echo upstreams did not start"))?;
-    Ok(thread)
+    echo::start(home, servers, CLIENT_LIMIT * 2, echo_conn)
 }
 
-async fn echo_accept(l: TcpListener, name: &'static str, mut stop: Stop) {
-    loop {
-        tokio::select! {
-            a = l.accept() => {
-                if let Ok((s, peer)) = a {
-                    tokio::spawn(async move {
-                        if let Err(e) = echo_conn(s, peer, name).await {
-                            eprintln!("echo {name}: {peer}: {e:#}");
-                        }
-                    });
-                }
-            }
-            () = stop.wait() => return,
-        }
-    }
-}
-
-async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
+async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &'static str) -> Result<()> {
     let mut s = BufReader::new(s);
     // Bounded: each turn consumes one request head; the thread's limit bounds the rest.
-    loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            if s.read_line(&mut line).await? == 0 {
-                return Ok(());
-            }
-            let line = line.trim_end().to_ascii_lowercase();
-            if line.is_empty() {
-                break;
-            }
-            ensure!(head.len() < 100, "head too long");
-            head.push(line);
-        }
+    while let Some(head) = echo::read_head(&mut s, true).await? {
         // A request body (Content-Length only: the proxy sends these tests' bodies so) is
         // read and left out, so the next request on the connection starts where it should.
         let length = head
@@ -113,14 +65,10 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
             .map_or(Ok(0), |v| v.trim().parse::<usize>())?;
         let mut request_body = vec![0u8; length];
         s.read_exact(&mut request_body).await?;
-        let body = format!("name={name}\npeer={peer}\n{}\n", head.join("\n"));
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(resp.as_bytes()).await?;
+        s.write_all(&echo::answer(name, peer, &head)).await?;
         s.flush().await?;
     }
+    Ok(())
 }
 
 /// Start the daemon in `topo.proxy` with `services` (`program` and `pre_args` run it, for

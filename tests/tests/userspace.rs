@@ -43,12 +43,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use integration_tests::echo;
 use integration_tests::netns::serial;
-use integration_tests::netns::{self, Daemon, Netns, NsThread, Stop, TwoInterface, sock, two};
+use integration_tests::netns::{self, Daemon, Netns, NsThread, TwoInterface, sock, two};
 use integration_tests::soak::{admin_text, metric};
 use integration_tests::traffic::{self, Conn, HomeServer, get_root_until_up};
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Peak RSS the daemon may reach while streaming 50 MB each way (bodies must stream, not
 /// accumulate: buffering one of them whole would alone exceed it).
@@ -433,62 +434,13 @@ fn userspace_l4_reload_adds_and_removes_services() -> Result<()> {
 /// name, the peer it saw and the request head it received; `Upgrade: websocket` requests get a
 /// 101 and their frames echoed.
 fn start_echo(home: &Netns, servers: &[(&'static str, u16)]) -> Result<NsThread<()>> {
-    let servers = servers.to_vec();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let thread = home.spawn(CLIENT_LIMIT * 2, move |stop| async move {
-        let mut set = tokio::task::JoinSet::new();
-        for (name, port) in servers {
-            let l = TcpListener::bind(sock(two::HOME, port))
-                .await
-                .with_context(|| format!("echo: bind {port}"))?;
-            set.spawn(echo_accept(l, name, stop.clone()));
-        }
-        let _ = ready_tx.send(());
-        let mut stop = stop;
-        stop.wait().await;
-        set.abort_all();
-        Ok(())
-    })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|_| anyhow!("echo upstreams did not start"))?;
-    Ok(thread)
+    echo::start(home, servers, CLIENT_LIMIT * 2, echo_conn)
 }
 
-async fn echo_accept(l: TcpListener, name: &'static str, mut stop: Stop) {
-    loop {
-        tokio::select! {
-            a = l.accept() => {
-                if let Ok((s, peer)) = a {
-                    tokio::spawn(async move {
-                        if let Err(e) = echo_conn(s, peer, name).await {
-                            eprintln!("echo {name}: {peer}: {e:#}");
-                        }
-                    });
-                }
-            }
-            () = stop.wait() => return,
-        }
-    }
-}
-
-async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
+async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &'static str) -> Result<()> {
     let mut s = BufReader::new(s);
     // Bounded: each turn consumes one request head; the thread's limit bounds the rest.
-    loop {
-        let mut head = Vec::new();
-        loop {
-            let mut line = String::new();
-            if s.read_line(&mut line).await? == 0 {
-                return Ok(());
-            }
-            let line = line.trim_end().to_owned();
-            if line.is_empty() {
-                break;
-            }
-            ensure!(head.len() < 100, "head too long");
-            head.push(line);
-        }
+    while let Some(head) = echo::read_head(&mut s, false).await? {
         if name == "silent" {
             // Takes the request, never answers (bounded by the thread's limit).
             std::future::pending::<()>().await;
@@ -514,14 +466,10 @@ async fn echo_conn(s: TcpStream, peer: SocketAddr, name: &str) -> Result<()> {
             s.flush().await?;
             return ws_echo(s).await;
         }
-        let body = format!("name={name}\npeer={peer}\n{}\n", head.join("\n"));
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(resp.as_bytes()).await?;
+        s.write_all(&echo::answer(name, peer, &head)).await?;
         s.flush().await?;
     }
+    Ok(())
 }
 
 /// The "framing" upstream's answer to `head` (by path), and whether it closes after it.
